@@ -1,0 +1,55 @@
+"""KVCache: per layer, keys and values preallocated for the whole context and written by position.
+
+Each layer holds K and V as [n_kv_heads, capacity, head_dim]: one slice per KV head (GQA), so a query head
+h reads KV head h // (n_heads / n_kv_heads) with no copy. The cache knows how much of it is filled per layer
+and what that costs in bytes, which the probes report step by step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.errors import InputError
+
+
+class KVCache:
+    def __init__(
+        self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        shape = (n_kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.capacity = capacity
+        self.lengths = [0] * n_layers
+
+    @property
+    def length(self) -> int:
+        """Positions filled in every layer (the last layer is written last)."""
+        return self.lengths[-1]
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [T, n_kv_heads, head_dim] at positions start..start+T; return the filled K, V views."""
+        end = start + k.shape[0]
+        if end > self.capacity:
+            raise InputError(f"the context is full: position {end - 1} does not fit a cache of {self.capacity} positions.")
+        self.keys[layer][:, start:end] = k.transpose(0, 1)
+        self.values[layer][:, start:end] = v.transpose(0, 1)
+        self.lengths[layer] = end
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def layer_bytes(self, layer: int) -> tuple[int, int]:
+        """Bytes of K and of V holding real positions in this layer."""
+        k = self.keys[layer]
+        per_position = k.shape[0] * k.shape[2] * k.element_size()
+        return self.lengths[layer] * per_position, self.lengths[layer] * per_position
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(sum(self.layer_bytes(i)) for i in range(len(self.lengths)))
+
+    def reset(self) -> None:
+        self.lengths = [0] * len(self.lengths)

@@ -1,0 +1,219 @@
+"""ModelConfig: every hyperparameter of a supported architecture, read from GGUF metadata, nothing derived
+that the file states. Where a key is missing, the value is the default llama.cpp uses for that architecture,
+and the key's name is recorded in `defaulted` so `workbench inspect` can show it.
+
+Architecture differences live here as data (flags, norms, scales); model.py has one forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from workbench.errors import ModelError, UnsupportedError
+from workbench.gguf_file import GGUFFile
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
+
+# RoPE styles as llama.cpp names them. GGUF llama files were converted with Q/K rows permuted so that
+# rotation pairs are adjacent (x[2i], x[2i+1]): "normal". The others rotate x[i] with x[i + d/2]: "neox".
+ROPE_STYLE = {"llama": "normal", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox", "gemma3": "neox"}
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int  # attention.key_length: Qwen3 and Gemma3 have head_dim != hidden / n_heads
+    v_head_dim: int
+    ffn_hidden: int
+    vocab_size: int
+    context_length: int
+    rms_eps: float
+    rope_base: float
+    rope_style: str  # "normal" (adjacent pairs) | "neox" (split halves)
+    rope_dim: int  # how many leading dims of each head are rotated
+    rope_scale: float  # linear RoPE scaling: positions are multiplied by this (1 / scaling factor)
+    attn_scale: float  # multiplies q·k
+    qk_norm: bool  # per-head RMSNorm of q and k before RoPE
+    post_norms: bool  # gemma3: RMSNorm on the attention and FFN outputs before the residual add
+    ffn_act: str  # "silu" | "gelu_tanh" (gated, both)
+    embed_scale: float  # token embeddings are multiplied by this (gemma3: sqrt(hidden))
+    tied_output: bool  # no output.weight: the head reuses token_embd
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ffn_hidden: int = 0
+    norm_topk: bool = False  # renormalise the top-k router weights to sum to 1
+    sliding_window: int | None = None  # gemma3 local layers attend to the last `sliding_window` positions
+    swa_pattern: int | None = None  # every swa_pattern-th layer is global, the rest are local
+    rope_base_local: float | None = None
+    defaulted: tuple[str, ...] = field(default=())
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def is_local_layer(self, layer: int) -> bool:
+        """llama.cpp's gemma3 pattern: with pattern 6, layers 5, 11, 17, … are global, the rest sliding."""
+        return self.swa_pattern is not None and layer % self.swa_pattern < self.swa_pattern - 1
+
+    def layer_rope_base(self, layer: int) -> float:
+        if self.is_local_layer(layer) and self.rope_base_local is not None:
+            return self.rope_base_local
+        return self.rope_base
+
+    def layer_rope_scale(self, layer: int) -> float:
+        return 1.0 if self.is_local_layer(layer) else self.rope_scale
+
+    def layer_window(self, layer: int) -> int | None:
+        return self.sliding_window if self.is_local_layer(layer) else None
+
+    def kv_bytes_per_token(self, element_size: int) -> int:
+        return self.n_layers * self.n_kv_heads * (self.head_dim + self.v_head_dim) * element_size
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile) -> ModelConfig:
+        return _Reader(gguf).config()
+
+
+class _Reader:
+    """Typed metadata lookups for one file, recording which keys fell back to a default."""
+
+    def __init__(self, gguf: GGUFFile) -> None:
+        self.gguf = gguf
+        self.arch = gguf.arch
+        if self.arch not in SUPPORTED_ARCHS:
+            raise UnsupportedError(
+                f"{gguf.path.name}: architecture '{self.arch}' is not supported; supported: {', '.join(SUPPORTED_ARCHS)}."
+            )
+        self.defaulted: list[str] = []
+
+    def get(self, key: str, kind: type, default: Any = _MISSING) -> Any:
+        full = f"{self.arch}.{key}"
+        value = self.gguf.metadata.get(full, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise ModelError(f"{self.gguf.path.name}: required metadata key '{full}' is missing.")
+            self.defaulted.append(full)
+            return default
+        if isinstance(value, list) and kind is int and value:
+            # Per-layer arrays (e.g. feed_forward_length in some files): all layers must agree here.
+            if len(set(value)) != 1:
+                raise UnsupportedError(f"{self.gguf.path.name}: '{full}' varies per layer ({value[:4]}…), which is not supported.")
+            value = value[0]
+        ok = isinstance(value, bool) if kind is bool else (
+            isinstance(value, int) and not isinstance(value, bool) if kind is int
+            else isinstance(value, (int, float)) and not isinstance(value, bool)
+        )
+        if not ok:
+            raise ModelError(
+                f"{self.gguf.path.name}: metadata '{full}' should be {kind.__name__} but is {type(value).__name__} ({value!r:.40})."
+            )
+        if kind is int and value < 0:
+            raise ModelError(f"{self.gguf.path.name}: metadata '{full}' is negative ({value}).")
+        return kind(value)
+
+    def positive(self, key: str, default: Any = _MISSING, limit: int = 1 << 24) -> int:
+        value = self.get(key, int, default)
+        if not 0 < value <= limit:
+            raise ModelError(f"{self.gguf.path.name}: metadata '{self.arch}.{key}' = {value} is out of range (1..{limit}).")
+        return value
+
+    def config(self) -> ModelConfig:
+        arch, gguf = self.arch, self.gguf
+        n_layers = self.positive("block_count", limit=4096)
+        hidden = self.positive("embedding_length")
+        n_heads = self.positive("attention.head_count", limit=4096)
+        n_kv_heads = self.positive("attention.head_count_kv", n_heads, limit=4096)
+        if n_heads % n_kv_heads:
+            raise ModelError(f"{gguf.path.name}: {n_heads} query heads cannot be grouped over {n_kv_heads} KV heads.")
+        head_dim = self.positive("attention.key_length", hidden // n_heads or 1, limit=65536)
+        v_head_dim = self.positive("attention.value_length", hidden // n_heads or 1, limit=65536)
+        if v_head_dim != head_dim:
+            raise UnsupportedError(f"{gguf.path.name}: value heads of {v_head_dim} != key heads of {head_dim} are not supported.")
+        token_embd = gguf.tensors.get("token_embd.weight")
+        tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+        vocab_default = token_embd.shape[0] if token_embd else (len(tokens) if isinstance(tokens, list) else _MISSING)
+        vocab_size = self.positive("vocab_size", vocab_default, limit=1 << 22)
+        context_length = self.positive("context_length", limit=1 << 24)
+        rms_eps = self.get("attention.layer_norm_rms_epsilon", float)
+        if not 0 < rms_eps < 1:
+            raise ModelError(f"{gguf.path.name}: rms epsilon {rms_eps} is out of range.")
+        rope_base = self.get("rope.freq_base", float, 10000.0)
+        rope_dim = self.positive("rope.dimension_count", head_dim, limit=head_dim)
+        if rope_dim % 2:
+            raise ModelError(f"{gguf.path.name}: rope.dimension_count {rope_dim} is odd.")
+        rope_scale = self._rope_scale()
+        n_experts = self.get("expert_count", int, 0)
+        n_experts_used = self.get("expert_used_count", int, 0)
+        moe = arch == "qwen3moe"
+        if moe:
+            if not (0 < n_experts_used <= n_experts <= 4096):
+                raise ModelError(f"{gguf.path.name}: expert_used_count {n_experts_used} / expert_count {n_experts} are invalid.")
+        elif n_experts:
+            raise UnsupportedError(f"{gguf.path.name}: {arch} with experts is not supported (only qwen3moe is a MoE architecture here).")
+        ffn_hidden = self.get("feed_forward_length", int, 0) if moe else self.positive("feed_forward_length")
+        expert_ffn_hidden = 0
+        if moe:
+            # llama.cpp: n_ff_exp = expert_feed_forward_length, else feed_forward_length / expert_used_count.
+            fallback = ffn_hidden // n_experts_used if ffn_hidden else _MISSING
+            expert_ffn_hidden = self.positive("expert_feed_forward_length", fallback)
+        gemma = arch == "gemma3"
+        sliding_window = swa_pattern = rope_base_local = None
+        if gemma:
+            sliding_window = self.positive("attention.sliding_window")
+            swa_pattern = self.positive("attention.sliding_window_pattern", 6, limit=n_layers + 1)
+            rope_base_local = self.get("rope.freq_base_swa", float, 10000.0)
+        # llama.cpp scales Gemma3-27B (62 layers) queries by 1/sqrt(hidden/heads), every other size by 1/sqrt(head_dim).
+        attn_scale = 1.0 / math.sqrt(hidden / n_heads if gemma and n_layers == 62 else head_dim)
+        return ModelConfig(
+            arch=arch,
+            n_layers=n_layers,
+            hidden=hidden,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            v_head_dim=v_head_dim,
+            ffn_hidden=ffn_hidden,
+            vocab_size=vocab_size,
+            context_length=context_length,
+            rms_eps=rms_eps,
+            rope_base=rope_base,
+            rope_style=ROPE_STYLE[arch],
+            rope_dim=rope_dim,
+            rope_scale=rope_scale,
+            attn_scale=attn_scale,
+            qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),
+            post_norms=gemma,
+            ffn_act="gelu_tanh" if gemma else "silu",
+            embed_scale=math.sqrt(hidden) if gemma else 1.0,
+            tied_output="output.weight" not in gguf.tensors,
+            n_experts=n_experts if moe else 0,
+            n_experts_used=n_experts_used if moe else 0,
+            expert_ffn_hidden=expert_ffn_hidden,
+            norm_topk=moe,
+            sliding_window=sliding_window,
+            swa_pattern=swa_pattern,
+            rope_base_local=rope_base_local,
+            defaulted=tuple(self.defaulted),
+        )
+
+    def _rope_scale(self) -> float:
+        kind = self.get("rope.scaling.type", str, "none")
+        if kind == "none":
+            return 1.0
+        factor = self.get("rope.scaling.factor", float, 1.0)
+        if kind == "linear" and factor > 0:
+            return 1.0 / factor
+        if factor == 1.0:
+            return 1.0
+        raise UnsupportedError(f"{self.gguf.path.name}: RoPE scaling '{kind}' (factor {factor}) is not supported; only linear is.")

@@ -1,0 +1,259 @@
+"""The forward pass: embed → blocks (attention, feed-forward | MoE) → norm → head.
+
+One forward serves prefill, one cached decode step and the uncached path (the whole sequence, fresh cache):
+`Model.forward(tokens, start, cache)` computes positions start..start+T, writes their K/V into the cache and
+attends over everything the cache holds up to them. Architecture differences are ModelConfig data.
+
+Capture points: when `probe` is given, it is called with a TransformerLens-style name and the tensor at that
+point (`blocks.{i}.attn.q`, `.q_normed`, `.k`, `.k_normed`, `blocks.{i}.moe.router_logits`, `.topk_ids`,
+`.topk_weights`, `blocks.{i}.resid_post`). Without a probe nothing extra is computed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from workbench.cache import KVCache
+from workbench.config import ModelConfig
+from workbench.errors import InputError
+from workbench.gguf_file import GGUFFile
+from workbench.models import resolve
+from workbench.tokenizer import Tokenizer
+from workbench.weights import LayerWeights, Weights, load_weights
+
+Probe = Callable[[str, torch.Tensor], None]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """auto → cuda, else mps, else cpu; an explicit device must exist on this machine."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise InputError(f"unknown device '{device}'; choose auto, cpu, cuda or mps.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' was asked for, but this machine has no CUDA GPU (or torch is a CPU build).")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("device 'mps' was asked for, but Metal is not available here.")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto → float32 on CPU and MPS, bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in float32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate the first 2·cos.shape[-1] dims of x [T, heads, head_dim] by position; cos, sin are [T, rot/2]."""
+    half = cos.shape[-1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    rot, rest = x[..., : 2 * half].float(), x[..., 2 * half :]
+    if style == "neox":  # pairs (x[i], x[i + rot/2])
+        a, b = rot[..., :half], rot[..., half:]
+        rotated = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+    else:  # "normal": adjacent pairs (x[2i], x[2i+1])
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat((rotated.to(x.dtype), rest), dim=-1)
+
+
+@dataclass
+class LoadInfo:
+    seconds: float
+    device: torch.device
+    dtype: torch.dtype
+    weight_bytes: int  # bytes of the tensors on the device
+
+
+class Model:
+    """A loaded GGUF model: config, tokenizer, weights on a device, and the forward pass."""
+
+    def __init__(self, gguf: GGUFFile, config: ModelConfig, tokenizer: Tokenizer, weights: Weights, info: LoadInfo) -> None:
+        self.gguf, self.config, self.tokenizer, self.weights, self.info = gguf, config, tokenizer, weights, info
+        self.device, self.dtype = info.device, info.dtype
+        self._rope_tables: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def load(cls, model: str | Path, device: str = "auto", dtype: str = "auto") -> Model:
+        """A bundled name or a path → a model on the device. Raises WorkbenchError subclasses on bad input."""
+        t0 = time.perf_counter()
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        gguf = GGUFFile(resolve(model))
+        config = ModelConfig.from_gguf(gguf)
+        tokenizer = Tokenizer.from_metadata(gguf.metadata)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise InputError(
+                f"{gguf.path.name}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {config.vocab_size} rows."
+            )
+        weights = load_weights(gguf, config, dev, dt)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seen: set[int] = set()
+        n_bytes = 0
+        for t in _all_tensors(weights):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                n_bytes += t.numel() * t.element_size()
+        return cls(gguf, config, tokenizer, weights, LoadInfo(time.perf_counter() - t0, dev, dt, n_bytes))
+
+    @property
+    def n_params(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in _all_tensors(self.weights):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel()
+        return total
+
+    def new_cache(self, capacity: int) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, capacity, self.dtype, self.device)
+
+    def rope_table(self, base: float, scale: float, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n_positions, rope_dim/2] for a RoPE base and linear scale, grown on demand."""
+        key = (base, scale)
+        table = self._rope_tables.get(key)
+        if table is None or table[0].shape[0] < n_positions:
+            n = max(n_positions, 2 * table[0].shape[0] if table else 256)
+            half = self.config.rope_dim // 2
+            # Angles in float64: position × base^(-2i/rope_dim) loses digits in float32 at long positions.
+            inv_freq = base ** (-torch.arange(half, dtype=torch.float64) * 2 / self.config.rope_dim)
+            if self.weights.rope_freqs is not None:
+                inv_freq = inv_freq / self.weights.rope_freqs.double().cpu()
+            angles = torch.outer(torch.arange(n, dtype=torch.float64) * scale, inv_freq)
+            table = (angles.cos().float().to(self.device), angles.sin().float().to(self.device))
+            self._rope_tables[key] = table
+        return table
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: torch.Tensor, start: int, cache: KVCache, probe: Probe | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits [T, vocab] (float32) after each of tokens [T] at positions start..start+T-1.
+
+        With last_only, only the last position's logits are computed ([1, vocab]): prefill needs no more.
+        """
+        c, w = self.config, self.weights
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= c.vocab_size)][0].item()
+            raise InputError(f"token id {bad} is outside the vocabulary (0..{c.vocab_size - 1}).")
+        x = F.embedding(tokens, w.token_embd)
+        if c.embed_scale != 1.0:
+            x = x * c.embed_scale
+        positions = torch.arange(start, start + tokens.shape[0], device=self.device)
+        for i, layer in enumerate(w.layers):
+            h = rms_norm(x, layer.attn_norm, c.rms_eps)
+            a = self.attention(h, i, layer, cache, start, positions, probe)
+            if layer.post_attn_norm is not None:
+                a = rms_norm(a, layer.post_attn_norm, c.rms_eps)
+            x = x + a
+            h = rms_norm(x, layer.ffn_norm, c.rms_eps)
+            f = self.moe(h, i, layer, probe) if c.is_moe else self.feed_forward(h, layer)
+            if layer.post_ffn_norm is not None:
+                f = rms_norm(f, layer.post_ffn_norm, c.rms_eps)
+            x = x + f
+            if probe is not None:
+                probe(f"blocks.{i}.resid_post", x)
+        if last_only:
+            x = x[-1:]
+        x = rms_norm(x, w.output_norm, c.rms_eps)
+        return F.linear(x, w.output).float()
+
+    def attention(
+        self,
+        x: torch.Tensor,
+        i: int,
+        layer: LayerWeights,
+        cache: KVCache,
+        start: int,
+        positions: torch.Tensor,
+        probe: Probe | None,
+    ) -> torch.Tensor:
+        c = self.config
+        T = x.shape[0]
+        q = F.linear(x, layer.wq, layer.bq).view(T, c.n_heads, c.head_dim)
+        k = F.linear(x, layer.wk, layer.bk).view(T, c.n_kv_heads, c.head_dim)
+        v = F.linear(x, layer.wv, layer.bv).view(T, c.n_kv_heads, c.head_dim)
+        if probe is not None:
+            probe(f"blocks.{i}.attn.q", q)
+            probe(f"blocks.{i}.attn.k", k)
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, c.rms_eps)
+            k = rms_norm(k, layer.k_norm, c.rms_eps)
+            if probe is not None:
+                probe(f"blocks.{i}.attn.q_normed", q)
+                probe(f"blocks.{i}.attn.k_normed", k)
+        end = start + T
+        cos, sin = self.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), end)
+        q = apply_rope(q, cos[start:end], sin[start:end], c.rope_style)
+        k = apply_rope(k, cos[start:end], sin[start:end], c.rope_style)
+        keys, values = cache.write(i, start, k, v)  # [n_kv_heads, end, head_dim]
+        window = c.layer_window(i)
+        mask = None
+        if T > 1 or (window is not None and end > window):
+            kpos = torch.arange(end, device=x.device)
+            delta = positions[:, None] - kpos[None, :]  # [T, end]: query position − key position
+            mask = delta >= 0
+            if window is not None:
+                mask &= delta < window
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys, values, attn_mask=mask, scale=c.attn_scale, enable_gqa=c.n_kv_heads != c.n_heads
+        )  # [n_heads, T, head_dim]
+        return F.linear(out.transpose(0, 1).reshape(T, c.n_heads * c.head_dim), layer.wo)
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh") if self.config.ffn_act == "gelu_tanh" else F.silu(x)
+
+    def feed_forward(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+        """Gated FFN: down(act(gate·x) ⊙ up·x); act is SiLU (SwiGLU) or GELU-tanh (gemma3)."""
+        return F.linear(self._act(F.linear(x, layer.w_gate)) * F.linear(x, layer.w_up), layer.w_down)
+
+    def moe(self, x: torch.Tensor, i: int, layer: LayerWeights, probe: Probe | None) -> torch.Tensor:
+        """Router softmax → top-k → renormalise (qwen3moe) → each chosen expert's SwiGLU → weighted sum."""
+        c = self.config
+        router_logits = F.linear(x, layer.router).float()  # [T, n_experts]
+        probs = torch.softmax(router_logits, dim=-1)
+        weights, ids = torch.topk(probs, c.n_experts_used, dim=-1)  # [T, k]
+        if c.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        if probe is not None:
+            probe(f"blocks.{i}.moe.router_logits", router_logits)
+            probe(f"blocks.{i}.moe.topk_ids", ids)
+            probe(f"blocks.{i}.moe.topk_weights", weights)
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            token_idx, slot = (ids == e).nonzero(as_tuple=True)
+            xe = x[token_idx]
+            ye = F.linear(self._act(F.linear(xe, layer.gate_exps[e])) * F.linear(xe, layer.up_exps[e]), layer.down_exps[e])
+            out.index_add_(0, token_idx, ye * weights[token_idx, slot, None].to(x.dtype))
+        return out
+
+
+def _all_tensors(weights: Weights) -> list[torch.Tensor]:
+    tensors = [weights.token_embd, weights.output_norm, weights.output]
+    for layer in weights.layers:
+        tensors += [t for t in vars(layer).values() if t is not None]
+    return tensors

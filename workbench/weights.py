@@ -1,0 +1,118 @@
+"""Load a GGUF file's tensors onto a device in a dtype. GGUF names (`blk.N.attn_q.weight`) are mapped to
+ours here, once, and every shape is checked against the ModelConfig before anything is computed.
+
+Quantized tensors travel to the device as raw block bytes and are dequantized there (quants.py), so a CUDA
+load moves the file's bytes, not 4× them. Norm weights stay float32: the norms are computed in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workbench.config import ModelConfig
+from workbench.errors import ModelError, UnsupportedError
+from workbench.gguf_file import GGUFFile
+from workbench.quants import dequantize
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    wq: torch.Tensor  # [n_heads * head_dim, hidden]
+    wk: torch.Tensor  # [n_kv_heads * head_dim, hidden]
+    wv: torch.Tensor
+    wo: torch.Tensor  # [hidden, n_heads * head_dim]
+    ffn_norm: torch.Tensor
+    bq: torch.Tensor | None = None  # qwen2 attention biases
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # [head_dim], per-head QK-norm
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # gemma3
+    post_ffn_norm: torch.Tensor | None = None
+    w_gate: torch.Tensor | None = None  # dense FFN [ffn, hidden]
+    w_up: torch.Tensor | None = None
+    w_down: torch.Tensor | None = None  # [hidden, ffn]
+    router: torch.Tensor | None = None  # MoE [n_experts, hidden]
+    gate_exps: torch.Tensor | None = None  # [n_experts, expert_ffn, hidden]
+    up_exps: torch.Tensor | None = None
+    down_exps: torch.Tensor | None = None  # [n_experts, hidden, expert_ffn]
+
+
+@dataclass
+class Weights:
+    token_embd: torch.Tensor  # [vocab, hidden]
+    output_norm: torch.Tensor
+    output: torch.Tensor  # [vocab, hidden]; the same tensor as token_embd when the output is tied
+    layers: list[LayerWeights]
+    rope_freqs: torch.Tensor | None  # llama3-style per-frequency divisors, when the file has them
+
+
+class _Loader:
+    def __init__(self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype) -> None:
+        self.gguf, self.device, self.dtype = gguf, device, dtype
+
+    def tensor(self, name: str, shape: tuple[int, ...], *, norm: bool = False, required: bool = True) -> torch.Tensor | None:
+        info = self.gguf.tensors.get(name)
+        if info is None:
+            if required:
+                raise ModelError(f"{self.gguf.path.name}: tensor '{name}' is missing.")
+            return None
+        if info.shape != shape:
+            raise ModelError(
+                f"{self.gguf.path.name}: tensor '{name}' has shape {list(info.shape)}, but the metadata implies {list(shape)}."
+            )
+        raw = self.gguf.raw(name).to(self.device)
+        try:
+            values = dequantize(raw, info.ggml_type)
+        except UnsupportedError as exc:
+            raise UnsupportedError(f"{self.gguf.path.name}: tensor '{name}': {exc}") from None
+        values = values.reshape(shape)
+        return values.to(torch.float32 if norm else self.dtype)
+
+
+def load_weights(gguf: GGUFFile, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Weights:
+    c, ld = config, _Loader(gguf, device, dtype)
+    q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    layers = []
+    for i in range(c.n_layers):
+        p = f"blk.{i}."
+        layer = LayerWeights(
+            attn_norm=ld.tensor(p + "attn_norm.weight", (c.hidden,), norm=True),
+            wq=ld.tensor(p + "attn_q.weight", (q_dim, c.hidden)),
+            wk=ld.tensor(p + "attn_k.weight", (kv_dim, c.hidden)),
+            wv=ld.tensor(p + "attn_v.weight", (kv_dim, c.hidden)),
+            wo=ld.tensor(p + "attn_output.weight", (c.hidden, q_dim)),
+            ffn_norm=ld.tensor(p + "ffn_norm.weight", (c.hidden,), norm=True),
+            bq=ld.tensor(p + "attn_q.bias", (q_dim,), required=False),
+            bk=ld.tensor(p + "attn_k.bias", (kv_dim,), required=False),
+            bv=ld.tensor(p + "attn_v.bias", (kv_dim,), required=False),
+        )
+        if c.qk_norm:
+            layer.q_norm = ld.tensor(p + "attn_q_norm.weight", (c.head_dim,), norm=True)
+            layer.k_norm = ld.tensor(p + "attn_k_norm.weight", (c.head_dim,), norm=True)
+        if c.post_norms:
+            layer.post_attn_norm = ld.tensor(p + "post_attention_norm.weight", (c.hidden,), norm=True)
+            layer.post_ffn_norm = ld.tensor(p + "post_ffw_norm.weight", (c.hidden,), norm=True)
+        if c.is_moe:
+            e, f = c.n_experts, c.expert_ffn_hidden
+            layer.router = ld.tensor(p + "ffn_gate_inp.weight", (e, c.hidden))
+            layer.gate_exps = ld.tensor(p + "ffn_gate_exps.weight", (e, f, c.hidden))
+            layer.up_exps = ld.tensor(p + "ffn_up_exps.weight", (e, f, c.hidden))
+            layer.down_exps = ld.tensor(p + "ffn_down_exps.weight", (e, c.hidden, f))
+        else:
+            layer.w_gate = ld.tensor(p + "ffn_gate.weight", (c.ffn_hidden, c.hidden))
+            layer.w_up = ld.tensor(p + "ffn_up.weight", (c.ffn_hidden, c.hidden))
+            layer.w_down = ld.tensor(p + "ffn_down.weight", (c.hidden, c.ffn_hidden))
+        layers.append(layer)
+    token_embd = ld.tensor("token_embd.weight", (c.vocab_size, c.hidden))
+    output = token_embd if c.tied_output else ld.tensor("output.weight", (c.vocab_size, c.hidden))
+    return Weights(
+        token_embd=token_embd,
+        output_norm=ld.tensor("output_norm.weight", (c.hidden,), norm=True),
+        output=output,
+        layers=layers,
+        rope_freqs=ld.tensor("rope_freqs.weight", (c.rope_dim // 2,), norm=True, required=False),
+    )
