@@ -110,15 +110,17 @@ class _Reader:
             if len(set(value)) != 1:
                 raise UnsupportedError(f"{self.gguf.path.name}: '{full}' varies per layer ({value[:4]}…), which is not supported.")
             value = value[0]
-        ok = isinstance(value, bool) if kind is bool else (
-            isinstance(value, int) and not isinstance(value, bool) if kind is int
-            else isinstance(value, (int, float)) and not isinstance(value, bool)
-        )
+        if kind is bool or kind is str:
+            ok = isinstance(value, kind)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok:
             raise ModelError(
                 f"{self.gguf.path.name}: metadata '{full}' should be {kind.__name__} but is {type(value).__name__} ({value!r:.40})."
             )
-        if kind is int and value < 0:
+        if kind is int and value < 0:  # counts and sizes: never negative
             raise ModelError(f"{self.gguf.path.name}: metadata '{full}' is negative ({value}).")
         return kind(value)
 

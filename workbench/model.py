@@ -160,7 +160,7 @@ class Model:
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= c.vocab_size)][0].item()
             raise InputError(f"token id {bad} is outside the vocabulary (0..{c.vocab_size - 1}).")
-        x = F.embedding(tokens, w.token_embd)
+        x = w.embed(tokens)
         if c.embed_scale != 1.0:
             x = x * c.embed_scale
         positions = torch.arange(start, start + tokens.shape[0], device=self.device)
@@ -180,7 +180,7 @@ class Model:
         if last_only:
             x = x[-1:]
         x = rms_norm(x, w.output_norm, c.rms_eps)
-        return F.linear(x, w.output).float()
+        return (x @ w.output).float()
 
     def attention(
         self,
@@ -194,9 +194,13 @@ class Model:
     ) -> torch.Tensor:
         c = self.config
         T = x.shape[0]
-        q = F.linear(x, layer.wq, layer.bq).view(T, c.n_heads, c.head_dim)
-        k = F.linear(x, layer.wk, layer.bk).view(T, c.n_kv_heads, c.head_dim)
-        v = F.linear(x, layer.wv, layer.bv).view(T, c.n_kv_heads, c.head_dim)
+        qkv = x @ layer.wqkv
+        if layer.bqkv is not None:
+            qkv = qkv + layer.bqkv
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        q = qkv[:, :q_dim].view(T, c.n_heads, c.head_dim)
+        k = qkv[:, q_dim : q_dim + kv_dim].view(T, c.n_kv_heads, c.head_dim)
+        v = qkv[:, q_dim + kv_dim :].view(T, c.n_kv_heads, c.head_dim)
         if probe is not None:
             probe(f"blocks.{i}.attn.q", q)
             probe(f"blocks.{i}.attn.k", k)
@@ -222,19 +226,22 @@ class Model:
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys, values, attn_mask=mask, scale=c.attn_scale, enable_gqa=c.n_kv_heads != c.n_heads
         )  # [n_heads, T, head_dim]
-        return F.linear(out.transpose(0, 1).reshape(T, c.n_heads * c.head_dim), layer.wo)
+        return out.transpose(0, 1).reshape(T, c.n_heads * c.head_dim) @ layer.wo
 
-    def _act(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate="tanh") if self.config.ffn_act == "gelu_tanh" else F.silu(x)
+    def _gated(self, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        """down(act(gate·x) ⊙ up·x) with gate and up fused: w_gate_up is [hidden, 2·ffn]."""
+        gate, up = (x @ w_gate_up).chunk(2, dim=-1)
+        act = F.gelu(gate, approximate="tanh") if self.config.ffn_act == "gelu_tanh" else F.silu(gate)
+        return (act * up) @ w_down
 
     def feed_forward(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
-        """Gated FFN: down(act(gate·x) ⊙ up·x); act is SiLU (SwiGLU) or GELU-tanh (gemma3)."""
-        return F.linear(self._act(F.linear(x, layer.w_gate)) * F.linear(x, layer.w_up), layer.w_down)
+        """Gated FFN: SwiGLU, or GELU-tanh gated for gemma3."""
+        return self._gated(x, layer.w_gate_up, layer.w_down)
 
     def moe(self, x: torch.Tensor, i: int, layer: LayerWeights, probe: Probe | None) -> torch.Tensor:
         """Router softmax → top-k → renormalise (qwen3moe) → each chosen expert's SwiGLU → weighted sum."""
         c = self.config
-        router_logits = F.linear(x, layer.router).float()  # [T, n_experts]
+        router_logits = (x @ layer.router).float()  # [T, n_experts]
         probs = torch.softmax(router_logits, dim=-1)
         weights, ids = torch.topk(probs, c.n_experts_used, dim=-1)  # [T, k]
         if c.norm_topk:
@@ -247,13 +254,13 @@ class Model:
         for e in ids.unique().tolist():
             token_idx, slot = (ids == e).nonzero(as_tuple=True)
             xe = x[token_idx]
-            ye = F.linear(self._act(F.linear(xe, layer.gate_exps[e])) * F.linear(xe, layer.up_exps[e]), layer.down_exps[e])
+            ye = self._gated(xe, layer.gate_up_exps[e], layer.down_exps[e])
             out.index_add_(0, token_idx, ye * weights[token_idx, slot, None].to(x.dtype))
         return out
 
 
 def _all_tensors(weights: Weights) -> list[torch.Tensor]:
-    tensors = [weights.token_embd, weights.output_norm, weights.output]
+    tensors = [t for t in (weights.token_embd, weights.output_norm, weights.output) if t is not None]
     for layer in weights.layers:
         tensors += [t for t in vars(layer).values() if t is not None]
     return tensors

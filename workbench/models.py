@@ -3,6 +3,7 @@ models are generated on demand into a cache folder. Nothing is ever downloaded a
 
 from __future__ import annotations
 
+import hashlib
 import os
 from importlib import resources
 from pathlib import Path
@@ -50,12 +51,14 @@ def resolve(model: str | os.PathLike[str]) -> Path:
         arch = name.removeprefix("tiny-")
         if arch not in TINY_ARCHS:
             raise InputError(f"unknown tiny model '{name}'; choose one of: {', '.join('tiny-' + a for a in TINY_ARCHS)}.")
-        from workbench.tiny import write_tiny
+        from workbench import tiny
 
-        target = cache_dir() / f"{name}.gguf"
+        # The generator's own hash is in the name, so a changed tiny.py never serves a stale file.
+        version = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:10]
+        target = cache_dir() / f"{name}-{version}.gguf"
         if not target.exists():
             tmp = target.with_suffix(f".{os.getpid()}.tmp")
-            write_tiny(arch, tmp, seed=0)
+            tiny.write_tiny(arch, tmp, seed=0)
             tmp.replace(target)
         return target
     path = Path(name).expanduser()

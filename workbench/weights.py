@@ -19,35 +19,38 @@ from workbench.quants import dequantize
 
 @dataclass
 class LayerWeights:
+    """One block. Matrices are stored [in, out] (transposed from GGUF's [out, in]) and used as x @ W: a
+    one-row matmul reads a [in, out] matrix ~1.6× faster than F.linear reads [out, in] on this CPU."""
+
     attn_norm: torch.Tensor
-    wq: torch.Tensor  # [n_heads * head_dim, hidden]
-    wk: torch.Tensor  # [n_kv_heads * head_dim, hidden]
-    wv: torch.Tensor
-    wo: torch.Tensor  # [hidden, n_heads * head_dim]
+    wqkv: torch.Tensor  # [hidden, (n_heads + 2·n_kv_heads)·head_dim]: Q, K, V fused into one matmul
+    wo: torch.Tensor  # [n_heads·head_dim, hidden]
     ffn_norm: torch.Tensor
-    bq: torch.Tensor | None = None  # qwen2 attention biases
-    bk: torch.Tensor | None = None
-    bv: torch.Tensor | None = None
+    bqkv: torch.Tensor | None = None  # qwen2 attention biases, fused like wqkv
     q_norm: torch.Tensor | None = None  # [head_dim], per-head QK-norm
     k_norm: torch.Tensor | None = None
     post_attn_norm: torch.Tensor | None = None  # gemma3
     post_ffn_norm: torch.Tensor | None = None
-    w_gate: torch.Tensor | None = None  # dense FFN [ffn, hidden]
-    w_up: torch.Tensor | None = None
-    w_down: torch.Tensor | None = None  # [hidden, ffn]
-    router: torch.Tensor | None = None  # MoE [n_experts, hidden]
-    gate_exps: torch.Tensor | None = None  # [n_experts, expert_ffn, hidden]
-    up_exps: torch.Tensor | None = None
-    down_exps: torch.Tensor | None = None  # [n_experts, hidden, expert_ffn]
+    w_gate_up: torch.Tensor | None = None  # dense FFN [hidden, 2·ffn]: gate then up
+    w_down: torch.Tensor | None = None  # [ffn, hidden]
+    router: torch.Tensor | None = None  # MoE [hidden, n_experts]
+    gate_up_exps: torch.Tensor | None = None  # [n_experts, hidden, 2·expert_ffn]
+    down_exps: torch.Tensor | None = None  # [n_experts, expert_ffn, hidden]
 
 
 @dataclass
 class Weights:
-    token_embd: torch.Tensor  # [vocab, hidden]
+    token_embd: torch.Tensor | None  # [vocab, hidden]; None when tied: rows are then read from `output`
     output_norm: torch.Tensor
-    output: torch.Tensor  # [vocab, hidden]; the same tensor as token_embd when the output is tied
+    output: torch.Tensor  # [hidden, vocab], transposed for x @ W
     layers: list[LayerWeights]
     rope_freqs: torch.Tensor | None  # llama3-style per-frequency divisors, when the file has them
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embeddings [T, hidden]. A tied model keeps one copy of the matrix, in the head's orientation."""
+        if self.token_embd is not None:
+            return self.token_embd[tokens]
+        return self.output[:, tokens].t().contiguous()
 
 
 class _Loader:
@@ -79,17 +82,20 @@ def load_weights(gguf: GGUFFile, config: ModelConfig, device: torch.device, dtyp
     layers = []
     for i in range(c.n_layers):
         p = f"blk.{i}."
+        wq = ld.tensor(p + "attn_q.weight", (q_dim, c.hidden))
+        wk = ld.tensor(p + "attn_k.weight", (kv_dim, c.hidden))
+        wv = ld.tensor(p + "attn_v.weight", (kv_dim, c.hidden))
+        biases = [ld.tensor(p + f"attn_{x}.bias", (n,), required=False) for x, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
+        if any(b is not None for b in biases) and not all(b is not None for b in biases):
+            raise ModelError(f"{gguf.path.name}: layer {i} has biases on some of Q, K, V but not all.")
         layer = LayerWeights(
             attn_norm=ld.tensor(p + "attn_norm.weight", (c.hidden,), norm=True),
-            wq=ld.tensor(p + "attn_q.weight", (q_dim, c.hidden)),
-            wk=ld.tensor(p + "attn_k.weight", (kv_dim, c.hidden)),
-            wv=ld.tensor(p + "attn_v.weight", (kv_dim, c.hidden)),
-            wo=ld.tensor(p + "attn_output.weight", (c.hidden, q_dim)),
+            wqkv=torch.cat((wq, wk, wv)).t().contiguous(),
+            wo=ld.tensor(p + "attn_output.weight", (c.hidden, q_dim)).t().contiguous(),
             ffn_norm=ld.tensor(p + "ffn_norm.weight", (c.hidden,), norm=True),
-            bq=ld.tensor(p + "attn_q.bias", (q_dim,), required=False),
-            bk=ld.tensor(p + "attn_k.bias", (kv_dim,), required=False),
-            bv=ld.tensor(p + "attn_v.bias", (kv_dim,), required=False),
+            bqkv=torch.cat(biases) if biases[0] is not None else None,
         )
+        del wq, wk, wv
         if c.qk_norm:
             layer.q_norm = ld.tensor(p + "attn_q_norm.weight", (c.head_dim,), norm=True)
             layer.k_norm = ld.tensor(p + "attn_k_norm.weight", (c.head_dim,), norm=True)
@@ -98,17 +104,24 @@ def load_weights(gguf: GGUFFile, config: ModelConfig, device: torch.device, dtyp
             layer.post_ffn_norm = ld.tensor(p + "post_ffw_norm.weight", (c.hidden,), norm=True)
         if c.is_moe:
             e, f = c.n_experts, c.expert_ffn_hidden
-            layer.router = ld.tensor(p + "ffn_gate_inp.weight", (e, c.hidden))
-            layer.gate_exps = ld.tensor(p + "ffn_gate_exps.weight", (e, f, c.hidden))
-            layer.up_exps = ld.tensor(p + "ffn_up_exps.weight", (e, f, c.hidden))
-            layer.down_exps = ld.tensor(p + "ffn_down_exps.weight", (e, c.hidden, f))
+            layer.router = ld.tensor(p + "ffn_gate_inp.weight", (e, c.hidden)).t().contiguous()
+            gate = ld.tensor(p + "ffn_gate_exps.weight", (e, f, c.hidden))
+            up = ld.tensor(p + "ffn_up_exps.weight", (e, f, c.hidden))
+            layer.gate_up_exps = torch.cat((gate, up), dim=1).transpose(1, 2).contiguous()
+            layer.down_exps = ld.tensor(p + "ffn_down_exps.weight", (e, c.hidden, f)).transpose(1, 2).contiguous()
+            del gate, up
         else:
-            layer.w_gate = ld.tensor(p + "ffn_gate.weight", (c.ffn_hidden, c.hidden))
-            layer.w_up = ld.tensor(p + "ffn_up.weight", (c.ffn_hidden, c.hidden))
-            layer.w_down = ld.tensor(p + "ffn_down.weight", (c.hidden, c.ffn_hidden))
+            gate = ld.tensor(p + "ffn_gate.weight", (c.ffn_hidden, c.hidden))
+            up = ld.tensor(p + "ffn_up.weight", (c.ffn_hidden, c.hidden))
+            layer.w_gate_up = torch.cat((gate, up)).t().contiguous()
+            layer.w_down = ld.tensor(p + "ffn_down.weight", (c.hidden, c.ffn_hidden)).t().contiguous()
+            del gate, up
         layers.append(layer)
     token_embd = ld.tensor("token_embd.weight", (c.vocab_size, c.hidden))
-    output = token_embd if c.tied_output else ld.tensor("output.weight", (c.vocab_size, c.hidden))
+    if c.tied_output:
+        output, token_embd = token_embd.t().contiguous(), None
+    else:
+        output = ld.tensor("output.weight", (c.vocab_size, c.hidden)).t().contiguous()
     return Weights(
         token_embd=token_embd,
         output_norm=ld.tensor("output_norm.weight", (c.hidden,), norm=True),

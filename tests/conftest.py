@@ -1,0 +1,61 @@
+"""Shared fixtures: bundled real models (skipped when their packages are absent) and tiny models per arch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from workbench.tiny import write_tiny
+
+    d = tmp_path_factory.mktemp("tiny")
+    for arch in ARCHS:
+        write_tiny(arch, d / f"tiny-{arch}.gguf", seed=0)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tiny_dir: Path) -> dict[str, Path]:
+    return {arch: tiny_dir / f"tiny-{arch}.gguf" for arch in ARCHS}
+
+
+def _bundled(name: str) -> Path:
+    from workbench.errors import InputError
+    from workbench.models import resolve
+
+    try:
+        return resolve(name)
+    except InputError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return _bundled("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    return _bundled("gemma3-270m")
+
+
+_models: dict[str, object] = {}
+
+
+def load_model(path: Path, dtype: str = "float32"):
+    """One loaded copy per (file, dtype) for the whole run: loading is cheap, but not free."""
+    from workbench.model import Model
+
+    key = f"{path}:{dtype}"
+    if key not in _models:
+        _models[key] = Model.load(path, device="cpu", dtype=dtype)
+    return _models[key]

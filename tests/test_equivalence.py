@@ -1,0 +1,49 @@
+"""cached ≡ uncached: the two decode paths run the same forward over the same weights, so their logits must
+agree at every step (max |Δ| ≤ 1e-4 × max |logit|, fp32) and greedy decoding must pick the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ARCHS, load_model
+from workbench.session import Session
+
+STEPS = 64
+
+
+def _run(model, prompt_ids, path, steps):
+    session = Session(model, prompt_ids, path=path, context=len(prompt_ids) + steps)
+    results = []
+    for _ in range(steps):  # not generate(): keep going past EOS, the invariant holds for every token
+        results.append(session.step())
+    return session.ids[len(prompt_ids):], torch.stack([r.logits for r in results])
+
+
+def _check(model, prompt_ids, steps=STEPS):
+    cached_ids, cached = _run(model, prompt_ids, "cached", steps)
+    uncached_ids, uncached = _run(model, prompt_ids, "uncached", steps)
+    assert cached_ids == uncached_ids
+    scale = uncached.abs().amax(-1)
+    diff = (cached - uncached).abs().amax(-1)
+    assert (diff <= 1e-4 * scale).all(), f"worst step {int((diff / scale).argmax())}: {float((diff / scale).max()):.2e}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_cached_equals_uncached(arch, tiny_paths):
+    model = load_model(tiny_paths[arch])
+    _check(model, [1, 50, 60, 70, 80, 90, 100])
+
+
+def test_tiny_gemma3_crosses_the_sliding_window(tiny_paths):
+    """The tiny gemma3's window is 8 positions: 64 steps cross it many times on the local layers."""
+    model = load_model(tiny_paths["gemma3"])
+    assert model.config.sliding_window is not None and model.config.sliding_window < STEPS
+    _check(model, [1, 2, 3])
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_real_cached_equals_uncached(name, smollm2_path, gemma3_path):
+    path = {"smollm2": smollm2_path, "gemma3": gemma3_path}[name]
+    model = load_model(path)
+    _check(model, model.tokenizer.encode("Once upon a time, in a small village by the sea,"))

@@ -1,0 +1,265 @@
+"""`workbench inspect|tokenize|generate|logits|make-tiny`: the command-line contract other tools build on.
+
+Exit status: 0 on success, 2 on a usage error (argparse), 1 on bad input with one line `error: …` on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workbench.config import SUPPORTED_ARCHS, ModelConfig
+from workbench.errors import InputError, WorkbenchError
+from workbench.gguf_file import GGUFFile
+from workbench.models import bundled_names, resolve
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=f"a GGUF path or a bundled name ({', '.join(bundled_names())})")
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu) | cpu | cuda | mps")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
+
+
+def _path_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--path", default="cached", choices=("cached", "uncached"), help="decode path (default: cached)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="GGUF decode workbench: inspect, tokenize and run GGUF models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="architecture, config (defaulted values marked) and tensor table")
+    _model_arg(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("tokenize", help="text → token ids and pieces (BOS as generate adds it)")
+    _model_arg(p)
+    p.add_argument("--text", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="decode --steps tokens after --prompt")
+    _model_arg(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steps", type=int, default=32)
+    _path_arg(p)
+    _device_args(p)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    p = sub.add_parser("logits", help="write float32 [n, vocab] next-token logits to a .npy file")
+    _model_arg(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tokens", help="comma-separated ids, used exactly as given (no BOS added)")
+    src.add_argument("--prompt", help="text, tokenized as generate does")
+    p.add_argument("--out", required=True)
+    _path_arg(p)
+    _device_args(p)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random GGUF of an architecture (mixed quant types)")
+    p.add_argument("--arch", required=True, choices=SUPPORTED_ARCHS)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    gguf = GGUFFile(resolve(args.model))
+    config = ModelConfig.from_gguf(gguf)
+    tensors = [
+        {"name": t.name, "type": t.type_name, "shape": list(t.shape), "bytes": t.n_bytes} for t in gguf.tensors.values()
+    ]
+    by_type: dict[str, int] = {}
+    for t in gguf.tensors.values():
+        by_type[t.type_name] = by_type.get(t.type_name, 0) + t.n_bytes
+    n_params = sum(t.n_elements for t in gguf.tensors.values())
+    n_bytes = sum(t.n_bytes for t in gguf.tensors.values())
+    cfg = config.as_dict()
+    defaulted = cfg.pop("defaulted")
+    if args.json:
+        print(json.dumps({
+            "path": str(gguf.path), "file_bytes": gguf.size, "gguf_version": gguf.version, "arch": config.arch,
+            "name": gguf.metadata.get("general.name"), "config": cfg, "defaulted": list(defaulted),
+            "tensors": tensors, "totals": {"tensors": len(tensors), "params": n_params, "bytes": n_bytes, "bytes_by_type": by_type},
+        }))
+        return 0
+    print(f"{gguf.path}  ({_human_bytes(gguf.size)}, GGUF v{gguf.version})")
+    print(f"name: {gguf.metadata.get('general.name', '?')}   arch: {config.arch}")
+    print("\nconfig  (* = not in the file; llama.cpp's default for this arch)")
+    default_fields = {key.split(".", 1)[1] for key in defaulted}
+    key_of = {"head_dim": "attention.key_length", "v_head_dim": "attention.value_length", "vocab_size": "vocab_size",
+              "rope_base": "rope.freq_base", "rope_dim": "rope.dimension_count", "rope_scale": "rope.scaling.type",
+              "n_kv_heads": "attention.head_count_kv", "n_experts": "expert_count", "n_experts_used": "expert_used_count",
+              "expert_ffn_hidden": "expert_feed_forward_length", "swa_pattern": "attention.sliding_window_pattern",
+              "rope_base_local": "rope.freq_base_swa"}
+    for name, value in cfg.items():
+        mark = "*" if key_of.get(name) in default_fields else " "
+        print(f"  {mark} {name:<18} {value}")
+    print(f"\ntensors ({len(tensors)})")
+    print(f"  {'name':<32} {'type':<6} {'shape':<22} {'bytes':>12}")
+    for t in tensors:
+        print(f"  {t['name']:<32} {t['type']:<6} {str(t['shape']):<22} {t['bytes']:>12}")
+    print(f"\ntotal: {n_params:,} parameters in {_human_bytes(n_bytes)}; by type: "
+          + ", ".join(f"{k} {_human_bytes(v)}" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])))
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from workbench.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_metadata(GGUFFile(resolve(args.model)).metadata)
+    ids = tokenizer.encode(args.text)
+    pieces = [tokenizer.piece(i) for i in ids]
+    if args.json:
+        print(json.dumps({"ids": ids, "pieces": pieces}, ensure_ascii=False))
+    else:
+        print(" ".join(f"{i}:{p!r}" for i, p in zip(ids, pieces)))
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from workbench.model import Model
+
+    return Model.load(args.model, device=args.device, dtype=args.dtype)
+
+
+def _prompt_ids(model, prompt: str) -> list[int]:
+    ids = model.tokenizer.encode(prompt)
+    if not ids:
+        raise InputError("the prompt is empty and this model adds no BOS token: give some text.")
+    return ids
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from workbench.session import Sampling, Session
+
+    if args.steps < 1:
+        raise InputError(f"--steps must be ≥ 1, not {args.steps}.")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # validate before the slow load
+    model = _load(args)
+    prompt_ids = _prompt_ids(model, args.prompt)
+    context = min(model.config.context_length, len(prompt_ids) + args.steps)
+    if len(prompt_ids) >= model.config.context_length:
+        raise InputError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {model.config.context_length}.")
+    session = Session(model, prompt_ids, path=args.path, sampling=sampling, context=context)
+    decoder = model.tokenizer.decoder()
+    text_parts: list[str] = []
+    prefill_seconds = 0.0
+    decode_seconds = 0.0
+    stop = "steps"
+    if not args.json:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+    for result in session.generate(args.steps):
+        if result.prefill:
+            prefill_seconds = result.seconds
+        else:
+            decode_seconds += result.seconds
+        piece = decoder.push(result.token_id)
+        text_parts.append(piece)
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        # The session's capacity is prompt + steps, so "context" only means something at the model's limit.
+        if result.stop == "eos" or (result.stop == "context" and context == model.config.context_length):
+            stop = result.stop
+    tail = decoder.flush()
+    text_parts.append(tail)
+    n_decode = session.n_generated - (1 if args.path == "cached" else 0)
+    tps = n_decode / decode_seconds if decode_seconds > 0 else 0.0
+    if args.json:
+        print(json.dumps({
+            "model": str(args.model), "file": str(model.gguf.path), "arch": model.config.arch,
+            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "path": args.path,
+            "prompt": args.prompt, "prompt_ids": prompt_ids, "ids": session.ids[len(prompt_ids):],
+            "text": "".join(text_parts), "stop": stop, "load_seconds": model.info.seconds,
+            "prefill_seconds": prefill_seconds, "decode_seconds": decode_seconds, "decode_tokens_per_s": tps,
+        }, ensure_ascii=False))
+    else:
+        sys.stdout.write(tail + "\n")
+        note = {"eos": "stopped at end-of-sequence", "context": "stopped: the context is full", "steps": f"{args.steps} steps"}[stop]
+        print(f"[{model.config.arch} on {model.device} {str(model.dtype).removeprefix('torch.')}, {args.path}: "
+              f"load {model.info.seconds:.2f} s, prefill {len(prompt_ids)} tokens {prefill_seconds:.3f} s, "
+              f"decode {tps:.1f} tok/s; {note}]", file=sys.stderr)
+    return 0
+
+
+def cmd_logits(args: argparse.Namespace) -> int:
+    model = _load(args)
+    if args.tokens is not None:
+        try:
+            ids = [int(t) for t in args.tokens.split(",") if t.strip()]
+        except ValueError:
+            raise InputError(f"--tokens must be comma-separated integers, not '{args.tokens}'.") from None
+        if not ids:
+            raise InputError("--tokens is empty.")
+    else:
+        ids = _prompt_ids(model, args.prompt)
+    vocab = model.config.vocab_size
+    for t in ids:
+        if not 0 <= t < vocab:
+            raise InputError(f"token id {t} is outside the vocabulary (0..{vocab - 1}).")
+    if len(ids) > model.config.context_length:
+        raise InputError(f"{len(ids)} tokens do not fit the model's context of {model.config.context_length}.")
+    tokens = torch.tensor(ids, device=model.device)
+    cache = model.new_cache(len(ids))
+    if args.path == "cached":  # the first token, then one token per step through the cache
+        rows = [model.forward(tokens[i : i + 1], i, cache)[0] for i in range(len(ids))]
+        logits = torch.stack(rows)
+    else:
+        logits = model.forward(tokens, 0, cache)
+    out = Path(args.out)
+    np.save(out, logits.float().cpu().numpy())
+    print(f"wrote {out} [{len(ids)}, {vocab}] float32 ({args.path})", file=sys.stderr)
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from workbench.tiny import write_tiny
+
+    path = write_tiny(args.arch, args.out, seed=args.seed)
+    print(f"wrote {path} (tiny {args.arch}, seed {args.seed})", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "tokenize": cmd_tokenize, "generate": cmd_generate, "logits": cmd_logits,
+            "make-tiny": cmd_make_tiny}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:  # unreadable path, full disk, …
+        print(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}.", file=sys.stderr)
+    except torch.OutOfMemoryError:
+        print("error: the device ran out of memory; try --dtype bfloat16, a smaller model or --device cpu.", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted.", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,424 @@
+"""Tiny random GGUF models, one per supported architecture, laid out exactly like real llama.cpp files.
+
+`write_tiny(arch, path, seed)` writes a model small enough that a forward pass takes milliseconds (hidden 256,
+2–6 layers, a 512-token vocabulary) but with the metadata keys, tensor names and GGUF shapes that
+`convert_hf_to_gguf.py` writes and llama.cpp's loader expects, so the same file can be run by this engine, by
+llama.cpp (llama-cpp-python) and, where its GGUF loader allows, by transformers, and the outputs compared.
+Names and keys come from gguf-py (`TENSOR_NAMES`, `GGUFWriter.add_*`), not from string literals here.
+
+Sizes, per architecture (TINY_SPECS): every model has hidden 256, vocabulary 512, context 512, dense FFN 512,
+rms eps 1e-6 and rope base 1e6 unless noted.
+
+    arch      layers heads kv head_dim  notes
+    llama        2     4    2    64     rms eps 1e-5, rope base 1e4; writes vocab_size and rope.dimension_count
+    qwen2        2     4    2    64     Q/K/V biases
+    qwen3        3     4    2    96     head_dim != hidden/heads (q: 256 -> 384); q/k norms; tied output
+    qwen3moe     2     4    2    96     8 experts, top-2, expert FFN 128; router in F32
+    gemma3       6     4    1    64     sliding window 8 (layers 0-4 local, 5 global); post norms; tied output
+
+Weights are random and deterministic given `seed`. They are stored in a mix of GGML types (QUANT_TYPES below)
+so that every type the engine dequantizes appears in at least one model; row lengths that are not a multiple
+of 256 (qwen3's attn_output rows of 384, qwen3moe's ffn_down_exps rows of 128) use 32-value block types, as
+llama-quantize also falls back to for such rows. gguf-py can quantize the 32-value types and BF16; it cannot
+quantize K-quants, so those are built as random blocks: random quant bits and sub-block scales, with f16
+super-block scales chosen so the dequantized weights have the intended standard deviation and (where the
+format has minimums) zero mean in every sub-block.
+
+The tokenizer is the same small GPT-2-style byte-level BPE for every arch: the 256 byte tokens, merges learned
+deterministically from the fixed text below, and the control tokens <|endoftext|> (bos/eos), <|im_start|> and
+<|im_end|>, 512 tokens in all. Real Llama-3 and Qwen files use exactly this kind of vocabulary
+("gpt2" model, pre-tokenizer "llama-bpe" / "qwen2"). Real Gemma files carry a 262k-token SentencePiece
+vocabulary instead; we do not imitate it, because a tokenizer is independent of the architecture in llama.cpp,
+transformers and this engine, a byte-level vocabulary encodes any text with no unknown tokens, and one
+vocabulary keeps tokenization identical across the five tiny models (the real Gemma-3 model covers SPM).
+Its pre-tokenizer is "default" (GPT-2's split), which llama.cpp accepts for any BPE vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGML_QUANT_VERSION,
+    MODEL_TENSOR,
+    TENSOR_NAMES,
+    GGMLQuantizationType,
+    GGUFType,
+    GGUFWriter,
+    LlamaFileType,
+    TokenType,
+)
+from gguf.quants import dequantize, quantize
+
+from workbench.errors import InputError
+
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
+
+HIDDEN = 256
+FFN = 512
+VOCAB_SIZE = 512
+CONTEXT_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_base: float
+    rms_eps: float
+    tied_output: bool  # no output.weight: the head reuses token_embd
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ffn: int = 0
+    sliding_window: int | None = None
+
+
+TINY_SPECS: dict[str, TinySpec] = {
+    "llama": TinySpec(2, 4, 2, 64, rope_base=10000.0, rms_eps=1e-5, tied_output=False),
+    "qwen2": TinySpec(2, 4, 2, 64, rope_base=1e6, rms_eps=1e-6, tied_output=False),
+    "qwen3": TinySpec(3, 4, 2, 96, rope_base=1e6, rms_eps=1e-6, tied_output=True),
+    "qwen3moe": TinySpec(2, 4, 2, 96, rope_base=1e6, rms_eps=1e-6, tied_output=False,
+                         n_experts=8, n_experts_used=2, expert_ffn=128),
+    # 6 layers so that llama.cpp's fixed gemma3 pattern (every 6th layer global) has one global layer.
+    "gemma3": TinySpec(6, 4, 1, 64, rope_base=1e6, rms_eps=1e-6, tied_output=True, sliding_window=8),
+}
+
+T = GGMLQuantizationType
+E = MODEL_TENSOR
+
+# GGML type of each weight; a tuple cycles over the layers (layer i uses types[i % len(types)]).
+# Not listed, as in real files: norms, Q/K/V biases and the MoE router (ffn_gate_inp) are always F32.
+QUANT_TYPES: dict[str, dict[MODEL_TENSOR, tuple[GGMLQuantizationType, ...]]] = {
+    "llama": {
+        E.TOKEN_EMBD: (T.Q8_0,), E.OUTPUT: (T.Q6_K,),
+        E.ATTN_Q: (T.Q4_0, T.Q2_K), E.ATTN_K: (T.Q4_1, T.Q3_K), E.ATTN_V: (T.Q5_0, T.BF16),
+        E.ATTN_OUT: (T.Q5_1, T.F16),
+        E.FFN_GATE: (T.Q4_K, T.Q8_0), E.FFN_UP: (T.Q5_K, T.Q4_0), E.FFN_DOWN: (T.Q6_K, T.Q3_K),
+    },
+    "qwen2": {
+        E.TOKEN_EMBD: (T.F16,), E.OUTPUT: (T.Q8_0,),
+        E.ATTN_Q: (T.Q8_0, T.Q4_K), E.ATTN_K: (T.Q5_0, T.Q5_K), E.ATTN_V: (T.Q8_0, T.Q6_K),
+        E.ATTN_OUT: (T.Q4_1, T.Q2_K),
+        E.FFN_GATE: (T.Q3_K, T.Q5_1), E.FFN_UP: (T.BF16, T.Q4_0), E.FFN_DOWN: (T.Q4_K, T.F16),
+    },
+    "qwen3": {
+        E.TOKEN_EMBD: (T.Q8_0,),
+        E.ATTN_Q: (T.Q6_K, T.Q5_K, T.Q8_0), E.ATTN_K: (T.Q4_K, T.Q3_K, T.Q5_1),
+        E.ATTN_V: (T.Q2_K, T.Q8_0, T.BF16),
+        E.ATTN_OUT: (T.Q5_0, T.Q4_1, T.Q8_0),  # rows of 384: 32-value blocks only
+        E.FFN_GATE: (T.Q5_K, T.Q4_0, T.Q6_K), E.FFN_UP: (T.Q4_K, T.F16, T.Q2_K),
+        E.FFN_DOWN: (T.Q6_K, T.Q5_K, T.Q3_K),
+    },
+    "qwen3moe": {
+        E.TOKEN_EMBD: (T.Q8_0,), E.OUTPUT: (T.Q6_K,),
+        E.ATTN_Q: (T.Q4_K, T.Q8_0), E.ATTN_K: (T.Q5_0, T.Q6_K), E.ATTN_V: (T.Q8_0, T.Q5_1),
+        E.ATTN_OUT: (T.Q4_0, T.Q8_0),  # rows of 384
+        E.FFN_GATE_EXP: (T.Q4_K, T.Q2_K), E.FFN_UP_EXP: (T.Q5_K, T.Q3_K),
+        E.FFN_DOWN_EXP: (T.Q8_0, T.Q5_0),  # rows of 128
+    },
+    "gemma3": {
+        E.TOKEN_EMBD: (T.Q8_0,),
+        E.ATTN_Q: (T.Q5_0, T.Q4_K, T.Q8_0), E.ATTN_K: (T.Q5_0, T.Q6_K), E.ATTN_V: (T.Q8_0, T.Q3_K, T.BF16),
+        E.ATTN_OUT: (T.Q4_K, T.Q5_1, T.Q2_K),
+        E.FFN_GATE: (T.Q5_0, T.Q4_1, T.Q5_K), E.FFN_UP: (T.Q5_0, T.F16), E.FFN_DOWN: (T.Q6_K, T.Q4_0),
+    },
+}
+
+EMBED_STD = 0.05  # token_embd and output
+PROJ_STD = 0.04  # attention and FFN projections: q·x has std ~0.6 for unit-RMS x, so activations stay O(1)
+BIAS_STD = 0.1
+NORM_NOISE = 0.1  # norm weights are 1 + N(0, 0.1); gemma3's GGUF norms already include its +1, so the same
+# Router logits get std ~8 on unit-RMS input: routing is far from uniform and near-ties between the 2nd and 3rd
+# expert (which make the top-2 choice fragile under rounding) are rare (~0.2% of tokens within 0.01), while the
+# second expert still gets ~11% of the top-2 weight on average.
+ROUTER_STD = 0.5
+
+# --- tokenizer -----------------------------------------------------------------------------------------
+
+CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# The text the merges are learned from: English prose and Python, so common words and code idioms get tokens.
+_TRAINING_TEXT = '''\
+The quick brown fox jumps over the lazy dog. A small model is a model that is small, and a tiny model is
+smaller still: it has a few layers, a few heads and a short vocabulary, but it is laid out like the real thing.
+When the engine reads a file, it checks the header, the metadata and the table of tensors, and then it maps
+the weights into memory. Each weight is stored in blocks; each block holds a scale and a few bits per value.
+The attention of every layer looks at the tokens that came before, and the feed forward network mixes the
+features of each token on its own. In the end the output head turns the hidden state into one logit for
+every token in the vocabulary, and the sampler picks the next token from them. Then the story goes on, one
+token at a time, until the model writes the end of the text or the user stops it. There is nothing more to it
+than that, and yet the details matter: the order of the rows, the sign of a scale, the position of a bit.
+
+def forward(self, tokens: list[int], start: int = 0) -> list[float]:
+    """Run the model on the tokens and return the logits of the last one."""
+    hidden = self.embed(tokens)
+    for index, layer in enumerate(self.layers):
+        hidden = layer(hidden, start=start, index=index)
+    return self.head(self.norm(hidden))[-1].tolist()
+
+
+class Tokenizer:
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+        self.vocab = vocab
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return [self.vocab[piece] for piece in self.split(text)]
+
+
+for i in range(10):
+    if i % 2 == 0:
+        print(f"{i} is even")
+    else:
+        print(f"{i} is odd", end="\\n")
+'''
+
+# GPT-2's pre-tokenizer, restricted to ASCII (the training text is ASCII): contractions, words with their
+# leading space, numbers, punctuation runs, whitespace.
+_PRETOKENIZE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character map (space → 'Ġ', newline → 'Ċ', …)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def build_vocab() -> tuple[list[str], list[str]]:
+    """The tiny byte-level BPE vocabulary: (tokens, merges). Bytes first (id = byte value), control tokens last."""
+    byte_chars = _bytes_to_unicode()
+    tokens = [byte_chars[b] for b in range(256)]
+    known = set(tokens)
+    words: Counter[tuple[str, ...]] = Counter(
+        tuple(byte_chars[b] for b in piece.encode()) for piece in _PRETOKENIZE.findall(_TRAINING_TEXT)
+    )
+    merges: list[str] = []
+    n_learned = VOCAB_SIZE - len(CONTROL_TOKENS)
+    while len(tokens) < n_learned:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        # Most frequent pair; ties go to the smallest pair, so the result never depends on dict order.
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merged = best[0] + best[1]
+        merges.append(f"{best[0]} {best[1]}")
+        if merged not in known:  # two merges can spell the same string; the vocabulary lists it once
+            tokens.append(merged)
+            known.add(merged)
+        words = Counter({_merge(word, best, merged): count for word, count in words.items()})
+    return tokens + list(CONTROL_TOKENS), merges
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str], merged: str) -> tuple[str, ...]:
+    out: list[str] = []
+    i = 0
+    while i < len(word):
+        if word[i : i + 2] == pair:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+# --- weights -------------------------------------------------------------------------------------------
+
+K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)  # gguf-py cannot quantize these: built as random blocks
+
+def _encode(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Float32 values → the array GGUFWriter stores: f32/f16 as such, other types as [rows, bytes] uint8."""
+    if qtype == T.F32:
+        return values.astype(np.float32)
+    if qtype == T.F16:
+        return values.astype(np.float16)
+    return quantize(values.astype(np.float32), qtype)
+
+
+def _pack_scale_min(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K: eight 6-bit scales and eight 6-bit mins per super-block → the 12 packed bytes."""
+    return np.concatenate(
+        [
+            (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6),
+            (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6),
+            (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4),
+        ],
+        axis=1,
+    )
+
+
+def _random_k_quant(rng: np.random.Generator, shape: tuple[int, ...], qtype: GGMLQuantizationType, std: float) -> np.ndarray:
+    """Random K-quant super-blocks whose dequantized values have mean ~0 and standard deviation ~std.
+
+    Quant bits and (for Q3_K, Q6_K: signed) sub-block scales are random bytes. For the types with a minimum
+    per sub-block (value = d·sc·q − dmin·m), m is set equal to sc and dmin = d·mean(q), which centres every
+    sub-block on zero. The f16 super-block scales are then set so the whole tensor has the intended std.
+    """
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    n_blocks = int(np.prod(shape)) // block_size
+    blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    if qtype == T.Q2_K:  # bytes 0-15: scale (low nibble) and min (high nibble) of 16 sub-blocks; q ∈ 0..3
+        sc = rng.integers(1, 16, size=(n_blocks, 16), dtype=np.uint8)
+        blocks[:, :16] = sc | (sc << 4)
+        f16_fields = {80: 1.0, 82: 1.5}  # byte offset of d, dmin → value relative to d
+    elif qtype in (T.Q4_K, T.Q5_K):  # q ∈ 0..15 or 0..31
+        sc = rng.integers(1, 64, size=(n_blocks, 8), dtype=np.uint8)
+        blocks[:, 4:16] = _pack_scale_min(sc, sc)
+        f16_fields = {0: 1.0, 2: 7.5 if qtype == T.Q4_K else 15.5}
+    else:  # Q3_K, Q6_K: signed scales and quants, centred as they come; d is the block's last field
+        f16_fields = {type_size - 2: 1.0}
+
+    def set_scales(d: float) -> None:
+        for offset, ratio in f16_fields.items():
+            blocks[:, offset : offset + 2] = np.array([d * ratio], dtype=np.float16).view(np.uint8)
+
+    set_scales(1.0)
+    set_scales(std / float(dequantize(blocks, qtype).std()))
+    return blocks.reshape(*shape[:-1], shape[-1] // block_size * type_size)
+
+
+def _weight(rng: np.random.Generator, shape: tuple[int, ...], qtype: GGMLQuantizationType, std: float) -> np.ndarray:
+    if qtype in K_QUANTS:
+        return _random_k_quant(rng, shape, qtype, std)
+    return _encode(rng.normal(0.0, std, size=shape), qtype)
+
+
+def _tensor_plan(arch: str, spec: TinySpec) -> list[tuple[str, tuple[int, ...], MODEL_TENSOR, int | None]]:
+    """(name, shape in torch order, kind, layer) of every tensor, in llama.cpp's order within a layer."""
+    q_dim, kv_dim = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    plan: list[tuple[str, tuple[int, ...], MODEL_TENSOR, int | None]] = [
+        (TENSOR_NAMES[E.TOKEN_EMBD] + ".weight", (VOCAB_SIZE, HIDDEN), E.TOKEN_EMBD, None)
+    ]
+    for i in range(spec.n_layers):
+        layer: list[tuple[MODEL_TENSOR, str, tuple[int, ...]]] = [
+            (E.ATTN_NORM, "weight", (HIDDEN,)),
+            (E.ATTN_Q, "weight", (q_dim, HIDDEN)),
+            (E.ATTN_K, "weight", (kv_dim, HIDDEN)),
+            (E.ATTN_V, "weight", (kv_dim, HIDDEN)),
+        ]
+        if arch == "qwen2":
+            layer += [(E.ATTN_Q, "bias", (q_dim,)), (E.ATTN_K, "bias", (kv_dim,)), (E.ATTN_V, "bias", (kv_dim,))]
+        if arch in ("qwen3", "qwen3moe", "gemma3"):
+            layer += [(E.ATTN_Q_NORM, "weight", (spec.head_dim,)), (E.ATTN_K_NORM, "weight", (spec.head_dim,))]
+        layer.append((E.ATTN_OUT, "weight", (HIDDEN, q_dim)))
+        if arch == "gemma3":
+            layer += [(E.ATTN_POST_NORM, "weight", (HIDDEN,)), (E.FFN_PRE_NORM, "weight", (HIDDEN,))]
+        else:
+            layer.append((E.FFN_NORM, "weight", (HIDDEN,)))
+        if spec.n_experts:
+            n, f = spec.n_experts, spec.expert_ffn
+            layer += [
+                (E.FFN_GATE_INP, "weight", (n, HIDDEN)),
+                (E.FFN_GATE_EXP, "weight", (n, f, HIDDEN)),
+                (E.FFN_UP_EXP, "weight", (n, f, HIDDEN)),
+                (E.FFN_DOWN_EXP, "weight", (n, HIDDEN, f)),
+            ]
+        else:
+            layer += [(E.FFN_GATE, "weight", (FFN, HIDDEN)), (E.FFN_UP, "weight", (FFN, HIDDEN)), (E.FFN_DOWN, "weight", (HIDDEN, FFN))]
+        if arch == "gemma3":
+            layer.append((E.FFN_POST_NORM, "weight", (HIDDEN,)))
+        plan += [(f"{TENSOR_NAMES[kind].format(bid=i)}.{suffix}", shape, kind, i) for kind, suffix, shape in layer]
+    plan.append((TENSOR_NAMES[E.OUTPUT_NORM] + ".weight", (HIDDEN,), E.OUTPUT_NORM, None))
+    if not spec.tied_output:
+        plan.append((TENSOR_NAMES[E.OUTPUT] + ".weight", (VOCAB_SIZE, HIDDEN), E.OUTPUT, None))
+    return plan
+
+
+def _data(
+    rng: np.random.Generator, arch: str, name: str, shape: tuple[int, ...], kind: MODEL_TENSOR, layer: int | None
+) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """The tensor's stored array and GGML type."""
+    if name.endswith(".bias"):
+        return rng.normal(0.0, BIAS_STD, size=shape).astype(np.float32), T.F32
+    if len(shape) == 1:  # every 1-D weight is a norm
+        return (1.0 + rng.normal(0.0, NORM_NOISE, size=shape)).astype(np.float32), T.F32
+    if kind == E.FFN_GATE_INP:
+        return rng.normal(0.0, ROUTER_STD, size=shape).astype(np.float32), T.F32
+    types = QUANT_TYPES[arch][kind]
+    qtype = types[0] if layer is None else types[layer % len(types)]
+    return _weight(rng, shape, qtype, EMBED_STD if kind in (E.TOKEN_EMBD, E.OUTPUT) else PROJ_STD), qtype
+
+
+# --- the file ------------------------------------------------------------------------------------------
+
+def _write_metadata(w: GGUFWriter, arch: str, spec: TinySpec) -> None:
+    """The keys convert_hf_to_gguf.py writes for this arch (and only those: a key real files lack stays out)."""
+    w.add_type(GGUFType.MODEL)
+    w.add_name(f"tiny-{arch}")
+    w.add_block_count(spec.n_layers)
+    w.add_context_length(CONTEXT_LENGTH)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_rope_freq_base(spec.rope_base)
+    w.add_layer_norm_rms_eps(spec.rms_eps)
+    if arch == "llama":  # LlamaModel writes these; llama files state no key_length (head_dim = hidden / heads)
+        w.add_vocab_size(VOCAB_SIZE)
+        w.add_rope_dimension_count(spec.head_dim)
+    if arch in ("qwen3", "qwen3moe", "gemma3"):  # their HF configs have head_dim
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
+    if spec.n_experts:
+        w.add_expert_count(spec.n_experts)
+        w.add_expert_used_count(spec.n_experts_used)
+        w.add_expert_feed_forward_length(spec.expert_ffn)
+    if spec.sliding_window is not None:
+        w.add_sliding_window(spec.sliding_window)
+    # A mix of types, like llama-quantize's own mixed recipes, which label the file Q4_K_M.
+    w.add_file_type(LlamaFileType.MOSTLY_Q4_K_M)
+    w.add_quantization_version(GGML_QUANT_VERSION)
+
+    tokens, merges = build_vocab()
+    eos = tokens.index("<|endoftext|>")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre({"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2"}.get(arch, "default"))
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.CONTROL if t in CONTROL_TOKENS else TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(eos)
+    w.add_eos_token_id(eos)
+    w.add_pad_token_id(eos)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+
+def write_tiny(arch: str, path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write a tiny random `arch` model to `path` (same seed → byte-identical file) and return the path."""
+    if arch not in TINY_SPECS:
+        raise InputError(f"no tiny model for architecture '{arch}'; choose one of: {', '.join(TINY_ARCHS)}.")
+    spec = TINY_SPECS[arch]
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    writer = GGUFWriter(path, arch)
+    _write_metadata(writer, arch, spec)
+    for name, shape, kind, layer in _tensor_plan(arch, spec):
+        # Quantized data is [rows, bytes per row] uint8; GGUFWriter derives the element shape from raw_dtype.
+        data, qtype = _data(rng, arch, name, shape, kind, layer)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
