@@ -29,6 +29,18 @@ from workbench.weights import LayerWeights, Weights, load_weights
 
 Probe = Callable[[str, torch.Tensor], None]
 
+# "Break it on purpose": each switch is one named deviation at one place in the forward pass, reproducing a
+# bug class that real engines shipped. Sessions pass a set of these names to forward().
+BREAKS = {
+    "skip-qk-norm": "skip the per-head Q/K RMSNorm (archs that have it)",
+    "rope-style-swap": "rotate adjacent pairs where the arch uses split halves, and vice versa",
+    "rope-base-10k": "use RoPE base 10000 on every layer instead of the file's",
+    "no-topk-renorm": "do not renormalise the top-k router weights to sum to 1",
+    "moe-as-dense": "ignore the router: every token goes to expert 0 with weight 1",
+    "cache-off-by-one": "a cached decode step attends to one position too few (its own key is missed)",
+    "head-dim-from-hidden": "derive head_dim as hidden / heads for the attention scale and RoPE width",
+}
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -150,11 +162,18 @@ class Model:
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, start: int, cache: KVCache, probe: Probe | None = None, last_only: bool = False
+        self,
+        tokens: torch.Tensor,
+        start: int,
+        cache: KVCache,
+        probe: Probe | None = None,
+        last_only: bool = False,
+        breaks: frozenset[str] = frozenset(),
     ) -> torch.Tensor:
         """Logits [T, vocab] (float32) after each of tokens [T] at positions start..start+T-1.
 
         With last_only, only the last position's logits are computed ([1, vocab]): prefill needs no more.
+        `breaks` switches on deviations from BREAKS (empty: the correct forward).
         """
         c, w = self.config, self.weights
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size):
@@ -166,12 +185,12 @@ class Model:
         positions = torch.arange(start, start + tokens.shape[0], device=self.device)
         for i, layer in enumerate(w.layers):
             h = rms_norm(x, layer.attn_norm, c.rms_eps)
-            a = self.attention(h, i, layer, cache, start, positions, probe)
+            a = self.attention(h, i, layer, cache, start, positions, probe, breaks)
             if layer.post_attn_norm is not None:
                 a = rms_norm(a, layer.post_attn_norm, c.rms_eps)
             x = x + a
             h = rms_norm(x, layer.ffn_norm, c.rms_eps)
-            f = self.moe(h, i, layer, probe) if c.is_moe else self.feed_forward(h, layer)
+            f = self.moe(h, i, layer, probe, breaks) if c.is_moe else self.feed_forward(h, layer)
             if layer.post_ffn_norm is not None:
                 f = rms_norm(f, layer.post_ffn_norm, c.rms_eps)
             x = x + f
@@ -191,6 +210,7 @@ class Model:
         start: int,
         positions: torch.Tensor,
         probe: Probe | None,
+        breaks: frozenset[str] = frozenset(),
     ) -> torch.Tensor:
         c = self.config
         T = x.shape[0]
@@ -204,27 +224,39 @@ class Model:
         if probe is not None:
             probe(f"blocks.{i}.attn.q", q)
             probe(f"blocks.{i}.attn.k", k)
-        if layer.q_norm is not None:
+        if layer.q_norm is not None and "skip-qk-norm" not in breaks:
             q = rms_norm(q, layer.q_norm, c.rms_eps)
             k = rms_norm(k, layer.k_norm, c.rms_eps)
             if probe is not None:
                 probe(f"blocks.{i}.attn.q_normed", q)
                 probe(f"blocks.{i}.attn.k_normed", k)
         end = start + T
-        cos, sin = self.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), end)
-        q = apply_rope(q, cos[start:end], sin[start:end], c.rope_style)
-        k = apply_rope(k, cos[start:end], sin[start:end], c.rope_style)
+        base = 10000.0 if "rope-base-10k" in breaks else c.layer_rope_base(i)
+        cos, sin = self.rope_table(base, c.layer_rope_scale(i), end)
+        cos, sin = cos[start:end], sin[start:end]
+        style = c.rope_style
+        if "rope-style-swap" in breaks:
+            style = "normal" if style == "neox" else "neox"
+        scale = c.attn_scale
+        if "head-dim-from-hidden" in breaks:
+            derived = c.hidden // c.n_heads
+            scale = derived**-0.5
+            cos, sin = cos[:, : min(derived, c.rope_dim) // 2], sin[:, : min(derived, c.rope_dim) // 2]
+        q = apply_rope(q, cos, sin, style)
+        k = apply_rope(k, cos, sin, style)
         keys, values = cache.write(i, start, k, v)  # [n_kv_heads, end, head_dim]
+        if "cache-off-by-one" in breaks and T == 1 and start > 0:
+            keys, values = keys[:, :-1], values[:, :-1]
         window = c.layer_window(i)
         mask = None
         if T > 1 or (window is not None and end > window):
-            kpos = torch.arange(end, device=x.device)
-            delta = positions[:, None] - kpos[None, :]  # [T, end]: query position − key position
+            kpos = torch.arange(keys.shape[1], device=x.device)
+            delta = positions[:, None] - kpos[None, :]  # [T, keys]: query position − key position
             mask = delta >= 0
             if window is not None:
                 mask &= delta < window
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, attn_mask=mask, scale=c.attn_scale, enable_gqa=c.n_kv_heads != c.n_heads
+            q.transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=c.n_kv_heads != c.n_heads
         )  # [n_heads, T, head_dim]
         return out.transpose(0, 1).reshape(T, c.n_heads * c.head_dim) @ layer.wo
 
@@ -238,14 +270,18 @@ class Model:
         """Gated FFN: SwiGLU, or GELU-tanh gated for gemma3."""
         return self._gated(x, layer.w_gate_up, layer.w_down)
 
-    def moe(self, x: torch.Tensor, i: int, layer: LayerWeights, probe: Probe | None) -> torch.Tensor:
+    def moe(
+        self, x: torch.Tensor, i: int, layer: LayerWeights, probe: Probe | None, breaks: frozenset[str] = frozenset()
+    ) -> torch.Tensor:
         """Router softmax → top-k → renormalise (qwen3moe) → each chosen expert's SwiGLU → weighted sum."""
         c = self.config
         router_logits = (x @ layer.router).float()  # [T, n_experts]
         probs = torch.softmax(router_logits, dim=-1)
         weights, ids = torch.topk(probs, c.n_experts_used, dim=-1)  # [T, k]
-        if c.norm_topk:
+        if c.norm_topk and "no-topk-renorm" not in breaks:
             weights = weights / weights.sum(-1, keepdim=True)
+        if "moe-as-dense" in breaks:
+            ids, weights = torch.zeros_like(ids[:, :1]), torch.ones_like(weights[:, :1])
         if probe is not None:
             probe(f"blocks.{i}.moe.router_logits", router_logits)
             probe(f"blocks.{i}.moe.topk_ids", ids)

@@ -4,6 +4,12 @@
   the K/V of everything before it from the cache.
 - uncached: each step runs the whole sequence from scratch with a fresh cache, the way an engine without a
   KV cache works. It is the same forward pass, so any difference between the paths is a cache bug.
+- both: the cached path chooses the token; the uncached path is run on the same tokens (teacher-forced), and
+  every step records how far their logits are apart (the `equiv` frame).
+
+A session always records the token and KV-cache rows of each step (host-side bookkeeping, no device work).
+With `probes=True` it also records the per-head Q/K statistics, routing and layer health of each forward
+(probes.py) and the top-k next-token candidates. `trace()` turns the records into polars frames.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.errors import InputError
-from workbench.model import Model, Probe
+from workbench.model import BREAKS, Model
+from workbench.probes import StepProbe
 
-PATHS = ("cached", "uncached")
+PATHS = ("cached", "uncached", "both")
+TOP_CANDIDATES = 5
 
 
 @dataclass(frozen=True)
@@ -38,8 +46,9 @@ class Sampling:
             raise InputError(f"top-p must be in (0, 1], not {self.top_p}.")
 
     def choose(self, logits: torch.Tensor, generator: torch.Generator) -> int:
-        """The next token from logits [vocab] (float32)."""
-        if self.temperature == 0:
+        """The next token from logits [vocab] (float32). NaN logits never win and never crash sampling."""
+        logits = torch.nan_to_num(logits, nan=float("-inf"))
+        if self.temperature == 0 or not torch.isfinite(logits).any():
             return int(torch.argmax(logits))
         scores = logits / self.temperature
         if self.top_k:
@@ -47,22 +56,56 @@ class Sampling:
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if self.top_p < 1:
             sorted_scores, order = torch.sort(scores, descending=True)
-            cumulative = torch.softmax(sorted_scores, -1).cumsum(-1)
+            probs = torch.softmax(sorted_scores, -1)
             # Drop a token when the tokens before it already reach top_p; the first token always stays.
-            drop = cumulative - torch.softmax(sorted_scores, -1) >= self.top_p
+            drop = probs.cumsum(-1) - probs >= self.top_p
             scores = scores.index_put((order[drop],), torch.tensor(float("-inf"), device=scores.device))
         probs = torch.softmax(scores, -1).cpu()
         return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @dataclass
-class StepResult:
-    token_id: int
-    position: int  # where the new token will sit in the sequence
-    seconds: float  # wall time of the forward (prefill included on the first cached step)
+class PathRun:
+    """One path's forward at one step."""
+
     logits: torch.Tensor  # [vocab] float32, on the model's device
-    prefill: bool  # this step ran the cached path's prompt prefill
+    seconds: float
+    n_tokens: int  # rows the forward computed (prompt at prefill, 1 cached, the whole sequence uncached)
+
+
+@dataclass
+class StepResult:
+    step: int
+    token_id: int
+    position: int  # where the new token sits in the sequence
+    prefill: bool  # the cached path ran the prompt's prefill at this step
+    runs: dict[str, PathRun]
     stop: str | None = None  # "eos" | "context" when generation should end after this token
+
+    @property
+    def primary(self) -> PathRun:
+        return self.runs["cached"] if "cached" in self.runs else self.runs["uncached"]
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.primary.logits
+
+    @property
+    def seconds(self) -> float:
+        return self.primary.seconds
+
+
+@dataclass
+class Records:
+    """Rows of the trace frames, appended step by step (see trace.py for the schemas)."""
+
+    tokens: list[dict] = field(default_factory=list)
+    kv: list[dict] = field(default_factory=list)
+    qk: list[dict] = field(default_factory=list)
+    routing: list[dict] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)
+    equiv: list[dict] = field(default_factory=list)
+    reference: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -72,10 +115,17 @@ class Session:
     path: str = "cached"
     sampling: Sampling = field(default_factory=Sampling)
     context: int | None = None  # positions the session may fill; default: the model's context, capped at 4096
+    probes: bool = False
+    breaks: frozenset[str] = frozenset()
+    reference: str | None = None  # "llama.cpp": run it beside ours on the same tokens
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise InputError(f"unknown path '{self.path}'; choose one of: {', '.join(PATHS)}.")
+        self.breaks = frozenset(self.breaks)
+        unknown = sorted(self.breaks - BREAKS.keys())
+        if unknown:
+            raise InputError(f"unknown break '{unknown[0]}'; choose from: {', '.join(BREAKS)}.")
         cfg = self.model.config
         if not self.prompt_ids:
             raise InputError("the prompt is empty and this model adds no BOS token: give at least one token.")
@@ -91,42 +141,69 @@ class Session:
             )
         self.capacity = capacity
         self.ids: list[int] = list(self.prompt_ids)
-        self.cache = self.model.new_cache(capacity) if self.path == "cached" else None
+        self.paths = ("cached", "uncached") if self.path == "both" else (self.path,)
+        self.cache = self.model.new_cache(capacity) if "cached" in self.paths else None
         self._fed = 0  # how many of self.ids the cached path has run through the model
         self.generator = torch.Generator().manual_seed(self.sampling.seed)
+        self.records = Records()
+        self.n_steps = 0
+        self._reference = None
+        if self.reference is not None:
+            from workbench.reference import ReferenceEngine
+
+            self._reference = ReferenceEngine(self.reference, self.model, capacity)
 
     @property
     def n_generated(self) -> int:
         return len(self.ids) - len(self.prompt_ids)
 
-    def next_logits(self, probe: Probe | None = None) -> torch.Tensor:
-        """Logits [vocab] for the token after self.ids, by this session's path."""
+    def _run(self, path: str) -> tuple[PathRun, StepProbe | None, int]:
+        """One forward of `path` over what it has not seen yet; returns its logits and its probe."""
         m = self.model
-        if self.path == "cached":
-            new = torch.tensor(self.ids[self._fed :], device=m.device)
-            logits = m.forward(new, self._fed, self.cache, probe, last_only=True)[-1]
+        if path == "cached":
+            start, new = self._fed, self.ids[self._fed :]
+            cache = self.cache
+            rows = slice(None)
+        else:
+            start, new = 0, self.ids
+            cache = m.new_cache(len(self.ids))
+            rows = slice(None) if self.n_steps == 0 else slice(-1, None)
+        first_row = start if rows.start is None else len(self.ids) - 1
+        probe = StepProbe(rows) if self.probes else None
+        t0 = time.perf_counter()
+        logits = m.forward(torch.tensor(new, device=m.device), start, cache, probe, last_only=True, breaks=self.breaks)[-1]
+        if m.device.type == "cuda":
+            torch.cuda.synchronize(m.device)
+        seconds = time.perf_counter() - t0
+        if path == "cached":
             self._fed = len(self.ids)
-            return logits
-        cache = m.new_cache(len(self.ids))
-        return m.forward(torch.tensor(self.ids, device=m.device), 0, cache, probe, last_only=True)[-1]
+        self._record_kv(path, cache)
+        return PathRun(logits, seconds, len(new)), probe, first_row
 
-    def step(self, probe: Probe | None = None) -> StepResult:
+    def step(self) -> StepResult:
         """Choose and append one token. Raises InputError when the context is already full."""
         if len(self.ids) >= self.capacity:
             raise InputError(f"the context is full ({self.capacity} positions); reset the session to go on.")
-        prefill = self.path == "cached" and self._fed == 0
-        t0 = time.perf_counter()
-        logits = self.next_logits(probe)
-        token = self.sampling.choose(logits, self.generator)  # reading the token synchronises the device
-        seconds = time.perf_counter() - t0
-        position = len(self.ids)
+        step, position = self.n_steps, len(self.ids)
+        prefill = "cached" in self.paths and self._fed == 0
+        runs: dict[str, PathRun] = {}
+        probes: dict[str, tuple[StepProbe, int]] = {}
+        for path in self.paths:
+            runs[path], probe, first_row = self._run(path)
+            if probe is not None:
+                probes[path] = (probe, first_row)
+        primary = runs[self.paths[0]]
+        token = self.sampling.choose(primary.logits, self.generator)
         self.ids.append(token)
+        self.n_steps += 1
         stop = None
         if token in self.model.tokenizer.eos_ids:
             stop = "eos"
         elif len(self.ids) >= self.capacity:
             stop = "context"
-        return StepResult(token, position, seconds, logits, prefill, stop)
+        result = StepResult(step, token, position, prefill, runs, stop)
+        self._record(result, probes)
+        return result
 
     def generate(self, steps: int) -> Iterator[StepResult]:
         """Up to `steps` tokens; stops after EOS or when the context is full (the last result says which)."""
@@ -137,3 +214,56 @@ class Session:
             yield result
             if result.stop:
                 return
+
+    # --- records -------------------------------------------------------------------------------------------
+
+    def _record_kv(self, path: str, cache) -> None:
+        step = self.n_steps
+        for layer in range(self.model.config.n_layers):
+            k_bytes, v_bytes = cache.layer_bytes(layer)
+            capacity = cache.keys[layer].numel() * cache.keys[layer].element_size() * 2
+            self.records.kv.append(dict(step=step, path=path, layer=layer, length=cache.lengths[layer],
+                                        k_bytes=k_bytes, v_bytes=v_bytes, capacity_bytes=capacity))
+
+    def _record(self, result: StepResult, probes: dict[str, tuple[StepProbe, int]]) -> None:
+        r, tok = self.records, self.model.tokenizer
+        piece = tok.piece(result.token_id)
+        for path, run in result.runs.items():
+            row = dict(step=result.step, position=result.position, token_id=result.token_id, piece=piece, path=path,
+                       seconds=run.seconds, tokens_per_s=1.0 / run.seconds if run.seconds > 0 else 0.0,
+                       n_tokens=run.n_tokens, prefill=result.prefill and path == "cached", top_ids=None, top_probs=None)
+            if self.probes:
+                probs, ids = torch.softmax(torch.nan_to_num(run.logits, nan=float("-inf")), -1).topk(TOP_CANDIDATES)
+                row["top_ids"], row["top_probs"] = ids.cpu().tolist(), probs.cpu().tolist()
+            r.tokens.append(row)
+        for path, (probe, first_row) in probes.items():
+            rec = probe.collect(first_row)
+            for layer, head, tensor, stage, rms, max_abs in rec.qk:
+                r.qk.append(dict(step=result.step, path=path, layer=layer, head=head, tensor=tensor, stage=stage,
+                                 rms=rms, max_abs=max_abs))
+            for position, layer, rank, expert, weight, entropy in rec.routing:
+                r.routing.append(dict(step=result.step, path=path, position=position, layer=layer, rank=rank,
+                                      expert=expert, weight=weight, router_entropy=entropy))
+            for layer, rms, max_abs, nan, inf in rec.layers:
+                r.layers.append(dict(step=result.step, path=path, layer=layer, resid_rms=rms, resid_max_abs=max_abs,
+                                     nan=nan, inf=inf))
+        if len(result.runs) == 2:
+            a, b = result.runs["cached"].logits, result.runs["uncached"].logits
+            diff = (a - b).abs().max()
+            cosine = torch.nn.functional.cosine_similarity(a, b, dim=0)
+            r.equiv.append(dict(step=result.step, position=result.position, max_abs_diff=float(diff),
+                                max_abs_logit=float(b.abs().max()), cosine=float(cosine),
+                                argmax_equal=bool(a.argmax() == b.argmax())))
+        if self._reference is not None:
+            fed = self.ids[:-1]  # the reference sees the same tokens our forward saw at this step
+            ref = self._reference.logits_after(fed)
+            ours = result.logits.float().cpu()
+            r.reference.append(dict(step=result.step, position=result.position, engine=self.reference,
+                                    cosine=float(torch.nn.functional.cosine_similarity(ours, ref, dim=0)),
+                                    top1_equal=bool(ours.argmax() == ref.argmax()),
+                                    ours_top5=ours.topk(5).indices.tolist(), ref_top5=ref.topk(5).indices.tolist()))
+
+    def trace(self, meta: dict | None = None):
+        from workbench.trace import Trace
+
+        return Trace.from_session(self, meta or {})

@@ -1,0 +1,592 @@
+"""Decode-speed benchmark: workbench (cached and uncached paths) against HF transformers and llama.cpp.
+
+    python benchmarks/decode.py [--models smollm2-135m,gemma3-270m] [--prompt-tokens 64] [--steps 32]
+                                [--baselines transformers,llama.cpp] [--threads 2] [--repeats 1] [--json]
+
+For every model, in one process, on the same prompt ids (a fixed English paragraph, repeated, tokenized with
+the model's own GGUF tokenizer and cut to exactly --prompt-tokens; BOS included when the model adds one):
+
+* workbench cached    one untimed warm-up session, then a timed one: the prefill of the prompt (one batched
+                      forward, which also yields the first token), then --steps single-token decode steps.
+* workbench uncached  the same --steps tokens, each step re-running the whole sequence (prompt + generated so
+                      far) through the model with a fresh cache. Its first forward (the bare prompt, which is
+                      the prefill's computation) is reported as its prefill and not counted in tokens/s.
+* transformers        fp32, loaded from the same GGUF file (it dequantizes to float32). Cached: a manual loop,
+                      prefill forward with use_cache=True, then --steps forwards of one token that pass the
+                      returned cache back (`cache=` in transformers 5.x, `past_key_values=` before). Uncached:
+                      a first forward over the prompt (its prefill), then --steps forwards of the full
+                      sequence with use_cache=False.
+                      Both with logits_to_keep=1 where the model supports it (what generate() passes; the
+                      workbench computes only the last position's logits too).
+* llama.cpp           llama_cpp.Llama (its own quantized kernels, n_threads = --threads): eval of the prompt,
+                      then --steps evals of one token, each followed by an argmax over the last logits.
+
+Every engine decodes greedily (argmax) and ignores EOS, so all of them time the same number of steps.
+tokens/s = --steps / (sum of the timed steps' wall seconds); a step's time includes its argmax. The "agree"
+column counts how many leading generated tokens (prefill token included) equal workbench cached's.
+torch.set_num_threads(--threads) applies to both torch engines. With --repeats N each timed measurement runs
+N times and the fastest is kept.
+
+The machine may be shared: for every timed stretch the table shows this process's CPU use ("cpu %") and the
+cores other processes kept busy meanwhile ("others", from /proc/stat), and the report warns when that was
+high. With every core taken, a multi-threaded torch op waits for its descheduled thread, so numbers measured
+on a busy machine are inflated, most for torch with --threads equal to the core count.
+
+Progress goes to stderr; the table (or with --json, the rows as a JSON list) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+# The transformers baseline reads a local GGUF file; nothing may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from workbench.model import Model  # noqa: E402
+from workbench.session import Session  # noqa: E402
+
+PARAGRAPH = (
+    "The river rose slowly through the night, and by morning the lower fields were under water. "
+    "Farmers moved their animals to the high pasture, while the children watched from the bridge as "
+    "branches, fences and the occasional lost boot drifted past. Nobody in the village could remember "
+    "a spring like it, although the oldest residents insisted that their grandparents had told stories "
+    "of worse floods, when the mill wheel had turned backwards for a week. "
+)
+
+ENGINES = ("transformers", "llama.cpp")
+
+
+@dataclass
+class Row:
+    model: str
+    engine: str
+    path: str  # cached | uncached
+    prompt_tokens: int
+    generated: int = 0  # timed single-token steps
+    load_s: float | None = None
+    prefill_s: float | None = None
+    tokens_per_s: float | None = None
+    ms_per_token: float | None = None  # mean over the timed steps
+    p50_ms: float | None = None  # median step: less sensitive to a noisy, shared machine
+    cpu_pct: float | None = None  # this process's CPU time / wall time over the timed steps, in %
+    other_cores: float | None = None  # cores busy outside this process meanwhile: > ~0.2 means a noisy number
+    agree: str = ""  # leading generated tokens equal to workbench cached's, "n/m"
+    note: str = ""
+    tokens: list[int] = field(default_factory=list, repr=False)  # prefill token + decoded tokens
+
+    def record(self, m: Measure) -> None:
+        self.prefill_s, self.tokens, self.cpu_pct, self.other_cores = m.prefill_s, m.tokens, 100 * m.cpu, m.others
+        seconds = m.seconds
+        self.generated = len(seconds)
+        total = sum(seconds)
+        self.tokens_per_s = len(seconds) / total if total > 0 else None
+        self.ms_per_token = 1000 * total / len(seconds) if seconds else None
+        self.p50_ms = 1000 * statistics.median(seconds) if seconds else None
+
+
+@dataclass
+class Measure:
+    prefill_s: float
+    seconds: list[float]  # one per timed single-token step
+    tokens: list[int]  # the prefill's token, then one per step
+    cpu: float  # this process's CPU seconds / wall seconds over the timed steps
+    others: float | None  # cores kept busy by everything else on the machine meanwhile (None: no /proc/stat)
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds the whole machine (every core, every process, steal included) has spent not idle."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user and nice]
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class Clock:
+    """Wall time, this process's CPU time and the rest of the machine's CPU time over a stretch of code.
+    The machine is shared: `others` (cores busy outside this process) says whether a number was measured
+    on a quiet machine. /proc/stat counts in clock ticks (10 ms), so it is coarse on very short stretches."""
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu, self.busy = time.perf_counter(), time.process_time(), _busy_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.wall
+        cpu = time.process_time() - self.cpu
+        busy = _busy_seconds()
+        self.ratio = cpu / wall if wall > 0 else 0.0
+        self.others = None
+        if busy is not None and self.busy is not None and wall > 0:
+            self.others = max(0.0, (busy - self.busy - cpu) / wall)
+
+
+def best_of(run: Callable[[], Measure], repeats: int) -> Measure:
+    """The fastest of `repeats` runs (by total step time); its prefill is the fastest prefill seen."""
+    runs = [run() for _ in range(repeats)]
+    best = min(runs, key=lambda m: sum(m.seconds))
+    best.prefill_s = min(m.prefill_s for m in runs)
+    return best
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def first_line(exc: BaseException, limit: int = 140) -> str:
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------- machine
+
+
+def machine_info(threads: int) -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    info = {
+        "cpu": cpu,
+        "cores": f"{os.cpu_count()} logical, {usable} usable by this process",
+        "python": platform.python_version(),
+        "torch": f"{torch.__version__} (threads {torch.get_num_threads()}, interop {torch.get_num_interop_threads()})",
+        "threads": str(threads),
+    }
+    # Versions from the installed metadata: importing the baselines here would load their native libraries
+    # (and threads) before the workbench is measured; each baseline is imported when its turn comes.
+    for label, dist in (("transformers", "transformers"), ("llama_cpp", "llama-cpp-python")):
+        try:
+            info[label] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            info[label] = "not installed"
+    if hasattr(os, "getloadavg"):
+        info["loadavg at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return info
+
+
+# --------------------------------------------------------------------------------------------- prompt
+
+
+def build_prompt(model: Model, n_tokens: int) -> list[int]:
+    """Exactly n_tokens ids: the paragraph repeated until long enough, tokenized (BOS as the model wants), cut."""
+    text = PARAGRAPH
+    while True:
+        ids = model.tokenizer.encode(text)
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+        text += PARAGRAPH
+
+
+def agreement(tokens: list[int], reference: list[int]) -> str:
+    n = 0
+    for a, b in zip(tokens, reference):
+        if a != b:
+            break
+        n += 1
+    return f"{n}/{min(len(tokens), len(reference))}"
+
+
+# --------------------------------------------------------------------------------------------- workbench
+
+
+def workbench_run(model: Model, ids: list[int], steps: int, context: int, path: str) -> Measure:
+    """One session: its first step (cached: the prefill; uncached: the first full forward over the bare prompt,
+    the same computation), then `steps` timed steps. Step seconds are Session's own (forward + argmax)."""
+    session = Session(model, ids, path=path, context=context)
+    first = session.step()  # EOS is ignored so that every run times the same number of steps
+    assert first.prefill == (path == "cached")
+    with Clock() as clock:
+        seconds = [session.step().seconds for _ in range(steps)]
+    return Measure(first.seconds, seconds, session.ids[len(ids) :], clock.ratio, clock.others)
+
+
+def bench_workbench(name: str, steps: int, prompt_tokens: int, repeats: int) -> tuple[list[Row], list[int], Model | None]:
+    log(f"[{name}] workbench: loading")
+    try:
+        model = Model.load(name, device="cpu", dtype="float32")
+    except Exception as e:  # noqa: BLE001 - report, don't crash the whole run
+        note = f"load failed: {first_line(e)}"
+        return [Row(name, "workbench", p, prompt_tokens, note=note) for p in ("cached", "uncached")], [], None
+    ids = build_prompt(model, prompt_tokens)
+    context = prompt_tokens + steps + 2
+    if context > model.config.context_length:
+        note = f"prompt + steps ({context}) exceed the model's context of {model.config.context_length}"
+        return [Row(name, "workbench", p, prompt_tokens, note=note) for p in ("cached", "uncached")], [], None
+    load_s = model.info.seconds
+    log(f"[{name}] workbench: loaded in {load_s:.2f} s ({model.n_params / 1e6:.1f} M params, "
+        f"GGUF {model.gguf.size / 1e6:.1f} MB); warm-up")
+    workbench_run(model, ids, min(steps, 4), context, "cached")  # warm-up: allocator, rope tables, first calls
+
+    rows = []
+    for path in ("cached", "uncached"):
+        log(f"[{name}] workbench: {path}, {steps} steps" + (f", best of {repeats}" if repeats > 1 else ""))
+        row = Row(name, "workbench", path, prompt_tokens, load_s=load_s)
+        row.record(best_of(lambda: workbench_run(model, ids, steps, context, path), repeats))
+        rows.append(row)
+    return rows, ids, model
+
+
+# --------------------------------------------------------------------------------------------- transformers
+
+
+def bench_transformers(name: str, model: Model, ids: list[int], steps: int, repeats: int) -> list[Row]:
+    P = len(ids)
+    rows = [Row(name, "transformers", p, P) for p in ("cached", "uncached")]
+
+    def fail(note: str) -> list[Row]:
+        for r in rows:
+            r.note = note
+        return rows
+
+    try:
+        import transformers
+    except Exception as e:  # noqa: BLE001
+        return fail(f"skipped: transformers not importable ({first_line(e)})")
+
+    path = model.gguf.path
+    extra = {}
+    if model.config.arch == "gemma3":
+        # transformers has no GGUF key for query_pre_attn_scalar and assumes 256 (real Gemma-3's head_dim);
+        # the workbench and llama.cpp scale by 1/sqrt(head_dim). Same value for gemma3-270m, needed for tiny-gemma3.
+        extra["query_pre_attn_scalar"] = model.config.head_dim
+    log(f"[{name}] transformers: loading {path.name} (dequantizes to float32)")
+    t0 = time.perf_counter()
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, **extra
+        )
+        hf.eval()
+    except Exception as e:  # noqa: BLE001 - e.g. tiny-qwen3moe: its GGUF loader ignores key_length
+        return fail(f"load failed: {first_line(e)}")
+    load_s = time.perf_counter() - t0
+    for r in rows:
+        r.load_s = load_s
+
+    params = inspect.signature(hf.forward).parameters
+    kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    if not kw:
+        for r in rows:
+            r.note = "no logits_to_keep: logits over all positions"
+    # transformers 5.x renamed past_key_values to cache (the old name still works, with a deprecation warning).
+    cache_name = "cache" if "cache" in params else "past_key_values"
+
+    @torch.inference_mode()
+    def cached(n: int) -> Measure:
+        t0 = time.perf_counter()
+        out = hf(input_ids=torch.tensor([ids]), use_cache=True, **kw)
+        tok = int(out.logits[0, -1].argmax())
+        prefill = time.perf_counter() - t0
+        past, tokens, seconds = getattr(out, cache_name), [tok], []
+        with Clock() as clock:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                out = hf(input_ids=torch.tensor([[tok]]), use_cache=True, **{cache_name: past}, **kw)
+                past = getattr(out, cache_name)
+                tok = int(out.logits[0, -1].argmax())
+                seconds.append(time.perf_counter() - t0)
+                tokens.append(tok)
+        return Measure(prefill, seconds, tokens, clock.ratio, clock.others)
+
+    @torch.inference_mode()
+    def uncached(n: int) -> Measure:
+        seq, tokens, timed = list(ids), [], []
+
+        def forward() -> None:
+            t0 = time.perf_counter()
+            out = hf(input_ids=torch.tensor([seq]), use_cache=False, **kw)
+            tok = int(out.logits[0, -1].argmax())
+            timed.append(time.perf_counter() - t0)
+            seq.append(tok)
+            tokens.append(tok)
+
+        forward()  # the first forward is over the bare prompt: the prefill's computation, reported as such
+        with Clock() as clock:
+            for _ in range(n):
+                forward()
+        return Measure(timed[0], timed[1:], tokens, clock.ratio, clock.others)
+
+    try:
+        log(f"[{name}] transformers: loaded in {load_s:.2f} s; warm-up")
+        cached(min(steps, 4))
+        for row, run in zip(rows, (cached, uncached)):
+            log(f"[{name}] transformers: {row.path}, {steps} steps" + (f", best of {repeats}" if repeats > 1 else ""))
+            row.record(best_of(lambda: run(steps), repeats))
+    except Exception as e:  # noqa: BLE001
+        for r in rows:
+            if not r.generated:
+                r.note = f"run failed: {first_line(e)}"
+    finally:
+        del hf
+        gc.collect()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- llama.cpp
+
+
+def bench_llama_cpp(name: str, model: Model, ids: list[int], steps: int, threads: int, repeats: int) -> list[Row]:
+    P = len(ids)
+    row = Row(name, "llama.cpp", "cached", P)
+    try:
+        import llama_cpp
+        import numpy as np
+    except Exception as e:  # noqa: BLE001
+        row.note = f"skipped: llama_cpp not importable ({first_line(e)})"
+        return [row]
+
+    n_ctx = max(256, P + steps + 16)
+    log(f"[{name}] llama.cpp: loading {model.gguf.path.name}")
+    t0 = time.perf_counter()
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(model.gguf.path),
+            n_ctx=n_ctx,
+            n_batch=max(512, P),
+            n_ubatch=max(512, P),
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=False,
+            verbose=False,
+        )
+    except Exception as e:  # noqa: BLE001
+        row.note = f"load failed: {first_line(e)}"
+        return [row]
+    row.load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def last_argmax() -> int:
+        # Llama.eval with logits_all=False keeps no scores: read the last output row from the context.
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+        return int(logits.argmax())
+
+    def run(n: int) -> Measure:
+        llm.reset()  # n_tokens = 0; the next eval drops the KV cells past it
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        tok = last_argmax()
+        prefill = time.perf_counter() - t0
+        tokens, seconds = [tok], []
+        with Clock() as clock:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                llm.eval([tok])
+                tok = last_argmax()
+                seconds.append(time.perf_counter() - t0)
+                tokens.append(tok)
+        return Measure(prefill, seconds, tokens, clock.ratio, clock.others)
+
+    try:
+        log(f"[{name}] llama.cpp: loaded in {row.load_s:.2f} s (mmap); warm-up")
+        run(min(steps, 4))  # also pages the mmapped weights in
+        log(f"[{name}] llama.cpp: cached, {steps} steps" + (f", best of {repeats}" if repeats > 1 else ""))
+        row.record(best_of(lambda: run(steps), repeats))
+    except Exception as e:  # noqa: BLE001
+        row.note = f"run failed: {first_line(e)}"
+    finally:
+        llm.close()
+    return [row]
+
+
+# --------------------------------------------------------------------------------------------- report
+
+COLUMNS = [
+    ("model", "model", "{}"),
+    ("engine", "engine", "{}"),
+    ("path", "path", "{}"),
+    ("prompt_tokens", "prompt", "{}"),
+    ("generated", "gen", "{}"),
+    ("load_s", "load s", "{:.2f}"),
+    ("prefill_s", "prefill s", "{:.3f}"),
+    ("tokens_per_s", "tok/s", "{:.1f}"),
+    ("ms_per_token", "ms/tok", "{:.1f}"),
+    ("p50_ms", "p50 ms", "{:.1f}"),
+    ("cpu_pct", "cpu %", "{:.0f}"),
+    ("other_cores", "others", "{:.1f}"),
+    ("agree", "agree", "{}"),
+    ("note", "note", "{}"),
+]
+
+
+def format_table(rows: list[Row]) -> str:
+    cells = [[head for _, head, _ in COLUMNS]]
+    for r in rows:
+        line = []
+        for key, _, fmt in COLUMNS:
+            v = getattr(r, key)
+            line.append("-" if v is None or (key == "generated" and not v) else fmt.format(v))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    numeric = {"prompt_tokens", "generated", "load_s", "prefill_s", "tokens_per_s", "ms_per_token", "p50_ms", "cpu_pct", "other_cores", "agree"}
+    out = []
+    for n, line in enumerate(cells):
+        parts = [
+            c.rjust(w) if COLUMNS[i][0] in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(line, widths))
+        ]
+        out.append("  ".join(parts).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3g}x" if a and b else "n/a"
+
+
+def summary(name: str, rows: list[Row]) -> list[str]:
+    def get(engine: str, path: str) -> Row | None:
+        return next((r for r in rows if r.model == name and r.engine == engine and r.path == path and r.generated), None)
+
+    wc, wu = get("workbench", "cached"), get("workbench", "uncached")
+    hc, hu, lc = get("transformers", "cached"), get("transformers", "uncached"), get("llama.cpp", "cached")
+    tps = lambda r: r.tokens_per_s if r else None  # noqa: E731
+    lines = [f"{name}:"]
+    lines.append(f"  workbench cached / transformers cached (tok/s): {ratio(tps(wc), tps(hc))}")
+    lines.append(f"  workbench cached / llama.cpp (tok/s):           {ratio(tps(wc), tps(lc))}")
+    if hc and hu:
+        lines.append(f"  transformers cached / uncached speedup:         {ratio(tps(hc), tps(hu))}")
+    if not (wc and wu):
+        lines.append("  workbench cached / uncached speedup:            n/a")
+        return lines
+    P, n = wc.prompt_tokens, wu.generated
+    mean_tokens = P + (n + 1) / 2  # uncached timed step k (1..n) runs P + k tokens
+    # Both paths ran one forward over the bare prompt (cached: the prefill; uncached: its first step): take the
+    # faster as the prefill rate, one outlier on a shared machine would otherwise decide the expectation.
+    prefill = min(wc.prefill_s, wu.prefill_s)
+    per_token_prefill = prefill / P
+    predicted_uncached = per_token_prefill * mean_tokens
+    cached_step = 1 / wc.tokens_per_s
+    expected = predicted_uncached / cached_step
+    measured = wc.tokens_per_s / wu.tokens_per_s
+    lines.append(f"  workbench cached / uncached speedup:            measured {measured:.2f}x, expected {expected:.2f}x")
+    lines.append(
+        f"    expected = (prefill {prefill * 1000:.1f} ms / {P} tok) x {mean_tokens:.1f} tok per uncached step"
+        f" = {predicted_uncached * 1000:.1f} ms, / {cached_step * 1000:.1f} ms per cached token; measured uncached"
+        f" {1000 / wu.tokens_per_s:.1f} ms/step."
+    )
+    lines.append(
+        "    An uncached step is a prefill of the whole sequence (mean P + (steps+1)/2 tokens), a cached step one token;"
+        " batched prefill costs far less per token than a single-token step, so the speedup is well below the token count."
+    )
+    if P > 1 and prefill > cached_step:
+        # A forward costs roughly fixed + per-token × T: the fixed part (reading every weight once, the Python
+        # per-layer overhead) is about one cached step. The linear estimate above spreads it over the P tokens.
+        slope = (prefill - cached_step) / (P - 1)
+        affine = cached_step + slope * (mean_tokens - 1)
+        lines.append(
+            f"    affine estimate (cost ≈ one cached step + {slope * 1000:.2f} ms per extra token, fitted to the same"
+            f" prefill): {affine * 1000:.1f} ms per uncached step, expected speedup {affine / cached_step:.2f}x."
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="smollm2-135m", help="comma-separated bundled names or GGUF paths "
+                    "(default smollm2-135m; gemma3-270m is opt-in: transformers alone takes ~35 s to load it)")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--baselines", default="transformers,llama.cpp",
+                    help="comma-separated subset of transformers,llama.cpp; empty for none")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time each measurement this many times and keep the fastest (a shared machine is noisy)")
+    ap.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of the table")
+    args = ap.parse_args(argv)
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    unknown = [b for b in baselines if b not in ENGINES]
+    if unknown:
+        ap.error(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    if min(args.prompt_tokens, args.steps, args.threads, args.repeats) < 1:
+        ap.error("--prompt-tokens, --steps, --threads and --repeats must be ≥ 1")
+
+    torch.set_num_threads(args.threads)
+    info = machine_info(args.threads)
+    header = ["# decode benchmark"] + [f"# {k}: {v}" for k, v in info.items()]
+    header.append(
+        f"# prompt {args.prompt_tokens} tokens, {args.steps} timed decode steps (greedy, EOS ignored),"
+        f" best of {args.repeats}, baselines: {', '.join(baselines) or 'none'}"
+    )
+    log("\n".join(header))
+
+    rows: list[Row] = []
+    for name in models:
+        wb_rows, ids, model = bench_workbench(name, args.steps, args.prompt_tokens, args.repeats)
+        rows += wb_rows
+        if model is None:
+            for engine in baselines:
+                rows.append(Row(name, engine, "cached", args.prompt_tokens, note="skipped: workbench could not load the model"))
+            continue
+        reference = wb_rows[0].tokens
+        if "transformers" in baselines:
+            rows += bench_transformers(name, model, ids, args.steps, args.repeats)
+        if "llama.cpp" in baselines:
+            rows += bench_llama_cpp(name, model, ids, args.steps, args.threads, args.repeats)
+        for r in rows:
+            if r.model == name and r.tokens and reference:
+                r.agree = agreement(r.tokens, reference)
+        del model
+        gc.collect()
+
+    if hasattr(os, "getloadavg"):
+        header.append("# loadavg at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+    if args.json:
+        print(json.dumps([{k: v for k, v in asdict(r).items() if k != "tokens"} for r in rows], indent=2))
+        return 0
+
+    print("\n".join(header))
+    print()
+    print(format_table(rows))
+    print()
+    print("tok/s and ms/tok: mean over the timed single-token steps; p50 ms: their median. prefill s: the prompt's"
+          " forward (uncached: its first full-sequence forward).\ncpu %: this process's CPU time / wall time over the"
+          " timed steps. others: cores kept busy by other processes meanwhile (from /proc/stat).\nagree: leading"
+          " generated tokens (the prefill's included) equal to workbench cached's.")
+    busy = [r for r in rows if r.other_cores is not None and r.other_cores > 0.2]
+    if busy:
+        worst = max(r.other_cores for r in busy)
+        print(f"WARNING: other processes kept up to {worst:.1f} of {os.cpu_count()} cores busy during {len(busy)} of the"
+              " measurements above: those numbers are inflated, and more so with more torch/llama.cpp threads (a"
+              " parallel region waits for its slowest, descheduled thread). Rerun on a quiet machine, with --repeats 3,"
+              " or with --threads 1.")
+    print()
+    for name in models:
+        print("\n".join(summary(name, rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
