@@ -122,7 +122,7 @@ def _busy_seconds() -> float | None:
 class Clock:
     """Wall time, this process's CPU time and the rest of the machine's CPU time over a stretch of code.
     The machine is shared: `others` (cores busy outside this process) says whether a number was measured
-    on a quiet machine. /proc/stat counts in clock ticks (10 ms), so it is coarse on very short stretches."""
+    on a quiet machine. /proc/stat counts in clock ticks (10 ms): on stretches under 0.25 s it says nothing."""
 
     def __enter__(self) -> Clock:
         self.wall, self.cpu, self.busy = time.perf_counter(), time.process_time(), _busy_seconds()
@@ -134,7 +134,7 @@ class Clock:
         busy = _busy_seconds()
         self.ratio = cpu / wall if wall > 0 else 0.0
         self.others = None
-        if busy is not None and self.busy is not None and wall > 0:
+        if busy is not None and self.busy is not None and wall >= 0.25:
             self.others = max(0.0, (busy - self.busy - cpu) / wall)
 
 
@@ -284,6 +284,10 @@ def bench_transformers(name: str, model: Model, ids: list[int], steps: int, repe
         )
         hf.eval()
     except Exception as e:  # noqa: BLE001 - e.g. tiny-qwen3moe: its GGUF loader ignores key_length
+        if "ignore_mismatched_sizes" in str(e):
+            # transformers logs the per-tensor report; the exception itself only points at it.
+            return fail("load failed: the file's tensor shapes don't match the config transformers derives from"
+                        " its GGUF metadata (size mismatch; e.g. head_dim != hidden/heads, MoE expert sizes)")
         return fail(f"load failed: {first_line(e)}")
     load_s = time.perf_counter() - t0
     for r in rows:

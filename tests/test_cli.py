@@ -98,3 +98,48 @@ def test_python_dash_m(tiny_paths):
     assert json.loads(proc.stdout)["arch"] == "llama"
     proc = subprocess.run([sys.executable, "-m", "workbench", "inspect", "/nonexistent.gguf"], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_trace_and_diff(tiny_paths, capsys, tmp_path):
+    from workbench.trace import Trace
+
+    model = str(tiny_paths["qwen3moe"])
+    base = ["trace", model, "--prompt", "def add(a, b):", "--steps", "6", "--path", "both"]
+    assert run(capsys, *base, "--out", str(tmp_path / "a.parquet"))[0] == 0
+    assert run(capsys, *base, "--out", str(tmp_path / "a2.parquet"))[0] == 0
+    assert run(capsys, *base, "--break", "cache-off-by-one", "--out", str(tmp_path / "b.parquet"))[0] == 0
+    trace = Trace.read(tmp_path / "a.parquet")
+    assert trace.tokens.height == 12 and trace.equiv.height == 6 and trace.routing.height > 0
+    code, out, _ = run(capsys, "diff", str(tmp_path / "a.parquet"), str(tmp_path / "a2.parquet"))
+    assert code == 0 and "first differs" not in out  # two runs of the same engine agree (timings aside)
+    code, out, _ = run(capsys, "diff", str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"), "--json")
+    equiv = next(d for d in json.loads(out) if d["frame"] == "equiv")
+    assert equiv["first"]["step"] == 1  # the off-by-one cache shows from the first cached decode step
+
+
+def test_generate_both_reports_equivalence(tiny_paths, capsys):
+    code, out, err = run(capsys, "generate", str(tiny_paths["gemma3"]), "--prompt", "hello", "--steps", "10", "--path", "both")
+    assert code == 0 and "cached vs uncached: max |Δlogit|" in err and "argmax equal 10/10" in err
+    code, out, _ = run(capsys, "generate", str(tiny_paths["gemma3"]), "--prompt", "hello", "--steps", "4", "--path", "both",
+                       "--break", "rope-base-10k", "--json")
+    result = json.loads(out)
+    assert result["breaks"] == ["rope-base-10k"] and len(result["equiv"]) == 4
+
+
+def test_unknown_break_is_bad_input(tiny_paths, capsys):
+    code, _, err = run(capsys, "generate", str(tiny_paths["llama"]), "--prompt", "hi", "--break", "swap-everything")
+    assert code == 1 and "skip-qk-norm" in err
+
+
+def test_bench_json_uncached_cost_grows_with_position(smollm2_path, capsys):
+    def bench(prompt_tokens):
+        code, out, _ = run(capsys, "bench", str(smollm2_path), "--prompt-tokens", str(prompt_tokens), "--steps", "3", "--json")
+        assert code == 0
+        return json.loads(out)
+
+    short, long = bench(16), bench(256)
+    for result in (short, long):
+        assert {"path", "prompt_tokens", "steps", "tokens_per_s", "ms_per_token", "probes"} <= set(result["rows"][0])
+    uncached = lambda r: next(row for row in r["rows"] if row["path"] == "uncached")["ms_per_token"]
+    assert uncached(long) > 2 * uncached(short)  # 16× the tokens per uncached step
+    assert long["speedup"] > short["speedup"]

@@ -1,4 +1,5 @@
-"""`workbench inspect|tokenize|generate|logits|make-tiny`: the command-line contract other tools build on.
+"""`workbench inspect|tokenize|generate|logits|trace|bench|diff|make-tiny`: the command-line contract other tools
+build on.
 
 Exit status: 0 on success, 2 on a usage error (argparse), 1 on bad input with one line `error: …` on stderr.
 """
@@ -12,11 +13,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 
 from workbench.config import SUPPORTED_ARCHS, ModelConfig
 from workbench.errors import InputError, WorkbenchError
 from workbench.gguf_file import GGUFFile
+from workbench.model import BREAKS, Model
 from workbench.models import bundled_names, resolve
 
 
@@ -29,8 +32,23 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
 
 
-def _path_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--path", default="cached", choices=("cached", "uncached"), help="decode path (default: cached)")
+def _path_arg(p: argparse.ArgumentParser, both: bool = False) -> None:
+    choices = ("cached", "uncached", "both") if both else ("cached", "uncached")
+    p.add_argument("--path", default="cached", choices=choices,
+                   help="decode path (default: cached)" + ("; both: uncached teacher-forced beside cached" if both else ""))
+
+
+def _session_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steps", type=int, default=32)
+    _device_args(p)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--break", dest="breaks", action="append", default=[], metavar="NAME",
+                   help="reproduce a bug class on purpose (repeatable): " + ", ".join(BREAKS))
+    p.add_argument("--reference", choices=("llama.cpp",), help="run llama.cpp beside ours on the same tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,15 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="decode --steps tokens after --prompt")
     _model_arg(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--steps", type=int, default=32)
-    _path_arg(p)
-    _device_args(p)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
+    _session_args(p)
+    _path_arg(p, both=True)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    p = sub.add_parser("trace", help="generate with probes on and write every frame to one Parquet file")
+    _model_arg(p)
+    _session_args(p)
+    _path_arg(p, both=True)
+    p.add_argument("--out", required=True, help="FILE.parquet")
+
+    p = sub.add_parser("bench", help="cached vs uncached tokens/s, llama-bench style")
+    _model_arg(p)
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--paths", default="cached,uncached", help="comma-separated: cached,uncached")
+    p.add_argument("--probes", action="store_true", help="also measure with probes on (the probe cost)")
+    _device_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("diff", help="where two traces part ways, per frame")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--atol", type=float, default=1e-6)
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("logits", help="write float32 [n, vocab] next-token logits to a .npy file")
     _model_arg(p)
@@ -136,9 +170,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
-    from workbench.model import Model
-
+def _load(args: argparse.Namespace) -> Model:
     return Model.load(args.model, device=args.device, dtype=args.dtype)
 
 
@@ -149,22 +181,30 @@ def _prompt_ids(model, prompt: str) -> list[int]:
     return ids
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _session(args: argparse.Namespace, probes: bool = False):
     from workbench.session import Sampling, Session
 
     if args.steps < 1:
         raise InputError(f"--steps must be ≥ 1, not {args.steps}.")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # validate before the slow load
+    unknown = [b for b in args.breaks if b not in BREAKS]
+    if unknown:
+        raise InputError(f"unknown --break '{unknown[0]}'; choose from: {', '.join(BREAKS)}.")
     model = _load(args)
     prompt_ids = _prompt_ids(model, args.prompt)
-    context = min(model.config.context_length, len(prompt_ids) + args.steps)
     if len(prompt_ids) >= model.config.context_length:
         raise InputError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {model.config.context_length}.")
-    session = Session(model, prompt_ids, path=args.path, sampling=sampling, context=context)
+    context = min(model.config.context_length, len(prompt_ids) + args.steps)
+    return Session(model, prompt_ids, path=args.path, sampling=sampling, context=context, probes=probes,
+                   breaks=frozenset(args.breaks), reference=args.reference)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    session = _session(args)
+    model, prompt_ids = session.model, session.prompt_ids
     decoder = model.tokenizer.decoder()
     text_parts: list[str] = []
-    prefill_seconds = 0.0
-    decode_seconds = 0.0
+    prefill_seconds = decode_seconds = 0.0
     stop = "steps"
     if not args.json:
         sys.stdout.write(args.prompt)
@@ -180,26 +220,104 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         # The session's capacity is prompt + steps, so "context" only means something at the model's limit.
-        if result.stop == "eos" or (result.stop == "context" and context == model.config.context_length):
+        if result.stop == "eos" or (result.stop == "context" and session.capacity == model.config.context_length):
             stop = result.stop
     tail = decoder.flush()
     text_parts.append(tail)
-    n_decode = session.n_generated - (1 if args.path == "cached" else 0)
+    n_decode = session.n_generated - (1 if args.path != "uncached" else 0)
     tps = n_decode / decode_seconds if decode_seconds > 0 else 0.0
+    checks = _check_lines(session)
     if args.json:
+        trace = session.trace()
         print(json.dumps({
             "model": str(args.model), "file": str(model.gguf.path), "arch": model.config.arch,
             "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "path": args.path,
-            "prompt": args.prompt, "prompt_ids": prompt_ids, "ids": session.ids[len(prompt_ids):],
-            "text": "".join(text_parts), "stop": stop, "load_seconds": model.info.seconds,
-            "prefill_seconds": prefill_seconds, "decode_seconds": decode_seconds, "decode_tokens_per_s": tps,
+            "breaks": sorted(session.breaks), "prompt": args.prompt, "prompt_ids": prompt_ids,
+            "ids": session.ids[len(prompt_ids):], "text": "".join(text_parts), "stop": stop,
+            "load_seconds": model.info.seconds, "prefill_seconds": prefill_seconds, "decode_seconds": decode_seconds,
+            "decode_tokens_per_s": tps, "equiv": trace.equiv.to_dicts(), "reference": trace.reference.to_dicts(),
         }, ensure_ascii=False))
     else:
         sys.stdout.write(tail + "\n")
         note = {"eos": "stopped at end-of-sequence", "context": "stopped: the context is full", "steps": f"{args.steps} steps"}[stop]
-        print(f"[{model.config.arch} on {model.device} {str(model.dtype).removeprefix('torch.')}, {args.path}: "
-              f"load {model.info.seconds:.2f} s, prefill {len(prompt_ids)} tokens {prefill_seconds:.3f} s, "
-              f"decode {tps:.1f} tok/s; {note}]", file=sys.stderr)
+        print(f"[{model.config.arch} on {model.device} {str(model.dtype).removeprefix('torch.')}, {args.path}"
+              f"{' with ' + ', '.join(sorted(session.breaks)) if session.breaks else ''}: load {model.info.seconds:.2f} s, "
+              f"prefill {len(prompt_ids)} tokens {prefill_seconds:.3f} s, decode {tps:.1f} tok/s; {note}]", file=sys.stderr)
+        for line in checks:
+            print(line, file=sys.stderr)
+    return 0
+
+
+def _check_lines(session) -> list[str]:
+    """One line per live check the session ran: cached vs uncached, and the reference engine."""
+    r, lines = session.records, []
+    if r.equiv:
+        worst = max(r.equiv, key=lambda e: e["max_abs_diff"] / max(e["max_abs_logit"], 1e-30))
+        agree = sum(e["argmax_equal"] for e in r.equiv)
+        lines.append(f"[cached vs uncached: max |Δlogit| {worst['max_abs_diff']:.3g} (step {worst['step']}, "
+                     f"{worst['max_abs_diff'] / max(worst['max_abs_logit'], 1e-30):.1e} of max |logit|), "
+                     f"argmax equal {agree}/{len(r.equiv)}]")
+    if r.reference:
+        worst = min(r.reference, key=lambda e: e["cosine"])
+        agree = sum(e["top1_equal"] for e in r.reference)
+        lines.append(f"[vs {session.reference}: min cosine {worst['cosine']:.5f} (step {worst['step']}), "
+                     f"top-1 equal {agree}/{len(r.reference)}]")
+    return lines
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    session = _session(args, probes=True)
+    for _ in session.generate(args.steps):
+        pass
+    trace = session.trace({"prompt": args.prompt})
+    out = trace.write(args.out)
+    sizes = ", ".join(f"{name} {df.height}" for name, df in trace.frames.items())
+    print(f"wrote {out}: {session.n_generated} steps, {args.path}; rows: {sizes}", file=sys.stderr)
+    for line in _check_lines(session):
+        print(line, file=sys.stderr)
+    bad = trace.first_bad_layer()
+    if bad.height:
+        first = bad.row(0, named=True)
+        print(f"[non-finite values: first at step {first['step']}, layer {first['first_bad_layer']} ({first['path']})]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from workbench import bench
+
+    paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+    model = _load(args)
+    rows = bench.run(model, args.prompt_tokens, args.steps, paths, probes=(False, True) if args.probes else (False,))
+    if args.json:
+        print(json.dumps(bench.as_json(rows)))
+    else:
+        print(bench.table(model, rows))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from workbench.trace import Trace, diff
+
+    a, b = Trace.read(args.a), Trace.read(args.b)
+    results = diff(a, b, rtol=args.rtol, atol=args.atol)
+    if args.json:
+        print(json.dumps([{"frame": d.frame, "rows_compared": d.rows_compared, "first": d.first,
+                           "largest": d.largest.to_dicts()} for d in results], default=str))
+        return 0
+    print(f"A: {a.meta.get('model_file')} ({a.meta.get('dtype')}, {a.meta.get('path')}, breaks {a.meta.get('breaks')})")
+    print(f"B: {b.meta.get('model_file')} ({b.meta.get('dtype')}, {b.meta.get('path')}, breaks {b.meta.get('breaks')})")
+    print(f"tolerance: |a - b| > {args.atol:g} + {args.rtol:g}·|b|\n")
+    for d in results:
+        if d.rows_compared == 0:
+            print(f"{d.frame:<10} no rows in common")
+            continue
+        if d.first is None:
+            print(f"{d.frame:<10} same within tolerance over {d.rows_compared} rows")
+        else:
+            where = ", ".join(f"{k}={v}" for k, v in d.first.items() if k not in ("column", "a", "b"))
+            print(f"{d.frame:<10} first differs at {where}: {d.first['column']} {d.first['a']} vs {d.first['b']}")
+        for row in d.largest.filter(pl.col("max_abs_diff") > 0).iter_rows(named=True):
+            print(f"{'':<12}largest |Δ| {row['column']}: {row['max_abs_diff']:.4g} at {row['at']}")
     return 0
 
 
@@ -242,7 +360,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"inspect": cmd_inspect, "tokenize": cmd_tokenize, "generate": cmd_generate, "logits": cmd_logits,
-            "make-tiny": cmd_make_tiny}
+            "trace": cmd_trace, "bench": cmd_bench, "diff": cmd_diff, "make-tiny": cmd_make_tiny}
 
 
 def main(argv: list[str] | None = None) -> int:

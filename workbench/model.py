@@ -224,10 +224,11 @@ class Model:
         if probe is not None:
             probe(f"blocks.{i}.attn.q", q)
             probe(f"blocks.{i}.attn.k", k)
-        if layer.q_norm is not None and "skip-qk-norm" not in breaks:
-            q = rms_norm(q, layer.q_norm, c.rms_eps)
-            k = rms_norm(k, layer.k_norm, c.rms_eps)
-            if probe is not None:
+        if layer.q_norm is not None:
+            if "skip-qk-norm" not in breaks:
+                q = rms_norm(q, layer.q_norm, c.rms_eps)
+                k = rms_norm(k, layer.k_norm, c.rms_eps)
+            if probe is not None:  # with the norm skipped, "normed" shows what the next stage really gets
                 probe(f"blocks.{i}.attn.q_normed", q)
                 probe(f"blocks.{i}.attn.k_normed", k)
         end = start + T

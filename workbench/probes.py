@@ -30,71 +30,87 @@ class StepRecord:
 
 
 class StepProbe:
-    """Callable as the model's probe for one forward; `collect()` returns a StepRecord."""
+    """Callable as the model's probe for one forward; `collect()` returns a StepRecord.
+
+    During the forward it only keeps references to the new rows at each capture point (no copies: the forward
+    never writes into them afterwards). `collect` then stacks each kind of tensor across layers and reduces it
+    in a handful of batched device ops, whatever the number of layers, and makes one host transfer.
+    """
 
     def __init__(self, rows: slice) -> None:
         self.rows = rows
-        self._keys: list[tuple] = []  # what each reduced tensor means, in order
-        self._values: list[torch.Tensor] = []  # flat float32 tensors on the device
-        self._pending_router: dict[int, dict[str, torch.Tensor]] = {}
+        self._seen: dict[str, dict[int, torch.Tensor]] = {}  # point → layer → tensor rows
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
         match = _NAME.match(name)
-        if match is None:
-            return
-        layer, point = int(match.group(1)), match.group(2)
-        x = tensor[self.rows]
-        if point.startswith("attn."):
-            # x: [T, heads, head_dim] → per head over tokens and dims
-            xf = x.float()
-            rms = xf.pow(2).mean(dim=(0, 2)).sqrt()
-            max_abs = xf.abs().amax(dim=(0, 2))
-            base = point.removeprefix("attn.")
-            self._keys.append(("qk", layer, base[0], "post" if base.endswith("_normed") else "pre", x.shape[1]))
-            self._values.append(torch.cat((rms, max_abs)))
-        elif point == "resid_post":
-            xf = x.float()
-            finite = torch.isfinite(xf)
-            stats = torch.stack((
-                xf.pow(2).mean().sqrt(),
-                xf.abs().amax() if xf.numel() else xf.new_zeros(()),
-                torch.isnan(xf).sum().float(),
-                (~finite & ~torch.isnan(xf)).sum().float(),
-            ))
-            self._keys.append(("layer", layer))
-            self._values.append(stats)
-        else:
-            parts = self._pending_router.setdefault(layer, {})
-            parts[point.removeprefix("moe.")] = x
-            if len(parts) == 3:
-                del self._pending_router[layer]
-                probs = torch.softmax(parts["router_logits"].float(), dim=-1)
-                entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [T]
-                ids, weights = parts["topk_ids"], parts["topk_weights"]  # [T, k]
-                self._keys.append(("routing", layer, ids.shape[0], ids.shape[1]))
-                self._values.append(torch.cat((ids.float().flatten(), weights.float().flatten(), entropy)))
+        if match is not None:
+            self._seen.setdefault(match.group(2), {})[int(match.group(1))] = tensor[self.rows]
+
+    def _stacked(self, point: str) -> tuple[list[int], torch.Tensor] | None:
+        seen = self._seen.get(point)
+        if not seen:
+            return None
+        layers = sorted(seen)
+        return layers, torch.stack([seen[i] for i in layers])
 
     def collect(self, first_row: int = 0) -> StepRecord:
-        """One device → host transfer of everything reduced in this forward."""
+        """Batched reductions on the device, then one device → host transfer of all of them."""
+        parts: list[torch.Tensor] = []
+        plan: list[tuple] = []
+        for point in ("attn.q", "attn.k", "attn.q_normed", "attn.k_normed"):
+            got = self._stacked(point)
+            if got is None:
+                continue
+            layers, x = got  # [layers, T, heads, head_dim]
+            xf = x.float()
+            parts += [xf.pow(2).mean(dim=(1, 3)).sqrt().flatten(), xf.abs().amax(dim=(1, 3)).flatten()]
+            plan.append(("qk", layers, point[5], "post" if point.endswith("_normed") else "pre", x.shape[2]))
+        got = self._stacked("resid_post")
+        if got is not None:
+            layers, x = got  # [layers, T, hidden]
+            xf = x.float().flatten(1)
+            nan = torch.isnan(xf)
+            inf = torch.isinf(xf)
+            parts += [xf.pow(2).mean(1).sqrt(), torch.nan_to_num(xf.abs(), nan=0.0).amax(1) if xf.shape[1] else xf.new_zeros(len(layers)),
+                      nan.sum(1).float(), inf.sum(1).float()]
+            plan.append(("layers", layers))
+        got = self._stacked("moe.topk_ids")
+        if got is not None:
+            layers, ids = got  # [layers, T, k]
+            _, weights = self._stacked("moe.topk_weights")
+            _, logits = self._stacked("moe.router_logits")  # [layers, T, experts]
+            probs = torch.softmax(logits.float(), dim=-1)
+            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [layers, T], nats
+            parts += [ids.float().flatten(), weights.float().flatten(), entropy.flatten()]
+            plan.append(("routing", layers, ids.shape[1], ids.shape[2]))
         record = StepRecord()
-        if not self._values:
+        if not parts:
             return record
-        flat = torch.cat(self._values).cpu().tolist()
+        flat = torch.cat(parts).cpu().tolist()
         i = 0
-        for key in self._keys:
-            if key[0] == "qk":
-                _, layer, tensor, stage, heads = key
-                for h in range(heads):
-                    record.qk.append((layer, h, tensor, stage, flat[i + h], flat[i + heads + h]))
-                i += 2 * heads
-            elif key[0] == "layer":
-                record.layers.append((key[1], flat[i], flat[i + 1], int(flat[i + 2]), int(flat[i + 3])))
-                i += 4
+        for item in plan:
+            if item[0] == "qk":
+                _, layers, tensor, stage, heads = item
+                n = len(layers) * heads
+                rms, max_abs = flat[i : i + n], flat[i + n : i + 2 * n]
+                for li, layer in enumerate(layers):
+                    for h in range(heads):
+                        record.qk.append((layer, h, tensor, stage, rms[li * heads + h], max_abs[li * heads + h]))
+                i += 2 * n
+            elif item[0] == "layers":
+                n = len(item[1])
+                for li, layer in enumerate(item[1]):
+                    record.layers.append((layer, flat[i + li], flat[i + n + li], int(flat[i + 2 * n + li]), int(flat[i + 3 * n + li])))
+                i += 4 * n
             else:
-                _, layer, n_rows, k = key
-                ids, weights, entropy = flat[i : i + n_rows * k], flat[i + n_rows * k : i + 2 * n_rows * k], flat[i + 2 * n_rows * k : i + 2 * n_rows * k + n_rows]
-                for r in range(n_rows):
-                    for rank in range(k):
-                        record.routing.append((first_row + r, layer, rank, int(ids[r * k + rank]), weights[r * k + rank], entropy[r]))
-                i += 2 * n_rows * k + n_rows
+                _, layers, n_rows, k = item
+                n = len(layers) * n_rows * k
+                ids, weights = flat[i : i + n], flat[i + n : i + 2 * n]
+                entropy = flat[i + 2 * n : i + 2 * n + len(layers) * n_rows]
+                for li, layer in enumerate(layers):
+                    for r in range(n_rows):
+                        for rank in range(k):
+                            j = (li * n_rows + r) * k + rank
+                            record.routing.append((first_row + r, layer, rank, int(ids[j]), weights[j], entropy[li * n_rows + r]))
+                i += 2 * n + len(layers) * n_rows
         return record
