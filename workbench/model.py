@@ -72,22 +72,48 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in float32, returned in x's dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return F.rms_norm(x.float(), weight.shape, weight, eps).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-    """Rotate the first 2·cos.shape[-1] dims of x [T, heads, head_dim] by position; cos, sin are [T, rot/2]."""
-    half = cos.shape[-1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    rot, rest = x[..., : 2 * half].float(), x[..., 2 * half :]
-    if style == "neox":  # pairs (x[i], x[i + rot/2])
-        a, b = rot[..., :half], rot[..., half:]
-        rotated = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
-    else:  # "normal": adjacent pairs (x[2i], x[2i+1])
-        a, b = rot[..., 0::2], rot[..., 1::2]
-        rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-    return torch.cat((rotated.to(x.dtype), rest), dim=-1)
+    """Rotate the first `rot` dims of x [T, heads, head_dim] by position; cos, sin are rope_table rows [T, rot].
+
+    Each rotated dim is x·cos + partner·sin, where the partner is the other member of its pair: x[i + rot/2]
+    (neox, split halves) or x[i ± 1] (normal, adjacent pairs). rope_table lays cos and sin out per style,
+    with the sign of sin folded in, so both styles cost the same few ops.
+    """
+    rot = cos.shape[-1]
+    head_dim = x.shape[-1]
+    xr = x if rot == head_dim else x[..., :rot]
+    if style == "neox":
+        partner = torch.roll(xr, rot // 2, dims=-1)  # [x2, x1]
+    else:
+        partner = xr.unflatten(-1, (rot // 2, 2)).flip(-1).flatten(-2)  # [x1, x0, x3, x2, …]
+    out = (xr * cos[:, None, :] + partner * sin[:, None, :]).to(x.dtype)
+    return out if rot == head_dim else torch.cat((out, x[..., rot:]), dim=-1)
+
+
+def grouped_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Softmax attention of q [T, n_heads, d] over keys, values [n_kv_heads, S, d] → [T, n_heads, d].
+
+    Grouped-query attention without copying K/V per query head: the n_heads / n_kv_heads query heads that
+    share a KV head (consecutive heads, as llama.cpp and HF group them) are stacked as extra rows against it.
+    `mask` [T, S] is True where a query may attend. Scores and softmax in float32.
+    """
+    T, n_heads, d = q.shape
+    n_kv, S = keys.shape[0], keys.shape[1]
+    group = n_heads // n_kv
+    qg = q.permute(1, 0, 2).reshape(n_kv, group * T, d)  # rows: (head in group, token)
+    scores = (qg @ keys.transpose(1, 2)).float() * scale  # [n_kv, group·T, S]
+    if mask is not None:
+        scores = scores.view(n_kv, group, T, S).masked_fill(~mask, float("-inf")).view(n_kv, group * T, S)
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    out = probs @ values  # [n_kv, group·T, d]
+    return out.view(n_heads, T, d).transpose(0, 1)
 
 
 @dataclass
@@ -144,19 +170,31 @@ class Model:
         c = self.config
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, capacity, self.dtype, self.device)
 
-    def rope_table(self, base: float, scale: float, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [n_positions, rope_dim/2] for a RoPE base and linear scale, grown on demand."""
-        key = (base, scale)
+    def rope_table(
+        self, base: float, scale: float, n_positions: int, style: str, rot: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n_positions, rot] (rot defaults to rope_dim) for apply_rope in `style`, grown on demand.
+
+        Pair i turns by position × scale × base^(-2i/rot) (÷ rope_freqs[i] when the file has them). The
+        sin table carries the sign: −sin on a pair's first member, +sin on its second.
+        """
+        rot = rot or self.config.rope_dim
+        key = (base, scale, style, rot)
         table = self._rope_tables.get(key)
         if table is None or table[0].shape[0] < n_positions:
             n = max(n_positions, 2 * table[0].shape[0] if table else 256)
-            half = self.config.rope_dim // 2
-            # Angles in float64: position × base^(-2i/rope_dim) loses digits in float32 at long positions.
-            inv_freq = base ** (-torch.arange(half, dtype=torch.float64) * 2 / self.config.rope_dim)
-            if self.weights.rope_freqs is not None:
+            half = rot // 2
+            # Angles in float64: position × base^(-2i/rot) loses digits in float32 at long positions.
+            inv_freq = base ** (-torch.arange(half, dtype=torch.float64) * 2 / rot)
+            if self.weights.rope_freqs is not None and rot == self.config.rope_dim:
                 inv_freq = inv_freq / self.weights.rope_freqs.double().cpu()
-            angles = torch.outer(torch.arange(n, dtype=torch.float64) * scale, inv_freq)
-            table = (angles.cos().float().to(self.device), angles.sin().float().to(self.device))
+            angles = torch.outer(torch.arange(n, dtype=torch.float64) * scale, inv_freq)  # [n, half]
+            cos, sin = angles.cos(), angles.sin()
+            if style == "neox":  # dims (i, i + half) form pair i
+                cos, sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+            else:  # dims (2i, 2i + 1) form pair i
+                cos, sin = cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+            table = (cos.float().to(self.device), sin.float().to(self.device))
             self._rope_tables[key] = table
         return table
 
@@ -233,18 +271,16 @@ class Model:
                 probe(f"blocks.{i}.attn.k_normed", k)
         end = start + T
         base = 10000.0 if "rope-base-10k" in breaks else c.layer_rope_base(i)
-        cos, sin = self.rope_table(base, c.layer_rope_scale(i), end)
-        cos, sin = cos[start:end], sin[start:end]
         style = c.rope_style
         if "rope-style-swap" in breaks:
             style = "normal" if style == "neox" else "neox"
-        scale = c.attn_scale
+        scale, rot = c.attn_scale, c.rope_dim
         if "head-dim-from-hidden" in breaks:
             derived = c.hidden // c.n_heads
-            scale = derived**-0.5
-            cos, sin = cos[:, : min(derived, c.rope_dim) // 2], sin[:, : min(derived, c.rope_dim) // 2]
-        q = apply_rope(q, cos, sin, style)
-        k = apply_rope(k, cos, sin, style)
+            scale, rot = derived**-0.5, min(derived, c.rope_dim)
+        cos, sin = self.rope_table(base, c.layer_rope_scale(i), end, style, rot)
+        q = apply_rope(q, cos[start:end], sin[start:end], style)
+        k = apply_rope(k, cos[start:end], sin[start:end], style)
         keys, values = cache.write(i, start, k, v)  # [n_kv_heads, end, head_dim]
         if "cache-off-by-one" in breaks and T == 1 and start > 0:
             keys, values = keys[:, :-1], values[:, :-1]
@@ -256,10 +292,8 @@ class Model:
             mask = delta >= 0
             if window is not None:
                 mask &= delta < window
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=c.n_kv_heads != c.n_heads
-        )  # [n_heads, T, head_dim]
-        return out.transpose(0, 1).reshape(T, c.n_heads * c.head_dim) @ layer.wo
+        out = grouped_attention(q, keys, values, mask, scale)  # [T, n_heads, head_dim]
+        return out.reshape(T, c.n_heads * c.head_dim) @ layer.wo
 
     def _gated(self, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
         """down(act(gate·x) ⊙ up·x) with gate and up fused: w_gate_up is [hidden, 2·ffn]."""
