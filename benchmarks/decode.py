@@ -56,16 +56,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from workbench.bench import bench_prompt  # noqa: E402  (the same prompt as `workbench bench`)
 from workbench.model import Model  # noqa: E402
 from workbench.session import Session  # noqa: E402
-
-PARAGRAPH = (
-    "The river rose slowly through the night, and by morning the lower fields were under water. "
-    "Farmers moved their animals to the high pasture, while the children watched from the bridge as "
-    "branches, fences and the occasional lost boot drifted past. Nobody in the village could remember "
-    "a spring like it, although the oldest residents insisted that their grandparents had told stories "
-    "of worse floods, when the mill wheel had turned backwards for a week. "
-)
 
 ENGINES = ("transformers", "llama.cpp")
 
@@ -194,16 +187,6 @@ def machine_info(threads: int) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------- prompt
 
 
-def build_prompt(model: Model, n_tokens: int) -> list[int]:
-    """Exactly n_tokens ids: the paragraph repeated until long enough, tokenized (BOS as the model wants), cut."""
-    text = PARAGRAPH
-    while True:
-        ids = model.tokenizer.encode(text)
-        if len(ids) >= n_tokens:
-            return ids[:n_tokens]
-        text += PARAGRAPH
-
-
 def agreement(tokens: list[int], reference: list[int]) -> str:
     n = 0
     for a, b in zip(tokens, reference):
@@ -234,7 +217,7 @@ def bench_workbench(name: str, steps: int, prompt_tokens: int, repeats: int) -> 
     except Exception as e:  # noqa: BLE001 - report, don't crash the whole run
         note = f"load failed: {first_line(e)}"
         return [Row(name, "workbench", p, prompt_tokens, note=note) for p in ("cached", "uncached")], [], None
-    ids = build_prompt(model, prompt_tokens)
+    ids = bench_prompt(model, prompt_tokens)
     context = prompt_tokens + steps + 2
     if context > model.config.context_length:
         note = f"prompt + steps ({context}) exceed the model's context of {model.config.context_length}"
