@@ -12,6 +12,7 @@ measured seconds per token.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,11 +55,14 @@ def _measure(model: Model, prompt: list[int], steps: int, path: str, probes: boo
     prefill = None
     decode_seconds, n = 0.0, 0
     for _ in range(steps + (1 if path == "cached" else 0)):  # the cached path's extra first step is the prefill
+        # The whole step: forward, sampling, and (probes on) the reductions and their host transfer.
+        t0 = time.perf_counter()
         result = session.step()
+        seconds = time.perf_counter() - t0
         if result.prefill:
-            prefill = result.seconds
+            prefill = seconds
         else:
-            decode_seconds += result.seconds
+            decode_seconds += seconds
             n += 1
     tps = n / decode_seconds if decode_seconds > 0 else 0.0
     return BenchRow(path, len(prompt), n, tps, 1000 * decode_seconds / max(n, 1), probes, prefill)

@@ -12,12 +12,9 @@ which makes the two paths' records comparable row for row.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
-
-_NAME = re.compile(r"blocks\.(\d+)\.(attn\.(?:q|k)(?:_normed)?|moe\.(?:router_logits|topk_ids|topk_weights)|resid_post)$")
 
 
 @dataclass
@@ -27,6 +24,8 @@ class StepRecord:
     qk: list[tuple[int, int, str, str, float, float]] = field(default_factory=list)  # layer, head, tensor, stage, rms, max_abs
     routing: list[tuple[int, int, int, int, float, float]] = field(default_factory=list)  # row, layer, rank, expert, weight, entropy (nats)
     layers: list[tuple[int, float, float, int, int]] = field(default_factory=list)  # layer, rms, max_abs, nan, inf
+    top_ids: list[int] = field(default_factory=list)  # next-token candidates, most probable first
+    top_probs: list[float] = field(default_factory=list)
 
 
 class StepProbe:
@@ -37,14 +36,19 @@ class StepProbe:
     in a handful of batched device ops, whatever the number of layers, and makes one host transfer.
     """
 
-    def __init__(self, rows: slice) -> None:
+    def __init__(self, rows: slice, top_k: int = 5) -> None:
         self.rows = rows
+        self.top_k = top_k
         self._seen: dict[str, dict[int, torch.Tensor]] = {}  # point → layer → tensor rows
+        self._logits: torch.Tensor | None = None
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
-        match = _NAME.match(name)
-        if match is not None:
-            self._seen.setdefault(match.group(2), {})[int(match.group(1))] = tensor[self.rows]
+        _, layer, point = name.split(".", 2)  # "blocks.{i}.{point}": the forward's only capture points
+        self._seen.setdefault(point, {})[int(layer)] = tensor[self.rows]
+
+    def candidates(self, logits: torch.Tensor) -> None:
+        """Also report the top-k next-token candidates of these logits [vocab] (in the same transfer)."""
+        self._logits = logits
 
     def _stacked(self, point: str) -> tuple[list[int], torch.Tensor] | None:
         seen = self._seen.get(point)
@@ -57,14 +61,15 @@ class StepProbe:
         """Batched reductions on the device, then one device → host transfer of all of them."""
         parts: list[torch.Tensor] = []
         plan: list[tuple] = []
-        for point in ("attn.q", "attn.k", "attn.q_normed", "attn.k_normed"):
-            got = self._stacked(point)
-            if got is None:
-                continue
-            layers, x = got  # [layers, T, heads, head_dim]
-            xf = x.float()
-            parts += [xf.pow(2).mean(dim=(1, 3)).sqrt().flatten(), xf.abs().amax(dim=(1, 3)).flatten()]
-            plan.append(("qk", layers, point[5], "post" if point.endswith("_normed") else "pre", x.shape[2]))
+        qk_points = [(p, self._stacked(p)) for p in ("attn.q", "attn.k", "attn.q_normed", "attn.k_normed")]
+        qk_points = [(p, got) for p, got in qk_points if got is not None]
+        if qk_points:
+            # All four points side by side along the head axis: one reduction for every layer and head.
+            layers = qk_points[0][1][0]
+            x = torch.cat([got[1] for _, got in qk_points], dim=2).float()  # [layers, T, Σ heads, head_dim]
+            parts += [x.pow(2).mean(dim=(1, 3)).sqrt().flatten(), x.abs().amax(dim=(1, 3)).flatten()]
+            heads = [(p[5], "post" if p.endswith("_normed") else "pre", got[1].shape[2]) for p, got in qk_points]
+            plan.append(("qk", layers, heads))
         got = self._stacked("resid_post")
         if got is not None:
             layers, x = got  # [layers, T, hidden]
@@ -83,6 +88,10 @@ class StepProbe:
             entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [layers, T], nats
             parts += [ids.float().flatten(), weights.float().flatten(), entropy.flatten()]
             plan.append(("routing", layers, ids.shape[1], ids.shape[2]))
+        if self._logits is not None:
+            probs, ids = torch.softmax(torch.nan_to_num(self._logits.float(), nan=float("-inf")), -1).topk(self.top_k)
+            parts += [probs, ids.float()]
+            plan.append(("top",))
         record = StepRecord()
         if not parts:
             return record
@@ -90,13 +99,21 @@ class StepProbe:
         i = 0
         for item in plan:
             if item[0] == "qk":
-                _, layers, tensor, stage, heads = item
-                n = len(layers) * heads
+                _, layers, heads = item
+                width = sum(n for _, _, n in heads)
+                n = len(layers) * width
                 rms, max_abs = flat[i : i + n], flat[i + n : i + 2 * n]
                 for li, layer in enumerate(layers):
-                    for h in range(heads):
-                        record.qk.append((layer, h, tensor, stage, rms[li * heads + h], max_abs[li * heads + h]))
+                    j = li * width
+                    for tensor, stage, n_heads in heads:
+                        for h in range(n_heads):
+                            record.qk.append((layer, h, tensor, stage, rms[j], max_abs[j]))
+                            j += 1
                 i += 2 * n
+            elif item[0] == "top":
+                k = self.top_k
+                record.top_probs, record.top_ids = flat[i : i + k], [int(t) for t in flat[i + k : i + 2 * k]]
+                i += 2 * k
             elif item[0] == "layers":
                 n = len(item[1])
                 for li, layer in enumerate(item[1]):

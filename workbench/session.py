@@ -169,7 +169,7 @@ class Session:
             cache = m.new_cache(len(self.ids))
             rows = slice(None) if self.n_steps == 0 else slice(-1, None)
         first_row = start if rows.start is None else len(self.ids) - 1
-        probe = StepProbe(rows) if self.probes else None
+        probe = StepProbe(rows, TOP_CANDIDATES) if self.probes else None
         t0 = time.perf_counter()
         logits = m.forward(torch.tensor(new, device=m.device), start, cache, probe, last_only=True, breaks=self.breaks)[-1]
         if m.device.type == "cuda":
@@ -228,16 +228,17 @@ class Session:
     def _record(self, result: StepResult, probes: dict[str, tuple[StepProbe, int]]) -> None:
         r, tok = self.records, self.model.tokenizer
         piece = tok.piece(result.token_id)
-        for path, run in result.runs.items():
-            row = dict(step=result.step, position=result.position, token_id=result.token_id, piece=piece, path=path,
-                       seconds=run.seconds, tokens_per_s=1.0 / run.seconds if run.seconds > 0 else 0.0,
-                       n_tokens=run.n_tokens, prefill=result.prefill and path == "cached", top_ids=None, top_probs=None)
-            if self.probes:
-                probs, ids = torch.softmax(torch.nan_to_num(run.logits, nan=float("-inf")), -1).topk(TOP_CANDIDATES)
-                row["top_ids"], row["top_probs"] = ids.cpu().tolist(), probs.cpu().tolist()
-            r.tokens.append(row)
+        collected = {}
         for path, (probe, first_row) in probes.items():
-            rec = probe.collect(first_row)
+            probe.candidates(result.runs[path].logits)
+            collected[path] = probe.collect(first_row)  # the step's one device → host transfer for this path
+        for path, run in result.runs.items():
+            rec = collected.get(path)
+            r.tokens.append(dict(step=result.step, position=result.position, token_id=result.token_id, piece=piece,
+                                 path=path, seconds=run.seconds, tokens_per_s=1.0 / run.seconds if run.seconds > 0 else 0.0,
+                                 n_tokens=run.n_tokens, prefill=result.prefill and path == "cached",
+                                 top_ids=rec.top_ids if rec else None, top_probs=rec.top_probs if rec else None))
+        for path, rec in collected.items():
             for layer, head, tensor, stage, rms, max_abs in rec.qk:
                 r.qk.append(dict(step=result.step, path=path, layer=layer, head=head, tensor=tensor, stage=stage,
                                  rms=rms, max_abs=max_abs))
