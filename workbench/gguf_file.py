@@ -10,6 +10,7 @@ machine, against ~0.2 s here. Tensor bytes are never copied: `raw()` returns a v
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -229,7 +230,9 @@ class GGUFFile:
         n_rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
         return raw.view(n_rows, info.n_bytes // n_rows)
 
+    @functools.cache
     def sha256(self) -> str:
+        """The file's sha256 (computed once per GGUFFile: traces ask for it at every step)."""
         h = hashlib.sha256()
         with open(self.path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):

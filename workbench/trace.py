@@ -18,7 +18,7 @@ import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import polars as pl
 import pyarrow as pa
@@ -77,8 +77,9 @@ class Trace:
         bad = self.frames["layers"].filter((pl.col("nan") > 0) | (pl.col("inf") > 0))
         return bad.group_by("step", "path").agg(pl.col("layer").min().alias("first_bad_layer")).sort("step", "path")
 
-    def write(self, path: str | Path) -> Path:
-        """One Parquet file: the frames stacked with a `frame` column, the metadata in the file's key-value store."""
+    def write(self, path: str | Path | BinaryIO) -> str | Path | BinaryIO:
+        """One Parquet file (a path or a binary file object): the frames stacked with a `frame` column, the
+        metadata in the file's key-value store."""
         stacked = pl.concat(
             [df.with_columns(pl.lit(name).alias("frame")).select("frame", *df.columns) for name, df in self.frames.items()],
             how="diagonal_relaxed",
@@ -86,13 +87,11 @@ class Trace:
         table = stacked.to_arrow()
         table = table.replace_schema_metadata({b"workbench.meta": json.dumps(self.meta, default=str).encode(),
                                                b"workbench.frames": json.dumps(list(self.frames)).encode()})
-        path = Path(path)
         pq.write_table(table, path)
         return path
 
     @classmethod
-    def read(cls, path: str | Path) -> Trace:
-        path = Path(path)
+    def read(cls, path: str | Path | BinaryIO) -> Trace:
         try:
             table = pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
@@ -119,7 +118,8 @@ def run_meta(session) -> dict[str, Any]:
     return {
         "model_file": str(m.gguf.path), "model_sha256": m.gguf.sha256(), "arch": m.config.arch,
         "config": m.config.as_dict(), "device": str(m.device), "dtype": str(m.dtype).removeprefix("torch."),
-        "prompt_ids": list(session.prompt_ids), "path": session.path, "breaks": sorted(session.breaks),
+        "prompt_ids": list(session.prompt_ids), "prompt_pieces": [m.tokenizer.piece(t) for t in session.prompt_ids],
+        "path": session.path, "breaks": sorted(session.breaks),
         "sampling": {"temperature": session.sampling.temperature, "top_k": session.sampling.top_k,
                      "top_p": session.sampling.top_p, "seed": session.sampling.seed},
         "versions": {"workbench": getattr(workbench, "__version__", "0"), "torch": torch.__version__,

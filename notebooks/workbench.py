@@ -1,0 +1,373 @@
+import marimo
+
+__generated_with = "0.25.2"
+app = marimo.App(width="full", app_title="GGUF decode workbench")
+
+
+@app.cell
+def _():
+    import io
+    import os
+    import sys
+
+    import marimo as mo
+
+    # This file is notebooks/workbench.py: keep its own folder from shadowing the `workbench` package.
+    _here = os.path.abspath(str(mo.notebook_dir() or os.path.dirname(os.path.abspath(__file__))))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    if os.path.dirname(os.path.abspath(getattr(sys.modules.get("workbench"), "__file__", None) or "/")) == _here:
+        del sys.modules["workbench"]
+
+    import altair as alt
+    import polars as pl
+    import torch
+
+    from workbench import charts
+    from workbench.errors import WorkbenchError
+    from workbench.model import BREAKS, Model
+    from workbench.models import bundled_names
+    from workbench.session import Sampling, Session
+    from workbench.trace import Trace
+    return BREAKS, Model, Sampling, Session, Trace, WorkbenchError, alt, bundled_names, charts, io, mo, torch
+
+
+@app.cell
+def _(mo):
+    mo.md("""
+    # GGUF decode workbench
+    Load a GGUF model, step decoding one token at a time, and watch the KV cache grow, the per-head
+    query/key statistics before and after QK-norm, which experts the router picks, and the tokens/s of the
+    KV-cached path beside the uncached path that recomputes the whole sequence every step.
+    """)
+    return
+
+
+@app.cell
+def _(bundled_names, mo, torch):
+    FILE = "a GGUF file…"
+    model_choice = mo.ui.dropdown(options=[*bundled_names(), FILE], value="tiny-qwen3moe", label="model")
+    model_path = mo.ui.text(placeholder="/path/to/model.gguf", label="file", full_width=True)
+    load_button = mo.ui.run_button(label="Load file")
+    _devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
+        ["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else [])
+    device = mo.ui.dropdown(options=_devices, value="auto", label="device")
+    dtype = mo.ui.dropdown(options=["auto", "float32", "bfloat16", "float16"], value="auto", label="dtype")
+    return FILE, device, dtype, load_button, model_choice, model_path
+
+
+@app.cell
+def _(WorkbenchError):
+    class Shelf:
+        """Loaded models by (source, device, dtype), and which one is current: a failed load keeps the last."""
+
+        def __init__(self):
+            self.models, self.current, self.error = {}, None, None
+
+        def get(self, key, load):
+            self.error = None
+            try:
+                if key not in self.models:
+                    self.models = {key: load()}  # one model in memory at a time
+                self.current = key
+            except (WorkbenchError, OSError, RuntimeError) as exc:
+                self.error = str(exc)
+            return self.models.get(self.current)
+
+    shelf = Shelf()
+    return (shelf,)
+
+
+@app.cell
+def _(FILE, Model, device, dtype, load_button, mo, model_choice, model_path, shelf):
+    _source = model_path.value.strip() if model_choice.value == FILE else model_choice.value
+    if model_choice.value == FILE and not (load_button.value and _source):
+        model = shelf.models.get(shelf.current)  # wait for a path and a click on "Load file"
+        shelf.error = None
+    else:
+        with mo.status.spinner(title=f"Loading {_source} …"):
+            model = shelf.get((_source, device.value, dtype.value), lambda: Model.load(_source, device.value, dtype.value))
+    return (model,)
+
+
+@app.cell
+def _(FILE, device, dtype, load_button, mo, model, model_choice, model_path, shelf):
+    def _card(m):
+        c, info = m.config, m.info
+        types = sorted({t.type_name for t in m.gguf.tensors.values()})
+        rows = {
+            "file": m.gguf.path.name, "arch": c.arch, "parameters": f"{m.n_params / 1e6:.1f} M",
+            "quant types": ", ".join(types), "file size": f"{m.gguf.size / 2**20:.1f} MiB",
+            "layers × hidden": f"{c.n_layers} × {c.hidden}",
+            "heads / KV heads × head_dim": f"{c.n_heads} / {c.n_kv_heads} × {c.head_dim}",
+            "context": f"{c.context_length:,}", "experts": f"{c.n_experts_used} of {c.n_experts}" if c.is_moe else "dense",
+            "QK-norm": "yes" if c.qk_norm else "no", "RoPE": f"{c.rope_style}, base {c.rope_base:g}",
+            "device / dtype": f"{info.device} / {str(info.dtype).removeprefix('torch.')}",
+            "load": f"{info.seconds:.2f} s", "weights on device": f"{info.weight_bytes / 2**20:.1f} MiB",
+        }
+        return mo.md("| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows.items()))
+
+    _controls = mo.hstack([model_choice, device, dtype], justify="start")
+    _file_row = mo.hstack([model_path, load_button], justify="start") if model_choice.value == FILE else None
+    _notes = []
+    if shelf.error:
+        _notes.append(mo.callout(mo.md(f"**Could not load the model.** {shelf.error} The model loaded before is kept."), kind="danger"))
+    _card_view = _card(model) if model is not None else mo.md("_No model loaded yet._")
+    mo.vstack([_controls, _file_row, *_notes, mo.accordion({"Model card": _card_view}, lazy=False)])
+    return
+
+
+@app.cell
+def _(BREAKS, mo):
+    prompt = mo.ui.text_area(value="def fibonacci(n):\n    ", label="prompt", full_width=True, rows=3)
+    temperature = mo.ui.number(start=0, stop=5, step=0.1, value=0, label="temperature")
+    top_k = mo.ui.number(start=0, stop=1000, step=1, value=0, label="top-k")
+    top_p = mo.ui.number(start=0.01, stop=1, step=0.01, value=1, label="top-p")
+    seed = mo.ui.number(start=0, stop=2**31 - 1, step=1, value=0, label="seed")
+    path = mo.ui.radio(options=["both", "cached", "uncached"], value="both", label="path", inline=True)
+    breaks = mo.ui.dropdown(options=["none", *BREAKS], value="none", label="break it")
+    use_reference = mo.ui.switch(label="llama.cpp reference", value=False)
+    max_steps = mo.ui.slider(start=1, stop=256, value=32, label="Run: max steps", show_value=True)
+    step_button = mo.ui.run_button(label="Step")
+    step8_button = mo.ui.run_button(label="Step ×8")
+    run_button = mo.ui.run_button(label="Run")
+    reset_button = mo.ui.run_button(label="Reset")
+    mo.vstack([
+        prompt,
+        mo.hstack([temperature, top_k, top_p, seed], justify="start"),
+        mo.hstack([path, breaks, use_reference], justify="start"),
+        mo.hstack([step_button, step8_button, run_button, max_steps, reset_button], justify="start"),
+    ])
+    return (breaks, max_steps, path, prompt, reset_button, run_button, seed, step8_button, step_button, temperature,
+            top_k, top_p, use_reference)
+
+
+@app.cell
+def _(mo):
+    # The one piece of state that must outlive a cell run: the session being stepped.
+    get_session, set_session = mo.state(None)
+    return get_session, set_session
+
+
+@app.cell
+def _(Sampling, Session, WorkbenchError, breaks, get_session, mo, model, path, prompt, reset_button, seed,
+      set_session, temperature, top_k, top_p, use_reference):
+    # A new session whenever what defines it changes (or Reset is clicked); a bad input keeps the old one.
+    session_error = None
+    if model is not None:
+        _key = (id(model), prompt.value, temperature.value, top_k.value, top_p.value, seed.value, path.value,
+                breaks.value, use_reference.value)
+        _old = get_session()
+        if _old is None or _old[0] != _key or reset_button.value:
+            try:
+                _ids = model.tokenizer.encode(prompt.value)
+                _session = Session(
+                    model, _ids, path=path.value,
+                    sampling=Sampling(float(temperature.value), int(top_k.value), float(top_p.value), int(seed.value)),
+                    context=min(model.config.context_length, len(_ids) + 512),
+                    probes=True, breaks=frozenset() if breaks.value == "none" else frozenset({breaks.value}),
+                    reference="llama.cpp" if use_reference.value else None,
+                )
+                set_session((_key, _session))
+            except WorkbenchError as _exc:
+                session_error = str(_exc)
+    mo.callout(mo.md(f"**This input was not applied.** {session_error} The session so far is kept."), kind="warn") if session_error else None
+    return (session_error,)
+
+
+@app.cell
+def _(WorkbenchError, get_session, max_steps, mo, run_button, step8_button, step_button, torch):
+    # Step, Step ×8 or Run: advance the session, then hand its trace to the panels.
+    _entry = get_session()
+    session = _entry[1] if _entry else None
+    step_error = None
+    _n = 1 if step_button.value else 8 if step8_button.value else max_steps.value if run_button.value else 0
+    if session is not None and _n:
+        _bar = mo.status.progress_bar(total=_n, title="Decoding", remove_on_exit=True) if _n > 1 else None
+        try:
+            for _ in range(_n):
+                _result = session.step()
+                if _bar is not None:
+                    _bar.update(subtitle=f"{session.n_generated} tokens")
+                if _result.stop:
+                    step_error = ("The model produced an end-of-generation token." if _result.stop == "eos"
+                                  else "The context is full.") + " Reset to start again."
+                    break
+        except WorkbenchError as _exc:
+            step_error = str(_exc)
+        except torch.OutOfMemoryError:
+            step_error = "The device ran out of memory; the session so far is kept."
+        finally:
+            if _bar is not None:
+                _bar.close()
+    trace = session.trace() if session is not None else None
+    mo.callout(mo.md(step_error), kind="warn") if step_error else None
+    return session, trace
+
+
+@app.cell
+def _(mo):
+    upload = mo.ui.file(filetypes=[".parquet"], label="Show a saved trace")
+    upload
+    return (upload,)
+
+
+@app.cell
+def _(Trace, WorkbenchError, io, mo, trace, upload):
+    # The panels show the live trace, or a saved one when a file was dropped in (no model needed).
+    shown = trace
+    _note = None
+    if upload.value:
+        try:
+            shown = Trace.read(io.BytesIO(upload.contents()))
+            _note = mo.callout(mo.md(f"Showing the saved trace **{upload.name()}** ({shown.meta.get('arch')}, "
+                                     f"{shown.tokens['step'].n_unique()} steps). Remove the file to go back."), kind="info")
+        except WorkbenchError as _exc:
+            _note = mo.callout(mo.md(f"**Not a workbench trace.** {_exc}"), kind="danger")
+    _note
+    return (shown,)
+
+
+@app.cell
+def _(charts, mo, shown):
+    mo.stop(shown is None, mo.md("_Load a model to begin._"))
+    _tokens = shown.tokens
+    _n = _tokens["step"].n_unique() if _tokens.height else 0
+    mo.vstack([
+        mo.md(f"## Generated text\n{_n} generated token(s) after a {len(shown.meta['prompt_ids'])}-token prompt; "
+              "hover a token for its id, position, probability and the top-k alternatives."),
+        mo.Html(charts.token_html(shown.meta["prompt_pieces"], shown.meta["prompt_ids"], _tokens)),
+    ])
+    return
+
+
+@app.cell
+def _(charts, mo, shown):
+    mo.stop(shown is None)
+    _cfg = shown.meta["config"]
+    _kv = shown.kv
+    _length = int(_kv.filter(_kv["path"] == charts.primary_path(_kv))["length"].max() or 0) if _kv.height else 0
+    _element = {"float32": 4, "bfloat16": 2, "float16": 2}.get(shown.meta["dtype"], 4)
+    mo.vstack([
+        mo.md("## KV cache\n" + charts.kv_arithmetic(_cfg, _element, _length)),
+        mo.hstack([mo.ui.altair_chart(charts.kv_growth(_kv)), mo.ui.altair_chart(charts.kv_positions(_kv))], justify="start"),
+    ])
+    return
+
+
+@app.cell
+def _(mo, shown):
+    mo.stop(shown is None)
+    _steps = sorted(shown.qk["step"].unique().to_list()) if shown.qk.height else [0]
+    qk_step = mo.ui.slider(start=_steps[0], stop=max(_steps[-1], _steps[0] + 1), value=_steps[-1], label="step", show_value=True)
+    qk_tensor = mo.ui.radio(options=["q", "k"], value="q", inline=True, label="tensor")
+    return qk_step, qk_tensor
+
+
+@app.cell
+def _(alt, charts, mo, qk_step, qk_tensor, shown):
+    _selection = alt.selection_point(fields=["layer", "head"], name="cell")
+    qk_chart = mo.ui.altair_chart(charts.qk_heatmap(shown.qk, qk_step.value, qk_tensor.value, _selection))
+    return (qk_chart,)
+
+
+@app.cell
+def _(charts, mo, qk_chart, qk_step, qk_tensor, shown):
+    _picked = qk_chart.value
+    _layer, _head = (int(_picked["layer"][0]), int(_picked["head"][0])) if _picked is not None and len(_picked) else (0, 0)
+    _stages = ", ".join(sorted(shown.qk["stage"].unique().to_list())) if shown.qk.height else ""
+    _note = "" if "post" in _stages else " This model has no QK-norm: only the pre-RoPE statistics (stage `pre`) exist."
+    mo.vstack([
+        mo.md(f"## QK norm\nRMS of each head's query and key vectors before (`pre`) and after (`post`) the per-head "
+              f"RMSNorm.{_note}"),
+        mo.hstack([qk_tensor, qk_step], justify="start"),
+        mo.hstack([qk_chart, mo.ui.altair_chart(charts.qk_over_steps(shown.qk, _layer, _head))], justify="start"),
+    ])
+    return
+
+
+@app.cell
+def _(mo, shown):
+    mo.stop(shown is None)
+    _cfg = shown.meta["config"]
+    route_layer = mo.ui.slider(start=0, stop=max(_cfg["n_layers"] - 1, 1), value=0, label="layer", show_value=True)
+    return (route_layer,)
+
+
+@app.cell
+def _(charts, mo, route_layer, shown):
+    _cfg = shown.meta["config"]
+    if _cfg["n_experts"] == 0:
+        _body = mo.md(f"This model ({shown.meta['arch']}) has no experts: every token goes through the same dense FFN.")
+    elif shown.routing.is_empty():
+        _body = mo.md("_Step once to see the router's choices._")
+    else:
+        _body = mo.vstack([
+            route_layer,
+            mo.hstack([mo.ui.altair_chart(charts.routing_histogram(shown.routing, route_layer.value, _cfg["n_experts"])),
+                       mo.ui.altair_chart(charts.routing_heatmap(shown.routing)),
+                       mo.ui.altair_chart(charts.routing_last_token(shown.routing))], justify="start", wrap=True),
+        ])
+    mo.vstack([mo.md(f"## Expert routing\n{_cfg['n_experts_used']} of {_cfg['n_experts']} experts per token."
+                     if _cfg["n_experts"] else "## Expert routing"), _body])
+    return
+
+
+@app.cell
+def _(charts, mo, shown):
+    mo.stop(shown is None)
+    _speed = charts.speedup(shown.tokens)
+    mo.vstack([
+        mo.md("## Tokens/s\nLatency of each step for the KV-cached path (one token through the model) and the uncached "
+              "path (the whole sequence again), over position; the prefill is drawn apart."),
+        mo.hstack([
+            mo.stat(value=charts.fmt_speedup(_speed), label="cached / uncached speedup", caption="last 8 steps", bordered=True),
+            mo.ui.altair_chart(charts.step_latency(shown.tokens)), mo.ui.altair_chart(charts.tokens_per_s(shown.tokens)),
+        ], justify="start", wrap=True),
+    ])
+    return
+
+
+@app.cell
+def _(charts, mo, shown):
+    mo.stop(shown is None)
+    mo.vstack([
+        mo.md("## Equivalence\nThe uncached path is run on the tokens the cached path chose; in float32 their logits must "
+              f"agree to {charts.EQUIV_THRESHOLD:g} × max |logit| (dashed) with the same argmax."),
+        mo.ui.altair_chart(charts.equivalence(shown.equiv)),
+    ])
+    return
+
+
+@app.cell
+def _(charts, mo, shown):
+    mo.stop(shown is None)
+    _bad = shown.first_bad_layer()
+    _msg = (f"First non-finite value: step {_bad['step'][0]}, layer {_bad['first_bad_layer'][0]}." if _bad.height
+            else "No NaN or Inf so far.")
+    mo.vstack([mo.md(f"## Layer health\n{_msg}"), mo.ui.altair_chart(charts.layer_health(shown.layers))])
+    return
+
+
+@app.cell
+def _(charts, mo, shown):
+    mo.stop(shown is None)
+    mo.vstack([mo.md("## Reference\nllama.cpp on the same file and the same tokens (switch it on above; needs "
+                     "llama-cpp-python)."), mo.ui.altair_chart(charts.reference(shown.reference))])
+    return
+
+
+@app.cell
+def _(io, mo, shown):
+    mo.stop(shown is None)
+
+    def _parquet():
+        _buffer = io.BytesIO()
+        shown.write(_buffer)
+        return _buffer.getvalue()
+
+    mo.download(data=_parquet, filename="workbench-trace.parquet", label="Download the trace (Parquet)")
+    return
+
+
+if __name__ == "__main__":
+    app.run()

@@ -1,0 +1,255 @@
+"""Altair charts from trace frames: one function per chart, frames in, chart out (no engine calls here).
+
+Every builder takes the polars frames of a Trace (trace.py) and returns an `alt.Chart` (or a small layered /
+concatenated chart). The app and the walkthrough only arrange what these return.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+import altair as alt
+import polars as pl
+
+WIDTH = 320
+HEIGHT = 180
+PATH_COLORS = alt.Scale(domain=["cached", "uncached"], range=["#1f77b4", "#ff7f0e"])
+EQUIV_THRESHOLD = 1e-4  # max |Δlogit| / max |logit| that cached vs uncached may reach in fp32
+
+
+def primary_path(frame: pl.DataFrame) -> str:
+    """The path whose rows a single-path chart shows: cached when the run has it."""
+    paths = set(frame["path"].unique().to_list()) if "path" in frame.columns and frame.height else set()
+    return "cached" if "cached" in paths or not paths else sorted(paths)[0]
+
+
+def _one_path(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.filter(pl.col("path") == primary_path(frame)) if frame.height else frame
+
+
+def empty_chart(message: str) -> alt.Chart:
+    return alt.Chart(pl.DataFrame({"text": [message]})).mark_text(size=13, color="#666").encode(
+        text="text:N").properties(width=WIDTH, height=60)
+
+
+# --- generated text ---------------------------------------------------------------------------------------
+
+def token_html(prompt_pieces: list[str], prompt_ids: list[int], tokens: pl.DataFrame) -> str:
+    """The prompt and the generated tokens with visible boundaries; hovering a generated token shows its id,
+    position, probability and the top-k alternatives (from the tokens frame's candidates)."""
+    style = ("<style>#generated-text{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.9}"
+             "#generated-text .tok{border:1px solid #bbb;border-radius:3px;padding:0 1px;margin:0 1px}"
+             "#generated-text .gen{background:#e8f1fb;border-color:#7aa7d6}"
+             "#generated-text .eos{background:#fde2e2}</style>")
+    spans = [f'<span class="tok" title="{html.escape(f"prompt token {i} · id {t}")}">{_visible(p)}</span>'
+             for i, (p, t) in enumerate(zip(prompt_pieces, prompt_ids))]
+    for row in _one_path(tokens).sort("step").iter_rows(named=True):
+        tip = f"id {row['token_id']} · position {row['position']}"
+        if row["top_ids"]:
+            ids, probs = list(row["top_ids"]), list(row["top_probs"])
+            chosen = probs[ids.index(row["token_id"])] if row["token_id"] in ids else None
+            tip += f" · p = {chosen:.3f}" if chosen is not None else ""
+            tip += "\ntop-k: " + ", ".join(f"{i} ({p:.3f})" for i, p in zip(ids, probs))
+        spans.append(f'<span class="tok gen" title="{html.escape(tip)}">{_visible(row["piece"])}</span>')
+    return style + '<div id="generated-text">' + "".join(spans) + "</div>"
+
+
+def _visible(piece: str) -> str:
+    text = html.escape(piece)
+    return text.replace("\n", "↵\n") if text.strip() else (text.replace(" ", "·").replace("\n", "↵\n") or "∅")
+
+
+# --- KV cache -----------------------------------------------------------------------------------------------
+
+def kv_growth(kv: pl.DataFrame) -> alt.Chart:
+    """Bytes held per layer over steps (stacked), with the cache's capacity as a rule."""
+    df = _one_path(kv)
+    if df.is_empty():
+        return empty_chart("no steps yet")
+    df = df.with_columns(((pl.col("k_bytes") + pl.col("v_bytes")) / 2**20).alias("MiB"))
+    capacity = df.group_by("step").agg((pl.col("capacity_bytes").sum() / 2**20).alias("capacity MiB"))
+    area = alt.Chart(df).mark_area(opacity=0.85).encode(
+        x=alt.X("step:Q", title="step"),
+        y=alt.Y("sum(MiB):Q", title="K + V MiB", stack="zero"),
+        color=alt.Color("layer:O", legend=None, scale=alt.Scale(scheme="viridis")),
+        tooltip=["step", "layer", "length", "k_bytes", "v_bytes"],
+    )
+    rule = alt.Chart(capacity).mark_line(strokeDash=[4, 3], color="#c00").encode(
+        x="step:Q", y="capacity MiB:Q", tooltip=["step", "capacity MiB"])
+    return (area + rule).properties(width=WIDTH, height=HEIGHT, title="KV bytes per layer (stacked) vs capacity (dashed)")
+
+
+def kv_positions(kv: pl.DataFrame) -> alt.Chart:
+    """Positions filled per layer at the latest step: every layer should hold the same number."""
+    df = _one_path(kv)
+    if df.is_empty():
+        return empty_chart("no steps yet")
+    last = df.filter(pl.col("step") == df["step"].max())
+    return alt.Chart(last).mark_bar().encode(
+        x=alt.X("layer:O"), y=alt.Y("length:Q", title="positions"), tooltip=["layer", "length", "k_bytes", "v_bytes"],
+    ).properties(width=WIDTH, height=HEIGHT, title="positions cached per layer (latest step)")
+
+
+# --- QK norm --------------------------------------------------------------------------------------------------
+
+def qk_heatmap(qk: pl.DataFrame, step: int, tensor: str, selection: alt.Parameter | None = None) -> alt.Chart:
+    """layer × head RMS of q or k, before and after the per-head norm, at one step."""
+    df = _one_path(qk).filter((pl.col("step") == step) & (pl.col("tensor") == tensor))
+    if df.is_empty():
+        return empty_chart("no QK statistics at this step")
+    chart = alt.Chart(df).mark_rect().encode(
+        x=alt.X("head:O"),
+        y=alt.Y("layer:O", sort="descending"),
+        color=alt.Color("rms:Q", scale=alt.Scale(scheme="magma", type="log"), title=f"{tensor} RMS"),
+        tooltip=["layer", "head", "stage", alt.Tooltip("rms:Q", format=".4f"), alt.Tooltip("max_abs:Q", format=".3f")],
+    ).properties(width=WIDTH // 2, height=HEIGHT)
+    if selection is not None:
+        chart = chart.add_params(selection).encode(opacity=alt.condition(selection, alt.value(1.0), alt.value(0.35)))
+    return chart.facet(column=alt.Column("stage:N", sort=["pre", "post"], title=None)).properties(
+        title=f"{tensor}: RMS per layer × head at step {step} (click a cell)")
+
+
+def qk_over_steps(qk: pl.DataFrame, layer: int, head: int) -> alt.Chart:
+    df = _one_path(qk).filter((pl.col("layer") == layer) & (pl.col("head") == head))
+    if df.is_empty():
+        return empty_chart(f"layer {layer}, head {head}: no data")
+    df = df.with_columns((pl.col("tensor") + " " + pl.col("stage")).alias("series"))
+    return alt.Chart(df).mark_line(point=True).encode(
+        x="step:Q", y=alt.Y("rms:Q", title="RMS"), color=alt.Color("series:N", title=None),
+        tooltip=["step", "series", alt.Tooltip("rms:Q", format=".4f"), alt.Tooltip("max_abs:Q", format=".3f")],
+    ).properties(width=WIDTH, height=HEIGHT, title=f"layer {layer}, head {head} over steps")
+
+
+# --- Expert routing -------------------------------------------------------------------------------------------
+
+def routing_histogram(routing: pl.DataFrame, layer: int, n_experts: int) -> alt.Chart:
+    """How often each expert was picked at one layer, over all tokens so far."""
+    df = _one_path(routing).filter(pl.col("layer") == layer)
+    counts = pl.DataFrame({"expert": list(range(n_experts))}).join(
+        df.group_by("expert").len("picks"), on="expert", how="left").fill_null(0)
+    return alt.Chart(counts).mark_bar().encode(
+        x=alt.X("expert:O"), y=alt.Y("picks:Q"), tooltip=["expert", "picks"],
+    ).properties(width=WIDTH, height=HEIGHT, title=f"expert picks at layer {layer}")
+
+
+def routing_heatmap(routing: pl.DataFrame) -> alt.Chart:
+    """layer × expert pick counts over every step so far."""
+    df = _one_path(routing).group_by("layer", "expert").len("picks")
+    return alt.Chart(df).mark_rect().encode(
+        x=alt.X("expert:O"), y=alt.Y("layer:O", sort="descending"),
+        color=alt.Color("picks:Q", scale=alt.Scale(scheme="blues")), tooltip=["layer", "expert", "picks"],
+    ).properties(width=WIDTH, height=HEIGHT, title="picks per layer × expert (all steps)")
+
+
+def routing_last_token(routing: pl.DataFrame) -> alt.Chart:
+    """The top-k experts and their (renormalised) weights for the newest token, per layer."""
+    df = _one_path(routing)
+    last = df.filter(pl.col("step") == df["step"].max())
+    last = last.filter(pl.col("position") == last["position"].max())
+    return alt.Chart(last).mark_bar().encode(
+        y=alt.Y("layer:O", sort="descending"), x=alt.X("weight:Q", stack="zero", title="router weight"),
+        color=alt.Color("expert:N", scale=alt.Scale(scheme="tableau20")),
+        tooltip=["layer", "rank", "expert", alt.Tooltip("weight:Q", format=".3f"), alt.Tooltip("router_entropy:Q", format=".3f")],
+    ).properties(width=WIDTH, height=HEIGHT, title="top-k weights of the newest token")
+
+
+# --- Tokens/s ---------------------------------------------------------------------------------------------------
+
+def step_latency(tokens: pl.DataFrame) -> alt.Chart:
+    """ms per generated token over position for each path; the prefill is drawn apart (hollow diamond)."""
+    if tokens.is_empty():
+        return empty_chart("no steps yet")
+    df = tokens.with_columns((pl.col("seconds") * 1000).alias("ms"))
+    decode = alt.Chart(df.filter(~pl.col("prefill"))).mark_line(point=True).encode(
+        x=alt.X("position:Q"), y=alt.Y("ms:Q", title="ms per step"),
+        color=alt.Color("path:N", scale=PATH_COLORS),
+        tooltip=["step", "position", "path", alt.Tooltip("ms:Q", format=".2f"), alt.Tooltip("tokens_per_s:Q", format=".1f")],
+    )
+    prefill = alt.Chart(df.filter(pl.col("prefill"))).mark_point(shape="diamond", size=120, filled=False, color="#555").encode(
+        x="position:Q", y="ms:Q", tooltip=["n_tokens", alt.Tooltip("ms:Q", format=".2f")])
+    return (decode + prefill).properties(width=WIDTH, height=HEIGHT, title="latency per step (◇ = prefill)")
+
+
+def tokens_per_s(tokens: pl.DataFrame) -> alt.Chart:
+    if tokens.is_empty():
+        return empty_chart("no steps yet")
+    df = tokens.filter(~pl.col("prefill"))
+    return alt.Chart(df).mark_line(point=True).encode(
+        x="position:Q", y=alt.Y("tokens_per_s:Q", title="tokens/s"), color=alt.Color("path:N", scale=PATH_COLORS),
+        tooltip=["step", "position", "path", alt.Tooltip("tokens_per_s:Q", format=".1f")],
+    ).properties(width=WIDTH, height=HEIGHT, title="tokens/s per decode step")
+
+
+def speedup(tokens: pl.DataFrame, last: int = 8) -> float | None:
+    """cached / uncached tokens/s over the last `last` decode steps both paths ran."""
+    df = tokens.filter(~pl.col("prefill"))
+    if df.is_empty() or df["path"].n_unique() < 2:
+        return None
+    recent = df.filter(pl.col("step") > df["step"].max() - last)
+    rate = recent.group_by("path").agg(pl.col("tokens_per_s").mean())
+    by_path = dict(zip(rate["path"], rate["tokens_per_s"]))
+    if not by_path.get("uncached"):
+        return None
+    return by_path["cached"] / by_path["uncached"]
+
+
+# --- Equivalence, layers, reference -----------------------------------------------------------------------------
+
+def equivalence(equiv: pl.DataFrame) -> alt.Chart:
+    """max |Δlogit| / max |logit| per step (log scale), cached vs uncached, with the fp32 threshold."""
+    if equiv.is_empty():
+        return empty_chart("run with path 'both' to compare the paths")
+    df = equiv.with_columns(
+        (pl.col("max_abs_diff") / pl.col("max_abs_logit")).clip(lower_bound=1e-9).alias("relative"),
+        pl.when(pl.col("argmax_equal")).then(pl.lit("same")).otherwise(pl.lit("different")).alias("argmax"),
+    )
+    points = alt.Chart(df).mark_line(point=True, color="#888").encode(
+        x="step:Q", y=alt.Y("relative:Q", scale=alt.Scale(type="log"), title="max |Δlogit| / max |logit|"),
+        tooltip=["step", alt.Tooltip("max_abs_diff:Q", format=".2e"), alt.Tooltip("cosine:Q", format=".6f"), "argmax"],
+    )
+    marks = alt.Chart(df).mark_point(filled=True, size=60).encode(
+        x="step:Q", y="relative:Q",
+        color=alt.Color("argmax:N", scale=alt.Scale(domain=["same", "different"], range=["#2a9d8f", "#d62828"])))
+    rule = alt.Chart(pl.DataFrame({"threshold": [EQUIV_THRESHOLD]})).mark_rule(strokeDash=[4, 3], color="#c00").encode(y="threshold:Q")
+    return (points + marks + rule).properties(width=WIDTH, height=HEIGHT, title="cached vs uncached logits per step")
+
+
+def layer_health(layers: pl.DataFrame) -> alt.Chart:
+    """Residual RMS per layer per step; a red cross where a layer's output first holds NaN/Inf."""
+    df = _one_path(layers)
+    if df.is_empty():
+        return empty_chart("no steps yet")
+    df = df.with_columns(((pl.col("nan") + pl.col("inf")) > 0).alias("bad"),
+                         pl.when(pl.col("resid_rms").is_finite()).then(pl.col("resid_rms")).otherwise(None).alias("rms"))
+    heat = alt.Chart(df).mark_rect().encode(
+        x=alt.X("step:O"), y=alt.Y("layer:O", sort="descending"),
+        color=alt.Color("rms:Q", scale=alt.Scale(scheme="viridis", type="log"), title="residual RMS"),
+        tooltip=["step", "layer", alt.Tooltip("resid_rms:Q", format=".3f"), alt.Tooltip("resid_max_abs:Q", format=".3f"), "nan", "inf"],
+    )
+    first_bad = df.filter(pl.col("bad")).group_by("step").agg(pl.col("layer").min())
+    cross = alt.Chart(first_bad).mark_text(text="✕", color="red", size=16).encode(x="step:O", y=alt.Y("layer:O", sort="descending"))
+    return (heat + cross).properties(width=WIDTH, height=HEIGHT, title="residual stream RMS (✕ = first NaN/Inf)")
+
+
+def reference(ref: pl.DataFrame) -> alt.Chart:
+    if ref.is_empty():
+        return empty_chart("switch the llama.cpp reference on to compare")
+    df = ref.with_columns(pl.when(pl.col("top1_equal")).then(pl.lit("same")).otherwise(pl.lit("different")).alias("top-1"))
+    return alt.Chart(df).mark_line(point=True).encode(
+        x="step:Q", y=alt.Y("cosine:Q", scale=alt.Scale(zero=False), title="cosine(ours, llama.cpp)"),
+        color=alt.Color("top-1:N", scale=alt.Scale(domain=["same", "different"], range=["#2a9d8f", "#d62828"])),
+        tooltip=["step", "position", alt.Tooltip("cosine:Q", format=".5f"), "top-1"],
+    ).properties(width=WIDTH, height=HEIGHT, title="logits vs llama.cpp on the same tokens")
+
+
+def kv_arithmetic(config: dict, element_size: int, length: int) -> str:
+    """The memory arithmetic behind the KV chart, written out (markdown)."""
+    per_token = config["n_layers"] * config["n_kv_heads"] * config["head_dim"] * 2 * element_size
+    return (f"{config['n_layers']} layers × {config['n_kv_heads']} KV heads × {config['head_dim']} head_dim × 2 (K and V) "
+            f"× {element_size} bytes = **{per_token:,} bytes per token**; × {length} positions = "
+            f"**{per_token * length / 2**20:.2f} MiB**")
+
+
+def fmt_speedup(value: float | None) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.1f}×"
