@@ -57,6 +57,7 @@ from gguf import (
 from gguf.quants import dequantize, quantize
 
 from workbench.errors import InputError
+from workbench.tokenizer import bytes_to_unicode
 
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
 
@@ -192,21 +193,9 @@ for i in range(10):
 _PRETOKENIZE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte → printable character map (space → 'Ġ', newline → 'Ċ', …)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
 def build_vocab() -> tuple[list[str], list[str]]:
     """The tiny byte-level BPE vocabulary: (tokens, merges). Bytes first (id = byte value), control tokens last."""
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
     tokens = [byte_chars[b] for b in range(256)]
     known = set(tokens)
     words: Counter[tuple[str, ...]] = Counter(

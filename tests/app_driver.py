@@ -1,0 +1,307 @@
+"""Drives the marimo app (notebooks/workbench.py) in headless Debian chromium via Playwright.
+
+Used by tests/test_app_browser.py. Facts about the DOM of `marimo run` (marimo 0.25) this relies on:
+
+- The app is rendered into the page itself (no iframes). UI elements are custom elements with open shadow
+  roots: `<marimo-ui-element><marimo-button>#shadow-root<button>Step</button>`, charts made with
+  `mo.ui.altair_chart` are `<marimo-vega>#shadow-root<div class="vega-embed">…`, plain altair charts are
+  `<marimo-mime-renderer>#shadow-root<div class="vega-embed">…`. Playwright's locators pierce open
+  shadow roots; `document.querySelectorAll` does not, so the page-side scripts below walk them by hand.
+- vega-embed draws with the canvas renderer (`canvas.marks`); `.vega-embed` also holds an `svg` (the "…"
+  actions icon), so "has an svg" says nothing about the chart.
+- While the kernel runs cells, marimo shows `[data-testid="loading-indicator"]`; it appears a few hundred
+  ms after a click and disappears when every cell has finished. Buttons are visible before the initial
+  run ends, so "ready" = Step visible + tokens on the page + kernel idle for a moment.
+- A cell that raises shows only "An internal error occurred" in run mode; the traceback goes to the
+  server's stderr (kept in a log file here and attached to failures).
+- The page itself does not scroll (an inner `absolute inset-0` div does), so a full-page screenshot needs
+  the viewport grown to the content's height first.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+LOADING = '[data-testid="loading-indicator"]'
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class MarimoServer:
+    """`marimo run NOTEBOOK --headless` in its own process group, output to a log file."""
+
+    notebook: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self, cwd: Path) -> None:
+        env = dict(os.environ)
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MARIMO_SKIP_UPDATE_CHECK="1")
+        fd, log = tempfile.mkstemp(prefix="marimo-run-", suffix=".log")
+        self.log_path = Path(log)
+        cmd = [sys.executable, "-m", "marimo", "run", str(self.notebook), "--headless",
+               "--host", "127.0.0.1", "--port", str(self.port), "--no-token", "--no-sandbox"]
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=fd,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        os.close(fd)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"marimo exited with {self.proc.returncode}\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"marimo did not answer on {self.url} within {timeout:.0f} s\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = self.proc.pid  # start_new_session: the group id is the server's pid
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def log_tail(self, n: int = 4000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(no server log)"
+        text = self.log_path.read_text(errors="replace")
+        return "--- marimo server log (tail) ---\n" + text[-n:]
+
+
+def launch_chromium(playwright, viewport=(1400, 1000)):
+    """A persistent context on a fresh profile dir (returned so the caller can delete it)."""
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    ctx = playwright.chromium.launch_persistent_context(
+        profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
+        viewport={"width": viewport[0], "height": viewport[1]},
+    )
+    return ctx, profile
+
+
+# Page-side helpers. walk() visits the DOM in document order, descending into open shadow roots
+# (shadow content first, then light children), and hands each element to a visitor.
+_JS_WALK = """
+const walk = (root, visit) => {
+  const kids = root.children || [];
+  for (const el of kids) {
+    visit(el);
+    if (el.shadowRoot) walk(el.shadowRoot, visit);
+    walk(el, visit);
+  }
+};
+const norm = s => (s || '').replace(/\\s+/g, ' ').trim();
+"""
+
+_JS_TOKENS = _JS_WALK + """
+() => {
+  // Contract: span.tok inside #generated-text, else the span.tok under the "Generated text" h2.
+  let byId = null; const underHeading = []; const all = []; let heading = null; let sawHeading = false;
+  walk(document, el => {
+    if (el.id === 'generated-text' && byId === null) byId = el;
+    if (el.tagName === 'H2') { heading = norm(el.textContent); if (/generated text/i.test(heading)) sawHeading = true; }
+    if (el.tagName === 'SPAN' && el.classList.contains('tok')) {
+      all.push(el);
+      if (heading && /generated text/i.test(heading)) underHeading.push(el);
+    }
+  });
+  let toks, source;
+  if (byId) { toks = []; walk(byId, el => { if (el.tagName === 'SPAN' && el.classList.contains('tok')) toks.push(el); }); source = '#generated-text'; }
+  else if (sawHeading) { toks = underHeading; source = 'h2 Generated text'; }
+  else { toks = all; source = 'whole page (no #generated-text, no "Generated text" h2)'; }
+  return {
+    count: toks.length,
+    generated: toks.filter(t => t.classList.contains('gen')).length,
+    text: toks.map(t => t.textContent).join(''),
+    source,
+  };
+}
+"""
+
+_JS_CHARTS = _JS_WALK + """
+() => {
+  // Every vega chart on the page, with the nearest h2 before it in document order (its panel).
+  const out = []; let heading = null;
+  walk(document, el => {
+    if (el.tagName === 'H2') heading = norm(el.textContent);
+    if (!(el.classList && el.classList.contains('vega-embed'))) return;
+    const info = {heading, kind: null, width: 0, height: 0, coloredPixels: 0, inkPixels: 0, markItems: 0};
+    const canvas = el.querySelector('canvas.marks') || el.querySelector('canvas');
+    const svg = el.querySelector('svg.marks');
+    if (canvas) {
+      info.kind = 'canvas'; info.width = canvas.width; info.height = canvas.height;
+      try {
+        const ctx = canvas.getContext('2d');
+        const d = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+        for (let i = 0; i < d.length; i += 4) {
+          const [r, g, b, a] = [d[i], d[i + 1], d[i + 2], d[i + 3]];
+          if (a < 32) continue;
+          if (r < 245 || g < 245 || b < 245) info.inkPixels++;
+          if (Math.max(r, g, b) - Math.min(r, g, b) > 40) info.coloredPixels++;  // axes/grid/text are grey
+        }
+      } catch (e) { info.error = String(e); }
+    } else if (svg) {
+      info.kind = 'svg';
+      const box = svg.getBoundingClientRect(); info.width = box.width; info.height = box.height;
+      info.markItems = Array.from(svg.querySelectorAll('g.role-mark'))
+        .filter(g => !g.closest('.role-axis, .role-legend, .role-title'))
+        .reduce((n, g) => n + g.children.length, 0);
+    }
+    out.push(info);
+  });
+  return out;
+}
+"""
+
+_JS_CONTENT_HEIGHT = """
+() => {
+  let h = document.documentElement.scrollHeight;
+  for (const el of document.querySelectorAll('*')) {
+    if (el.scrollHeight > el.clientHeight + 1) {
+      const oy = getComputedStyle(el).overflowY;
+      if (oy === 'auto' || oy === 'scroll') h = Math.max(h, el.scrollHeight + el.getBoundingClientRect().top);
+    }
+  }
+  return Math.ceil(h);
+}
+"""
+
+
+def chart_has_data(c: dict) -> bool:
+    """A drawn chart with data marks: canvas with saturated (non-grey) pixels, or svg with mark items."""
+    if c["width"] <= 0 or c["height"] <= 0:
+        return False
+    if c["kind"] == "canvas":
+        return c["coloredPixels"] >= 20
+    if c["kind"] == "svg":
+        return c["markItems"] > 0
+    return False
+
+
+class AppPage:
+    def __init__(self, page, server: MarimoServer | None = None):
+        self.page = page
+        self.server = server
+
+    # ---- state -------------------------------------------------------------------------------------
+    def tokens(self) -> dict:
+        return self.page.evaluate(_JS_TOKENS)
+
+    def token_count(self) -> int:
+        return self.tokens()["count"]
+
+    def charts(self) -> list[dict]:
+        return self.page.evaluate(_JS_CHARTS)
+
+    def busy(self) -> bool:
+        return self.page.locator(LOADING).count() > 0
+
+    def button(self, label: str):
+        return self.page.get_by_role("button", name=label, exact=True)
+
+    def diagnostics(self) -> str:
+        try:
+            body = self.page.evaluate("() => document.body.innerText")[:1500]
+        except Exception as exc:  # the page may be gone
+            body = f"(no page text: {exc})"
+        log = self.server.log_tail() if self.server else ""
+        return f"--- page text (head) ---\n{body}\n{log}"
+
+    # ---- waiting -----------------------------------------------------------------------------------
+    def wait_until(self, pred, timeout: float, what: str, poll: float = 0.2):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = pred()
+            if last:
+                return last
+            self.page.wait_for_timeout(poll * 1000)
+        raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.diagnostics()}")
+
+    def wait_idle(self, timeout: float, quiet: float = 1.0) -> None:
+        """The kernel has had nothing running for `quiet` seconds (the indicator shows up with a delay)."""
+        state = {"since": None}
+
+        def idle():
+            now = time.monotonic()
+            if self.busy():
+                state["since"] = None
+                return False
+            state["since"] = state["since"] or now
+            return now - state["since"] >= quiet
+
+        self.wait_until(idle, timeout, "the kernel to go idle", poll=0.1)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Initial run done: Step visible, tokens rendered, kernel idle."""
+        t0 = time.monotonic()
+        left = lambda: max(1.0, timeout - (time.monotonic() - t0))  # noqa: E731
+        try:
+            self.button("Step").wait_for(state="visible", timeout=left() * 1000)
+        except Exception as exc:
+            raise TimeoutError(f"no visible 'Step' button within {timeout:.0f} s: {exc}\n{self.diagnostics()}")
+        self.wait_until(lambda: self.token_count() > 0, left(), "tokens (span.tok) in the generated text")
+        self.wait_idle(left())
+
+    def click_and_wait(self, label: str, expect_more_tokens: bool = True, timeout: float = 60) -> int:
+        """Click a button; wait until the token count grows (if expected) and the kernel is idle again."""
+        before = self.token_count()
+        self.button(label).click()
+        if expect_more_tokens:
+            self.wait_until(lambda: self.token_count() > before, timeout,
+                            f"the token count to grow past {before} after clicking {label!r}")
+        self.wait_idle(timeout)
+        return self.token_count()
+
+    # ---- output ------------------------------------------------------------------------------------
+    def full_page_screenshot(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vp = self.page.viewport_size
+        height = min(max(vp["height"], self.page.evaluate(_JS_CONTENT_HEIGHT)), 12000)
+        self.page.set_viewport_size({"width": vp["width"], "height": height})
+        self.page.wait_for_timeout(1000)  # let charts re-layout
+        self.page.screenshot(path=str(path), full_page=True)
+        self.page.set_viewport_size(vp)
