@@ -112,7 +112,7 @@ def _(FILE, device, dtype, load_button, mo, model, model_choice, model_path, she
     if shelf.error:
         _notes.append(mo.callout(mo.md(f"**Could not load the model.** {shelf.error} The model loaded before is kept."), kind="danger"))
     _card_view = _card(model) if model is not None else mo.md("_No model loaded yet._")
-    mo.vstack([_controls, _file_row, *_notes, mo.accordion({"Model card": _card_view}, lazy=False)])
+    mo.vstack([v for v in (_controls, _file_row, *_notes, mo.accordion({"Model card": _card_view}, lazy=False)) if v is not None])
     return
 
 

@@ -136,22 +136,32 @@ const walk = (root, visit) => {
 const norm = s => (s || '').replace(/\\s+/g, ' ').trim();
 """
 
-_JS_TOKENS = _JS_WALK + """
+_JS_TOKENS = """
 () => {
-  // Contract: span.tok inside #generated-text, else the span.tok under the "Generated text" h2.
-  let byId = null; const underHeading = []; const all = []; let heading = null; let sawHeading = false;
+""" + _JS_WALK + """
+  // Contract: span.tok inside #token-view, else the span.tok under the "Generated text" h2.
+  const isTok = el => el.tagName === 'SPAN' && el.classList.contains('tok');
+  const inside = root => { const t = []; walk(root, el => { if (isTok(el)) t.push(el); }); return t; };
+  const byId = []; const underHeading = []; const all = []; let heading = null; let sawHeading = false;
   walk(document, el => {
-    if (el.id === 'generated-text' && byId === null) byId = el;
-    if (el.tagName === 'H2') { heading = norm(el.textContent); if (/generated text/i.test(heading)) sawHeading = true; }
-    if (el.tagName === 'SPAN' && el.classList.contains('tok')) {
+    if (el.id === 'token-view') byId.push(el);
+    if (el.tagName === 'H2') {
+      heading = norm(el.textContent);
+      if (/generated text/i.test(heading)) sawHeading = true;
+    }
+    if (isTok(el)) {
       all.push(el);
       if (heading && /generated text/i.test(heading)) underHeading.push(el);
     }
   });
   let toks, source;
-  if (byId) { toks = []; walk(byId, el => { if (el.tagName === 'SPAN' && el.classList.contains('tok')) toks.push(el); }); source = '#generated-text'; }
-  else if (sawHeading) { toks = underHeading; source = 'h2 Generated text'; }
-  else { toks = all; source = 'whole page (no #generated-text, no "Generated text" h2)'; }
+  if (byId.length) {
+    toks = byId.map(inside).reduce((a, b) => (b.length > a.length ? b : a)); source = '#token-view';
+  } else if (sawHeading) {
+    toks = underHeading; source = 'h2 Generated text';
+  } else {
+    toks = all; source = 'whole page (no #token-view, no "Generated text" h2)';
+  }
   return {
     count: toks.length,
     generated: toks.filter(t => t.classList.contains('gen')).length,
@@ -161,8 +171,9 @@ _JS_TOKENS = _JS_WALK + """
 }
 """
 
-_JS_CHARTS = _JS_WALK + """
+_JS_CHARTS = """
 () => {
+""" + _JS_WALK + """
   // Every vega chart on the page, with the nearest h2 before it in document order (its panel).
   const out = []; let heading = null;
   walk(document, el => {

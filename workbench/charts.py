@@ -18,6 +18,11 @@ PATH_COLORS = alt.Scale(domain=["cached", "uncached"], range=["#1f77b4", "#ff7f0
 EQUIV_THRESHOLD = 1e-4  # max |Δlogit| / max |logit| that cached vs uncached may reach in fp32
 
 
+def _count_x(field: str) -> alt.X:
+    """An x axis of steps or positions: whole numbers only."""
+    return alt.X(f"{field}:Q", axis=alt.Axis(tickMinStep=1, format="d"), title=field)
+
+
 def primary_path(frame: pl.DataFrame) -> str:
     """The path whose rows a single-path chart shows: cached when the run has it."""
     paths = set(frame["path"].unique().to_list()) if "path" in frame.columns and frame.height else set()
@@ -30,7 +35,7 @@ def _one_path(frame: pl.DataFrame) -> pl.DataFrame:
 
 def empty_chart(message: str) -> alt.Chart:
     return alt.Chart(pl.DataFrame({"text": [message]})).mark_text(size=13, color="#666").encode(
-        text="text:N").properties(width=WIDTH, height=60)
+        text=alt.Text("text:N")).properties(width=WIDTH, height=60)
 
 
 # --- generated text ---------------------------------------------------------------------------------------
@@ -38,10 +43,10 @@ def empty_chart(message: str) -> alt.Chart:
 def token_html(prompt_pieces: list[str], prompt_ids: list[int], tokens: pl.DataFrame) -> str:
     """The prompt and the generated tokens with visible boundaries; hovering a generated token shows its id,
     position, probability and the top-k alternatives (from the tokens frame's candidates)."""
-    style = ("<style>#generated-text{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.9}"
-             "#generated-text .tok{border:1px solid #bbb;border-radius:3px;padding:0 1px;margin:0 1px}"
-             "#generated-text .gen{background:#e8f1fb;border-color:#7aa7d6}"
-             "#generated-text .eos{background:#fde2e2}</style>")
+    style = ("<style>#token-view{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.9}"
+             "#token-view .tok{border:1px solid #bbb;border-radius:3px;padding:0 1px;margin:0 1px}"
+             "#token-view .gen{background:#e8f1fb;border-color:#7aa7d6}"
+             "#token-view .eos{background:#fde2e2}</style>")
     spans = [f'<span class="tok" title="{html.escape(f"prompt token {i} · id {t}")}">{_visible(p)}</span>'
              for i, (p, t) in enumerate(zip(prompt_pieces, prompt_ids))]
     for row in _one_path(tokens).sort("step").iter_rows(named=True):
@@ -52,7 +57,7 @@ def token_html(prompt_pieces: list[str], prompt_ids: list[int], tokens: pl.DataF
             tip += f" · p = {chosen:.3f}" if chosen is not None else ""
             tip += "\ntop-k: " + ", ".join(f"{i} ({p:.3f})" for i, p in zip(ids, probs))
         spans.append(f'<span class="tok gen" title="{html.escape(tip)}">{_visible(row["piece"])}</span>')
-    return style + '<div id="generated-text">' + "".join(spans) + "</div>"
+    return style + '<div id="token-view">' + "".join(spans) + "</div>"
 
 
 def _visible(piece: str) -> str:
@@ -70,13 +75,13 @@ def kv_growth(kv: pl.DataFrame) -> alt.Chart:
     df = df.with_columns(((pl.col("k_bytes") + pl.col("v_bytes")) / 2**20).alias("MiB"))
     capacity = df.group_by("step").agg((pl.col("capacity_bytes").sum() / 2**20).alias("capacity MiB"))
     area = alt.Chart(df).mark_area(opacity=0.85).encode(
-        x=alt.X("step:Q", title="step"),
+        x=_count_x("step"),
         y=alt.Y("sum(MiB):Q", title="K + V MiB", stack="zero"),
         color=alt.Color("layer:O", legend=None, scale=alt.Scale(scheme="viridis")),
-        tooltip=["step", "layer", "length", "k_bytes", "v_bytes"],
+        tooltip=[alt.Tooltip("step"), alt.Tooltip("layer"), alt.Tooltip("length"), alt.Tooltip("k_bytes"), alt.Tooltip("v_bytes")],
     )
     rule = alt.Chart(capacity).mark_line(strokeDash=[4, 3], color="#c00").encode(
-        x="step:Q", y="capacity MiB:Q", tooltip=["step", "capacity MiB"])
+        x=alt.X("step:Q"), y=alt.Y("capacity MiB:Q"), tooltip=[alt.Tooltip("step"), alt.Tooltip("capacity MiB")])
     return (area + rule).properties(width=WIDTH, height=HEIGHT, title="KV bytes per layer (stacked) vs capacity (dashed)")
 
 
@@ -87,7 +92,7 @@ def kv_positions(kv: pl.DataFrame) -> alt.Chart:
         return empty_chart("no steps yet")
     last = df.filter(pl.col("step") == df["step"].max())
     return alt.Chart(last).mark_bar().encode(
-        x=alt.X("layer:O"), y=alt.Y("length:Q", title="positions"), tooltip=["layer", "length", "k_bytes", "v_bytes"],
+        x=alt.X("layer:O"), y=alt.Y("length:Q", title="positions"), tooltip=[alt.Tooltip("layer"), alt.Tooltip("length"), alt.Tooltip("k_bytes"), alt.Tooltip("v_bytes")],
     ).properties(width=WIDTH, height=HEIGHT, title="positions cached per layer (latest step)")
 
 
@@ -102,7 +107,7 @@ def qk_heatmap(qk: pl.DataFrame, step: int, tensor: str, selection: alt.Paramete
         x=alt.X("head:O"),
         y=alt.Y("layer:O", sort="descending"),
         color=alt.Color("rms:Q", scale=alt.Scale(scheme="magma", type="log"), title=f"{tensor} RMS"),
-        tooltip=["layer", "head", "stage", alt.Tooltip("rms:Q", format=".4f"), alt.Tooltip("max_abs:Q", format=".3f")],
+        tooltip=[alt.Tooltip("layer"), alt.Tooltip("head"), alt.Tooltip("stage"), alt.Tooltip("rms:Q", format=".4f"), alt.Tooltip("max_abs:Q", format=".3f")],
     ).properties(width=WIDTH // 2, height=HEIGHT)
     if selection is not None:
         chart = chart.add_params(selection).encode(opacity=alt.condition(selection, alt.value(1.0), alt.value(0.35)))
@@ -116,8 +121,8 @@ def qk_over_steps(qk: pl.DataFrame, layer: int, head: int) -> alt.Chart:
         return empty_chart(f"layer {layer}, head {head}: no data")
     df = df.with_columns((pl.col("tensor") + " " + pl.col("stage")).alias("series"))
     return alt.Chart(df).mark_line(point=True).encode(
-        x="step:Q", y=alt.Y("rms:Q", title="RMS"), color=alt.Color("series:N", title=None),
-        tooltip=["step", "series", alt.Tooltip("rms:Q", format=".4f"), alt.Tooltip("max_abs:Q", format=".3f")],
+        x=_count_x("step"), y=alt.Y("rms:Q", title="RMS"), color=alt.Color("series:N", title=None),
+        tooltip=[alt.Tooltip("step"), alt.Tooltip("series"), alt.Tooltip("rms:Q", format=".4f"), alt.Tooltip("max_abs:Q", format=".3f")],
     ).properties(width=WIDTH, height=HEIGHT, title=f"layer {layer}, head {head} over steps")
 
 
@@ -129,7 +134,7 @@ def routing_histogram(routing: pl.DataFrame, layer: int, n_experts: int) -> alt.
     counts = pl.DataFrame({"expert": list(range(n_experts))}).join(
         df.group_by("expert").len("picks"), on="expert", how="left").fill_null(0)
     return alt.Chart(counts).mark_bar().encode(
-        x=alt.X("expert:O"), y=alt.Y("picks:Q"), tooltip=["expert", "picks"],
+        x=alt.X("expert:O"), y=alt.Y("picks:Q"), tooltip=[alt.Tooltip("expert"), alt.Tooltip("picks")],
     ).properties(width=WIDTH, height=HEIGHT, title=f"expert picks at layer {layer}")
 
 
@@ -138,7 +143,7 @@ def routing_heatmap(routing: pl.DataFrame) -> alt.Chart:
     df = _one_path(routing).group_by("layer", "expert").len("picks")
     return alt.Chart(df).mark_rect().encode(
         x=alt.X("expert:O"), y=alt.Y("layer:O", sort="descending"),
-        color=alt.Color("picks:Q", scale=alt.Scale(scheme="blues")), tooltip=["layer", "expert", "picks"],
+        color=alt.Color("picks:Q", scale=alt.Scale(scheme="blues")), tooltip=[alt.Tooltip("layer"), alt.Tooltip("expert"), alt.Tooltip("picks")],
     ).properties(width=WIDTH, height=HEIGHT, title="picks per layer × expert (all steps)")
 
 
@@ -150,7 +155,7 @@ def routing_last_token(routing: pl.DataFrame) -> alt.Chart:
     return alt.Chart(last).mark_bar().encode(
         y=alt.Y("layer:O", sort="descending"), x=alt.X("weight:Q", stack="zero", title="router weight"),
         color=alt.Color("expert:N", scale=alt.Scale(scheme="tableau20")),
-        tooltip=["layer", "rank", "expert", alt.Tooltip("weight:Q", format=".3f"), alt.Tooltip("router_entropy:Q", format=".3f")],
+        tooltip=[alt.Tooltip("layer"), alt.Tooltip("rank"), alt.Tooltip("expert"), alt.Tooltip("weight:Q", format=".3f"), alt.Tooltip("router_entropy:Q", format=".3f")],
     ).properties(width=WIDTH, height=HEIGHT, title="top-k weights of the newest token")
 
 
@@ -162,12 +167,12 @@ def step_latency(tokens: pl.DataFrame) -> alt.Chart:
         return empty_chart("no steps yet")
     df = tokens.with_columns((pl.col("seconds") * 1000).alias("ms"))
     decode = alt.Chart(df.filter(~pl.col("prefill"))).mark_line(point=True).encode(
-        x=alt.X("position:Q"), y=alt.Y("ms:Q", title="ms per step"),
+        x=_count_x("position"), y=alt.Y("ms:Q", title="ms per step"),
         color=alt.Color("path:N", scale=PATH_COLORS),
-        tooltip=["step", "position", "path", alt.Tooltip("ms:Q", format=".2f"), alt.Tooltip("tokens_per_s:Q", format=".1f")],
+        tooltip=[alt.Tooltip("step"), alt.Tooltip("position"), alt.Tooltip("path"), alt.Tooltip("ms:Q", format=".2f"), alt.Tooltip("tokens_per_s:Q", format=".1f")],
     )
     prefill = alt.Chart(df.filter(pl.col("prefill"))).mark_point(shape="diamond", size=120, filled=False, color="#555").encode(
-        x="position:Q", y="ms:Q", tooltip=["n_tokens", alt.Tooltip("ms:Q", format=".2f")])
+        x=alt.X("position:Q"), y=alt.Y("ms:Q"), tooltip=[alt.Tooltip("n_tokens"), alt.Tooltip("ms:Q", format=".2f")])
     return (decode + prefill).properties(width=WIDTH, height=HEIGHT, title="latency per step (◇ = prefill)")
 
 
@@ -176,8 +181,8 @@ def tokens_per_s(tokens: pl.DataFrame) -> alt.Chart:
         return empty_chart("no steps yet")
     df = tokens.filter(~pl.col("prefill"))
     return alt.Chart(df).mark_line(point=True).encode(
-        x="position:Q", y=alt.Y("tokens_per_s:Q", title="tokens/s"), color=alt.Color("path:N", scale=PATH_COLORS),
-        tooltip=["step", "position", "path", alt.Tooltip("tokens_per_s:Q", format=".1f")],
+        x=_count_x("position"), y=alt.Y("tokens_per_s:Q", title="tokens/s"), color=alt.Color("path:N", scale=PATH_COLORS),
+        tooltip=[alt.Tooltip("step"), alt.Tooltip("position"), alt.Tooltip("path"), alt.Tooltip("tokens_per_s:Q", format=".1f")],
     ).properties(width=WIDTH, height=HEIGHT, title="tokens/s per decode step")
 
 
@@ -205,13 +210,13 @@ def equivalence(equiv: pl.DataFrame) -> alt.Chart:
         pl.when(pl.col("argmax_equal")).then(pl.lit("same")).otherwise(pl.lit("different")).alias("argmax"),
     )
     points = alt.Chart(df).mark_line(point=True, color="#888").encode(
-        x="step:Q", y=alt.Y("relative:Q", scale=alt.Scale(type="log"), title="max |Δlogit| / max |logit|"),
-        tooltip=["step", alt.Tooltip("max_abs_diff:Q", format=".2e"), alt.Tooltip("cosine:Q", format=".6f"), "argmax"],
+        x=_count_x("step"), y=alt.Y("relative:Q", scale=alt.Scale(type="log"), title="max |Δlogit| / max |logit|"),
+        tooltip=[alt.Tooltip("step"), alt.Tooltip("max_abs_diff:Q", format=".2e"), alt.Tooltip("cosine:Q", format=".6f"), alt.Tooltip("argmax")],
     )
     marks = alt.Chart(df).mark_point(filled=True, size=60).encode(
-        x="step:Q", y="relative:Q",
+        x=alt.X("step:Q"), y=alt.Y("relative:Q"),
         color=alt.Color("argmax:N", scale=alt.Scale(domain=["same", "different"], range=["#2a9d8f", "#d62828"])))
-    rule = alt.Chart(pl.DataFrame({"threshold": [EQUIV_THRESHOLD]})).mark_rule(strokeDash=[4, 3], color="#c00").encode(y="threshold:Q")
+    rule = alt.Chart(pl.DataFrame({"threshold": [EQUIV_THRESHOLD]})).mark_rule(strokeDash=[4, 3], color="#c00").encode(y=alt.Y("threshold:Q"))
     return (points + marks + rule).properties(width=WIDTH, height=HEIGHT, title="cached vs uncached logits per step")
 
 
@@ -225,10 +230,10 @@ def layer_health(layers: pl.DataFrame) -> alt.Chart:
     heat = alt.Chart(df).mark_rect().encode(
         x=alt.X("step:O"), y=alt.Y("layer:O", sort="descending"),
         color=alt.Color("rms:Q", scale=alt.Scale(scheme="viridis", type="log"), title="residual RMS"),
-        tooltip=["step", "layer", alt.Tooltip("resid_rms:Q", format=".3f"), alt.Tooltip("resid_max_abs:Q", format=".3f"), "nan", "inf"],
+        tooltip=[alt.Tooltip("step"), alt.Tooltip("layer"), alt.Tooltip("resid_rms:Q", format=".3f"), alt.Tooltip("resid_max_abs:Q", format=".3f"), alt.Tooltip("nan"), alt.Tooltip("inf")],
     )
     first_bad = df.filter(pl.col("bad")).group_by("step").agg(pl.col("layer").min())
-    cross = alt.Chart(first_bad).mark_text(text="✕", color="red", size=16).encode(x="step:O", y=alt.Y("layer:O", sort="descending"))
+    cross = alt.Chart(first_bad).mark_text(text="✕", color="red", size=16).encode(x=alt.X("step:O"), y=alt.Y("layer:O", sort="descending"))
     return (heat + cross).properties(width=WIDTH, height=HEIGHT, title="residual stream RMS (✕ = first NaN/Inf)")
 
 
@@ -237,9 +242,9 @@ def reference(ref: pl.DataFrame) -> alt.Chart:
         return empty_chart("switch the llama.cpp reference on to compare")
     df = ref.with_columns(pl.when(pl.col("top1_equal")).then(pl.lit("same")).otherwise(pl.lit("different")).alias("top-1"))
     return alt.Chart(df).mark_line(point=True).encode(
-        x="step:Q", y=alt.Y("cosine:Q", scale=alt.Scale(zero=False), title="cosine(ours, llama.cpp)"),
+        x=_count_x("step"), y=alt.Y("cosine:Q", scale=alt.Scale(zero=False), title="cosine(ours, llama.cpp)"),
         color=alt.Color("top-1:N", scale=alt.Scale(domain=["same", "different"], range=["#2a9d8f", "#d62828"])),
-        tooltip=["step", "position", alt.Tooltip("cosine:Q", format=".5f"), "top-1"],
+        tooltip=[alt.Tooltip("step"), alt.Tooltip("position"), alt.Tooltip("cosine:Q", format=".5f"), alt.Tooltip("top-1")],
     ).properties(width=WIDTH, height=HEIGHT, title="logits vs llama.cpp on the same tokens")
 
 

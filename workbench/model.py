@@ -154,7 +154,17 @@ class Model:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 n_bytes += t.numel() * t.element_size()
-        return cls(gguf, config, tokenizer, weights, LoadInfo(time.perf_counter() - t0, dev, dt, n_bytes))
+        model = cls(gguf, config, tokenizer, weights, LoadInfo(0.0, dev, dt, n_bytes))
+        model.warm_up()
+        model.info.seconds = time.perf_counter() - t0
+        return model
+
+    def warm_up(self) -> None:
+        """One short prefill and one decode step into a scratch cache, so that the first steps a user times
+        are not the ones paying for kernel selection and first allocations."""
+        cache = self.new_cache(4)
+        self.forward(torch.zeros(2, dtype=torch.long, device=self.device), 0, cache, last_only=True)
+        self.forward(torch.zeros(1, dtype=torch.long, device=self.device), 2, cache, last_only=True)
 
     @property
     def n_params(self) -> int:
