@@ -84,8 +84,13 @@ def _(FILE, Model, device, dtype, load_button, mo, model_choice, model_path, she
         model = shelf.models.get(shelf.current)  # wait for a path and a click on "Load file"
         shelf.error = None
     else:
-        with mo.status.spinner(title=f"Loading {_source} …"):
-            model = shelf.get((_source, device.value, dtype.value), lambda: Model.load(_source, device.value, dtype.value))
+        with mo.status.progress_bar(total=1, title=f"Loading {_source}", remove_on_exit=True) as _bar:
+            def _progress(done, total):
+                _bar.total = total
+                _bar.update(increment=done - _bar.current, subtitle=f"layer {min(done, total - 1)} of {total - 1}")
+
+            model = shelf.get((_source, device.value, dtype.value),
+                              lambda: Model.load(_source, device.value, dtype.value, progress=_progress))
     return (model,)
 
 
@@ -182,23 +187,21 @@ def _(WorkbenchError, get_session, max_steps, mo, run_button, step8_button, step
     step_error = None
     _n = 1 if step_button.value else 8 if step8_button.value else max_steps.value if run_button.value else 0
     if session is not None and _n:
-        _bar = mo.status.progress_bar(total=_n, title="Decoding", remove_on_exit=True) if _n > 1 else None
-        try:
-            for _ in range(_n):
-                _result = session.step()
-                if _bar is not None:
-                    _bar.update(subtitle=f"{session.n_generated} tokens")
-                if _result.stop:
-                    step_error = ("The model produced an end-of-generation token." if _result.stop == "eos"
-                                  else "The context is full.") + " Reset to start again."
-                    break
-        except WorkbenchError as _exc:
-            step_error = str(_exc)
-        except torch.OutOfMemoryError:
-            step_error = "The device ran out of memory; the session so far is kept."
-        finally:
-            if _bar is not None:
-                _bar.close()
+        # Step ×8 and Run show a progress bar, with the newest text streaming in its subtitle.
+        with mo.status.progress_bar(total=_n, title="Decoding", remove_on_exit=True, disabled=_n == 1) as _bar:
+            try:
+                for _ in range(_n):
+                    _result = session.step()
+                    _tail = session.model.tokenizer.decode(session.ids[len(session.prompt_ids):])[-60:]
+                    _bar.update(subtitle=f"{session.n_generated} tokens · …{_tail!r}")
+                    if _result.stop:
+                        step_error = ("The model produced an end-of-generation token." if _result.stop == "eos"
+                                      else "The context is full.") + " Reset to start again."
+                        break
+            except WorkbenchError as _exc:
+                step_error = str(_exc)
+            except torch.OutOfMemoryError:
+                step_error = "The device ran out of memory; the session so far is kept."
     trace = session.trace() if session is not None else None
     mo.callout(mo.md(step_error), kind="warn") if step_error else None
     return session, trace

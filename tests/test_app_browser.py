@@ -98,7 +98,22 @@ def test_mission_panels_show_charts_with_data(app):
     )
 
 
+def test_step_x8_and_reset(app):
+    """Step ×8 adds up to eight tokens (fewer only if the model ends the text) without an error; Reset
+    goes back to the bare prompt."""
+    before = app.token_count()
+    after = app.click_and_wait("Step ×8", timeout=CLICK_S)
+    assert before < after <= before + 8
+    assert "internal error" not in app.page.evaluate("() => document.body.innerText").lower()
+    app.button("Reset").click()
+    app.wait_until(lambda: app.tokens()["generated"] == 0, CLICK_S, "the generated tokens to clear after Reset")
+    app.wait_idle(CLICK_S)
+    app.click_and_wait("Step", timeout=CLICK_S)
+    assert app.tokens()["generated"] == 1
+
+
 def test_screenshot(app):
+    app.click_and_wait("Step ×8", timeout=CLICK_S)  # a few more steps, so the README picture has curves
     app.wait_idle(CLICK_S)
     app.full_page_screenshot(SCREENSHOT)
     assert SCREENSHOT.stat().st_size > 10_000

@@ -133,8 +133,12 @@ class Model:
         self._rope_tables: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def load(cls, model: str | Path, device: str = "auto", dtype: str = "auto") -> Model:
-        """A bundled name or a path → a model on the device. Raises WorkbenchError subclasses on bad input."""
+    def load(
+        cls, model: str | Path, device: str = "auto", dtype: str = "auto",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Model:
+        """A bundled name or a path → a model on the device. Raises WorkbenchError subclasses on bad input.
+        `progress(done, total)` follows the weights as they load (layer by layer)."""
         t0 = time.perf_counter()
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -145,7 +149,7 @@ class Model:
             raise InputError(
                 f"{gguf.path.name}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {config.vocab_size} rows."
             )
-        weights = load_weights(gguf, config, dev, dt)
+        weights = load_weights(gguf, config, dev, dt, progress)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seen: set[int] = set()

@@ -7,6 +7,7 @@ load moves the file's bytes, not 4× them. Norm weights stay float32: the norms 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,12 @@ class _Loader:
         return values.to(torch.float32 if norm else self.dtype)
 
 
-def load_weights(gguf: GGUFFile, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Weights:
+def load_weights(
+    gguf: GGUFFile, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+    progress: Callable[[int, int], None] | None = None,
+) -> Weights:
+    """Every tensor, checked against the config, on `device` in `dtype`. `progress(done, total)` is called
+    after each layer (and once more for the embeddings and head)."""
     c, ld = config, _Loader(gguf, device, dtype)
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     layers = []
@@ -117,11 +123,15 @@ def load_weights(gguf: GGUFFile, config: ModelConfig, device: torch.device, dtyp
             layer.w_down = ld.tensor(p + "ffn_down.weight", (c.hidden, c.ffn_hidden)).t().contiguous()
             del gate, up
         layers.append(layer)
+        if progress is not None:
+            progress(i + 1, c.n_layers + 1)
     token_embd = ld.tensor("token_embd.weight", (c.vocab_size, c.hidden))
     if c.tied_output:
         output, token_embd = token_embd.t().contiguous(), None
     else:
         output = ld.tensor("output.weight", (c.vocab_size, c.hidden)).t().contiguous()
+    if progress is not None:
+        progress(c.n_layers + 1, c.n_layers + 1)
     return Weights(
         token_embd=token_embd,
         output_norm=ld.tensor("output_norm.weight", (c.hidden,), norm=True),
