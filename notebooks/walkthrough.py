@@ -1,0 +1,1145 @@
+import marimo
+
+__generated_with = "0.25.2"
+app = marimo.App(width="medium", app_title="How a decoder works, by watching one")
+
+
+@app.cell
+def _():
+    import os
+    import sys
+
+    import marimo as mo
+
+    # This file sits in notebooks/, beside notebooks/workbench.py: keep that folder from shadowing the
+    # `workbench` package (marimo and `python notebooks/walkthrough.py` put it on sys.path).
+    _here = os.path.abspath(str(mo.notebook_dir() or os.path.dirname(os.path.abspath(__file__))))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    if os.path.dirname(os.path.abspath(getattr(sys.modules.get("workbench"), "__file__", None) or "/")) == _here:
+        del sys.modules["workbench"]
+
+    import math
+
+    import altair as alt
+    import gguf as gguf_py
+    import polars as pl
+    import torch
+    import torch.nn.functional as F
+
+    from workbench import bench, charts
+    from workbench import trace as wtrace
+    from workbench.model import BREAKS, Model, apply_rope, grouped_attention, rms_norm
+    from workbench.quants import dequantize
+    from workbench.session import Session
+
+    # A tiny model's matrices are so small that a second thread costs more in synchronisation than it saves,
+    # and one thread keeps the timings of section 5 steady on a busy machine.
+    torch.set_num_threads(1)
+
+    def visible(piece: str) -> str:
+        """A token piece with its whitespace made visible: · for a space, ↵ for a newline, ⇥ for a tab."""
+        return piece.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+    return (BREAKS, F, Model, Session, alt, apply_rope, bench, charts, dequantize, gguf_py, grouped_attention,
+            math, mo, pl, rms_norm, torch, visible, wtrace)
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    # How a decoder works, by watching one
+
+    A language model writes text one token at a time. Each step takes every token so far, runs it through a
+    stack of identical blocks (attention, then a feed-forward network or a *mixture of experts*), and ends in
+    one score per vocabulary entry — the **logits** — from which the next token is picked. This notebook
+    follows one small model through that loop, using the workbench engine's own functions at every stage, so
+    that each number you see is one the engine computes.
+
+    The model is `tiny-qwen3moe`: the same architecture as Qwen3-30B-A3B (per-head QK-norm, grouped-query
+    attention, a head width that is *not* hidden size ÷ heads, a mixture of experts), shrunk to a few
+    megabytes so that everything below runs in seconds on a CPU. Whether the bundled copy holds random or
+    trained weights, the machinery is identical; only the text it writes changes.
+
+    Sections: **1** what is in a GGUF file · **2** tokens · **3** one decode step by hand · **4** the KV cache ·
+    **5** cached vs uncached decoding · **6** the mixture of experts · **7** breaking it on purpose.
+    Sliders and text boxes along the way change what is shown; every cell below them follows.
+    """)
+    return
+
+
+@app.cell
+def _(Model, mo):
+    MODEL_NAME = "tiny-qwen3moe"
+    with mo.status.spinner(title=f"Loading {MODEL_NAME} …"):
+        model = Model.load(MODEL_NAME, device="cpu")
+    cfg = model.config
+    tok = model.tokenizer
+    gguf = model.gguf
+    mo.md(f"""
+    Loaded **{MODEL_NAME}** from `{gguf.path}` in {model.info.seconds:.2f} s:
+    {model.n_params / 1e6:.2f} M parameters, {gguf.size / 2**20:.2f} MiB on disk,
+    {model.info.weight_bytes / 2**20:.2f} MiB as `{str(model.dtype).removeprefix('torch.')}` on `{model.device}`.
+    """)
+    return MODEL_NAME, cfg, gguf, model, tok
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    ## 1 · What is in a GGUF file
+
+    A GGUF file is three things back to back: a **header of key–value metadata** (the architecture, every
+    hyperparameter, the whole tokenizer), a **tensor table** (name, type, shape and offset of every weight),
+    and the **tensor data**, aligned so that it can be memory-mapped and used without copying.
+    `workbench.gguf_file.GGUFFile` parses and validates the first two; `workbench.config.ModelConfig` turns
+    the metadata into one explicit set of hyperparameters. A few of the keys:
+    """)
+    return
+
+
+@app.cell
+def _(cfg, gguf, mo, pl):
+    _arch = gguf.arch
+    _wanted = ["general.architecture", "general.name", f"{_arch}.block_count", f"{_arch}.embedding_length",
+               f"{_arch}.attention.head_count", f"{_arch}.attention.head_count_kv", f"{_arch}.attention.key_length",
+               f"{_arch}.expert_count", f"{_arch}.expert_used_count", f"{_arch}.rope.freq_base",
+               f"{_arch}.context_length", "tokenizer.ggml.model", "tokenizer.ggml.bos_token_id"]
+    meta_table = pl.DataFrame(
+        [{"key": k, "value": str(gguf.metadata[k]), "python type": type(gguf.metadata[k]).__name__}
+         for k in _wanted if k in gguf.metadata])
+    _n_tok = len(gguf.metadata.get("tokenizer.ggml.tokens", []))
+    mo.vstack([
+        mo.ui.table(meta_table, selection=None, page_size=meta_table.height),
+        mo.md(f"""
+        The file (GGUF v{gguf.version}) holds **{len(gguf.metadata)} keys** and **{len(gguf.tensors)} tensors**;
+        the tensor data starts at byte {gguf.data_offset:,}. The largest keys are the tokenizer's: a list of
+        {_n_tok:,} token strings, their types, and the BPE merges.
+
+        Note `{_arch}.attention.key_length` = **{cfg.head_dim}**: each attention head is {cfg.head_dim} wide,
+        although hidden ÷ heads = {cfg.hidden} ÷ {cfg.n_heads} = {cfg.hidden // cfg.n_heads}. An engine that
+        derives head_dim from the hidden size gets this architecture wrong (section 7 does it on purpose).
+        Keys the file leaves out get llama.cpp's default for the architecture; here:
+        {", ".join(f"`{k}`" for k in cfg.defaulted) or "none"}.
+        """),
+    ])
+    return (meta_table,)
+
+
+@app.cell
+def _(gguf, mo, pl):
+    tensor_table = pl.DataFrame([
+        {"name": t.name, "type": t.type_name, "shape": " × ".join(map(str, t.shape)), "params": t.n_elements,
+         "bytes": t.n_bytes, "bits per param": 8 * t.n_bytes / t.n_elements}
+        for t in gguf.tensors.values()
+    ])
+    mo.vstack([
+        mo.md("The tensor table (shapes in PyTorch order, rows × columns; GGUF itself lists dimensions "
+              "fastest-first). `blk.N.` is block N; `*_exps` tensors stack every expert's matrix along a first "
+              "axis:"),
+        mo.ui.table(tensor_table, selection=None, page_size=12),
+    ])
+    return (tensor_table,)
+
+
+@app.cell
+def _(alt, gguf, gguf_py, mo, pl, tensor_table):
+    quant_table = (
+        tensor_table.group_by("type")
+        .agg(pl.len().alias("tensors"), pl.col("params").sum(), pl.col("bytes").sum())
+        .with_columns((8 * pl.col("bytes") / pl.col("params")).alias("bits per param"))
+        .sort("bits per param")
+    )
+    _blocks = {t.type_name: gguf_py.GGML_QUANT_SIZES[t.ggml_type] for t in gguf.tensors.values()}
+    quant_table = quant_table.with_columns(
+        pl.col("type").replace_strict({k: v[0] for k, v in _blocks.items()}, return_dtype=pl.Int64).alias("block weights"),
+        pl.col("type").replace_strict({k: v[1] for k, v in _blocks.items()}, return_dtype=pl.Int64).alias("block bytes"),
+    )
+    _bars = alt.Chart(quant_table).mark_bar().encode(
+        x=alt.X("type:N", sort=alt.EncodingSortField("bits per param")),
+        y=alt.Y("bits per param:Q", title="bits per parameter"),
+        color=alt.Color("type:N", legend=None),
+        tooltip=["type", "tensors", "params", "bytes", alt.Tooltip("bits per param:Q", format=".3f"),
+                 "block weights", "block bytes"],
+    )
+    _labels = _bars.mark_text(dy=-6).encode(text=alt.Text("bits per param:Q", format=".2f"), color=alt.value("#333"))
+    _total_bits = 8 * tensor_table["bytes"].sum() / tensor_table["params"].sum()
+    mo.vstack([
+        mo.md(f"""
+        **Quant types.** Every tensor has its own type. Quantized types store weights in *blocks*: Q8_0 keeps 32
+        weights as 32 int8 plus one fp16 scale (34 bytes, 8.5 bits each); the K-quants (Q4_K, Q5_K, Q6_K, …)
+        pack 256 weights in sub-blocks that each carry their own small scale. Norm weights (and here the router) stay F32. This file
+        uses {quant_table.height} types{" — a random test model mixes many on purpose, so that every dequantizer is exercised" if quant_table.height > 4 else ""};
+        over the whole file it averages **{_total_bits:.2f} bits per parameter** (float32 would be 32).
+        """),
+        quant_table,
+        (_bars + _labels).properties(width=420, height=220, title="bits per parameter, by type"),
+    ])
+    return (quant_table,)
+
+
+@app.cell
+def _(gguf, mo):
+    tensor_pick = mo.ui.dropdown(options=list(gguf.tensors), value="blk.0.attn_q.weight", label="tensor")
+    mo.vstack([mo.md("Pick a tensor to see its weights after dequantization "
+                     "(`workbench.quants.dequantize`, which the loader runs once on every tensor):"), tensor_pick])
+    return (tensor_pick,)
+
+
+@app.cell
+def _(alt, dequantize, gguf, mo, pl, tensor_pick, torch):
+    _info = gguf.tensors[tensor_pick.value]
+    _raw = gguf.raw(_info.name)
+    _values = dequantize(_raw, _info.ggml_type).float().flatten()
+    _sample = _values[:: max(1, _values.numel() // 4000)]
+    _hist = alt.Chart(pl.DataFrame({"value": _sample.tolist()})).mark_bar().encode(
+        x=alt.X("value:Q", bin=alt.Bin(maxbins=60)), y=alt.Y("count():Q", title="weights"),
+    ).properties(width=420, height=160, title=f"{_info.name} ({_info.type_name}): values (sample of {_sample.numel():,})")
+    mo.vstack([
+        mo.md(f"`{_info.name}`: {_raw.numel():,} bytes on disk → {_values.numel():,} values "
+              f"(mean {float(_values.mean()):+.4f}, RMS {float(_values.pow(2).mean().sqrt()):.4f}, "
+              f"{int(torch.unique(_values).numel()):,} distinct values)."),
+        _hist,
+    ])
+    return
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    ## 2 · Tokens
+
+    The model never sees characters. The tokenizer (`model.tokenizer`, built from the GGUF metadata) cuts the
+    text into **pieces** from a fixed vocabulary and hands the model their **ids**. Edit the prompt: it is used
+    by sections 2, 3, 4 and 7.
+    """)
+    return
+
+
+@app.cell
+def _(mo):
+    prompt = mo.ui.text_area(
+        value='def area(width, height):\n    """Return the area of a rectangle."""\n    return',
+        label="prompt", full_width=True, rows=3)
+    prompt
+    return (prompt,)
+
+
+@app.cell
+def _(charts, gguf, mo, pl, prompt, tok, visible, wtrace):
+    DEFAULT_PROMPT = 'def area(width, height):\n    """Return the area of a rectangle."""\n    return'
+    MAX_PROMPT = 200  # positions; keeps every section below fast and inside the context
+    _notes = []
+    ids = tok.encode(prompt.value)
+    if not ids:
+        _notes.append(mo.callout(mo.md("The prompt is empty and this model adds no BOS token: using the default "
+                                       "prompt instead."), kind="warn"))
+        ids = tok.encode(DEFAULT_PROMPT)
+    if len(ids) > MAX_PROMPT:
+        _notes.append(mo.callout(mo.md(f"The prompt has {len(ids)} tokens; the sections below use its first "
+                                       f"{MAX_PROMPT}."), kind="warn"))
+        ids = ids[:MAX_PROMPT]
+    pieces = [tok.piece(i) for i in ids]
+    KINDS = {1: "normal", 2: "unknown", 3: "control", 4: "user-defined", 5: "unused", 6: "byte"}
+    token_types = gguf.metadata.get("tokenizer.ggml.token_type") or [1] * tok.vocab_size
+    prompt_tokens = pl.DataFrame({
+        "position": list(range(len(ids))), "id": ids, "piece": [visible(p) for p in pieces],
+        "bytes": [len(tok.token_bytes(i)) for i in ids], "kind": [KINDS.get(token_types[i], "?") for i in ids],
+    })
+    _bos = (f"This model's BOS token is id {tok.bos_id} (`{tok.piece(tok.bos_id)}`), and "
+            + ("`encode` **adds it** at the front" if tok.add_bos else "`encode` does **not** add it "
+               "(`tokenizer.ggml.add_bos_token` is false): the prompt starts with its first real piece")
+            if tok.bos_id is not None else "This model has no BOS token")
+    mo.vstack([
+        *_notes,
+        mo.md(f"**{len(ids)} tokens** for {len(prompt.value)} characters. {_bos}. Hover a box for its id:"),
+        mo.Html(charts.token_html(pieces, ids, wtrace.empty("tokens"))),
+    ])
+    return DEFAULT_PROMPT, KINDS, MAX_PROMPT, ids, pieces, prompt_tokens, token_types
+
+
+@app.cell
+def _(alt, mo, prompt_tokens):
+    _chart = alt.Chart(prompt_tokens).mark_bar().encode(
+        x=alt.X("position:O"), y=alt.Y("bytes:Q", title="bytes of text"),
+        color=alt.Color("kind:N", scale=alt.Scale(domain=["normal", "byte", "control"], range=["#4c78a8", "#f58518", "#e45756"])),
+        tooltip=["position", "id", "piece", "bytes", "kind"],
+    ).properties(width=560, height=160, title="how much text each token carries")
+    mo.vstack([
+        mo.md("The more often a string occurred in the text the tokenizer was built from, the more likely it is "
+              "one piece; everything else falls apart into shorter pieces, down to single bytes (so any text can "
+              "be encoded). A leading space belongs to the piece after it (`·`)."),
+        mo.hstack([prompt_tokens, _chart], justify="start", wrap=True),
+    ])
+    return
+
+
+@app.cell
+def _(KINDS, gguf, mo, pl, tok, token_types, visible):
+    control_tokens = [(i, tok.piece(i)) for i, t in enumerate(token_types) if t == 3]
+    _names = [p for _, p in control_tokens]
+    _ctrl = "<|im_start|>" if "<|im_start|>" in _names else (_names[0] if _names else None)
+    if _ctrl is None:
+        _demo = mo.md("This vocabulary has no control tokens.")
+        control_demo = None
+    else:
+        _after = "user\nhello" if _ctrl == "<|im_start|>" else "hello"
+        _whole = tok.encode(_ctrl + _after)
+        _broken = tok.encode(_ctrl[:-1] + " " + _after)  # one character short of the special string: plain text
+        control_demo = {"text": _ctrl, "ids": _whole, "single": tok.piece(_whole[0]) == _ctrl}
+        _demo = mo.vstack([
+            mo.md(f"`{visible(_ctrl + _after)}` → ids `{_whole}`: the control string is **one token** (id {_whole[0]}), "
+                  f"never split. Drop its last character and it is ordinary text again: `{visible(_ctrl[:-1] + ' ' + _after)}` → "
+                  f"{len(_broken)} tokens: " + " | ".join(f"`{visible(tok.piece(i))}`" for i in _broken)),
+        ])
+    _template = gguf.metadata.get("tokenizer.chat_template")
+    mo.vstack([
+        mo.md(f"""
+        **Control tokens.** Some vocabulary entries are not text at all but markers: end of text, the start and
+        end of a chat turn. The tokenizer matches their exact strings before anything else and gives each one id.
+        This vocabulary has {len(control_tokens)}: {", ".join(f"`{p}` ({i})" for i, p in control_tokens) or "none"}.
+        Generation stops at any of the end-of-generation ids {sorted(tok.eos_ids)} (llama.cpp's set).
+        """),
+        _demo,
+        mo.md(f"The file's chat template, which wraps each turn in these markers:\n```jinja\n{_template}\n```")
+        if _template else mo.md("The file carries no chat template."),
+        mo.accordion({"Every non-normal token": pl.DataFrame(
+            {"id": [i for i, _ in control_tokens], "piece": [p for _, p in control_tokens],
+             "kind": [KINDS[3]] * len(control_tokens)})}),
+    ])
+    return control_demo, control_tokens
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    ## 3 · One decode step by hand
+
+    Now the whole forward pass for **one token at one position**, written out with the engine's own
+    building blocks — `rms_norm`, the fused `layer.wqkv` matrix, `apply_rope` with `model.rope_table`,
+    `KVCache.write`, `grouped_attention`, the router and the experts — over a KV cache that the engine's
+    `model.forward` filled with the positions before it (the *prefill*). At the end we ask `model.forward`
+    for the same step and compare the logits.
+
+    ```text
+    id ─► embedding ─► [ RMSNorm ─► Q K V ─► QK-norm ─► RoPE ─► attention over the cache ─► + ]   × layers
+                       [ RMSNorm ─► router ─► top-k experts (SwiGLU) ─► weighted sum       ─► + ]
+                    ─► final RMSNorm ─► output matrix ─► logits ─► next token
+    ```
+    Choose which prompt position to decode (by default the last one, so the result is the first generated
+    token), and which layer and head the charts below show.
+    """)
+    return
+
+
+@app.cell
+def _(cfg, ids, mo):
+    hand_pos = mo.ui.slider(start=0, stop=max(len(ids) - 1, 1), value=len(ids) - 1, label="position decoded by hand", show_value=True)
+    hand_layer = mo.ui.slider(start=0, stop=max(cfg.n_layers - 1, 1), value=0, label="layer", show_value=True)
+    hand_head = mo.ui.slider(start=0, stop=max(cfg.n_heads - 1, 1), value=0, label="query head", show_value=True)
+    mo.hstack([hand_pos, hand_layer, hand_head], justify="start", wrap=True)
+    return hand_head, hand_layer, hand_pos
+
+
+@app.cell
+def _(F, apply_rope, cfg, grouped_attention, hand_pos, ids, model, rms_norm, torch):
+    # --- the decode step, by hand -------------------------------------------------------------------------
+    pos = min(hand_pos.value, len(ids) - 1)  # the position whose next token we compute
+    W, eps = model.weights, cfg.rms_eps
+    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    hand = []  # per layer: the intermediate tensors, for the charts below
+    with torch.inference_mode():
+        hand_cache = model.new_cache(pos + 1)
+        if pos > 0:  # prefill: the engine writes K and V of positions 0 … pos-1 into the cache
+            model.forward(torch.tensor(ids[:pos]), 0, hand_cache, last_only=True)
+        x = W.embed(torch.tensor([ids[pos]])) * cfg.embed_scale  # [1, hidden]
+        embedding = x
+        for i, layer in enumerate(W.layers):
+            r = {"resid_in": x}
+            # attention: norm → one fused matmul for Q, K and V → split into heads
+            h = rms_norm(x, layer.attn_norm, eps)
+            qkv = h @ layer.wqkv
+            if layer.bqkv is not None:
+                qkv = qkv + layer.bqkv
+            q = qkv[:, :q_dim].view(1, cfg.n_heads, cfg.head_dim)
+            k = qkv[:, q_dim:q_dim + kv_dim].view(1, cfg.n_kv_heads, cfg.head_dim)
+            v = qkv[:, q_dim + kv_dim:].view(1, cfg.n_kv_heads, cfg.head_dim)
+            # per-head QK-norm: each head's vector is RMS-normalised on its own, with a learned weight
+            q_n, k_n = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+            # RoPE: rotate pairs of dims by angles that depend on the position
+            cos, sin = model.rope_table(cfg.layer_rope_base(i), cfg.layer_rope_scale(i), pos + 1, cfg.rope_style)
+            q_r = apply_rope(q_n, cos[pos:pos + 1], sin[pos:pos + 1], cfg.rope_style)
+            k_r = apply_rope(k_n, cos[pos:pos + 1], sin[pos:pos + 1], cfg.rope_style)
+            # the cache: store this position's K, V; get back every position's
+            keys, values = hand_cache.write(i, pos, k_r, v)  # [kv_heads, pos+1, head_dim]
+            att = grouped_attention(q_r, keys, values, None, cfg.attn_scale)  # [1, heads, head_dim]
+            x = x + att.reshape(1, q_dim) @ layer.wo
+            # mixture of experts: norm → router → softmax → top-k → renormalise → weighted experts
+            h2 = rms_norm(x, layer.ffn_norm, eps)
+            router_logits = (h2 @ layer.router).float()[0]  # [n_experts]
+            router_probs = torch.softmax(router_logits, -1)
+            top_p, top_e = router_probs.topk(cfg.n_experts_used)
+            top_w = top_p / top_p.sum() if cfg.norm_topk else top_p
+            moe_out = torch.zeros_like(h2)
+            for e, wt in zip(top_e.tolist(), top_w.tolist()):
+                gate, up = (h2 @ layer.gate_up_exps[e]).chunk(2, dim=-1)  # SwiGLU expert e
+                moe_out = moe_out + wt * ((F.silu(gate) * up) @ layer.down_exps[e])
+            x = x + moe_out
+            r.update(h=h, q=q, k=k, v=v, q_normed=q_n, k_normed=k_n, q_rope=q_r, k_rope=k_r, keys=keys, values=values,
+                     att=att, h2=h2, router_logits=router_logits, router_probs=router_probs, top_e=top_e, top_p=top_p,
+                     top_w=top_w, moe_out=moe_out, resid_post=x)
+            hand.append(r)
+        hand_logits = (rms_norm(x, W.output_norm, eps) @ W.output).float()[0]  # [vocab]
+    hand_next = int(hand_logits.argmax())
+    return embedding, hand, hand_logits, hand_next, pos
+
+
+@app.cell
+def _(cfg, embedding, hand, ids, mo, pos, tok, visible):
+    _h0 = hand[0]
+    _group = cfg.n_heads // cfg.n_kv_heads
+    mo.md(f"""
+    **Embedding.** Token `{visible(tok.piece(ids[pos]))}` (id {ids[pos]}) at position {pos} is row {ids[pos]} of
+    the embedding matrix: a vector of {cfg.hidden} numbers (RMS {float(embedding.pow(2).mean().sqrt()):.4f}).
+    This vector — the *residual stream* — is what every block reads from and adds to.
+
+    **RMSNorm** divides a vector by its root-mean-square and multiplies by a learned weight, so each block sees
+    inputs of a fixed scale: RMS {float(_h0['resid_in'].pow(2).mean().sqrt()):.4f} → {float(_h0['h'].pow(2).mean().sqrt()):.4f}
+    at layer 0.
+
+    **Q, K, V.** One matmul with `layer.wqkv` [{cfg.hidden} × {(cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim}]
+    gives {cfg.n_heads} query heads, {cfg.n_kv_heads} key heads and {cfg.n_kv_heads} value heads of {cfg.head_dim}
+    dims each, side by side. Fewer K/V heads than query heads is **grouped-query attention** (GQA): query heads
+    {", ".join(f"{g * _group}…{g * _group + _group - 1} → KV head {g}" for g in range(cfg.n_kv_heads))}. It divides
+    the KV cache by {_group} (section 4).
+    """)
+    return
+
+
+@app.cell
+def _(alt, cfg, hand, hand_layer, mo, pl):
+    _r = hand[hand_layer.value]
+    _rows = []
+    for _name, _n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
+        for _stage, _t in (("pre", _r[_name]), ("post", _r[f"{_name}_normed"])):
+            _rms = _t[0].pow(2).mean(-1).sqrt().tolist()
+            _rows += [{"tensor": _name, "stage": _stage, "head": h, "rms": _rms[h]} for h in range(_n)]
+    qk_rms = pl.DataFrame(_rows)
+    _charts = [
+        alt.Chart(qk_rms.filter(pl.col("tensor") == _name)).mark_bar().encode(
+            x=alt.X("head:O"), xOffset=alt.XOffset("stage:N", sort=["pre", "post"]), y=alt.Y("rms:Q", title="RMS"),
+            color=alt.Color("stage:N", sort=["pre", "post"], scale=alt.Scale(domain=["pre", "post"], range=["#bbbbbb", "#4c78a8"])),
+            tooltip=["tensor", "stage", "head", alt.Tooltip("rms:Q", format=".4f")],
+        ).properties(width=28 * _n, height=160, title=f"{_name}: {_n} heads")
+        for _name, _n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads))
+    ]
+    _chart = alt.hconcat(*_charts).resolve_scale(y="shared").properties(
+        title=f"layer {hand_layer.value}: per-head RMS before / after QK-norm")
+    mo.vstack([
+        mo.md(r"""
+        **Per-head QK-norm** (Qwen3, Gemma3): every query and key head is RMS-normalised on its own
+        (`rms_norm(q, layer.q_norm, eps)` on a [1, heads, head_dim] tensor normalises the last dim, one head at
+        a time) before RoPE. Before the norm, head sizes vary with the input; after it, every head has been
+        scaled to RMS 1 and multiplied by the learned per-dim weight, so its size no longer depends on how large
+        the input was — which keeps the attention scores q·k in a bounded range. An engine that forgets it
+        still runs, and writes different text (section 7).
+        """),
+        _chart,
+    ])
+    return (qk_rms,)
+
+
+@app.cell
+def _(cfg, hand, ids, mo, pos):
+    rope_pos = mo.ui.slider(start=0, stop=cfg.context_length - 1, value=max(pos, 1), label="RoPE position", show_value=True)
+    rope_pairs = mo.ui.slider(start=2, stop=max(cfg.rope_dim // 2, 3), value=min(4, cfg.rope_dim // 2), label="pairs drawn", show_value=True)
+    mo.vstack([
+        mo.md(f"""
+        **RoPE** (rotary position embedding) tells attention where each token is, by rotating the query and key
+        vectors: the {cfg.rope_dim} dims of a head form {cfg.rope_dim // 2} *pairs*, and pair i turns by the
+        angle position × base^(−2i/{cfg.rope_dim}) (base {cfg.rope_base:g} here). The dot product of a rotated
+        query and a rotated key then depends only on how far apart their positions are. Which dims form a pair
+        is the **style**: *neox* pairs dim i with dim i + {cfg.rope_dim // 2} (split halves: Qwen, Gemma);
+        *normal* pairs 2i with 2i+1 (adjacent: GGUF llama files). This model uses **{cfg.rope_style}**.
+        Below, one query head (layer and head from the sliders above, after QK-norm) rotated both ways by
+        `apply_rope`, with tables from `model.rope_table(base, scale, n, style)`. Slide the position: the
+        fast pairs (small i) spin, the slow ones barely move.
+        """),
+        mo.hstack([rope_pos, rope_pairs], justify="start"),
+    ])
+    return rope_pairs, rope_pos
+
+
+@app.cell
+def _(alt, apply_rope, cfg, hand, hand_head, hand_layer, math, mo, model, pl, rope_pairs, rope_pos, torch):
+    _vec = hand[hand_layer.value]["q_normed"][0, hand_head.value]  # one head, [head_dim]
+    _p, _half = rope_pos.value, cfg.rope_dim // 2
+    _base, _scale = cfg.layer_rope_base(hand_layer.value), cfg.layer_rope_scale(hand_layer.value)
+    rotated = {}
+    _rows, _angle_rows = [], []
+    for _style in ("neox", "normal"):
+        _cos, _sin = model.rope_table(_base, _scale, _p + 1, _style)
+        _out = apply_rope(_vec[None, None, :], _cos[_p:_p + 1], _sin[_p:_p + 1], _style)[0, 0]
+        rotated[_style] = _out
+        for _i in range(_half):
+            _a, _b = (_i, _i + _half) if _style == "neox" else (2 * _i, 2 * _i + 1)
+            _before = (float(_vec[_a]), float(_vec[_b]))
+            _after = (float(_out[_a]), float(_out[_b]))
+            _turn = (math.atan2(_after[1], _after[0]) - math.atan2(_before[1], _before[0])) % (2 * math.pi)
+            _angle_rows.append({"style": _style, "pair": _i, "measured turn": _turn,
+                                "formula": (_p * _scale * _base ** (-2 * _i / cfg.rope_dim)) % (2 * math.pi)})
+            if _i < rope_pairs.value:
+                _dims = f"{_a}, {_b}"
+                _rows += [{"style": _style, "pair": _i, "dims": _dims, "when": "before", "x": _before[0], "y": _before[1], "o": 0.0},
+                          {"style": _style, "pair": _i, "dims": _dims, "when": "after", "x": _after[0], "y": _after[1], "o": 0.0}]
+    rope_rows = pl.DataFrame(_rows)
+    rope_angles = pl.DataFrame(_angle_rows)
+    _base_chart = alt.Chart(rope_rows)
+    _spokes = _base_chart.mark_rule(strokeWidth=2).encode(
+        x=alt.X("o:Q", title="first dim of the pair"), y=alt.Y("o:Q", title="second dim"), x2="x:Q", y2="y:Q",
+        color=alt.Color("pair:N", scale=alt.Scale(scheme="category10")), strokeDash=alt.StrokeDash("when:N", sort=["after", "before"]),
+        tooltip=["pair", "dims", "when", alt.Tooltip("x:Q", format=".3f"), alt.Tooltip("y:Q", format=".3f")])
+    _dots = _base_chart.mark_point(filled=True, size=50).encode(
+        x="x:Q", y="y:Q", color="pair:N", shape=alt.Shape("when:N", sort=["before", "after"]),
+        tooltip=["pair", "dims", "when", alt.Tooltip("x:Q", format=".3f"), alt.Tooltip("y:Q", format=".3f")])
+    _planes = alt.layer(_spokes, _dots).properties(width=230, height=230).facet(
+        column=alt.Column("style:N", sort=["neox", "normal"], title=None)).properties(
+        title=f"the first {rope_pairs.value} pairs at position {_p}, before (dashed) and after the rotation (hover for the dims)")
+    _angles = alt.Chart(rope_angles).mark_point(filled=True).encode(
+        x=alt.X("pair:Q", title="pair i"), y=alt.Y("measured turn:Q", title="angle turned (rad, mod 2π)"),
+        color=alt.Color("style:N"), shape=alt.Shape("style:N"),
+        tooltip=["style", "pair", alt.Tooltip("measured turn:Q", format=".4f"), alt.Tooltip("formula:Q", format=".4f")],
+    ) + alt.Chart(rope_angles.filter(pl.col("style") == "neox")).mark_line(color="#999", strokeDash=[3, 3]).encode(
+        x="pair:Q", y="formula:Q")
+    _max_angle_err = float((rope_angles["measured turn"] - rope_angles["formula"]).abs()
+                           .map_elements(lambda d: min(d, 2 * math.pi - d), return_dtype=pl.Float64).max())
+    _style_gap = float((rotated["neox"] - rotated["normal"]).abs().max())
+    _norm_kept = float((rotated[cfg.rope_style].norm() - _vec.norm()).abs())
+    mo.vstack([
+        _planes,
+        _angles.properties(width=480, height=180, title="angle each pair turned: measured from apply_rope's output (points) vs the formula (dashed)"),
+        mo.md(f"""
+        Both styles turn pair i by the same angle (largest disagreement with the formula: {_max_angle_err:.1e} rad)
+        and keep the vector's length (|Δ norm| = {_norm_kept:.1e}). What differs is *which dims* are paired, so
+        the two results differ as vectors: max |neox − normal| = **{_style_gap:.4f}** at position {_p}
+        {"(position 0 is not rotated at all, so the styles agree there — a style bug hides at position 0)" if _p == 0 else "(move the slider to 0: there the styles agree, which is why a style bug hides in a one-token test)"}.
+        """),
+    ])
+    return rope_angles, rope_rows, rotated
+
+
+@app.cell
+def _(alt, cfg, hand, hand_head, hand_layer, ids, mo, pieces, pl, pos, torch, visible):
+    _r = hand[hand_layer.value]
+    _group = cfg.n_heads // cfg.n_kv_heads
+    # The attention pattern itself (grouped_attention does not return it): scores of each query head against
+    # the keys of its KV head, softmax over positions. Its output must be what grouped_attention returned.
+    _rows, _check = [], 0.0
+    for _hd in range(cfg.n_heads):
+        _kvh = _hd // _group
+        _scores = (_r["q_rope"][0, _hd] @ _r["keys"][_kvh].T) * cfg.attn_scale  # [pos+1]
+        _probs = torch.softmax(_scores.float(), -1)
+        _check = max(_check, float((_probs @ _r["values"][_kvh] - _r["att"][0, _hd]).abs().max()))
+        _rows += [{"head": _hd, "key position": j, "piece": visible(pieces[j]) if j < len(pieces) else "",
+                   "weight": float(_probs[j])} for j in range(pos + 1)]
+    attention_pattern = pl.DataFrame(_rows)
+    _heat = alt.Chart(attention_pattern).mark_rect().encode(
+        x=alt.X("key position:O"), y=alt.Y("head:O"), color=alt.Color("weight:Q", scale=alt.Scale(scheme="blues")),
+        tooltip=["head", "key position", "piece", alt.Tooltip("weight:Q", format=".3f")],
+    ).properties(width=min(24 * (pos + 1), 640), height=22 * cfg.n_heads,
+                 title=f"layer {hand_layer.value}: how much each query head reads from each cached position")
+    _sel = alt.Chart(attention_pattern.filter(pl.col("head") == hand_head.value)).mark_bar().encode(
+        x=alt.X("key position:O"), y=alt.Y("weight:Q"), tooltip=["key position", "piece", alt.Tooltip("weight:Q", format=".3f")],
+    ).properties(width=min(24 * (pos + 1), 640), height=120, title=f"head {hand_head.value} (reads KV head {hand_head.value // _group})")
+    mo.vstack([
+        mo.md(f"""
+        **Attention over the cache.** The new query (one row per head) is compared with the {pos + 1} keys in the
+        cache — {pos} written by the prefill, plus the one just written for position {pos} — scaled by
+        {cfg.attn_scale:.4f} (= 1/√head_dim), softmaxed into weights, and used to average the cached values.
+        `grouped_attention` does it for all heads at once, each group of {_group} query heads against its shared KV
+        head without copying it. The weights drawn here, recomputed from the same tensors, reproduce its output to
+        {_check:.1e}.
+        """),
+        _heat, _sel,
+    ])
+    return (attention_pattern,)
+
+
+@app.cell
+def _(alt, cfg, hand, hand_layer, mo, pl):
+    _r = hand[hand_layer.value]
+    _chosen = dict(zip(_r["top_e"].tolist(), _r["top_w"].tolist()))
+    routing_probs = pl.DataFrame({
+        "expert": list(range(cfg.n_experts)), "probability": _r["router_probs"].tolist(),
+        "chosen": [e in _chosen for e in range(cfg.n_experts)],
+        "weight after renormalising": [_chosen.get(e, 0.0) for e in range(cfg.n_experts)],
+    })
+    _bars = alt.Chart(routing_probs).mark_bar().encode(
+        x=alt.X("expert:O"), y=alt.Y("probability:Q", title="router probability"),
+        color=alt.Color("chosen:N", scale=alt.Scale(domain=[True, False], range=["#e45756", "#bbbbbb"]), title=f"top-{cfg.n_experts_used}"),
+        tooltip=["expert", alt.Tooltip("probability:Q", format=".4f"), alt.Tooltip("weight after renormalising:Q", format=".4f")],
+    )
+    _text = alt.Chart(routing_probs.filter(pl.col("chosen"))).mark_text(dy=-8, color="#e45756").encode(
+        x="expert:O", y="probability:Q", text=alt.Text("weight after renormalising:Q", format=".2f"))
+    _sum = float(_r["top_p"].sum())
+    mo.vstack([
+        mo.md(f"""
+        **Mixture of experts.** After attention, the block's feed-forward part is not one network but
+        {cfg.n_experts} small ones (*experts*). A linear **router** scores them, softmax turns the scores into
+        probabilities, the **top {cfg.n_experts_used}** are kept, and {"their probabilities are **renormalised** to sum to 1 (Qwen3-MoE does)" if cfg.norm_topk else "their probabilities are used as they are"}.
+        Only those experts run; their SwiGLU outputs are summed with those weights. At layer {hand_layer.value} the
+        chosen experts hold {_sum:.3f} of the probability; the labels are the weights after renormalising.
+        """),
+        (_bars + _text).properties(width=420, height=180, title=f"layer {hand_layer.value}: router probabilities (labels: final weights)"),
+    ])
+    return (routing_probs,)
+
+
+@app.cell
+def _(alt, hand_logits, hand_next, mo, pl, pos, tok, torch, visible):
+    _probs = torch.softmax(hand_logits, -1)
+    _p, _i = _probs.topk(10)
+    next_candidates = pl.DataFrame({"id": _i.tolist(), "piece": [visible(tok.piece(t)) for t in _i.tolist()],
+                                    "logit": hand_logits[_i].tolist(), "probability": _p.tolist()})
+    _chart = alt.Chart(next_candidates).mark_bar().encode(
+        y=alt.Y("piece:N", sort=None, title=None), x=alt.X("probability:Q"),
+        tooltip=["id", "piece", alt.Tooltip("logit:Q", format=".3f"), alt.Tooltip("probability:Q", format=".4f")],
+    ).properties(width=380, height=220, title=f"the 10 most likely tokens after position {pos}")
+    mo.vstack([
+        mo.md(f"""
+        **Logits → the next token.** After the last block, a final RMSNorm and the output matrix
+        [{hand_logits.numel()} rows] give one logit per vocabulary entry; softmax makes them probabilities.
+        Greedy decoding takes the largest: **`{visible(tok.piece(hand_next))}`** (id {hand_next},
+        p = {float(_probs[hand_next]):.3f}). Sampling would draw from these probabilities instead.
+        """),
+        _chart,
+    ])
+    return (next_candidates,)
+
+
+@app.cell
+def _(cfg, hand, hand_logits, ids, model, pl, pos, torch):
+    # --- the same step through the engine ----------------------------------------------------------------
+    captured = {}
+
+    def capture(name, tensor):  # a probe: model.forward calls it at every named capture point
+        captured[name] = tensor.clone()
+
+    _cache = model.new_cache(pos + 1)
+    if pos > 0:
+        model.forward(torch.tensor(ids[:pos]), 0, _cache, last_only=True)
+    engine_logits = model.forward(torch.tensor(ids[pos:pos + 1]), pos, _cache, probe=capture)[-1]
+    # ... and the uncached way: the whole sequence from scratch, its last row
+    full_logits = model.forward(torch.tensor(ids[:pos + 1]), 0, model.new_cache(pos + 1), last_only=True)[-1]
+    by_hand_vs_cached = float((hand_logits - engine_logits).abs().max())
+    by_hand_vs_uncached = float((hand_logits - full_logits).abs().max())
+    by_hand_max_diff = max(by_hand_vs_cached, by_hand_vs_uncached)
+    same_next_token = int(hand_logits.argmax()) == int(engine_logits.argmax()) == int(full_logits.argmax())
+
+    _points = {"attn.q": "q", "attn.k": "k", "attn.q_normed": "q_normed", "attn.k_normed": "k_normed",
+               "moe.router_logits": "router_logits", "resid_post": "resid_post"}
+    _rows = []
+    with torch.inference_mode():
+        for _i, _r in enumerate(hand):
+            for _point, _key in _points.items():
+                _name = f"blocks.{_i}.{_point}"
+                if _name in captured:
+                    _mine, _theirs = _r[_key].float(), captured[_name].float().reshape(_r[_key].shape)
+                    _rows.append({"capture point": _name, "shape": "×".join(map(str, captured[_name].shape)),
+                                  "max |by hand − engine|": float((_mine - _theirs).abs().max())})
+            _moe = model.moe(_r["h2"], _i, model.weights.layers[_i], None)  # the engine's MoE on our input
+            _rows.append({"capture point": f"Model.moe (layer {_i})", "shape": "×".join(map(str, _moe.shape)),
+                          "max |by hand − engine|": float((_moe - _r["moe_out"]).abs().max())})
+    probe_check = pl.DataFrame(_rows)
+    return (by_hand_max_diff, by_hand_vs_cached, by_hand_vs_uncached, captured, engine_logits, full_logits, probe_check,
+            same_next_token)
+
+
+@app.cell
+def _(by_hand_max_diff, by_hand_vs_cached, by_hand_vs_uncached, engine_logits, mo, probe_check, same_next_token):
+    mo.vstack([
+        mo.md(f"""
+        **Check against the engine.** The engine runs the same step with `model.forward(token, pos, cache,
+        probe=capture)` on a cache it prefilled itself, and once more uncached (the whole sequence from
+        position 0, one batched forward). Largest difference between our logits and the engine's:
+        **max |Δ| = {by_hand_max_diff:.2e}** (cached step: {by_hand_vs_cached:.1e}, uncached: {by_hand_vs_uncached:.1e};
+        max |logit| = {float(engine_logits.abs().max()):.3f}); same next token: **{same_next_token}**.
+        A difference of ~1e-6 is float32 rounding — a batched forward adds the same numbers in another
+        order — not a different computation.
+
+        The probe hands us the engine's tensors at its named capture points (TransformerLens-style names, the
+        ones the app's panels and the Parquet traces are built from), so each stage can be compared on its own:
+        """),
+        mo.ui.table(probe_check, selection=None, page_size=probe_check.height),
+    ])
+    return
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    ## 4 · The KV cache
+
+    Look back at the attention step: the new query needed the **keys and values of every earlier position**.
+    Those depend only on the earlier tokens, which never change — so instead of recomputing them at every
+    step, an engine computes each position's K and V once and keeps them: the **KV cache**. A decode step then
+    pushes only the newest token through the model and appends one row per layer to the cache.
+
+    `workbench.cache.KVCache` preallocates, per layer, K and V as [KV heads × capacity × head_dim] and writes
+    them by position. Its size per token is fixed by the config:
+    """)
+    return
+
+
+@app.cell
+def _(Session, cfg, charts, ids, mo, model, pl):
+    KV_STEPS = 24
+    _element = model.weights.layers[0].wqkv.element_size()  # bytes per number in the cache: the compute dtype
+    kv_bytes_per_token = cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * _element
+    assert kv_bytes_per_token == cfg.kv_bytes_per_token(_element)
+    kv_session = Session(model, ids, path="cached", context=len(ids) + KV_STEPS + 1)
+    _rows = []
+    for _ in range(KV_STEPS):
+        kv_session.step()
+        _rows.append({"positions": kv_session.cache.length, "bytes used": kv_session.cache.used_bytes,
+                      "formula": kv_session.cache.length * kv_bytes_per_token})
+    kv_growth = pl.DataFrame(_rows)
+    kv_formula_holds = bool((kv_growth["bytes used"] == kv_growth["formula"]).all())
+    _trace = kv_session.trace()
+    mo.vstack([
+        mo.md(f"""
+        {charts.kv_arithmetic(cfg.as_dict(), _element, kv_session.cache.length)}
+
+        That is the arithmetic; the cache of a real run agrees. The prompt's {len(ids)} positions arrive at once
+        (the prefill), then one per step: after {KV_STEPS} steps the cache holds {kv_session.cache.length}
+        positions = {kv_session.cache.used_bytes:,} bytes (formula holds at every step: **{kv_formula_holds}**)
+        of the {kv_session.cache.capacity_bytes:,} bytes preallocated for its capacity of
+        {kv_session.cache.capacity} positions. Layer 0's keys are a tensor of shape
+        {list(kv_session.cache.keys[0].shape)}.
+        """),
+        mo.hstack([charts.kv_growth(_trace.kv), charts.kv_positions(_trace.kv)], justify="start", wrap=True),
+    ])
+    return KV_STEPS, kv_bytes_per_token, kv_formula_holds, kv_growth, kv_session
+
+
+@app.cell
+def _(mo):
+    kv_context = mo.ui.slider(steps=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], value=32768,
+                              label="context (tokens)", show_value=True)
+    kv_context
+    return (kv_context,)
+
+
+@app.cell
+def _(alt, kv_context, mo, pl):
+    # Qwen3-30B-A3B's published config: 48 layers, 32 query heads, 4 KV heads, head_dim 128; the cache in bf16.
+    Q30 = {"layers": 48, "heads": 32, "kv_heads": 4, "head_dim": 128, "bytes": 2}
+    qwen3_30b_kv_bytes_per_token = Q30["layers"] * Q30["kv_heads"] * Q30["head_dim"] * 2 * Q30["bytes"]
+    qwen3_30b_kv_bytes_32k = qwen3_30b_kv_bytes_per_token * 32768
+    _n = kv_context.value
+    _at_n = qwen3_30b_kv_bytes_per_token * _n
+    _no_gqa = _at_n * Q30["heads"] // Q30["kv_heads"]
+    _rows = [{"context": c, "cache": label, "GiB": c * per / 2**30}
+             for c in (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+             for label, per in (("GQA: 4 KV heads (as built)", qwen3_30b_kv_bytes_per_token),
+                                ("one KV head per query head (32)", qwen3_30b_kv_bytes_per_token * Q30["heads"] // Q30["kv_heads"]))]
+    _chart = alt.Chart(pl.DataFrame(_rows)).mark_line(point=True).encode(
+        x=alt.X("context:Q", scale=alt.Scale(type="log", base=2), title="context (tokens)"),
+        y=alt.Y("GiB:Q", scale=alt.Scale(type="log"), title="KV cache, GiB (bf16)"), color=alt.Color("cache:N", title=None),
+        tooltip=["context", "cache", alt.Tooltip("GiB:Q", format=".2f")],
+    ).properties(width=420, height=200, title="Qwen3-30B-A3B: KV cache size by context length")
+    mo.vstack([
+        mo.md(f"""
+        **At full size.** Qwen3-30B-A3B (published config: {Q30['layers']} layers, {Q30['kv_heads']} KV heads,
+        head_dim {Q30['head_dim']}), cache in bf16 ({Q30['bytes']} bytes):
+        {Q30['layers']} × {Q30['kv_heads']} × {Q30['head_dim']} × 2 × {Q30['bytes']} = **{qwen3_30b_kv_bytes_per_token:,} bytes
+        per token** ({qwen3_30b_kv_bytes_per_token / 1024:.0f} KiB). A 32k context (32,768 tokens) takes
+        **{qwen3_30b_kv_bytes_32k / 2**30:.2f} GiB**; at the slider's {_n:,} tokens, {_at_n / 2**30:.2f} GiB —
+        and {_no_gqa / 2**30:.1f} GiB if each of its {Q30['heads']} query heads had its own K and V. The cache
+        grows linearly with the context and, at long contexts, competes with the weights for memory: it is why
+        GQA exists, and why engines quantize the cache.
+        """),
+        _chart,
+    ])
+    return Q30, qwen3_30b_kv_bytes_32k, qwen3_30b_kv_bytes_per_token
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    ## 5 · Cached vs uncached
+
+    Without a cache, every step must run the **whole sequence** through the model again to rebuild the keys
+    and values, so a step at position n costs about what a prefill of n tokens costs: the time per token
+    **grows** with the position. With the cache, a step runs one token; only the attention (one dot product
+    per cached position) grows, which at these lengths is small next to the matmuls.
+
+    `Session(model, ids, path="both")` runs both paths side by side: the cached path chooses each token, and
+    the uncached path is run on the same tokens (teacher-forced), timing each and recording how far their
+    logits are apart — a cache that is correct changes the speed, never the result.
+    """)
+    return
+
+
+@app.cell
+def _(cfg, mo):
+    speed_prompt = mo.ui.slider(start=8, stop=min(384, cfg.context_length - 64), step=8, value=24,
+                                label="prompt tokens", show_value=True)
+    speed_steps = mo.ui.slider(start=8, stop=40, step=1, value=40, label="decode steps", show_value=True)
+    mo.hstack([speed_prompt, speed_steps], justify="start")
+    return speed_prompt, speed_steps
+
+
+@app.cell
+def _(Session, bench, charts, mo, model, pl, speed_prompt, speed_steps):
+    speed_ids = bench.bench_prompt(model, speed_prompt.value)  # fixed English text, exactly this many tokens
+    speed_session = Session(model, speed_ids, path="both", context=len(speed_ids) + speed_steps.value + 1)
+    with mo.status.progress_bar(total=speed_steps.value, title="Decoding on both paths", remove_on_exit=True) as _bar:
+        for _ in range(speed_steps.value):  # end-of-text does not stop us here: equal lengths, comparable timings
+            speed_session.step()
+            _bar.update()
+    speed_trace = speed_session.trace()
+    _decode = speed_trace.tokens.filter(~pl.col("prefill"))
+    _ms = _decode.group_by("path").agg(
+        (pl.col("seconds").filter(pl.col("step") <= 4).median() * 1000).round(2).alias("ms, first 4 steps (median)"),
+        (pl.col("seconds").filter(pl.col("step") > pl.col("step").max() - 4).median() * 1000).round(2).alias("ms, last 4 steps (median)"),
+    ).sort("path")
+    speedup_measured = charts.speedup(speed_trace.tokens)
+    equiv_worst = float((speed_trace.equiv["max_abs_diff"] / speed_trace.equiv["max_abs_logit"]).max())
+    equiv_argmax_all = bool(speed_trace.equiv["argmax_equal"].all())
+    mo.vstack([
+        mo.hstack([charts.step_latency(speed_trace.tokens), charts.equivalence(speed_trace.equiv)], justify="start", wrap=True),
+        mo.hstack([
+            mo.stat(value=charts.fmt_speedup(speedup_measured), label="cached / uncached", caption="tokens/s, last 8 steps", bordered=True),
+            mo.stat(value=f"{equiv_worst:.1e}", label="worst max|Δlogit| / max|logit|", caption=f"threshold {charts.EQUIV_THRESHOLD:g}", bordered=True),
+            mo.stat(value="yes" if equiv_argmax_all else "no", label="same argmax at every step", bordered=True),
+            _ms,
+        ], justify="start", wrap=True),
+    ])
+    return equiv_argmax_all, equiv_worst, speed_ids, speed_session, speed_trace, speedup_measured
+
+
+@app.cell
+def _(alt, bench, cfg, mo, model, pl):
+    SEED_BEFORE, SEED_AFTER = 0.5, 9.6  # tok/s, the aprender engine on Qwen3-Coder-30B-A3B, before/after its KV cache
+    SWEEP_STEPS = 8
+    _sizes = [n for n in (16, 64, 128, 256, 448) if n + SWEEP_STEPS + 1 <= cfg.context_length]
+    _rows = []
+    with mo.status.progress_bar(total=len(_sizes), title="workbench.bench.run at several prompt lengths", remove_on_exit=True) as _bar:
+        for _j, _n in enumerate(_sizes):
+            # best of two runs per path, as benchmarks do: a busy machine only ever makes a run slower
+            _runs = bench.run(model, prompt_tokens=_n, steps=SWEEP_STEPS, warmup=_j == 0) + bench.run(model, prompt_tokens=_n, steps=SWEEP_STEPS, warmup=False)
+            _best = [max((r for r in _runs if r.path == _path), key=lambda r: r.tokens_per_s) for _path in ("cached", "uncached")]
+            _measured, _expected = bench.speedup(_best)
+            _rows += [{"prompt tokens": r.prompt_tokens, "path": r.path, "ms per token": r.ms_per_token,
+                       "tokens/s": r.tokens_per_s, "speedup": _measured, "expected speedup": _expected} for r in _best]
+            _bar.update()
+    speed_sweep = pl.DataFrame(_rows)
+    _ms = alt.Chart(speed_sweep).mark_line(point=True).encode(
+        x=alt.X("prompt tokens:Q"), y=alt.Y("ms per token:Q", scale=alt.Scale(type="log"), title="ms per generated token"),
+        color=alt.Color("path:N", scale=alt.Scale(domain=["cached", "uncached"], range=["#1f77b4", "#ff7f0e"])),
+        tooltip=["prompt tokens", "path", alt.Tooltip("ms per token:Q", format=".2f"), alt.Tooltip("tokens/s:Q", format=".1f")],
+    ).properties(width=300, height=180, title="cost per token vs context (workbench.bench.run)")
+    _ratio = speed_sweep.filter(pl.col("path") == "cached").unpivot(
+        index="prompt tokens", on=["speedup", "expected speedup"], variable_name="kind", value_name="x")
+    _sp = alt.Chart(_ratio).mark_line(point=True).encode(
+        x=alt.X("prompt tokens:Q"), y=alt.Y("x:Q", title="cached / uncached"),
+        strokeDash=alt.StrokeDash("kind:N", title=None, sort=["speedup", "expected speedup"], scale=alt.Scale(domain=["speedup", "expected speedup"], range=[[1, 0], [4, 3]])),
+        tooltip=["prompt tokens", "kind", alt.Tooltip("x:Q", format=".1f")],
+    ).properties(width=300, height=180, title="the speedup grows with the context")
+    _first, _last = _ratio.filter(pl.col("kind") == "speedup").sort("prompt tokens").row(0), _ratio.filter(pl.col("kind") == "speedup").sort("prompt tokens").row(-1)
+    mo.vstack([
+        mo.md(f"""
+        Read the left chart from left to right: the uncached path's cost per token rises with the position (it
+        recomputes more and more), the cached one stays flat; the diamond is the cached path's prefill, which
+        runs the whole prompt once. The right chart is the correctness half: per step, the largest logit
+        difference between the two paths relative to the largest logit, under the fp32 threshold (dashed), with
+        the same argmax (green). Timings on a small CPU model are noisy (other programs, the Python overhead of
+        every step); the trend is the point, not any single number.
+
+        **The speedup depends on the context.** An uncached step at position n costs about a prefill of n tokens,
+        a cached step about one token, so their ratio grows with n. `workbench.bench.run` — what
+        `workbench bench` prints — at several prompt lengths ({SWEEP_STEPS} steps each; best of two runs; "expected"
+        is the arithmetic from the measured prefill rate):
+        """),
+        mo.hstack([_ms, _sp], justify="start", wrap=True),
+        mo.md(f"""
+        Here the ratio goes from about {_first[2] or float('nan'):.1f}× at {_first[0]} tokens to {_last[2] or float('nan'):.1f}× at {_last[0]}.
+
+        **The seed result.** This is the measurement that started the workbench: the aprender engine decoded
+        Qwen3-Coder-30B-A3B at **{SEED_BEFORE} tok/s** without a KV cache and **{SEED_AFTER} tok/s** with one —
+        **{SEED_AFTER / SEED_BEFORE:.0f}×**. Same mechanism, at full size: each uncached step re-ran every earlier
+        token through 48 layers. The number is not a constant of the model; as above, it depends on how long the
+        context was, and on how much cheaper a batched prefill token is than a decode step on that machine.
+        """),
+    ])
+    return SEED_AFTER, SEED_BEFORE, SWEEP_STEPS, speed_sweep
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    ## 6 · Mixture of experts
+
+    In section 3 the router chose experts for one token at one layer. Over a whole run, the choices differ per
+    token and per layer, and they are the whole point of an MoE: the model has many experts' worth of
+    parameters but runs only a few per token (Qwen3-30B-A3B: 30 B parameters, 3 B active). Below, two prompts
+    — code and prose — are decoded for a few steps with probes on, and the `routing` frame of each trace
+    (one row per step × position × layer × rank: the expert and its weight) shows who did the work.
+    """)
+    return
+
+
+@app.cell
+def _(mo):
+    code_prompt = mo.ui.text_area(value="import os\n\ndef read_lines(path):\n    with open(path) as f:\n        return [line.rstrip() for line in f]\n",
+                                  label="code prompt", rows=4, full_width=True)
+    prose_prompt = mo.ui.text_area(value="The history of the city begins with a small village on the river. Over the "
+                                         "centuries it grew into a market town, and later into a busy port.",
+                                   label="prose prompt", rows=4, full_width=True)
+    mo.hstack([code_prompt, prose_prompt], widths="equal")
+    return code_prompt, prose_prompt
+
+
+@app.cell
+def _(DEFAULT_PROMPT, MAX_PROMPT, Session, code_prompt, mo, model, pl, prose_prompt, tok):
+    MOE_STEPS = 24
+    moe_traces, moe_sessions = {}, {}
+    for _name, _text in (("code", code_prompt.value), ("prose", prose_prompt.value)):
+        _ids = (tok.encode(_text) or tok.encode(DEFAULT_PROMPT))[:MAX_PROMPT]
+        _s = Session(model, _ids, path="cached", probes=True, context=len(_ids) + MOE_STEPS + 1)
+        for _ in range(MOE_STEPS):
+            _s.step()
+        moe_sessions[_name], moe_traces[_name] = _s, _s.trace()
+    # Load per expert: the share of all (token, rank) picks at each layer, prompt and generated tokens alike.
+    expert_load = pl.concat([
+        _t.routing.group_by("layer", "expert").len("picks").with_columns(
+            (pl.col("picks") / pl.col("picks").sum().over("layer")).alias("share"), pl.lit(_name).alias("prompt"))
+        for _name, _t in moe_traces.items()
+    ]).sort("prompt", "layer", "expert")
+    moe_layer = mo.ui.slider(start=0, stop=max(model.config.n_layers - 1, 1), value=0, label="layer", show_value=True)
+    return MOE_STEPS, expert_load, moe_layer, moe_sessions, moe_traces
+
+
+@app.cell
+def _(alt, cfg, charts, expert_load, mo, moe_layer, moe_sessions, moe_traces, pl, tok, visible):
+    _layer = min(moe_layer.value, cfg.n_layers - 1)
+    _t, _s = moe_traces["code"], moe_sessions["code"]
+    _per_token = _t.routing.filter(pl.col("layer") == _layer).with_columns(
+        pl.col("position").map_elements(lambda p: visible(tok.piece(_s.ids[p])), return_dtype=pl.String).alias("piece"))
+    _heat = alt.Chart(_per_token).mark_rect().encode(
+        x=alt.X("position:O", axis=alt.Axis(labels=False, ticks=False)), y=alt.Y("expert:O"),
+        color=alt.Color("weight:Q", scale=alt.Scale(scheme="oranges"), title="weight"),
+        tooltip=["position", "piece", "expert", "rank", alt.Tooltip("weight:Q", format=".3f"),
+                 alt.Tooltip("router_entropy:Q", format=".3f")],
+    ).properties(width=620, height=16 * cfg.n_experts,
+                 title=f"code prompt, layer {_layer}: the {cfg.n_experts_used} experts each position went to "
+                       f"(prompt: 0–{len(_s.prompt_ids) - 1}; hover for the piece)")
+    _load = alt.Chart(expert_load.filter(pl.col("layer") == _layer)).mark_bar().encode(
+        x=alt.X("expert:O"), xOffset=alt.XOffset("prompt:N"), y=alt.Y("share:Q", title="share of picks"),
+        color=alt.Color("prompt:N", scale=alt.Scale(domain=["code", "prose"], range=["#4c78a8", "#f58518"])),
+        tooltip=["prompt", "expert", "picks", alt.Tooltip("share:Q", format=".3f")],
+    ).properties(width=420, height=180, title=f"layer {_layer}: load per expert, code vs prose")
+    _uniform = 1 / cfg.n_experts
+    _summary = expert_load.group_by("prompt", "layer").agg(
+        pl.col("share").max().round(3).alias("busiest expert's share"),
+        (pl.lit(cfg.n_experts) - pl.len()).alias("experts never picked"),
+    ).sort("prompt", "layer")
+    _gap = (expert_load.pivot(on="prompt", index=["layer", "expert"], values="share").fill_null(0)
+            .with_columns((pl.col("code") - pl.col("prose")).abs().alias("gap")) if expert_load["prompt"].n_unique() == 2 else None)
+    _top_gap = _gap.sort("gap", descending=True).row(0, named=True) if _gap is not None and _gap.height else None
+    mo.vstack([
+        moe_layer,
+        _heat,
+        mo.hstack([_load, mo.vstack([mo.md("**Per prompt and layer**"), _summary])], justify="start", wrap=True),
+        mo.md(f"""
+        With perfectly even routing every expert would get {_uniform:.3f} of the picks. The largest difference
+        between the two prompts is at layer {_top_gap['layer']}, expert {_top_gap['expert']}: {_top_gap['code']:.3f} of
+        the code picks vs {_top_gap['prose']:.3f} of the prose picks. In a trained MoE, such differences are the
+        experts' specialisations (and a training-time balancing loss keeps any one expert from taking
+        everything); in a random one, they reflect nothing but the random router. Either way, this is how you
+        check what a model's router does rather than guess.
+        """) if _top_gap else mo.md(""),
+        mo.hstack([charts.routing_heatmap(_tr.routing).properties(title=f"{_n}: picks per layer × expert (all steps)")
+                   for _n, _tr in moe_traces.items()], justify="start", wrap=True),
+    ])
+    return
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    ## 7 · Break it on purpose
+
+    Every switch in `workbench.model.BREAKS` puts one known bug into the forward pass — each one a bug class
+    that real engines shipped. They all still produce text, and none raises an error: that is what makes them
+    hard. Below, each is run for a few steps on the prompt of section 2 (both paths, probes on) beside a clean
+    run, and two questions are answered:
+
+    * **Where does it first differ from a clean run?** `workbench.trace.diff(broken, clean)` compares the two
+      traces frame by frame; the earliest difference, in the order the forward pass computes things
+      (step, then layer: `qk` → `routing` → `layers`, then the logits in `tokens`), points at the stage.
+    * **Does an invariant catch it with no clean run at hand?** Cached ≡ uncached (`equiv`), top-k weights
+      summing to 1 and more than one expert in use (`routing`), post-norm RMS different from pre-norm (`qk`).
+      RoPE and head_dim mistakes break no internal invariant: both paths share them. Those need a reference
+      (a clean run, or llama.cpp with `--reference llama.cpp`).
+    """)
+    return
+
+
+@app.cell
+def _(BREAKS, Session, charts, ids, mo, model, pl, visible, wtrace):
+    BREAK_STEPS = 12
+    _stage = {"qk": 0, "routing": 1, "layers": 2, "kv": 3, "tokens": 4, "equiv": 5, "reference": 6}
+    _n_layers = model.config.n_layers
+
+    def run_broken(breaks):
+        s = Session(model, ids, path="both", probes=True, breaks=frozenset(breaks), context=len(ids) + BREAK_STEPS + 1)
+        for _ in range(BREAK_STEPS):
+            s.step()
+        return s
+
+    def first_difference(broken, clean):
+        """The earliest frame difference between two traces, in forward-pass order."""
+        found = [(d.first["step"], d.first.get("layer", _n_layers), _stage[d.frame], d) for d in wtrace.diff(broken, clean) if d.first]
+        if not found:
+            return None
+        step, layer, _, d = min(found, key=lambda f: f[:3])
+        return {"frame": d.frame, "step": step, "layer": None if layer == _n_layers else layer, "column": d.first["column"],
+                "path": d.first.get("path")}
+
+    def invariant_alarm(t):
+        """What the trace says about itself, with no clean run: (frame, first step, what) or None."""
+        eq = t.equiv.filter((pl.col("max_abs_diff") / pl.col("max_abs_logit") > charts.EQUIV_THRESHOLD) | ~pl.col("argmax_equal"))
+        if eq.height:
+            return ("equiv", int(eq["step"].min()), "cached ≠ uncached")
+        sums = t.routing.group_by("step", "path", "position", "layer").agg(pl.col("weight").sum().alias("s"))
+        bad = sums.filter((pl.col("s") - 1).abs() > 1e-5)
+        if bad.height:
+            return ("routing", int(bad["step"].min()), f"top-k weights sum to {bad.sort('step')['s'][0]:.3f}, not 1")
+        used = t.routing.group_by("layer").agg(pl.col("expert").n_unique().alias("n"))
+        if used.height and int(used["n"].max()) == 1:
+            return ("routing", 0, "one expert for every token: routing collapsed")
+        qk = t.qk.pivot(on="stage", index=["step", "path", "layer", "head", "tensor"], values="rms")
+        if "post" in qk.columns:
+            same = qk.filter((pl.col("post") - pl.col("pre")).abs() <= 1e-6 * pl.col("pre").abs())
+            if same.height == qk.height and qk.height:
+                return ("qk", 0, "post-norm RMS = pre-norm RMS: the norm did nothing")
+        return None
+
+    with mo.status.progress_bar(total=len(BREAKS) + 1, title="Clean run and one run per break", remove_on_exit=True) as _bar:
+        clean_session = run_broken(())
+        clean_trace = clean_session.trace()
+        _bar.update()
+        break_runs = {}
+        for _name in BREAKS:
+            _s = run_broken((_name,))
+            break_runs[_name] = (_s, _s.trace())
+            _bar.update()
+    _clean_gen = clean_session.ids[len(ids):]
+    _rows = []
+    for _name, (_s, _t) in break_runs.items():
+        _gen = _s.ids[len(ids):]
+        _split = next((i for i, (a, b) in enumerate(zip(_gen, _clean_gen)) if a != b), None)
+        _first = first_difference(_t, clean_trace)
+        _alarm = invariant_alarm(_t)
+        _rows.append({
+            "break": _name, "what it does": BREAKS[_name],
+            "text (generated)": "|".join(visible(model.tokenizer.piece(t)) for t in _gen),
+            "tokens differ from step": _split,
+            "first difference vs clean": (f"{_first['frame']} · step {_first['step']}"
+                                          + (f" · layer {_first['layer']}" if _first['layer'] is not None else "")
+                                          + f" · {_first['column']}") if _first else "none",
+            "first frame": _first["frame"] if _first else None, "first step": _first["step"] if _first else None,
+            "invariant that fires": f"{_alarm[0]} at step {_alarm[1]}: {_alarm[2]}" if _alarm else "none — needs a reference",
+            "alarm frame": _alarm[0] if _alarm else None, "alarm step": _alarm[1] if _alarm else None,
+        })
+    break_report = pl.DataFrame(_rows)
+    return (BREAK_STEPS, break_report, break_runs, clean_session, clean_trace, first_difference, invariant_alarm,
+            run_broken)
+
+
+@app.cell
+def _(BREAK_STEPS, break_report, clean_session, ids, mo, model, visible):
+    mo.vstack([
+        mo.md(f"The clean run writes (greedy, {BREAK_STEPS} tokens, pieces separated by |): "
+              f"`{'|'.join(visible(model.tokenizer.piece(t)) for t in clean_session.ids[len(ids):])}`"),
+        mo.ui.table(break_report.select("break", "text (generated)", "tokens differ from step", "first difference vs clean",
+                                        "invariant that fires"), selection=None, wrapped_columns=["text (generated)", "first difference vs clean", "invariant that fires"]),
+        mo.md("""
+        Read the `first difference` column as a pointer into the forward pass. Within a block the capture
+        points come in this order: `qk` (Q and K before and after the norm, *before* RoPE), then the MoE router
+        (`routing`), then the block's output (`layers`). So `qk` at layer 0 points at the QK-norm itself; the
+        router at layer 0 with `qk` unchanged points at what lies between them — RoPE, the attention scale, the
+        cache — or at the router itself when its weights or expert ids are what changed. Step 1 instead of
+        step 0 means the prefill was right and only the cached decode steps are wrong. The text may or may not
+        change within a few steps: a bug that leaves the first tokens alone is still a bug, which is why the
+        probes compare numbers, not text.
+        """),
+    ])
+    return
+
+
+@app.cell
+def _(BREAKS, mo):
+    break_pick = mo.ui.dropdown(options=list(BREAKS), value="cache-off-by-one", label="look closer at")
+    break_pick
+    return (break_pick,)
+
+
+@app.cell
+def _(alt, break_pick, break_report, break_runs, charts, clean_trace, mo, pl):
+    _s, _t = break_runs[break_pick.value]
+    _row = break_report.filter(pl.col("break") == break_pick.value).row(0, named=True)
+    # Residual RMS of each layer's output, broken vs clean, cached path: where the two runs part ways.
+    _l = (_t.layers.filter(pl.col("path") == "cached").select("step", "layer", pl.col("resid_rms").alias("broken"))
+          .join(clean_trace.layers.filter(pl.col("path") == "cached").select("step", "layer", pl.col("resid_rms").alias("clean")),
+                on=["step", "layer"]).with_columns(((pl.col("broken") - pl.col("clean")).abs() / pl.col("clean")).clip(1e-9).alias("relative gap")))
+    _gap = alt.Chart(_l).mark_line(point=True).encode(
+        x=alt.X("step:Q", axis=alt.Axis(tickMinStep=1, format="d")), y=alt.Y("relative gap:Q", scale=alt.Scale(type="log")),
+        color=alt.Color("layer:O"), tooltip=["step", "layer", alt.Tooltip("broken:Q", format=".4f"), alt.Tooltip("clean:Q", format=".4f")],
+    ).properties(width=320, height=180, title="|resid RMS broken − clean| / clean, per layer")
+    _panels = [_gap, charts.equivalence(_t.equiv)]
+    if _row["alarm frame"] == "routing" or break_pick.value in ("moe-as-dense", "no-topk-renorm"):
+        _panels += [charts.routing_heatmap(_t.routing), charts.routing_last_token(_t.routing)]
+    if break_pick.value == "skip-qk-norm" or _row["alarm frame"] == "qk":
+        _panels += [charts.qk_heatmap(_t.qk, 0, "q"), charts.qk_heatmap(clean_trace.qk, 0, "q").properties(title="clean run, for comparison")]
+    mo.vstack([
+        mo.md(f"""
+        **{break_pick.value}** — {_row['what it does']}. First difference from the clean run:
+        **{_row['first difference vs clean']}**. Invariant: **{_row['invariant that fires']}**.
+        """),
+        mo.hstack(_panels, justify="start", wrap=True),
+    ])
+    return
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    ## Where to go next
+
+    * `marimo run notebooks/workbench.py` (or `make run`): the same engine as an app — step decoding token by
+      token and watch every panel of this notebook update live, on this model or any GGUF file, with any
+      break switched on.
+    * `workbench trace tiny-qwen3moe --prompt "…" --steps 32 --out run.parquet`, then `workbench diff a.parquet
+      b.parquet`: the traces and the diff of section 7, from the command line.
+    * `workbench bench smollm2-135m`: section 5 on a real 135 M-parameter model.
+    * `workbench/model.py` is the forward pass of section 3 in one file; read it next.
+    """)
+    return
+
+
+@app.cell
+def _(by_hand_max_diff, break_report, equiv_worst, mo, qwen3_30b_kv_bytes_32k, speedup_measured):
+    # A one-line summary for headless runs (`python notebooks/walkthrough.py`); silent in the editor.
+    if not mo.running_in_notebook():
+        _alarms = ", ".join(f"{r['break']}→{r['alarm frame'] or r['first frame']}@{r['alarm step'] if r['alarm frame'] else r['first step']}"
+                            for r in break_report.iter_rows(named=True))
+        print(f"walkthrough: by-hand vs engine max|Δlogit| = {by_hand_max_diff:.2e}; "
+              f"cached/uncached = {speedup_measured or float('nan'):.1f}x, worst relative Δ = {equiv_worst:.1e}; "
+              f"Qwen3-30B-A3B KV @32k = {qwen3_30b_kv_bytes_32k / 2**30:.2f} GiB; breaks: {_alarms}")
+    return
+
+
+if __name__ == "__main__":
+    app.run()
