@@ -25,10 +25,10 @@ def _():
     from workbench import charts
     from workbench.errors import WorkbenchError
     from workbench.model import BREAKS, Model
-    from workbench.models import bundled_names
+    from workbench.models import DEFAULT_MODEL, bundled_names
     from workbench.session import Sampling, Session
     from workbench.trace import Trace
-    return BREAKS, Model, Sampling, Session, Trace, WorkbenchError, alt, bundled_names, charts, io, mo, torch
+    return BREAKS, DEFAULT_MODEL, Model, Sampling, Session, Trace, WorkbenchError, alt, bundled_names, charts, io, mo, torch
 
 
 @app.cell
@@ -43,9 +43,9 @@ def _(mo):
 
 
 @app.cell
-def _(bundled_names, mo, torch):
+def _(DEFAULT_MODEL, bundled_names, mo, torch):
     FILE = "a GGUF file…"
-    model_choice = mo.ui.dropdown(options=[*bundled_names(), FILE], value="tiny-qwen3moe", label="model")
+    model_choice = mo.ui.dropdown(options=[*bundled_names(), FILE], value=DEFAULT_MODEL, label="model")
     model_path = mo.ui.text(placeholder="/path/to/model.gguf", label="file", full_width=True)
     load_button = mo.ui.run_button(label="Load file")
     _devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (

