@@ -97,7 +97,8 @@ class StepResult:
 
 @dataclass
 class Records:
-    """Rows of the trace frames, appended step by step (see trace.py for the schemas)."""
+    """Rows of the trace frames, appended step by step (trace.SCHEMAS): dicts, or for the large qk, routing
+    and layers frames, tuples in the schema's column order."""
 
     tokens: list[dict] = field(default_factory=list)
     kv: list[dict] = field(default_factory=list)
@@ -239,15 +240,10 @@ class Session:
                                  n_tokens=run.n_tokens, prefill=result.prefill and path == "cached",
                                  top_ids=rec.top_ids if rec else None, top_probs=rec.top_probs if rec else None))
         for path, rec in collected.items():
-            for layer, head, tensor, stage, rms, max_abs in rec.qk:
-                r.qk.append(dict(step=result.step, path=path, layer=layer, head=head, tensor=tensor, stage=stage,
-                                 rms=rms, max_abs=max_abs))
-            for position, layer, rank, expert, weight, entropy in rec.routing:
-                r.routing.append(dict(step=result.step, path=path, position=position, layer=layer, rank=rank,
-                                      expert=expert, weight=weight, router_entropy=entropy))
-            for layer, rms, max_abs, nan, inf in rec.layers:
-                r.layers.append(dict(step=result.step, path=path, layer=layer, resid_rms=rms, resid_max_abs=max_abs,
-                                     nan=nan, inf=inf))
+            # The per-head and per-layer rows are the bulk: tuples in the frame's column order, no dicts.
+            r.qk.extend((result.step, path, *row) for row in rec.qk)
+            r.routing.extend((result.step, path, *row) for row in rec.routing)
+            r.layers.extend((result.step, path, *row) for row in rec.layers)
         if len(result.runs) == 2:
             a, b = result.runs["cached"].logits, result.runs["uncached"].logits
             diff = (a - b).abs().max()
