@@ -152,12 +152,7 @@ class Model:
         weights = load_weights(gguf, config, dev, dt, progress)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        seen: set[int] = set()
-        n_bytes = 0
-        for t in _all_tensors(weights):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                n_bytes += t.numel() * t.element_size()
+        n_bytes = sum(t.numel() * t.element_size() for t in _unique_tensors(weights))
         model = cls(gguf, config, tokenizer, weights, LoadInfo(0.0, dev, dt, n_bytes))
         model.warm_up()
         model.info.seconds = time.perf_counter() - t0
@@ -172,13 +167,7 @@ class Model:
 
     @property
     def n_params(self) -> int:
-        seen: set[int] = set()
-        total = 0
-        for t in _all_tensors(self.weights):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel()
-        return total
+        return sum(t.numel() for t in _unique_tensors(self.weights))
 
     def new_cache(self, capacity: int) -> KVCache:
         c = self.config
@@ -344,8 +333,9 @@ class Model:
         return out
 
 
-def _all_tensors(weights: Weights) -> list[torch.Tensor]:
-    tensors = [t for t in (weights.token_embd, weights.output_norm, weights.output) if t is not None]
+def _unique_tensors(weights: Weights) -> list[torch.Tensor]:
+    """Every weight tensor once (a tensor shared by two fields counts once)."""
+    tensors = [t for t in (weights.token_embd, weights.output_norm, weights.output, weights.rope_freqs) if t is not None]
     for layer in weights.layers:
         tensors += [t for t in vars(layer).values() if t is not None]
-    return tensors
+    return list({t.data_ptr(): t for t in tensors}.values())
