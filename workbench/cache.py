@@ -50,6 +50,3 @@ class KVCache:
     @property
     def used_bytes(self) -> int:
         return sum(sum(self.layer_bytes(i)) for i in range(len(self.lengths)))
-
-    def reset(self) -> None:
-        self.lengths = [0] * len(self.lengths)

@@ -12,6 +12,8 @@ import math
 import altair as alt
 import polars as pl
 
+from workbench.config import ModelConfig
+
 WIDTH = 320
 HEIGHT = 180
 PATH_COLORS = alt.Scale(domain=["cached", "uncached"], range=["#1f77b4", "#ff7f0e"])
@@ -250,7 +252,7 @@ def reference(ref: pl.DataFrame) -> alt.Chart:
 
 def kv_arithmetic(config: dict, element_size: int, length: int) -> str:
     """The memory arithmetic behind the KV chart, written out (markdown)."""
-    per_token = config["n_layers"] * config["n_kv_heads"] * config["head_dim"] * 2 * element_size
+    per_token = ModelConfig(**config).kv_bytes_per_token(element_size)  # the config's own formula
     return (f"{config['n_layers']} layers × {config['n_kv_heads']} KV heads × {config['head_dim']} head_dim × 2 (K and V) "
             f"× {element_size} bytes = **{per_token:,} bytes per token**; × {length} positions = "
             f"**{per_token * length / 2**20:.2f} MiB**")

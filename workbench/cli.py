@@ -192,8 +192,6 @@ def _session(args: argparse.Namespace, probes: bool = False):
         raise InputError(f"unknown --break '{unknown[0]}'; choose from: {', '.join(BREAKS)}.")
     model = _load(args)
     prompt_ids = _prompt_ids(model, args.prompt)
-    if len(prompt_ids) >= model.config.context_length:
-        raise InputError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {model.config.context_length}.")
     context = min(model.config.context_length, len(prompt_ids) + args.steps)
     return Session(model, prompt_ids, path=args.path, sampling=sampling, context=context, probes=probes,
                    breaks=frozenset(args.breaks), reference=args.reference)
@@ -332,10 +330,7 @@ def cmd_logits(args: argparse.Namespace) -> int:
             raise InputError("--tokens is empty.")
     else:
         ids = _prompt_ids(model, args.prompt)
-    vocab = model.config.vocab_size
-    for t in ids:
-        if not 0 <= t < vocab:
-            raise InputError(f"token id {t} is outside the vocabulary (0..{vocab - 1}).")
+    model.check_token_ids(ids)  # before torch.tensor(): an id past int64 would not even convert
     if len(ids) > model.config.context_length:
         raise InputError(f"{len(ids)} tokens do not fit the model's context of {model.config.context_length}.")
     tokens = torch.tensor(ids, device=model.device)
@@ -347,7 +342,7 @@ def cmd_logits(args: argparse.Namespace) -> int:
         logits = model.forward(tokens, 0, cache)
     out = Path(args.out)
     np.save(out, logits.float().cpu().numpy())
-    print(f"wrote {out} [{len(ids)}, {vocab}] float32 ({args.path})", file=sys.stderr)
+    print(f"wrote {out} [{len(ids)}, {model.config.vocab_size}] float32 ({args.path})", file=sys.stderr)
     return 0
 
 

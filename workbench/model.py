@@ -12,7 +12,7 @@ point (`blocks.{i}.attn.q`, `.q_normed`, `.k`, `.k_normed`, `blocks.{i}.moe.rout
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +169,18 @@ class Model:
     def n_params(self) -> int:
         return sum(t.numel() for t in _unique_tensors(self.weights))
 
+    def check_token_ids(self, ids: torch.Tensor | Sequence[int]) -> None:
+        """InputError naming the first id outside the vocabulary (a list is checked in Python, so that ids
+        too large for int64 get the same sentence)."""
+        vocab = self.config.vocab_size
+        if isinstance(ids, torch.Tensor):
+            if not ids.numel():
+                return
+            ids = ids[(ids < 0) | (ids >= vocab)].tolist()
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise InputError(f"token id {t} is outside the vocabulary (0..{vocab - 1}).")
+
     def new_cache(self, capacity: int) -> KVCache:
         c = self.config
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, capacity, self.dtype, self.device)
@@ -217,9 +229,7 @@ class Model:
         `breaks` switches on deviations from BREAKS (empty: the correct forward).
         """
         c, w = self.config, self.weights
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size):
-            bad = tokens[(tokens < 0) | (tokens >= c.vocab_size)][0].item()
-            raise InputError(f"token id {bad} is outside the vocabulary (0..{c.vocab_size - 1}).")
+        self.check_token_ids(tokens)
         x = w.embed(tokens)
         if c.embed_scale != 1.0:
             x = x * c.embed_scale

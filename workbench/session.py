@@ -130,9 +130,7 @@ class Session:
         cfg = self.model.config
         if not self.prompt_ids:
             raise InputError("the prompt is empty and this model adds no BOS token: give at least one token.")
-        for t in self.prompt_ids:
-            if not 0 <= t < cfg.vocab_size:
-                raise InputError(f"token id {t} is outside the vocabulary (0..{cfg.vocab_size - 1}).")
+        self.model.check_token_ids(self.prompt_ids)
         capacity = self.context or min(cfg.context_length, 4096)
         if capacity > cfg.context_length:
             raise InputError(f"a context of {capacity} exceeds the model's {cfg.context_length} positions.")
