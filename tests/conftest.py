@@ -51,11 +51,13 @@ def gemma3_path() -> Path:
 _models: dict[str, object] = {}
 
 
-def load_model(path: Path, dtype: str = "float32"):
-    """One loaded copy per (file, dtype) for the whole run: loading is cheap, but not free."""
+def load_model(path: Path, dtype: str = "float32", weights: str = "dequantized"):
+    """One loaded copy per (file, dtype, weights) for the whole run: loading is cheap, but not free. The
+    dequantized (exact) form by default: the references are held to it; tests/test_fast_paths.py holds the
+    quantized form to it in turn."""
     from workbench.model import Model
 
-    key = f"{path}:{dtype}"
+    key = f"{path}:{dtype}:{weights}"
     if key not in _models:
-        _models[key] = Model.load(path, device="cpu", dtype=dtype)
+        _models[key] = Model.load(path, device="cpu", dtype=dtype, weights=weights)
     return _models[key]

@@ -24,8 +24,9 @@ from workbench.config import ModelConfig
 from workbench.errors import InputError
 from workbench.gguf_file import GGUFFile
 from workbench.models import resolve
+from workbench.qmatmul import QuantMatrix, matmul
 from workbench.tokenizer import Tokenizer
-from workbench.weights import LayerWeights, Weights, load_weights
+from workbench.weights import WEIGHT_MODES, LayerWeights, Matrix, Weights, load_weights
 
 Probe = Callable[[str, torch.Tensor], None]
 
@@ -68,6 +69,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}.")
     return DTYPES[dtype]
+
+
+def resolve_weights(mode: str, device: torch.device, n_params: int, dtype: torch.dtype) -> str:
+    """auto → quantized on CPU (a decode step reads ≈ the file's bytes instead of 4× them); on a GPU the
+    dequantized matrices when they fit in 90 % of the free memory, else quantized. An explicit mode is taken
+    as asked."""
+    if mode in WEIGHT_MODES:
+        return mode
+    if mode != "auto":
+        raise InputError(f"unknown weights mode '{mode}'; choose auto, {', '.join(WEIGHT_MODES)}.")
+    if device.type == "cpu":
+        return "quantized"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return "dequantized" if n_params * dtype.itemsize <= 0.9 * free else "quantized"
+    return "dequantized"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,6 +139,7 @@ class LoadInfo:
     device: torch.device
     dtype: torch.dtype
     weight_bytes: int  # bytes of the tensors on the device
+    weights: str = "dequantized"  # the form of the matrices: one of WEIGHT_MODES
 
 
 class Model:
@@ -135,10 +153,11 @@ class Model:
     @classmethod
     def load(
         cls, model: str | Path, device: str = "auto", dtype: str = "auto",
-        progress: Callable[[int, int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None, weights: str = "auto",
     ) -> Model:
         """A bundled name or a path → a model on the device. Raises WorkbenchError subclasses on bad input.
-        `progress(done, total)` follows the weights as they load (layer by layer)."""
+        `progress(done, total)` follows the weights as they load (layer by layer). `weights`: auto,
+        dequantized (exact) or quantized (quantized matmuls, qmatmul.py; see resolve_weights)."""
         t0 = time.perf_counter()
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -149,11 +168,12 @@ class Model:
             raise InputError(
                 f"{gguf.path.name}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {config.vocab_size} rows."
             )
-        weights = load_weights(gguf, config, dev, dt, progress)
+        mode = resolve_weights(weights, dev, sum(t.n_elements for t in gguf.tensors.values()), dt)
+        loaded = load_weights(gguf, config, dev, dt, progress, mode)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        n_bytes = sum(t.numel() * t.element_size() for t in _unique_tensors(weights))
-        model = cls(gguf, config, tokenizer, weights, LoadInfo(0.0, dev, dt, n_bytes))
+        n_bytes = sum(t.numel() * t.element_size() for t in _unique_tensors(loaded))
+        model = cls(gguf, config, tokenizer, loaded, LoadInfo(0.0, dev, dt, n_bytes, mode))
         model.warm_up()
         model.info.seconds = time.perf_counter() - t0
         return model
@@ -167,7 +187,8 @@ class Model:
 
     @property
     def n_params(self) -> int:
-        return sum(t.numel() for t in _unique_tensors(self.weights))
+        """Parameters in the file (the same whichever form the weights take on the device)."""
+        return sum(t.n_elements for t in self.gguf.tensors.values())
 
     def check_token_ids(self, ids: torch.Tensor | Sequence[int]) -> None:
         """InputError naming the first id outside the vocabulary (a list is checked in Python, so that ids
@@ -250,7 +271,7 @@ class Model:
         if last_only:
             x = x[-1:]
         x = rms_norm(x, w.output_norm, c.rms_eps)
-        return (x @ w.output).float()
+        return matmul(x, w.output).float()
 
     def attention(
         self,
@@ -265,7 +286,7 @@ class Model:
     ) -> torch.Tensor:
         c = self.config
         T = x.shape[0]
-        qkv = x @ layer.wqkv
+        qkv = matmul(x, layer.wqkv)
         if layer.bqkv is not None:
             qkv = qkv + layer.bqkv
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
@@ -306,13 +327,14 @@ class Model:
             if window is not None:
                 mask &= delta < window
         out = grouped_attention(q, keys, values, mask, scale)  # [T, n_heads, head_dim]
-        return out.reshape(T, c.n_heads * c.head_dim) @ layer.wo
+        return matmul(out.reshape(T, c.n_heads * c.head_dim), layer.wo)
 
-    def _gated(self, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-        """down(act(gate·x) ⊙ up·x) with gate and up fused: w_gate_up is [hidden, 2·ffn]."""
-        gate, up = (x @ w_gate_up).chunk(2, dim=-1)
+    def _gated(self, x: torch.Tensor, w_gate_up: Matrix, w_down: Matrix) -> torch.Tensor:
+        """down(act(gate·x) ⊙ up·x) with gate and up fused: w_gate_up is [hidden, 2·ffn]. Dense weights may
+        carry a leading batch dim (x [k, T, hidden] against k experts' stacks)."""
+        gate, up = matmul(x, w_gate_up).chunk(2, dim=-1)
         act = F.gelu(gate, approximate="tanh") if self.config.ffn_act == "gelu_tanh" else F.silu(gate)
-        return (act * up) @ w_down
+        return matmul(act * up, w_down)
 
     def feed_forward(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
         """Gated FFN: SwiGLU, or GELU-tanh gated for gemma3."""
@@ -334,6 +356,12 @@ class Model:
             probe(f"blocks.{i}.moe.router_logits", router_logits)
             probe(f"blocks.{i}.moe.topk_ids", ids)
             probe(f"blocks.{i}.moe.topk_weights", weights)
+        if x.shape[0] == 1 and isinstance(layer.gate_up_exps, torch.Tensor):
+            # One token: gather the k chosen experts' matrices by index and batch them, with no host sync
+            # (so a CUDA graph can hold the step).
+            chosen = ids[0]
+            y = self._gated(x.expand(chosen.shape[0], 1, -1), layer.gate_up_exps[chosen], layer.down_exps[chosen])
+            return (y[:, 0] * weights[0, :, None].to(x.dtype)).sum(0, keepdim=True)
         out = torch.zeros_like(x)
         for e in ids.unique().tolist():
             token_idx, slot = (ids == e).nonzero(as_tuple=True)
@@ -344,8 +372,17 @@ class Model:
 
 
 def _unique_tensors(weights: Weights) -> list[torch.Tensor]:
-    """Every weight tensor once (a tensor shared by two fields counts once)."""
-    tensors = [t for t in (weights.token_embd, weights.output_norm, weights.output, weights.rope_freqs) if t is not None]
+    """Every weight tensor once (a tensor shared by two fields counts once; a quantized matrix is its planes)."""
+    fields = [weights.token_embd, weights.output_norm, weights.output, weights.rope_freqs]
+    if weights.embd_raw is not None:
+        fields.append(weights.embd_raw[0])
     for layer in weights.layers:
-        tensors += [t for t in vars(layer).values() if t is not None]
+        for value in vars(layer).values():
+            fields += value if isinstance(value, list) else [value]
+    tensors = []
+    for t in fields:
+        if isinstance(t, QuantMatrix):
+            tensors += t.tensors()
+        elif t is not None:
+            tensors.append(t)
     return list({t.data_ptr(): t for t in tensors}.values())

@@ -241,3 +241,37 @@ def _dequantize_numpy(raw: torch.Tensor, qtype: GGMLQuantizationType) -> torch.T
         message = f"Quantization type {qtype.name} cannot be dequantized (neither here nor by gguf-py)."
         raise UnsupportedError(message) from None
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(raw.device)
+
+
+# Affine views of the block types that hold integer codes on a grid per 32 values: value = scale · code +
+# offset, code an integer in 0..15 (4-bit types) or 0..255 (Q8_0). qmatmul.py repacks these exactly.
+AFFINE_BITS = {
+    GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q4_1: 4, GGMLQuantizationType.Q4_K: 4,
+    GGMLQuantizationType.Q8_0: 8,
+}
+
+
+def affine_blocks(raw: torch.Tensor, qtype: GGMLQuantizationType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """raw [rows, bytes] of an AFFINE_BITS type → codes uint8 [rows, K], scale and offset float32
+    [rows, K/32] such that value = scale · code + offset, bit for bit what `dequantize` gives up to the
+    order of one float32 rounding."""
+    rows = raw.shape[0]
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    b = raw.reshape(-1, type_size)
+    n = b.shape[0]
+    if qtype == GGMLQuantizationType.Q8_0:
+        codes = (b[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+        d = _f16(b[:, 0:2])
+        scale, offset = d, -128.0 * d
+    elif qtype == GGMLQuantizationType.Q4_0:
+        codes, d = _nibbles(b[:, 2:]), _f16(b[:, 0:2])
+        scale, offset = d, -8.0 * d
+    elif qtype == GGMLQuantizationType.Q4_1:
+        codes, scale, offset = _nibbles(b[:, 4:]), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    elif qtype == GGMLQuantizationType.Q4_K:
+        sc, mn = _k_scales_mins(b[:, 4:16])
+        scale, offset = _f16(b[:, 0:2]) * sc, -(_f16(b[:, 2:4]) * mn)  # [n, 8]: one per 32-value sub-block
+        codes = _bit_fields(b[:, 16:144].unflatten(-1, (4, 32)), (0, 4), 0x0F).reshape(n, 256)
+    else:
+        raise UnsupportedError(f"{qtype.name} has no affine 32-value block view.")
+    return codes.reshape(rows, -1), scale.reshape(rows, -1), offset.reshape(rows, -1)

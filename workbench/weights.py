@@ -3,6 +3,12 @@ ours here, once, and every shape is checked against the ModelConfig before anyth
 
 Quantized tensors travel to the device as raw block bytes and are dequantized there (quants.py), so a CUDA
 load moves the file's bytes, not 4× them. Norm weights stay float32: the norms are computed in float32.
+
+Matrices come in one of two forms (WEIGHT_MODES): "dequantized" (a dense [in, out] tensor in the compute
+dtype, the exact path) or "quantized" (a QuantMatrix, qmatmul.py: 4-bit planes read by a weight-only
+quantized matmul). Only matrices stored block-quantized in the file are kept quantized: float matrices
+(F32/F16/BF16), the MoE router and the norms are always dense. A quantized model's token embeddings stay as
+the file's raw rows (Weights.embed dequantizes the rows it is asked for).
 """
 
 from __future__ import annotations
@@ -11,11 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from gguf import GGMLQuantizationType
 
 from workbench.config import ModelConfig
 from workbench.errors import ModelError, UnsupportedError
 from workbench.gguf_file import GGUFFile
+from workbench.qmatmul import QuantMatrix
 from workbench.quants import dequantize
+
+Matrix = torch.Tensor | QuantMatrix
+Experts = torch.Tensor | list[QuantMatrix]  # a stack [E, in, out], or one quantized matrix per expert
+WEIGHT_MODES = ("dequantized", "quantized")
+_FLOAT_FILE_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.F64})
 
 
 @dataclass
@@ -24,41 +37,49 @@ class LayerWeights:
     one-row matmul reads a [in, out] matrix ~1.6× faster than F.linear reads [out, in] on this CPU."""
 
     attn_norm: torch.Tensor
-    wqkv: torch.Tensor  # [hidden, (n_heads + 2·n_kv_heads)·head_dim]: Q, K, V fused into one matmul
-    wo: torch.Tensor  # [n_heads·head_dim, hidden]
+    wqkv: Matrix  # [hidden, (n_heads + 2·n_kv_heads)·head_dim]: Q, K, V fused into one matmul
+    wo: Matrix  # [n_heads·head_dim, hidden]
     ffn_norm: torch.Tensor
     bqkv: torch.Tensor | None = None  # qwen2 attention biases, fused like wqkv
     q_norm: torch.Tensor | None = None  # [head_dim], per-head QK-norm
     k_norm: torch.Tensor | None = None
     post_attn_norm: torch.Tensor | None = None  # gemma3
     post_ffn_norm: torch.Tensor | None = None
-    w_gate_up: torch.Tensor | None = None  # dense FFN [hidden, 2·ffn]: gate then up
-    w_down: torch.Tensor | None = None  # [ffn, hidden]
+    w_gate_up: Matrix | None = None  # dense FFN [hidden, 2·ffn]: gate then up
+    w_down: Matrix | None = None  # [ffn, hidden]
     router: torch.Tensor | None = None  # MoE [hidden, n_experts]
-    gate_up_exps: torch.Tensor | None = None  # [n_experts, hidden, 2·expert_ffn]
-    down_exps: torch.Tensor | None = None  # [n_experts, expert_ffn, hidden]
+    gate_up_exps: Experts | None = None  # [n_experts, hidden, 2·expert_ffn]
+    down_exps: Experts | None = None  # [n_experts, expert_ffn, hidden]
 
 
 @dataclass
 class Weights:
-    token_embd: torch.Tensor | None  # [vocab, hidden]; None when tied: rows are then read from `output`
+    token_embd: torch.Tensor | None  # [vocab, hidden]; None when rows are read from `output` or `embd_raw`
     output_norm: torch.Tensor
-    output: torch.Tensor  # [hidden, vocab], transposed for x @ W
+    output: Matrix  # [hidden, vocab], transposed for x @ W
     layers: list[LayerWeights]
     rope_freqs: torch.Tensor | None  # llama3-style per-frequency divisors, when the file has them
+    dtype: torch.dtype = torch.float32  # the compute dtype
+    embd_raw: tuple[torch.Tensor, GGMLQuantizationType] | None = None  # quantized mode: GGUF rows [vocab, bytes]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embeddings [T, hidden]. A tied model keeps one copy of the matrix, in the head's orientation."""
         if self.token_embd is not None:
             return self.token_embd[tokens]
+        if self.embd_raw is not None:
+            raw, qtype = self.embd_raw
+            return dequantize(raw[tokens], qtype).to(self.dtype)
         return self.output[:, tokens].t().contiguous()
 
 
 class _Loader:
-    def __init__(self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype) -> None:
-        self.gguf, self.device, self.dtype = gguf, device, dtype
+    def __init__(self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype, mode: str) -> None:
+        self.gguf, self.device, self.dtype, self.mode = gguf, device, dtype, mode
 
-    def tensor(self, name: str, shape: tuple[int, ...], *, norm: bool = False, required: bool = True) -> torch.Tensor | None:
+    def tensor(
+        self, name: str, shape: tuple[int, ...], *, norm: bool = False, required: bool = True,
+        check_only: bool = False,
+    ) -> torch.Tensor | None:
         info = self.gguf.tensors.get(name)
         if info is None:
             if required:
@@ -68,6 +89,8 @@ class _Loader:
             raise ModelError(
                 f"{self.gguf.path.name}: tensor '{name}' has shape {list(info.shape)}, but the metadata implies {list(shape)}."
             )
+        if check_only:
+            return None
         raw = self.gguf.raw(name).to(self.device)
         try:
             values = dequantize(raw, info.ggml_type)
@@ -76,32 +99,51 @@ class _Loader:
         values = values.reshape(shape)
         return values.to(torch.float32 if norm else self.dtype)
 
+    def matrix(self, names: list[str], shapes: list[tuple[int, ...]]) -> Matrix | list[QuantMatrix]:
+        """GGUF matrices [..., out, in] stacked along the out rows (Q, K, V; gate, up) → one matrix used as
+        x @ W: dense [..., in, out] in the compute dtype, or (quantized mode, every part block-quantized in
+        the file) a QuantMatrix, one per expert for a stack [E, out, in]."""
+        if self.mode == "quantized" and all(
+            n in self.gguf.tensors and self.gguf.tensors[n].ggml_type not in _FLOAT_FILE_TYPES for n in names
+        ):
+            raws = []
+            for n, s in zip(names, shapes):
+                self.tensor(n, s, check_only=True)
+                raws.append((self.gguf.raw(n).to(self.device).reshape(*s[:-1], -1), self.gguf.tensors[n].ggml_type))
+            n_in = shapes[0][-1]
+            if len(shapes[0]) == 2:
+                return QuantMatrix.from_gguf(raws, n_in)
+            return [QuantMatrix.from_gguf([(r[e], t) for r, t in raws], n_in) for e in range(shapes[0][0])]
+        parts = [self.tensor(n, s) for n, s in zip(names, shapes)]
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        del parts
+        return rows.transpose(-1, -2).contiguous()
+
 
 def load_weights(
     gguf: GGUFFile, config: ModelConfig, device: torch.device, dtype: torch.dtype,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, mode: str = "dequantized",
 ) -> Weights:
-    """Every tensor, checked against the config, on `device` in `dtype`. `progress(done, total)` is called
-    after each layer (and once more for the embeddings and head)."""
-    c, ld = config, _Loader(gguf, device, dtype)
+    """Every tensor, checked against the config, on `device` in `dtype`, matrices in `mode` (WEIGHT_MODES).
+    `progress(done, total)` is called after each layer (and once more for the embeddings and head)."""
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"weights mode {mode!r} is not one of {WEIGHT_MODES}")
+    c, ld = config, _Loader(gguf, device, dtype, mode)
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     layers = []
     for i in range(c.n_layers):
         p = f"blk.{i}."
-        wq = ld.tensor(p + "attn_q.weight", (q_dim, c.hidden))
-        wk = ld.tensor(p + "attn_k.weight", (kv_dim, c.hidden))
-        wv = ld.tensor(p + "attn_v.weight", (kv_dim, c.hidden))
         biases = [ld.tensor(p + f"attn_{x}.bias", (n,), required=False) for x, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
         if any(b is not None for b in biases) and not all(b is not None for b in biases):
             raise ModelError(f"{gguf.path.name}: layer {i} has biases on some of Q, K, V but not all.")
         layer = LayerWeights(
             attn_norm=ld.tensor(p + "attn_norm.weight", (c.hidden,), norm=True),
-            wqkv=torch.cat((wq, wk, wv)).t().contiguous(),
-            wo=ld.tensor(p + "attn_output.weight", (c.hidden, q_dim)).t().contiguous(),
+            wqkv=ld.matrix([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
+                           [(q_dim, c.hidden), (kv_dim, c.hidden), (kv_dim, c.hidden)]),
+            wo=ld.matrix([p + "attn_output.weight"], [(c.hidden, q_dim)]),
             ffn_norm=ld.tensor(p + "ffn_norm.weight", (c.hidden,), norm=True),
             bqkv=torch.cat(biases) if biases[0] is not None else None,
         )
-        del wq, wk, wv
         if c.qk_norm:
             layer.q_norm = ld.tensor(p + "attn_q_norm.weight", (c.head_dim,), norm=True)
             layer.k_norm = ld.tensor(p + "attn_k_norm.weight", (c.head_dim,), norm=True)
@@ -111,25 +153,26 @@ def load_weights(
         if c.is_moe:
             e, f = c.n_experts, c.expert_ffn_hidden
             layer.router = ld.tensor(p + "ffn_gate_inp.weight", (e, c.hidden)).t().contiguous()
-            gate = ld.tensor(p + "ffn_gate_exps.weight", (e, f, c.hidden))
-            up = ld.tensor(p + "ffn_up_exps.weight", (e, f, c.hidden))
-            layer.gate_up_exps = torch.cat((gate, up), dim=1).transpose(1, 2).contiguous()
-            layer.down_exps = ld.tensor(p + "ffn_down_exps.weight", (e, c.hidden, f)).transpose(1, 2).contiguous()
-            del gate, up
+            layer.gate_up_exps = ld.matrix([p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight"], [(e, f, c.hidden)] * 2)
+            layer.down_exps = ld.matrix([p + "ffn_down_exps.weight"], [(e, c.hidden, f)])
         else:
-            gate = ld.tensor(p + "ffn_gate.weight", (c.ffn_hidden, c.hidden))
-            up = ld.tensor(p + "ffn_up.weight", (c.ffn_hidden, c.hidden))
-            layer.w_gate_up = torch.cat((gate, up)).t().contiguous()
-            layer.w_down = ld.tensor(p + "ffn_down.weight", (c.hidden, c.ffn_hidden)).t().contiguous()
-            del gate, up
+            layer.w_gate_up = ld.matrix([p + "ffn_gate.weight", p + "ffn_up.weight"], [(c.ffn_hidden, c.hidden)] * 2)
+            layer.w_down = ld.matrix([p + "ffn_down.weight"], [(c.hidden, c.ffn_hidden)])
         layers.append(layer)
         if progress is not None:
             progress(i + 1, c.n_layers + 1)
-    token_embd = ld.tensor("token_embd.weight", (c.vocab_size, c.hidden))
-    if c.tied_output:
-        output, token_embd = token_embd.t().contiguous(), None
+    embd_shape, embd_raw = (c.vocab_size, c.hidden), None
+    output = ld.matrix(["output.weight" if not c.tied_output else "token_embd.weight"], [embd_shape])
+    embd_type = gguf.tensors["token_embd.weight"].ggml_type if "token_embd.weight" in gguf.tensors else None
+    if mode == "quantized" and embd_type is not None and embd_type not in _FLOAT_FILE_TYPES:
+        ld.tensor("token_embd.weight", embd_shape, check_only=True)
+        embd_raw, token_embd = (gguf.raw("token_embd.weight").to(device).reshape(c.vocab_size, -1), embd_type), None
+    elif c.tied_output and isinstance(output, torch.Tensor):
+        token_embd = None  # rows are read from the head
+    elif c.tied_output:  # a float embedding under a quantized head (not seen in the wild): dense rows
+        token_embd = ld.tensor("token_embd.weight", embd_shape)
     else:
-        output = ld.tensor("output.weight", (c.vocab_size, c.hidden)).t().contiguous()
+        token_embd = ld.tensor("token_embd.weight", embd_shape)
     if progress is not None:
         progress(c.n_layers + 1, c.n_layers + 1)
     return Weights(
@@ -138,4 +181,6 @@ def load_weights(
         output=output,
         layers=layers,
         rope_freqs=ld.tensor("rope_freqs.weight", (c.rope_dim // 2,), norm=True, required=False),
+        dtype=dtype,
+        embd_raw=embd_raw,
     )

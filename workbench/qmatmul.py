@@ -1,0 +1,122 @@
+"""Weights that stay quantized: 4-bit planes with a scale and a zero per 32 values, and their matmul.
+
+A one-token decode step reads every weight once, so on a CPU its speed is the bytes it reads: dequantized to
+float32, a 4-bit GGUF model is read at 4× its size. Here a matrix is repacked at load into one or two 4-bit
+*planes* in the layout of PyTorch's CPU weight-only kernel (`torch._weight_int4pack_mm_for_cpu`: bfloat16
+activations, a bfloat16 scale and zero per 32 values of a row, w = (u − 8)·scale + zero for a code u):
+
+- 4-bit block types (Q4_0, Q4_1, Q4_K) hold per 32 values an integer code 0..15 on an affine grid
+  (quants.affine_blocks), which is one plane, exactly: ≈ the file's bytes are read per token.
+- Q8_0's codes (0..255 after an offset of 128) split into a high and a low nibble: two planes, exact.
+- Every other type (Q5_*, Q6_K, Q2_K, Q3_K, …) is dequantized, then requantized per 32 values to 8 bits on the
+  group's own [min, max] (255 steps; at most range/510 off per value) and split the same way.
+
+What is not exact: the scales and zeros are rounded to bfloat16, and the activations are rounded to bfloat16
+on their way in (the kernel's input type). Measured on SmolLM2-135M: logits cosine 0.9999 against the
+dequantized float32 path; tests/test_fast_paths.py holds every bundled model to ≥ 0.999 and the same greedy
+tokens. Measured on a 2-core EPYC for one token against an 8192×8192 weight: float32 12.4 ms, one plane 2.7 ms.
+
+On other devices the planes keep their codes one per byte and are widened to the compute dtype per call:
+a memory saving (for models that do not fit dequantized), not a speed-up.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType
+
+from workbench.quants import AFFINE_BITS, affine_blocks, dequantize
+
+GROUP = 32  # values per scale/zero pair
+
+
+class QuantMatrix:
+    """A weight used as x @ W with W [in, out], held as 4-bit planes (see the module doc). `planes` is a list
+    of (codes, scales_and_zeros [in/32, out, 2] bfloat16): codes packed by PyTorch for the CPU kernel, or
+    uint8 [out, in] elsewhere."""
+
+    __slots__ = ("planes", "n_in", "n_out")
+
+    def __init__(self, planes: list[tuple[torch.Tensor, torch.Tensor]], n_in: int, n_out: int) -> None:
+        self.planes, self.n_in, self.n_out = planes, n_in, n_out
+
+    @classmethod
+    def from_gguf(cls, parts: list[tuple[torch.Tensor, GGMLQuantizationType]], n_in: int) -> QuantMatrix:
+        """GGUF matrices [out_i, in] as (raw bytes [out_i, bytes per row], type), stacked along the rows
+        (Q, K, V; gate, up) → one matrix on the bytes' device. A 4-bit part next to an 8-bit one is widened
+        to the 8-bit form (its high plane is zero)."""
+        if n_in % GROUP:
+            raise ValueError(f"rows of {n_in} values are not whole groups of {GROUP}")
+        grids = [_grid(raw, qtype, n_in) for raw, qtype in parts]
+        bits = max(g[3] for g in grids)
+        codes, scale, offset = (torch.cat([g[i] for g in grids]) for i in range(3))
+        return cls(_planes(codes, scale, offset, bits), n_in, codes.shape[0])
+
+    @property
+    def shape(self) -> torch.Size:
+        """The logical shape, as the dense matrix would have it: [in, out]."""
+        return torch.Size((self.n_in, self.n_out))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for plane in self.planes for t in plane]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        out = None
+        for codes, sz in self.planes:
+            if codes.device.type == "cpu":
+                y = torch._weight_int4pack_mm_for_cpu(xb, codes, GROUP, sz).float()
+            else:
+                y = x.float() @ _widen(codes, sz).t()
+            out = y if out is None else out + y
+        return out.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The matrix as float32 [in, out], as the planes hold it (for tests and the walkthrough)."""
+        eye = torch.eye(self.n_in, device=self.planes[0][1].device)
+        return self.apply(eye)
+
+
+def _grid(raw: torch.Tensor, qtype: GGMLQuantizationType, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """codes, scale, offset, bits of one GGUF matrix: exact for the affine types, else requantized."""
+    if qtype in AFFINE_BITS:
+        return (*affine_blocks(raw, qtype), AFFINE_BITS[qtype])
+    return (*_requantize8(dequantize(raw, qtype).reshape(raw.shape[0], n_in)), 8)
+
+
+def _requantize8(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float [out, in] → codes 0..255 on each group's own [min, max] grid, scale and offset per group."""
+    g = values.float().unflatten(-1, (-1, GROUP))
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 255.0).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 255).to(torch.uint8)
+    return codes.flatten(-2), scale, lo
+
+
+def _planes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Codes [out, in] with value = scale·code + offset per group → planes with w = (u − 8)·s + z each."""
+    if bits == 4:
+        parts = [(codes, scale, 8 * scale + offset)]
+    else:  # code = 16·high + low
+        parts = [(codes >> 4, 16 * scale, 128 * scale + offset), (codes & 15, scale, 8 * scale)]
+    planes = []
+    for u, s, z in parts:
+        sz = torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16).contiguous()  # [in/32, out, 2]
+        if u.device.type == "cpu":
+            u = torch._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), 1)
+        planes.append((u.contiguous(), sz))
+    return planes
+
+
+def _widen(codes: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [out, in] and scales/zeros [in/32, out, 2] → float32 [out, in]."""
+    s, z = sz[..., 0].t().float(), sz[..., 1].t().float()  # [out, in/32]
+    u = codes.float().unflatten(-1, (-1, GROUP))
+    return ((u - 8) * s[..., None] + z[..., None]).flatten(-2)
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor | QuantMatrix) -> torch.Tensor:
+    """x [..., in] @ W [in, out] → [..., out] in x's dtype, for a dense or a quantized weight."""
+    if isinstance(w, QuantMatrix):
+        return w.apply(x)
+    return x @ w
