@@ -52,13 +52,14 @@ def _(DEFAULT_MODEL, bundled_names, mo, torch):
         ["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else [])
     device = mo.ui.dropdown(options=_devices, value="auto", label="device")
     dtype = mo.ui.dropdown(options=["auto", "float32", "bfloat16", "float16"], value="auto", label="dtype")
-    return FILE, device, dtype, load_button, model_choice, model_path
+    weights = mo.ui.dropdown(options=["auto", "dequantized", "quantized"], value="auto", label="weights")
+    return FILE, device, dtype, load_button, model_choice, model_path, weights
 
 
 @app.cell
 def _(WorkbenchError):
     class Shelf:
-        """Loaded models by (source, device, dtype), and which one is current: a failed load keeps the last."""
+        """Loaded models by (source, device, dtype, weights), and which one is current: a failed load keeps the last."""
 
         def __init__(self):
             self.models, self.current, self.error = {}, None, None
@@ -78,7 +79,7 @@ def _(WorkbenchError):
 
 
 @app.cell
-def _(FILE, Model, device, dtype, load_button, mo, model_choice, model_path, shelf):
+def _(FILE, Model, device, dtype, load_button, mo, model_choice, model_path, shelf, weights):
     _source = model_path.value.strip() if model_choice.value == FILE else model_choice.value
     if model_choice.value == FILE and not (load_button.value and _source):
         model = shelf.models.get(shelf.current)  # wait for a path and a click on "Load file"
@@ -89,13 +90,13 @@ def _(FILE, Model, device, dtype, load_button, mo, model_choice, model_path, she
                 _bar.total = total
                 _bar.update(increment=done - _bar.current, subtitle=f"layer {min(done, total - 1)} of {total - 1}")
 
-            model = shelf.get((_source, device.value, dtype.value),
-                              lambda: Model.load(_source, device.value, dtype.value, progress=_progress))
+            model = shelf.get((_source, device.value, dtype.value, weights.value),
+                              lambda: Model.load(_source, device.value, dtype.value, progress=_progress, weights=weights.value))
     return (model,)
 
 
 @app.cell
-def _(FILE, device, dtype, load_button, mo, model, model_choice, model_path, shelf):
+def _(FILE, device, dtype, load_button, mo, model, model_choice, model_path, shelf, weights):
     def _card(m):
         c, info = m.config, m.info
         types = sorted({t.type_name for t in m.gguf.tensors.values()})
@@ -107,11 +108,12 @@ def _(FILE, device, dtype, load_button, mo, model, model_choice, model_path, she
             "context": f"{c.context_length:,}", "experts": f"{c.n_experts_used} of {c.n_experts}" if c.is_moe else "dense",
             "QK-norm": "yes" if c.qk_norm else "no", "RoPE": f"{c.rope_style}, base {c.rope_base:g}",
             "device / dtype": f"{info.device} / {str(info.dtype).removeprefix('torch.')}",
+            "weights": {"quantized": "quantized (4-bit planes, bf16 activations)", "dequantized": "dequantized (exact)"}[info.weights],
             "load": f"{info.seconds:.2f} s", "weights on device": f"{info.weight_bytes / 2**20:.1f} MiB",
         }
         return mo.md("| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows.items()))
 
-    _controls = mo.hstack([model_choice, device, dtype], justify="start")
+    _controls = mo.hstack([model_choice, device, dtype, weights], justify="start")
     _file_row = mo.hstack([model_path, load_button], justify="start") if model_choice.value == FILE else None
     _notes = []
     if shelf.error:
@@ -333,10 +335,13 @@ def _(charts, mo, shown):
 @app.cell
 def _(charts, mo, shown):
     mo.stop(shown is None)
+    _tol = shown.meta.get("equiv_tolerance", charts.EQUIV_THRESHOLD)
     mo.vstack([
-        mo.md("## Equivalence\nThe uncached path is run on the tokens the cached path chose; in float32 their logits must "
-              f"agree to {charts.EQUIV_THRESHOLD:g} × max |logit| (dashed) with the same argmax."),
-        mo.ui.altair_chart(charts.equivalence(shown.equiv)),
+        mo.md("## Equivalence\nThe uncached path is run on the tokens the cached path chose; their logits must agree to "
+              f"{_tol:g} × max |logit| (dashed) with the same argmax. That bound is 1e-4 in float32 with dequantized weights; "
+              "bfloat16 anywhere (the dtype, or quantized weights, whose matmuls take bf16 activations) loosens it to "
+              "4e-2: load with weights 'dequantized' and dtype float32 for the tight check."),
+        mo.ui.altair_chart(charts.equivalence(shown.equiv, _tol)),
     ])
     return
 

@@ -70,9 +70,9 @@ def test_generate_paths_agree_and_sampling_is_seeded(tiny_paths, capsys):
 
 def test_logits_rows(tiny_paths, capsys, tmp_path):
     out_c, out_u = tmp_path / "c.npy", tmp_path / "u.npy"
-    assert run(capsys, "logits", str(tiny_paths["gemma3"]), "--tokens", "1,2,3,4,5,6,7,8,9,10,11", "--out", str(out_c))[0] == 0
-    assert run(capsys, "logits", str(tiny_paths["gemma3"]), "--tokens", "1,2,3,4,5,6,7,8,9,10,11", "--out", str(out_u),
-               "--path", "uncached")[0] == 0
+    args = ["logits", str(tiny_paths["gemma3"]), "--tokens", "1,2,3,4,5,6,7,8,9,10,11", "--weights", "dequantized"]
+    assert run(capsys, *args, "--out", str(out_c))[0] == 0
+    assert run(capsys, *args, "--out", str(out_u), "--path", "uncached")[0] == 0
     cached, uncached = np.load(out_c), np.load(out_u)
     assert cached.shape == (11, 512) and cached.dtype == np.float32
     np.testing.assert_allclose(cached, uncached, atol=1e-4 * np.abs(uncached).max())

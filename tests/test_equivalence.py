@@ -47,3 +47,23 @@ def test_real_cached_equals_uncached(name, smollm2_path, gemma3_path):
     path = {"smollm2": smollm2_path, "gemma3": gemma3_path}[name]
     model = load_model(path)
     _check(model, model.tokenizer.encode("Once upon a time, in a small village by the sea,"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_step_equals_eager_step(arch, tiny_paths):
+    """The static-shape decode step (position as a tensor, attention over the whole cache under a mask: what
+    a CUDA graph captures) gives the eager step's logits and writes the same cache, here on the CPU."""
+    model = load_model(tiny_paths[arch])
+    prompt = [1, 50, 60, 70, 80, 90, 100]
+    capacity = 24  # gemma3's window is 8: positions past it exercise the window mask
+    eager, static = model.new_cache(capacity), model.new_cache(capacity)
+    model.forward(torch.tensor(prompt), 0, eager, last_only=True)
+    model.forward(torch.tensor(prompt), 0, static, last_only=True)
+    token = 5
+    for position in range(len(prompt), capacity):
+        a = model.forward(torch.tensor([token]), position, eager)[-1]
+        b = model.forward(torch.tensor([token]), 0, static, pos=torch.tensor([position]))[-1]
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), position
+        token = int(a.argmax())
+    for k_eager, k_static in zip(eager.keys, static.keys):  # both attend in float32, summing in other orders
+        assert (k_eager - k_static).abs().max() <= 1e-5 * k_eager.abs().max()

@@ -68,7 +68,7 @@ def test_paths_record_the_same_rows(moe_trace):
 
 
 def test_unit_norm_weights_give_unit_post_norm_rms(tiny_paths):
-    model = Model.load(tiny_paths["qwen3"], device="cpu")  # a private copy: its weights get edited
+    model = Model.load(tiny_paths["qwen3"], device="cpu", weights="dequantized")  # a private copy: its weights get edited
     for layer in model.weights.layers:
         layer.q_norm.fill_(1.0)
         layer.k_norm.fill_(1.0)
@@ -81,7 +81,7 @@ def test_unit_norm_weights_give_unit_post_norm_rms(tiny_paths):
 
 
 def test_nan_is_reported_at_the_layer_it_appears(tiny_paths):
-    model = Model.load(tiny_paths["llama"], device="cpu")
+    model = Model.load(tiny_paths["llama"], device="cpu", weights="dequantized")
     model.weights.layers[1].w_down[0, 0] = float("nan")  # layer 1's FFN output turns NaN
     trace = run(model, steps=3, path="cached")  # the session keeps going
     bad = trace.first_bad_layer()

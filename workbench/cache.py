@@ -21,6 +21,7 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.capacity = capacity
         self.lengths = [0] * n_layers
+        self.positions = torch.arange(capacity, device=device)  # key positions, for static-shape masks
 
     @property
     def length(self) -> int:
@@ -36,6 +37,19 @@ class KVCache:
         self.values[layer][:, start:end] = v.transpose(0, 1)
         self.lengths[layer] = end
         return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one position's k, v [1, n_kv_heads, head_dim] at the position held by `pos` ([1] long, on the
+        device) and return the whole K, V: shapes that do not depend on the position (CUDA graphs). The
+        caller keeps `lengths` (mark_filled) and the position's range: nothing here reads it back."""
+        self.keys[layer].index_copy_(1, pos, k.transpose(0, 1))
+        self.values[layer].index_copy_(1, pos, v.transpose(0, 1))
+        return self.keys[layer], self.values[layer]
+
+    def mark_filled(self, length: int) -> None:
+        if length > self.capacity:
+            raise InputError(f"the context is full: position {length - 1} does not fit a cache of {self.capacity} positions.")
+        self.lengths = [length] * len(self.lengths)
 
     def layer_bytes(self, layer: int) -> tuple[int, int]:
         """Bytes of K and of V holding real positions in this layer."""

@@ -203,8 +203,9 @@ def speedup(tokens: pl.DataFrame, last: int = 8) -> float | None:
 
 # --- Equivalence, layers, reference -----------------------------------------------------------------------------
 
-def equivalence(equiv: pl.DataFrame) -> alt.Chart:
-    """max |Δlogit| / max |logit| per step (log scale), cached vs uncached, with the fp32 threshold."""
+def equivalence(equiv: pl.DataFrame, threshold: float = EQUIV_THRESHOLD) -> alt.Chart:
+    """max |Δlogit| / max |logit| per step (log scale), cached vs uncached, with the threshold the model's
+    arithmetic allows (Model.equivalence_tolerance; the fp32 one by default)."""
     if equiv.is_empty():
         return empty_chart("run with path 'both' to compare the paths")
     df = equiv.with_columns(
@@ -218,7 +219,7 @@ def equivalence(equiv: pl.DataFrame) -> alt.Chart:
     marks = alt.Chart(df).mark_point(filled=True, size=60).encode(
         x=alt.X("step:Q"), y=alt.Y("relative:Q"),
         color=alt.Color("argmax:N", scale=alt.Scale(domain=["same", "different"], range=["#2a9d8f", "#d62828"])))
-    rule = alt.Chart(pl.DataFrame({"threshold": [EQUIV_THRESHOLD]})).mark_rule(strokeDash=[4, 3], color="#c00").encode(y=alt.Y("threshold:Q"))
+    rule = alt.Chart(pl.DataFrame({"threshold": [threshold]})).mark_rule(strokeDash=[4, 3], color="#c00").encode(y=alt.Y("threshold:Q"))
     return (points + marks + rule).properties(width=WIDTH, height=HEIGHT, title="cached vs uncached logits per step")
 
 

@@ -1,4 +1,4 @@
-"""`workbench inspect|tokenize|generate|logits|trace|bench|diff|make-tiny`: the command-line contract other tools
+"""`workbench inspect|tokenize|generate|logits|trace|bench|diff|make-tiny|make-synthetic`: the command-line contract other tools
 build on.
 
 Exit status: 0 on success, 2 on a usage error (argparse), 1 on bad input with one line `error: …` on stderr.
@@ -30,6 +30,8 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu) | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
+    p.add_argument("--weights", default="auto",
+                   help="auto (quantized on CPU; dequantized on a GPU where it fits) | dequantized (exact) | quantized")
 
 
 def _path_arg(p: argparse.ArgumentParser, both: bool = False) -> None:
@@ -105,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True, choices=SUPPORTED_ARCHS)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("make-synthetic", help="write a random model with the exact shapes of a real one (Q4_K; benchmarks)")
+    p.add_argument("shape", help="qwen3-30b-a3b")
+    p.add_argument("--out", required=True)
+    p.add_argument("--layers", type=int, help="fewer layers than the real model (the rest of its shapes kept)")
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -171,7 +179,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Model:
-    return Model.load(args.model, device=args.device, dtype=args.dtype)
+    return Model.load(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
 
 
 def _prompt_ids(model, prompt: str) -> list[int]:
@@ -229,7 +237,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         trace = session.trace()
         print(json.dumps({
             "model": str(args.model), "file": str(model.gguf.path), "arch": model.config.arch,
-            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "path": args.path,
+            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "weights": model.info.weights, "path": args.path,
             "breaks": sorted(session.breaks), "prompt": args.prompt, "prompt_ids": prompt_ids,
             "ids": session.ids[len(prompt_ids):], "text": "".join(text_parts), "stop": stop,
             "load_seconds": model.info.seconds, "prefill_seconds": prefill_seconds, "decode_seconds": decode_seconds,
@@ -238,7 +246,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(tail + "\n")
         note = {"eos": "stopped at end-of-sequence", "context": "stopped: the context is full", "steps": f"{args.steps} steps"}[stop]
-        print(f"[{model.config.arch} on {model.device} {str(model.dtype).removeprefix('torch.')}, {args.path}"
+        print(f"[{model.config.arch} on {model.device} {str(model.dtype).removeprefix('torch.')}, {model.info.weights} weights, {args.path}"
               f"{' with ' + ', '.join(sorted(session.breaks)) if session.breaks else ''}: load {model.info.seconds:.2f} s, "
               f"prefill {len(prompt_ids)} tokens {prefill_seconds:.3f} s, decode {tps:.1f} tok/s; {note}]", file=sys.stderr)
         for line in checks:
@@ -253,7 +261,8 @@ def _check_lines(session) -> list[str]:
         worst = max(r.equiv, key=lambda e: e["max_abs_diff"] / max(e["max_abs_logit"], 1e-30))
         agree = sum(e["argmax_equal"] for e in r.equiv)
         lines.append(f"[cached vs uncached: max |Δlogit| {worst['max_abs_diff']:.3g} (step {worst['step']}, "
-                     f"{worst['max_abs_diff'] / max(worst['max_abs_logit'], 1e-30):.1e} of max |logit|), "
+                     f"{worst['max_abs_diff'] / max(worst['max_abs_logit'], 1e-30):.1e} of max |logit|; "
+                     f"allowed {session.model.equivalence_tolerance:g} with {session.model.info.weights} weights), "
                      f"argmax equal {agree}/{len(r.equiv)}]")
     if r.reference:
         worst = min(r.reference, key=lambda e: e["cosine"])
@@ -354,8 +363,26 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from workbench.synthetic import SHAPES, write_synthetic
+
+    if args.shape not in SHAPES:
+        raise InputError(f"no synthetic shape '{args.shape}'; choose one of: {', '.join(SHAPES)}.")
+    shape = SHAPES[args.shape]
+    if args.layers is not None:
+        if args.layers < 1:
+            raise InputError("--layers must be at least 1.")
+        shape = shape.scaled(n_layers=args.layers)
+    t0 = time.perf_counter()
+    path = write_synthetic(shape, args.out, seed=args.seed)
+    print(f"wrote {path} ({args.shape}, {shape.n_layers} layers, {shape.n_params / 1e9:.2f} B params, "
+          f"{path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"inspect": cmd_inspect, "tokenize": cmd_tokenize, "generate": cmd_generate, "logits": cmd_logits,
-            "trace": cmd_trace, "bench": cmd_bench, "diff": cmd_diff, "make-tiny": cmd_make_tiny}
+            "trace": cmd_trace, "bench": cmd_bench, "diff": cmd_diff, "make-tiny": cmd_make_tiny,
+            "make-synthetic": cmd_make_synthetic}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,13 +41,13 @@ class QuantMatrix:
         self.planes, self.n_in, self.n_out = planes, n_in, n_out
 
     @classmethod
-    def from_gguf(cls, parts: list[tuple[torch.Tensor, GGMLQuantizationType]], n_in: int) -> QuantMatrix:
-        """GGUF matrices [out_i, in] as (raw bytes [out_i, bytes per row], type), stacked along the rows
-        (Q, K, V; gate, up) → one matrix on the bytes' device. A 4-bit part next to an 8-bit one is widened
-        to the 8-bit form (its high plane is zero)."""
+    def from_grids(cls, grids: list[Grid]) -> QuantMatrix:
+        """Grids of GGUF matrices [out_i, in] (see `grid`), stacked along the rows (Q, K, V; gate, up) → one
+        matrix on their device. A 4-bit part next to an 8-bit one is widened to the 8-bit form (its high
+        plane is zero)."""
+        n_in = grids[0][0].shape[-1]
         if n_in % GROUP:
             raise ValueError(f"rows of {n_in} values are not whole groups of {GROUP}")
-        grids = [_grid(raw, qtype, n_in) for raw, qtype in parts]
         bits = max(g[3] for g in grids)
         codes, scale, offset = (torch.cat([g[i] for g in grids]) for i in range(3))
         return cls(_planes(codes, scale, offset, bits), n_in, codes.shape[0])
@@ -77,8 +77,12 @@ class QuantMatrix:
         return self.apply(eye)
 
 
-def _grid(raw: torch.Tensor, qtype: GGMLQuantizationType, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """codes, scale, offset, bits of one GGUF matrix: exact for the affine types, else requantized."""
+Grid = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]  # codes [out, in], scale, offset [out, in/32], bits
+
+
+def grid(raw: torch.Tensor, qtype: GGMLQuantizationType, n_in: int) -> Grid:
+    """One GGUF matrix, raw bytes [out, bytes per row] → codes, scale, offset, bits with value = scale·code +
+    offset per 32 values: exact for the affine types, requantized to 8 bits otherwise."""
     if qtype in AFFINE_BITS:
         return (*affine_blocks(raw, qtype), AFFINE_BITS[qtype])
     return (*_requantize8(dequantize(raw, qtype).reshape(raw.shape[0], n_in)), 8)

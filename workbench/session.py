@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.errors import InputError
-from workbench.model import BREAKS, Model
+from workbench.model import BREAKS, DecodeGraph, Model
 from workbench.probes import StepProbe
 
 PATHS = ("cached", "uncached", "both")
@@ -119,6 +119,7 @@ class Session:
     probes: bool = False
     breaks: frozenset[str] = frozenset()
     reference: str | None = None  # "llama.cpp": run it beside ours on the same tokens
+    cuda_graphs: bool = True  # plain cached decode steps on CUDA replay a captured graph (model.DecodeGraph)
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -147,6 +148,7 @@ class Session:
         self.records = Records()
         self.n_steps = 0
         self._reference = None
+        self._graph: DecodeGraph | None = None
         if self.reference is not None:
             from workbench.reference import ReferenceEngine
 
@@ -170,7 +172,14 @@ class Session:
         first_row = start if rows.start is None else len(self.ids) - 1
         probe = StepProbe(rows, TOP_CANDIDATES) if self.probes else None
         t0 = time.perf_counter()
-        logits = m.forward(torch.tensor(new, device=m.device), start, cache, probe, last_only=True, breaks=self.breaks)[-1]
+        graphable = path == "cached" and len(new) == 1 and probe is None and not self.breaks
+        if graphable and self.cuda_graphs and m.device.type == "cuda":
+            if self._graph is None:
+                self._graph = DecodeGraph(m, cache, start)
+                t0 = time.perf_counter()  # the capture is a one-off, not this step's time
+            logits = self._graph.step(new[0], start)[-1].clone()
+        else:
+            logits = m.forward(torch.tensor(new, device=m.device), start, cache, probe, last_only=True, breaks=self.breaks)[-1]
         if m.device.type == "cuda":
             torch.cuda.synchronize(m.device)
         seconds = time.perf_counter() - t0

@@ -118,6 +118,7 @@ def run_meta(session) -> dict[str, Any]:
     return {
         "model_file": str(m.gguf.path), "model_sha256": m.gguf.sha256(), "arch": m.config.arch,
         "config": m.config.as_dict(), "device": str(m.device), "dtype": str(m.dtype).removeprefix("torch."),
+        "weights": m.info.weights, "equiv_tolerance": m.equivalence_tolerance,
         "prompt_ids": list(session.prompt_ids), "prompt_pieces": [m.tokenizer.piece(t) for t in session.prompt_ids],
         "path": session.path, "breaks": sorted(session.breaks),
         "sampling": {"temperature": session.sampling.temperature, "top_k": session.sampling.top_k,

@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType
 from workbench.config import ModelConfig
 from workbench.errors import ModelError, UnsupportedError
 from workbench.gguf_file import GGUFFile
-from workbench.qmatmul import QuantMatrix
+from workbench.qmatmul import Grid, QuantMatrix, grid
 from workbench.quants import dequantize
 
 Matrix = torch.Tensor | QuantMatrix
@@ -99,6 +99,18 @@ class _Loader:
         values = values.reshape(shape)
         return values.to(torch.float32 if norm else self.dtype)
 
+    def grids(self, name: str, shape: tuple[int, ...]) -> Grid | list[Grid]:
+        """A block-quantized matrix [out, in] (or stack [E, out, in]) as qmatmul grids, on the device."""
+        self.tensor(name, shape, check_only=True)
+        raw = self.gguf.raw(name).to(self.device).reshape(*shape[:-1], -1)
+        qtype = self.gguf.tensors[name].ggml_type
+        try:
+            if len(shape) == 2:
+                return grid(raw, qtype, shape[-1])
+            return [grid(raw[e], qtype, shape[-1]) for e in range(shape[0])]
+        except UnsupportedError as exc:
+            raise UnsupportedError(f"{self.gguf.path.name}: tensor '{name}': {exc}") from None
+
     def matrix(self, names: list[str], shapes: list[tuple[int, ...]]) -> Matrix | list[QuantMatrix]:
         """GGUF matrices [..., out, in] stacked along the out rows (Q, K, V; gate, up) → one matrix used as
         x @ W: dense [..., in, out] in the compute dtype, or (quantized mode, every part block-quantized in
@@ -106,14 +118,10 @@ class _Loader:
         if self.mode == "quantized" and all(
             n in self.gguf.tensors and self.gguf.tensors[n].ggml_type not in _FLOAT_FILE_TYPES for n in names
         ):
-            raws = []
-            for n, s in zip(names, shapes):
-                self.tensor(n, s, check_only=True)
-                raws.append((self.gguf.raw(n).to(self.device).reshape(*s[:-1], -1), self.gguf.tensors[n].ggml_type))
-            n_in = shapes[0][-1]
+            grids = [self.grids(n, s) for n, s in zip(names, shapes)]  # per part: one grid, or one per expert
             if len(shapes[0]) == 2:
-                return QuantMatrix.from_gguf(raws, n_in)
-            return [QuantMatrix.from_gguf([(r[e], t) for r, t in raws], n_in) for e in range(shapes[0][0])]
+                return QuantMatrix.from_grids(grids)
+            return [QuantMatrix.from_grids([g[e] for g in grids]) for e in range(shapes[0][0])]
         parts = [self.tensor(n, s) for n, s in zip(names, shapes)]
         rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
         del parts
