@@ -1,11 +1,15 @@
 """Decode-speed benchmark: workbench (cached and uncached paths) against HF transformers and llama.cpp.
 
     python benchmarks/decode.py [--models smollm2-135m,gemma3-270m] [--prompt-tokens 64] [--steps 32]
-                                [--baselines transformers,llama.cpp] [--threads 2] [--repeats 1] [--json]
+                                [--weights quantized,dequantized] [--baselines transformers,llama.cpp]
+                                [--threads 2] [--repeats 1] [--json]
 
 For every model, in one process, on the same prompt ids (a fixed English paragraph, repeated, tokenized with
 the model's own GGUF tokenizer and cut to exactly --prompt-tokens; BOS included when the model adds one):
 
+* workbench           once per --weights mode: "workbench" is the quantized weights (the CPU default: 4-bit
+                      planes read by PyTorch's int4 kernel, qmatmul.py), "workbench-deq" the dequantized float32
+                      matrices (the exact path). The summary's ratios use the first mode listed.
 * workbench cached    one untimed warm-up session, then a timed one: the prefill of the prompt (one batched
                       forward, which also yields the first token), then --steps single-token decode steps.
 * workbench uncached  the same --steps tokens, each step re-running the whole sequence (prompt + generated so
@@ -19,7 +23,10 @@ the model's own GGUF tokenizer and cut to exactly --prompt-tokens; BOS included 
                       Both with logits_to_keep=1 where the model supports it (what generate() passes; the
                       workbench computes only the last position's logits too).
 * llama.cpp           llama_cpp.Llama (its own quantized kernels, n_threads = --threads): eval of the prompt,
-                      then --steps evals of one token, each followed by an argmax over the last logits.
+                      then --steps evals of one token, each followed by an argmax over the last logits. When
+                      llama_cpp is not importable, the script installs llama-cpp-python==0.3.36 with pip (a
+                      wheel from ../shared/wheels where there is one, else pip builds llama.cpp from source,
+                      ~8 minutes); --no-install skips that.
 
 Every engine decodes greedily (argmax) and ignores EOS, so all of them time the same number of steps.
 tokens/s = --steps / (sum of the timed steps' wall seconds); a step's time includes its argmax. The "agree"
@@ -40,11 +47,13 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.metadata
+import importlib.util
 import inspect
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -210,27 +219,34 @@ def workbench_run(model: Model, ids: list[int], steps: int, context: int, path: 
     return Measure(first.seconds, seconds, session.ids[len(ids) :], clock.ratio, clock.others)
 
 
-def bench_workbench(name: str, steps: int, prompt_tokens: int, repeats: int) -> tuple[list[Row], list[int], Model | None]:
-    log(f"[{name}] workbench: loading")
+WEIGHT_ENGINES = {"quantized": "workbench", "dequantized": "workbench-deq"}
+
+
+def bench_workbench(
+    name: str, steps: int, prompt_tokens: int, repeats: int, weights: str = "quantized"
+) -> tuple[list[Row], list[int], Model | None]:
+    engine = WEIGHT_ENGINES[weights]
+    log(f"[{name}] {engine}: loading ({weights} weights)")
     try:
-        model = Model.load(name, device="cpu", dtype="float32")
+        Model.load(name, device="cpu", dtype="float32", weights=weights)  # untimed: pages the file in, as llama.cpp's warm-up does
+        model = Model.load(name, device="cpu", dtype="float32", weights=weights)
     except Exception as e:  # noqa: BLE001 - report, don't crash the whole run
         note = f"load failed: {first_line(e)}"
-        return [Row(name, "workbench", p, prompt_tokens, note=note) for p in ("cached", "uncached")], [], None
+        return [Row(name, engine, p, prompt_tokens, note=note) for p in ("cached", "uncached")], [], None
     ids = bench_prompt(model, prompt_tokens)
     context = prompt_tokens + steps + 2
     if context > model.config.context_length:
         note = f"prompt + steps ({context}) exceed the model's context of {model.config.context_length}"
-        return [Row(name, "workbench", p, prompt_tokens, note=note) for p in ("cached", "uncached")], [], None
+        return [Row(name, engine, p, prompt_tokens, note=note) for p in ("cached", "uncached")], [], None
     load_s = model.info.seconds
-    log(f"[{name}] workbench: loaded in {load_s:.2f} s ({model.n_params / 1e6:.1f} M params, "
+    log(f"[{name}] {engine}: loaded in {load_s:.2f} s ({model.n_params / 1e6:.1f} M params, "
         f"GGUF {model.gguf.size / 1e6:.1f} MB); warm-up")
     workbench_run(model, ids, min(steps, 4), context, "cached")  # warm-up: allocator, rope tables, first calls
 
     rows = []
     for path in ("cached", "uncached"):
-        log(f"[{name}] workbench: {path}, {steps} steps" + (f", best of {repeats}" if repeats > 1 else ""))
-        row = Row(name, "workbench", path, prompt_tokens, load_s=load_s)
+        log(f"[{name}] {engine}: {path}, {steps} steps" + (f", best of {repeats}" if repeats > 1 else ""))
+        row = Row(name, engine, path, prompt_tokens, load_s=load_s)
         row.record(best_of(lambda: workbench_run(model, ids, steps, context, path), repeats))
         rows.append(row)
     return rows, ids, model
@@ -347,6 +363,7 @@ def bench_llama_cpp(name: str, model: Model, ids: list[int], steps: int, threads
     except Exception as e:  # noqa: BLE001
         row.note = f"skipped: llama_cpp not importable ({first_line(e)})"
         return [row]
+    log(f"[{name}] llama.cpp: llama-cpp-python {importlib.metadata.version('llama-cpp-python')}")
 
     n_ctx = max(256, P + steps + 16)
     log(f"[{name}] llama.cpp: loading {model.gguf.path.name}")
@@ -443,6 +460,20 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def ensure_llama_cpp() -> None:
+    """Install llama-cpp-python==0.3.36 into this interpreter when it is missing: from ../shared/wheels when a
+    wheel is there, else pip builds llama.cpp from source (CMake, ~8 minutes on 2 cores)."""
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "llama-cpp-python==0.3.36"]
+    wheels = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "wheels")
+    if os.path.isdir(wheels):
+        cmd += ["--find-links", wheels]
+    log("llama.cpp: not installed; running " + " ".join(cmd) + " (a source build takes minutes)")
+    subprocess.run(cmd, check=False)
+    importlib.invalidate_caches()
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3g}x" if a and b else "n/a"
 
@@ -457,6 +488,11 @@ def summary(name: str, rows: list[Row]) -> list[str]:
     lines = [f"{name}:"]
     lines.append(f"  workbench cached / transformers cached (tok/s): {ratio(tps(wc), tps(hc))}")
     lines.append(f"  workbench cached / llama.cpp (tok/s):           {ratio(tps(wc), tps(lc))}")
+    wd = get("workbench-deq", "cached")
+    if wd:
+        lines.append(f"  workbench cached, quantized / dequantized:      {ratio(tps(wc), tps(wd))}")
+    if wc and lc and wc.load_s and lc.load_s:
+        lines.append(f"  load: workbench {wc.load_s:.2f} s, llama.cpp {lc.load_s:.2f} s ({wc.load_s / lc.load_s:.2f}x)")
     if hc and hu:
         lines.append(f"  transformers cached / uncached speedup:         {ratio(tps(hc), tps(hu))}")
     if not (wc and wu):
@@ -508,8 +544,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each measurement this many times and keep the fastest (a shared machine is noisy)")
+    ap.add_argument("--weights", default="quantized,dequantized",
+                    help="comma-separated workbench weight modes to time (quantized, dequantized); the first is 'workbench'")
+    ap.add_argument("--no-install", action="store_true", help="do not pip-install llama-cpp-python when it is missing")
     ap.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of the table")
     args = ap.parse_args(argv)
+    modes = [w.strip() for w in args.weights.split(",") if w.strip()]
+    if not modes or any(w not in WEIGHT_ENGINES for w in modes):
+        ap.error(f"--weights takes a comma-separated subset of {', '.join(WEIGHT_ENGINES)}")
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
@@ -528,10 +570,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     log("\n".join(header))
 
+    if "llama.cpp" in baselines and not args.no_install:
+        ensure_llama_cpp()
     rows: list[Row] = []
     for name in models:
-        wb_rows, ids, model = bench_workbench(name, args.steps, args.prompt_tokens, args.repeats)
+        wb_rows, ids, model = bench_workbench(name, args.steps, args.prompt_tokens, args.repeats, modes[0])
         rows += wb_rows
+        for mode in modes[1:]:
+            more, _, other = bench_workbench(name, args.steps, args.prompt_tokens, args.repeats, mode)
+            rows += more
+            del other
         if model is None:
             for engine in baselines:
                 rows.append(Row(name, engine, "cached", args.prompt_tokens, note="skipped: workbench could not load the model"))

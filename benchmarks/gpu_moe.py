@@ -95,9 +95,11 @@ def main() -> int:
     if path is None:
         tmp = tempfile.mkdtemp(prefix="gpu_moe_")
         path = Path(tmp) / "qwen3-30b-a3b-synthetic-Q4_K.gguf"
-        cmd = [sys.executable, "-m", "workbench", "make-synthetic", "qwen3-30b-a3b", "--out", str(path)]
-        if args.layers:
-            cmd += ["--layers", str(args.layers)]
+        # What `workbench make-synthetic` does, in a child process (its memory is not this one's RSS) that
+        # needs only the engine's dependencies.
+        code = ("import sys; from workbench.synthetic import SHAPES, write_synthetic; s = SHAPES['qwen3-30b-a3b'];"
+                "n = int(sys.argv[2]); write_synthetic(s.scaled(n_layers=n) if n else s, sys.argv[1])")
+        cmd = [sys.executable, "-c", code, str(path), str(args.layers or 0)]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         result["write_s"] = time.perf_counter() - t0

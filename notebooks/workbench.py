@@ -339,8 +339,8 @@ def _(charts, mo, shown):
     mo.vstack([
         mo.md("## Equivalence\nThe uncached path is run on the tokens the cached path chose; their logits must agree to "
               f"{_tol:g} × max |logit| (dashed) with the same argmax. That bound is 1e-4 in float32 with dequantized weights; "
-              "bfloat16 anywhere (the dtype, or quantized weights, whose matmuls take bf16 activations) loosens it to "
-              "4e-2: load with weights 'dequantized' and dtype float32 for the tight check."),
+              "quantized weights (their matmuls take bf16 activations) loosen it to 4e-2 and a bf16/fp16 dtype to 1e-1: "
+              "load with weights 'dequantized' and dtype float32 for the tight check."),
         mo.ui.altair_chart(charts.equivalence(shown.equiv, _tol)),
     ])
     return

@@ -72,6 +72,9 @@ def test_quant_matrix_matmul_matches_dense(qtype, tiny_paths):
     assert cos.min() >= 0.9999, cos
 
 
+NEAR_TIE = 0.1  # logits: a top-2 margin this small flips under any change of summation order
+
+
 def _greedy(model, ids, steps):
     s = Session(model, ids, path="cached", context=len(ids) + steps + 1)
     logits = [s.step().logits for _ in range(steps)]
@@ -79,18 +82,29 @@ def _greedy(model, ids, steps):
 
 
 def _compare(path, steps=32, min_cos=0.999):
+    """Free-running greedy decoding must give the same tokens until the reference meets a near-tie (then
+    both continuations are right); teacher-forced on the reference's tokens, every one of the `steps`
+    positions must have a logits cosine ≥ min_cos and the same argmax unless the reference's top two are
+    within NEAR_TIE."""
     exact, fast = load_model(path), load_model(path, weights="quantized")
     assert fast.info.weights == "quantized" and fast.info.weight_bytes < exact.info.weight_bytes / 2
     ids = exact.tokenizer.encode(PROMPT)
-    full_a = exact.forward(torch.tensor(ids), 0, exact.new_cache(len(ids)))
-    full_b = fast.forward(torch.tensor(ids), 0, fast.new_cache(len(ids)))
-    cos = torch.nn.functional.cosine_similarity(full_a, full_b, dim=-1)
-    assert cos.min() >= min_cos, f"prompt positions: min cosine {float(cos.min()):.5f}"
     tokens_a, logits_a = _greedy(exact, ids, steps)
-    tokens_b, logits_b = _greedy(fast, ids, steps)
-    assert tokens_a == tokens_b
-    cos = torch.nn.functional.cosine_similarity(logits_a, logits_b, dim=-1)
-    assert cos.min() >= min_cos, f"decode steps: min cosine {float(cos.min()):.5f}"
+    tokens_b, _ = _greedy(fast, ids, steps)
+    top2 = logits_a.topk(2, dim=-1).values
+    margins = (top2[:, 0] - top2[:, 1]).tolist()
+    split = next((i for i, (a, b) in enumerate(zip(tokens_a, tokens_b)) if a != b), None)
+    assert split is None or margins[split] < NEAR_TIE, f"tokens part at step {split}, reference margin {margins[split]:.3f}"
+
+    sequence = torch.tensor(ids + tokens_a[:-1])  # position len(ids) - 1 + j predicts tokens_a[j]
+    rows = slice(len(ids) - 1, None)
+    forced_a = exact.forward(sequence, 0, exact.new_cache(len(sequence)))[rows]
+    forced_b = fast.forward(sequence, 0, fast.new_cache(len(sequence)))[rows]
+    cos = torch.nn.functional.cosine_similarity(forced_a, forced_b, dim=-1)
+    assert cos.min() >= min_cos, f"min cosine {float(cos.min()):.5f} at step {int(cos.argmin())}"
+    differ = [j for j in range(steps) if int(forced_a[j].argmax()) != int(forced_b[j].argmax())]
+    assert all(margins[j] < NEAR_TIE for j in differ), [(j, margins[j]) for j in differ]
+    assert len(differ) <= 2
 
 
 def test_smollm2_quantized_matches_dequantized(smollm2_path):

@@ -245,3 +245,25 @@ def test_transformers_and_llama_cpp_agree(tiny_dir: Path, arch: str) -> None:
         logits = model(torch.tensor([tokens])).logits[0].numpy()
     assert np.abs(logits - expected).max() < 0.25
     assert (logits.argmax(-1) == expected.argmax(-1)).mean() > 0.9
+
+
+def test_synthetic_qwen3_30b_a3b_layout_scaled_down(tmp_path):
+    """The synthetic writer (benchmarks/gpu_moe.py) at a CPU-sized scale: the real model's layout and keys,
+    a loadable model whose cached and uncached paths agree, and a parameter count the config confirms."""
+    from workbench.model import Model
+    from workbench.session import Session
+    from workbench.synthetic import SHAPES, write_synthetic
+
+    shape = SHAPES["qwen3-30b-a3b"].scaled(n_layers=2, n_experts=8, n_experts_used=2, vocab=1024)
+    path = write_synthetic(shape, tmp_path / "syn.gguf")
+    model = Model.load(path, device="cpu", weights="dequantized")
+    c = model.config
+    assert (c.arch, c.n_layers, c.hidden, c.n_heads, c.n_kv_heads, c.head_dim) == ("qwen3moe", 2, 2048, 32, 4, 128)
+    assert (c.n_experts, c.n_experts_used, c.expert_ffn_hidden, c.vocab_size) == (8, 2, 768, 1024)
+    assert model.n_params == shape.n_params
+    assert {t.ggml_type.name for t in model.gguf.tensors.values()} == {"Q4_K", "F32"}
+    s = Session(model, [1, 2, 3], path="both", context=12)
+    for _ in range(4):
+        s.step()
+    assert all(e["max_abs_diff"] <= 1e-4 * e["max_abs_logit"] for e in s.records.equiv)
+    assert SHAPES["qwen3-30b-a3b"].n_params == pytest.approx(30.5e9, rel=0.01)  # Qwen3-30B-A3B: 30.5 B
