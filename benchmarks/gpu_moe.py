@@ -85,6 +85,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep", type=Path, help="move the synthetic file here instead of deleting it")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU.", file=sys.stderr)
@@ -170,7 +171,10 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if tmp is not None:
-        os.remove(path)
+        if args.keep:
+            os.replace(path, args.keep)
+        else:
+            os.remove(path)
     return 0
 
 

@@ -141,3 +141,22 @@ def test_quantized_session_equivalence_within_its_tolerance(tiny_paths):
         s.step()
     worst = max(e["max_abs_diff"] / e["max_abs_logit"] for e in s.records.equiv)
     assert worst <= model.equivalence_tolerance and all(e["argmax_equal"] for e in s.records.equiv)
+
+
+def test_grouped_mm_moe_step_matches_gather(tiny_paths):
+    """The decode MoE through torch._grouped_mm (what CUDA Hopper GPUs run) against the gathered-experts
+    batch it replaces, here on the CPU in bfloat16 (the dtype that path runs in)."""
+    from workbench.model import Model
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    model = Model.load(tiny_paths["qwen3moe"], device="cpu", dtype="bfloat16", weights="dequantized")
+    prompt = [1, 50, 60, 70]
+    out = {}
+    for grouped in (False, True):
+        model._grouped_mm = grouped
+        cache = model.new_cache(16)
+        model.forward(torch.tensor(prompt), 0, cache, last_only=True)
+        out[grouped] = torch.stack([model.forward(torch.tensor([t]), 4 + j, cache)[-1] for j, t in enumerate((5, 9, 13, 2))])
+    assert torch.nn.functional.cosine_similarity(out[False], out[True], dim=-1).min() >= 0.999
+    assert torch.equal(out[False].argmax(-1), out[True].argmax(-1))

@@ -145,6 +145,12 @@ class Model:
         self.gguf, self.config, self.tokenizer, self.weights, self.info = gguf, config, tokenizer, weights, info
         self.device, self.dtype = info.device, info.dtype
         self._rope_tables: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Decode-time MoE through torch._grouped_mm: bf16 on CUDA compute capability ≥ 9 (its fast kernel).
+        self._grouped_mm = (
+            config.is_moe and self.device.type == "cuda" and self.dtype == torch.bfloat16
+            and hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(self.device)[0] >= 9
+        )
+        self._expert_ids = torch.arange(max(config.n_experts, 1), device=self.device)
 
     @classmethod
     def load(
@@ -391,6 +397,18 @@ class Model:
             probe(f"blocks.{i}.moe.router_logits", router_logits)
             probe(f"blocks.{i}.moe.topk_ids", ids)
             probe(f"blocks.{i}.moe.topk_weights", weights)
+        if x.shape[0] == 1 and isinstance(layer.gate_up_exps, torch.Tensor) and self._grouped_mm:
+            # One token on a Hopper-class GPU: a grouped matmul over the whole expert stack, whose groups are
+            # the chosen experts (one row each, rows sorted by expert; `offs` ends each expert's rows), so
+            # only the chosen experts' matrices are read, and nothing waits for the host.
+            chosen = ids[0]
+            order = chosen.argsort()
+            offs = (chosen[None, :] <= self._expert_ids[:, None]).sum(1, dtype=torch.int32)  # [E]
+            rows = x.expand(chosen.shape[0], -1).contiguous()
+            gate, up = torch._grouped_mm(rows, layer.gate_up_exps, offs=offs).chunk(2, dim=-1)
+            act = F.gelu(gate, approximate="tanh") if c.ffn_act == "gelu_tanh" else F.silu(gate)
+            y = torch._grouped_mm((act * up).contiguous(), layer.down_exps, offs=offs)  # [k, hidden], by expert
+            return (y * weights[0, order, None].to(x.dtype)).sum(0, keepdim=True)
         if x.shape[0] == 1 and isinstance(layer.gate_up_exps, torch.Tensor):
             # One token: gather the k chosen experts' matrices by index and batch them, with no host sync
             # (so a CUDA graph can hold the step).
