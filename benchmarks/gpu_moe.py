@@ -11,8 +11,9 @@ checked against the eager forward's on the same step.
 
 Bytes per token counts what a decode step must read: every attention matrix, the router, the 8 chosen
 experts' three matrices, the head, one embedding row, and the whole KV cache (a graph step attends over the
-cache's full capacity under a mask). The gather of the chosen experts copies their matrices once more (read
-and write) before the batched matmul; that traffic is reported apart. GB/s = bytes per token / seconds per
+cache's full capacity under a mask). On GPUs without the grouped matmul (before Hopper) the chosen experts'
+matrices are first gathered into one batch, which copies them once more (read and write); that traffic is
+reported apart. GB/s = bytes per token / seconds per
 token, next to the card's peak memory bandwidth.
 """
 
@@ -57,7 +58,8 @@ def bytes_per_token(model: Model, capacity: int) -> tuple[int, int]:
         per_layer += c.hidden * c.n_experts * 4  # router, float32
         expert = 3 * c.expert_ffn_hidden * c.hidden * el
         per_layer += c.n_experts_used * expert
-        gather = c.n_layers * c.n_experts_used * expert * 2  # the gathered copy: written, then read
+        if not model._grouped_mm:  # the gathered copy: written, then read (a grouped matmul reads in place)
+            gather = c.n_layers * c.n_experts_used * expert * 2
     else:
         per_layer += 3 * c.ffn_hidden * c.hidden * el
     return c.n_layers * per_layer + c.vocab_size * c.hidden * el + c.hidden * el, gather
@@ -158,8 +160,10 @@ def main() -> int:
         ("decode, CUDA graph", f"{1 / step_g:.1f} tok/s ({step_g * 1e3:.2f} ms/token)"),
         ("decode, eager", f"{1 / step_e:.1f} tok/s ({step_e * 1e3:.2f} ms/token)"),
         ("decode, uncached (32+ tokens per step)", f"{1 / step_u:.1f} tok/s"),
-        ("bytes read per token", f"{read / 1e9:.2f} GB (+ {gather / 1e9:.2f} GB of expert gather)"),
-        ("achieved bandwidth", f"{read / step_g / 1e9:.0f} GB/s ({(read + gather) / step_g / 1e9:.0f} with the gather)"
+        ("bytes read per token", f"{read / 1e9:.2f} GB" + (f" (+ {gather / 1e9:.2f} GB of expert gather)" if gather else "")),
+        ("MoE decode", "grouped matmul over the expert stack" if model._grouped_mm else "gathered experts, batched matmul"),
+        ("achieved bandwidth", f"{read / step_g / 1e9:.0f} GB/s"
+         + (f" ({(read + gather) / step_g / 1e9:.0f} with the gather)" if gather else "")
          + (f" of {peak:.2f} TB/s peak" if peak else "")),
         ("graph tokens = eager tokens", str(result["same_tokens_graph_vs_eager"])),
         ("cached vs uncached (6 steps)", f"max rel {result['cached_vs_uncached_max_rel']:.1e}, argmax equal {result['cached_vs_uncached_argmax_equal']}"),

@@ -44,6 +44,7 @@ _SCALAR_FORMATS = {
     GGUFValueType.INT64: "<q",
     GGUFValueType.FLOAT64: "<d",
 }
+_U64 = struct.Struct("<Q")
 _NUMPY_DTYPES = {t: np.dtype(fmt) for t, fmt in _SCALAR_FORMATS.items()}
 
 
@@ -128,7 +129,32 @@ class _Cursor:
         # Strings and nested arrays take at least 8 bytes each: refuse counts the file cannot hold.
         if count * 8 > self.size - self.pos:
             raise self.fail(f"{what} claims {count} items, more than the file can hold")
+        if item_type == GGUFValueType.STRING:
+            return self.strings(count, what)
         return [self.value(item_type, what, depth + 1) for _ in range(count)]
+
+    def strings(self, count: int, what: str) -> list[str]:
+        """An array of `count` strings (a vocabulary: 49k–262k of them) in one tight, still checked, loop."""
+        buf, size, pos = self.buf, self.size, self.pos
+        unpack = _U64.unpack_from
+        out = []
+        append = out.append
+        for _ in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                raise self.fail(f"the file ends in the middle of the length of {what}; it is truncated or corrupt")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if pos + n > size:
+                self.pos = pos
+                raise self.fail(f"the file ends in the middle of {what}; it is truncated or corrupt")
+            append(buf[pos : pos + n])
+            pos += n
+        self.pos = pos
+        try:
+            return [b.decode("utf-8") for b in out]
+        except UnicodeDecodeError as exc:
+            raise self.fail(f"{what} is not valid UTF-8") from exc
 
 
 class GGUFFile:

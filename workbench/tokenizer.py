@@ -258,16 +258,17 @@ def _spm_merges(token_to_id: Mapping[str, int], scores: Sequence[float]) -> list
     turns it into an ordinary ranked-merge BPE.
     """
     ranked: list[tuple[float, int, int, str, str]] = []
-    append = ranked.append
+    append, known = ranked.append, token_to_id.__contains__
     for token, token_id in token_to_id.items():
-        if len(token) < 2:
+        n = len(token)
+        if n < 2:
             continue
         neg_score = -float(scores[token_id])
-        for cut in range(1, len(token)):
+        for cut in range(1, n):
             left = token[:cut]
-            if left in token_to_id:
+            if known(left):
                 right = token[cut:]
-                if right in token_to_id:
+                if known(right):
                     append((neg_score, token_id, cut, left, right))
     ranked.sort()
     return [(left, right) for _, _, _, left, right in ranked]
