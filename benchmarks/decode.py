@@ -9,7 +9,10 @@ the model's own GGUF tokenizer and cut to exactly --prompt-tokens; BOS included 
 
 * workbench           once per --weights mode: "workbench" is the quantized weights (the CPU default: 4-bit
                       planes read by PyTorch's int4 kernel, qmatmul.py), "workbench-deq" the dequantized float32
-                      matrices (the exact path). The summary's ratios use the first mode listed.
+                      matrices (the exact path), "workbench-compiled" the quantized weights with the decode step
+                      torch.compile'd (Session(compile=True); cached path only; the compilation, ~1 minute the
+                      first time and seconds from inductor's disk cache, happens in the warm-up). The summary's
+                      ratios use "workbench".
 * workbench cached    one untimed warm-up session, then a timed one: the prefill of the prompt (one batched
                       forward, which also yields the first token), then --steps single-token decode steps.
 * workbench uncached  the same --steps tokens, each step re-running the whole sequence (prompt + generated so
@@ -208,10 +211,11 @@ def agreement(tokens: list[int], reference: list[int]) -> str:
 # --------------------------------------------------------------------------------------------- workbench
 
 
-def workbench_run(model: Model, ids: list[int], steps: int, context: int, path: str) -> Measure:
+def workbench_run(model: Model, ids: list[int], steps: int, context: int, path: str, compiled: bool = False) -> Measure:
     """One session: its first step (cached: the prefill; uncached: the first full forward over the bare prompt,
-    the same computation), then `steps` timed steps. Step seconds are Session's own (forward + argmax)."""
-    session = Session(model, ids, path=path, context=context)
+    the same computation), then `steps` timed steps. Step seconds are Session's own (forward + argmax; a
+    compiled step's one-off compilation is not in them)."""
+    session = Session(model, ids, path=path, context=context, compile=compiled)
     first = session.step()  # EOS is ignored so that every run times the same number of steps
     assert first.prefill == (path == "cached")
     with Clock() as clock:
@@ -219,14 +223,19 @@ def workbench_run(model: Model, ids: list[int], steps: int, context: int, path: 
     return Measure(first.seconds, seconds, session.ids[len(ids) :], clock.ratio, clock.others)
 
 
-WEIGHT_ENGINES = {"quantized": "workbench", "dequantized": "workbench-deq"}
+# --weights modes: engine label, Model.load weights, Session(compile=)
+WEIGHT_ENGINES = {
+    "quantized": ("workbench", "quantized", False),
+    "dequantized": ("workbench-deq", "dequantized", False),
+    "compiled": ("workbench-compiled", "quantized", True),
+}
 
 
 def bench_workbench(
-    name: str, steps: int, prompt_tokens: int, repeats: int, weights: str = "quantized"
+    name: str, steps: int, prompt_tokens: int, repeats: int, mode: str = "quantized"
 ) -> tuple[list[Row], list[int], Model | None]:
-    engine = WEIGHT_ENGINES[weights]
-    log(f"[{name}] {engine}: loading ({weights} weights)")
+    engine, weights, compiled = WEIGHT_ENGINES[mode]
+    log(f"[{name}] {engine}: loading ({weights} weights{', compiled step' if compiled else ''})")
     try:
         Model.load(name, device="cpu", dtype="float32", weights=weights)  # untimed: pages the file in, as llama.cpp's warm-up does
         model = Model.load(name, device="cpu", dtype="float32", weights=weights)
@@ -241,13 +250,16 @@ def bench_workbench(
     load_s = model.info.seconds
     log(f"[{name}] {engine}: loaded in {load_s:.2f} s ({model.n_params / 1e6:.1f} M params, "
         f"GGUF {model.gguf.size / 1e6:.1f} MB); warm-up")
-    workbench_run(model, ids, min(steps, 4), context, "cached")  # warm-up: allocator, rope tables, first calls
+    t0 = time.perf_counter()
+    workbench_run(model, ids, min(steps, 4), context, "cached", compiled)  # warm-up: allocator, rope tables, first calls
+    if compiled:
+        log(f"[{name}] {engine}: warm-up with compilation took {time.perf_counter() - t0:.1f} s")
 
     rows = []
-    for path in ("cached", "uncached"):
+    for path in ("cached", "uncached") if not compiled else ("cached",):
         log(f"[{name}] {engine}: {path}, {steps} steps" + (f", best of {repeats}" if repeats > 1 else ""))
         row = Row(name, engine, path, prompt_tokens, load_s=load_s)
-        row.record(best_of(lambda: workbench_run(model, ids, steps, context, path), repeats))
+        row.record(best_of(lambda: workbench_run(model, ids, steps, context, path, compiled), repeats))
         rows.append(row)
     return rows, ids, model
 
@@ -488,9 +500,11 @@ def summary(name: str, rows: list[Row]) -> list[str]:
     lines = [f"{name}:"]
     lines.append(f"  workbench cached / transformers cached (tok/s): {ratio(tps(wc), tps(hc))}")
     lines.append(f"  workbench cached / llama.cpp (tok/s):           {ratio(tps(wc), tps(lc))}")
-    wd = get("workbench-deq", "cached")
+    wd, wx = get("workbench-deq", "cached"), get("workbench-compiled", "cached")
     if wd:
         lines.append(f"  workbench cached, quantized / dequantized:      {ratio(tps(wc), tps(wd))}")
+    if wx:
+        lines.append(f"  workbench compiled step / llama.cpp (tok/s):    {ratio(tps(wx), tps(lc))}")
     if wc and lc and wc.load_s and lc.load_s:
         lines.append(f"  load: workbench {wc.load_s:.2f} s, llama.cpp {lc.load_s:.2f} s ({wc.load_s / lc.load_s:.2f}x)")
     if hc and hu:
@@ -544,8 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each measurement this many times and keep the fastest (a shared machine is noisy)")
-    ap.add_argument("--weights", default="quantized,dequantized",
-                    help="comma-separated workbench weight modes to time (quantized, dequantized); the first is 'workbench'")
+    ap.add_argument("--weights", default="quantized,dequantized,compiled",
+                    help="comma-separated workbench modes to time (quantized, dequantized, compiled)")
     ap.add_argument("--no-install", action="store_true", help="do not pip-install llama-cpp-python when it is missing")
     ap.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of the table")
     args = ap.parse_args(argv)

@@ -67,3 +67,16 @@ def test_static_step_equals_eager_step(arch, tiny_paths):
         token = int(a.argmax())
     for k_eager, k_static in zip(eager.keys, static.keys):  # both attend in float32, summing in other orders
         assert (k_eager - k_static).abs().max() <= 1e-5 * k_eager.abs().max()
+
+
+def test_compiled_step_equals_eager_step(tiny_paths):
+    """Session(compile=True): the torch.compile'd static step (C++ wrapper on the CPU) gives the eager cached
+    path's tokens and logits (same kernels, fused elementwise ops: float32 rounding apart)."""
+    model = load_model(tiny_paths["qwen3"])
+    prompt = [1, 50, 60, 70]
+    compiled = Session(model, prompt, path="cached", context=24, compile=True)
+    eager = Session(model, prompt, path="cached", context=24)
+    a = torch.stack([compiled.step().logits for _ in range(12)])
+    b = torch.stack([eager.step().logits for _ in range(12)])
+    assert compiled._graph is not None and compiled.ids == eager.ids
+    assert ((a - b).abs().amax(-1) <= 1e-5 * b.abs().amax(-1)).all()

@@ -50,11 +50,17 @@ class BenchRow:
     prefill_seconds: float | None  # cached path only
 
 
-def _measure(model: Model, prompt: list[int], steps: int, path: str, probes: bool) -> BenchRow:
-    session = Session(model, prompt, path=path, context=len(prompt) + steps + 1, probes=probes)
+def _measure(model: Model, prompt: list[int], steps: int, path: str, probes: bool, compile: bool = False) -> BenchRow:
+    compiled = compile and path == "cached" and not probes
+    session = Session(model, prompt, path=path, context=len(prompt) + steps + 2, probes=probes, compile=compiled)
     prefill = None
     decode_seconds, n = 0.0, 0
-    for _ in range(steps + (1 if path == "cached" else 0)):  # the cached path's extra first step is the prefill
+    if compiled:  # the prefill, then the first decode step, which compiles it: neither is timed as decode
+        t0 = time.perf_counter()
+        session.step()
+        prefill = time.perf_counter() - t0
+        session.step()
+    for _ in range(steps + (1 if path == "cached" and not compiled else 0)):  # the cached path's extra first step is the prefill
         # The whole step: forward, sampling, and (probes on) the reductions and their host transfer.
         t0 = time.perf_counter()
         result = session.step()
@@ -69,18 +75,20 @@ def _measure(model: Model, prompt: list[int], steps: int, path: str, probes: boo
 
 
 def run(model: Model, prompt_tokens: int = 256, steps: int = 32, paths: tuple[str, ...] = ("cached", "uncached"),
-        probes: tuple[bool, ...] = (False,), warmup: bool = True) -> list[BenchRow]:
+        probes: tuple[bool, ...] = (False,), warmup: bool = True, compile: bool = False) -> list[BenchRow]:
+    """Rows per (probes, path). `compile`: the probe-free cached path runs the torch.compile'd step
+    (Session(compile=True)); its compilation is left out of the timing."""
     if steps < 1:
         raise InputError(f"--steps must be ≥ 1, not {steps}.")
     for p in paths:
         if p not in ("cached", "uncached"):
             raise InputError(f"unknown path '{p}' in --paths; choose cached and/or uncached.")
     prompt = bench_prompt(model, prompt_tokens)
-    if len(prompt) + steps + 1 > model.config.context_length:
+    if len(prompt) + steps + 2 > model.config.context_length:
         raise InputError(f"{prompt_tokens} prompt tokens + {steps} steps exceed the model's context of {model.config.context_length}.")
     if warmup:
         _measure(model, prompt[: min(16, len(prompt))], 2, "cached", False)
-    return [_measure(model, prompt, steps, path, p) for p in probes for path in paths]
+    return [_measure(model, prompt, steps, path, p, compile) for p in probes for path in paths]
 
 
 def speedup(rows: list[BenchRow]) -> tuple[float | None, float | None]:

@@ -51,6 +51,8 @@ def _session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--break", dest="breaks", action="append", default=[], metavar="NAME",
                    help="reproduce a bug class on purpose (repeatable): " + ", ".join(BREAKS))
     p.add_argument("--reference", choices=("llama.cpp",), help="run llama.cpp beside ours on the same tokens")
+    p.add_argument("--compile", action="store_true",
+                   help="plain cached decode steps run torch.compile'd (CPU: ~1 min the first time, seconds after)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--paths", default="cached,uncached", help="comma-separated: cached,uncached")
     p.add_argument("--probes", action="store_true", help="also measure with probes on (the probe cost)")
+    p.add_argument("--compile", action="store_true",
+                   help="the cached path runs the torch.compile'd decode step (CPU: ~1 min the first time)")
     _device_args(p)
     p.add_argument("--json", action="store_true")
 
@@ -202,7 +206,7 @@ def _session(args: argparse.Namespace, probes: bool = False):
     prompt_ids = _prompt_ids(model, args.prompt)
     context = min(model.config.context_length, len(prompt_ids) + args.steps)
     return Session(model, prompt_ids, path=args.path, sampling=sampling, context=context, probes=probes,
-                   breaks=frozenset(args.breaks), reference=args.reference)
+                   breaks=frozenset(args.breaks), reference=args.reference, compile=args.compile)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -294,7 +298,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
     model = _load(args)
-    rows = bench.run(model, args.prompt_tokens, args.steps, paths, probes=(False, True) if args.probes else (False,))
+    rows = bench.run(model, args.prompt_tokens, args.steps, paths, probes=(False, True) if args.probes else (False,),
+                     compile=args.compile)
     if args.json:
         print(json.dumps(bench.as_json(rows)))
     else:

@@ -482,3 +482,45 @@ class DecodeGraph:
         self.graph.replay()
         self.cache.mark_filled(position + 1)
         return self.logits
+
+
+class CompiledStep:
+    """One cached decode step compiled by torch.compile for the CPU (inductor with its C++ wrapper).
+
+    Eager PyTorch spends about half of a small model's CPU decode step dispatching a thousand small ops
+    from Python; the compiled static-shape step (`Model.forward(..., pos=)`) runs them from generated C++.
+    Compiling takes about a minute the first time on 2 cores and seconds afterwards (inductor caches the
+    result on disk). Only the plain cached path uses it (probes and breaks run eagerly), and the logits are
+    the eager static step's (tests hold them equal).
+    """
+
+    def __init__(self, model: Model, cache: KVCache, position: int) -> None:
+        self.model, self.cache = model, cache
+        self.token = torch.zeros(1, dtype=torch.long, device=model.device)
+        self.pos = torch.full((1,), position, dtype=torch.long, device=model.device)
+        c = model.config
+        for i in range(c.n_layers):  # every RoPE table the step reads, grown to the cache before tracing
+            model.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), cache.capacity, c.rope_style)
+        forward = Model.forward.__wrapped__  # without inference_mode, which torch.compile cannot trace through
+
+        def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return forward(model, token, 0, cache, last_only=True, pos=pos)
+
+        # A new cache means new tensors to guard on: start from a clean slate rather than pile up recompiles
+        # (the compiled code itself comes back from inductor's disk cache).
+        torch.compiler.reset()
+        options = {"cpp_wrapper": True} if model.device.type == "cpu" else {}
+        self._step = torch.compile(step, dynamic=False, options=options)
+        with torch.no_grad():
+            self._step(self.token, self.pos)  # compiles; writes position `position`, which the next step rewrites
+
+    def step(self, token: int, position: int) -> torch.Tensor:
+        """Logits [1, vocab] after `token` at `position`."""
+        if position >= self.cache.capacity:
+            raise InputError(f"the context is full: position {position} does not fit a cache of {self.cache.capacity} positions.")
+        self.token.fill_(token)
+        self.pos.fill_(position)
+        with torch.no_grad():
+            logits = self._step(self.token, self.pos)
+        self.cache.mark_filled(position + 1)
+        return logits

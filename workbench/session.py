@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.errors import InputError
-from workbench.model import BREAKS, DecodeGraph, Model
+from workbench.model import BREAKS, CompiledStep, DecodeGraph, Model
 from workbench.probes import StepProbe
 
 PATHS = ("cached", "uncached", "both")
@@ -120,6 +120,7 @@ class Session:
     breaks: frozenset[str] = frozenset()
     reference: str | None = None  # "llama.cpp": run it beside ours on the same tokens
     cuda_graphs: bool = True  # plain cached decode steps on CUDA replay a captured graph (model.DecodeGraph)
+    compile: bool = False  # plain cached decode steps elsewhere run torch.compile'd (model.CompiledStep; ~1 min once)
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -148,7 +149,7 @@ class Session:
         self.records = Records()
         self.n_steps = 0
         self._reference = None
-        self._graph: DecodeGraph | None = None
+        self._graph: DecodeGraph | CompiledStep | None = None
         if self.reference is not None:
             from workbench.reference import ReferenceEngine
 
@@ -173,10 +174,11 @@ class Session:
         probe = StepProbe(rows, TOP_CANDIDATES) if self.probes else None
         t0 = time.perf_counter()
         graphable = path == "cached" and len(new) == 1 and probe is None and not self.breaks
-        if graphable and self.cuda_graphs and m.device.type == "cuda":
+        fast = "graph" if self.cuda_graphs and m.device.type == "cuda" else "compile" if self.compile else None
+        if graphable and fast is not None:
             if self._graph is None:
-                self._graph = DecodeGraph(m, cache, start)
-                t0 = time.perf_counter()  # the capture is a one-off, not this step's time
+                self._graph = DecodeGraph(m, cache, start) if fast == "graph" else CompiledStep(m, cache, start)
+                t0 = time.perf_counter()  # the capture or compilation is a one-off, not this step's time
             logits = self._graph.step(new[0], start)[-1].clone()
         else:
             logits = m.forward(torch.tensor(new, device=m.device), start, cache, probe, last_only=True, breaks=self.breaks)[-1]
