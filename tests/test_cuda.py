@@ -66,3 +66,13 @@ def test_bf16_moe_grouped_mm_graph_matches_gather_eager(tiny_paths):
     model._grouped_mm = grouped
     assert torch.nn.functional.cosine_similarity(logits_g, logits_e, dim=-1).min() >= 0.999
     assert ids_g[:4] == ids_e[:4]  # bf16 random tiny model: later steps may sit on near-ties
+
+
+def test_compiled_graph_matches_eager(tiny_paths):
+    model = Model.load(tiny_paths["qwen3moe"], device="cuda", dtype="float32", weights="dequantized")
+    prompt = [1, 50, 60, 70]
+    s = Session(model, prompt, path="cached", context=20, compile=True)
+    a = torch.stack([s.step().logits.float().cpu() for _ in range(10)])
+    ids_e, b, _ = _session_logits(model, graphs=False, steps=10)
+    assert s._graph is not None and s.ids[len(prompt):] == ids_e
+    assert ((a - b).abs().amax(-1) <= 1e-4 * b.abs().amax(-1)).all()

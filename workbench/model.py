@@ -451,9 +451,10 @@ class DecodeGraph:
     only for the plain cached path on CUDA.
     """
 
-    def __init__(self, model: Model, cache: KVCache, position: int) -> None:
+    def __init__(self, model: Model, cache: KVCache, position: int, compiled: bool = False) -> None:
         """Capture at `position`, the next position the cache will be written at (the capture's own writes
-        land there and are overwritten by the first real step)."""
+        land there and are overwritten by the first real step). `compiled`: capture the torch.compile'd step
+        (inductor fuses the small elementwise kernels: fewer launches per token; compiling takes minutes)."""
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.model, self.cache = model, cache
@@ -463,15 +464,22 @@ class DecodeGraph:
         for i in range(c.n_layers):  # every RoPE table the step reads, grown to the cache before capture
             model.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), cache.capacity, c.rope_style)
         self._tables = list(model._rope_tables.values())  # the graph reads these tensors: keep them alive
+        if compiled:
+            forward = Model.forward.__wrapped__  # without inference_mode, which torch.compile cannot trace through
+            torch.compiler.reset()
+            run = torch.compile(lambda: forward(model, self.token, 0, cache, last_only=True, pos=self.pos), dynamic=False)
+            grad_mode = torch.no_grad
+        else:
+            run, grad_mode = lambda: model.forward(self.token, 0, cache, last_only=True, pos=self.pos), torch.inference_mode
         side = torch.cuda.Stream(model.device)
         side.wait_stream(torch.cuda.current_stream(model.device))
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(2):  # warm-up: allocator and kernel selection outside the capture
-                model.forward(self.token, 0, cache, last_only=True, pos=self.pos)
+        with torch.cuda.stream(side), grad_mode():
+            for _ in range(2):  # warm-up (and compilation): allocator and kernel selection outside the capture
+                run()
         torch.cuda.current_stream(model.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.logits = model.forward(self.token, 0, cache, last_only=True, pos=self.pos)
+        with torch.cuda.graph(self.graph), grad_mode():
+            self.logits = run()
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits [1, vocab] after `token` at `position` (the graph's output buffer: copy it to keep it)."""

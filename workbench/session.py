@@ -120,7 +120,8 @@ class Session:
     breaks: frozenset[str] = frozenset()
     reference: str | None = None  # "llama.cpp": run it beside ours on the same tokens
     cuda_graphs: bool = True  # plain cached decode steps on CUDA replay a captured graph (model.DecodeGraph)
-    compile: bool = False  # plain cached decode steps elsewhere run torch.compile'd (model.CompiledStep; ~1 min once)
+    compile: bool = False  # plain cached decode steps run torch.compile'd (CPU: model.CompiledStep, ~1 min once;
+    # CUDA: the compiled step inside the graph)
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -177,7 +178,10 @@ class Session:
         fast = "graph" if self.cuda_graphs and m.device.type == "cuda" else "compile" if self.compile else None
         if graphable and fast is not None:
             if self._graph is None:
-                self._graph = DecodeGraph(m, cache, start) if fast == "graph" else CompiledStep(m, cache, start)
+                if fast == "graph":
+                    self._graph = DecodeGraph(m, cache, start, compiled=self.compile)
+                else:
+                    self._graph = CompiledStep(m, cache, start)
                 t0 = time.perf_counter()  # the capture or compilation is a one-off, not this step's time
             logits = self._graph.step(new[0], start)[-1].clone()
         else:
