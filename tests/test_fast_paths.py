@@ -160,3 +160,14 @@ def test_grouped_mm_moe_step_matches_gather(tiny_paths):
         out[grouped] = torch.stack([model.forward(torch.tensor([t]), 4 + j, cache)[-1] for j, t in enumerate((5, 9, 13, 2))])
     assert torch.nn.functional.cosine_similarity(out[False], out[True], dim=-1).min() >= 0.999
     assert torch.equal(out[False].argmax(-1), out[True].argmax(-1))
+
+
+def test_quant_matrix_rows_not_a_multiple_of_16():
+    """PyTorch packs rows 16 at a time: a 40-row matrix is padded and its extra outputs cut off."""
+    rng = np.random.default_rng(2)
+    raw = _raw(rng.standard_normal((40, 64)).astype(np.float32), Q.Q4_0)
+    w = QuantMatrix.from_grids([grid(raw, Q.Q4_0, 64)])
+    x = torch.from_numpy(rng.standard_normal((3, 64)).astype(np.float32))
+    got, want = matmul(x, w), x @ dequantize(raw, Q.Q4_0).t()
+    assert got.shape == (3, 40)
+    assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() >= 0.9999

@@ -69,6 +69,8 @@ class QuantMatrix:
             else:
                 y = x.float() @ _widen(codes, sz).t()
             out = y if out is None else out + y
+        if out.shape[-1] != self.n_out:  # rows padded to a multiple of 16 for the CPU packing
+            out = out[..., : self.n_out]
         return out.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
@@ -97,18 +99,35 @@ def _requantize8(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return codes.flatten(-2), scale, lo
 
 
+_PACK_ROWS = 8192  # rows packed at a time: bounds the int32 copy the packing op wants (a multiple of 16)
+
+
 def _planes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Codes [out, in] with value = scale·code + offset per group → planes with w = (u − 8)·s + z each."""
+    """Codes [out, in] with value = scale·code + offset per group → planes with w = (u − 8)·s + z each.
+
+    PyTorch's CPU packing wants the rows in multiples of 16: other counts are padded with zero rows (their
+    outputs are cut off in `apply`). Rows are split and packed _PACK_ROWS at a time, which bounds the
+    temporary copies (the packing op takes int32 codes)."""
+    n_out = codes.shape[0]
     if bits == 4:
-        parts = [(codes, scale, 8 * scale + offset)]
+        parts = [(lambda c: c, scale, 8 * scale + offset)]
     else:  # code = 16·high + low
-        parts = [(codes >> 4, 16 * scale, 128 * scale + offset), (codes & 15, scale, 8 * scale)]
+        parts = [(lambda c: c >> 4, 16 * scale, 128 * scale + offset), (lambda c: c & 15, scale, 8 * scale)]
     planes = []
-    for u, s, z in parts:
-        sz = torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16).contiguous()  # [in/32, out, 2]
-        if u.device.type == "cpu":
-            u = torch._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), 1)
-        planes.append((u.contiguous(), sz))
+    for split, s, z in parts:
+        sz = torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16)  # [in/32, out, 2]
+        if codes.device.type != "cpu":
+            planes.append((split(codes).contiguous(), sz.contiguous()))
+            continue
+        pad = -n_out % 16
+        padded = torch.cat((codes, codes.new_zeros(pad, codes.shape[1]))) if pad else codes
+        if pad:
+            sz = torch.cat((sz, sz.new_zeros(sz.shape[0], pad, 2)), dim=1)
+        packed = torch.cat([
+            torch._convert_weight_to_int4pack_for_cpu(split(padded[i : i + _PACK_ROWS]).to(torch.int32), 1)
+            for i in range(0, padded.shape[0], _PACK_ROWS)
+        ])
+        planes.append((packed, sz.contiguous()))
     return planes
 
 

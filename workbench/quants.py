@@ -260,7 +260,7 @@ def affine_blocks(raw: torch.Tensor, qtype: GGMLQuantizationType) -> tuple[torch
     b = raw.reshape(-1, type_size)
     n = b.shape[0]
     if qtype == GGMLQuantizationType.Q8_0:
-        codes = (b[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+        codes = b[:, 2:] ^ 0x80  # int8 q → uint8 q + 128 (two's complement: flip the top bit)
         d = _f16(b[:, 0:2])
         scale, offset = d, -128.0 * d
     elif qtype == GGMLQuantizationType.Q4_0:
