@@ -441,7 +441,45 @@ def _unique_tensors(weights: Weights) -> list[torch.Tensor]:
     return list({t.data_ptr(): t for t in tensors}.values())
 
 
-class DecodeGraph:
+class _StaticStep:
+    """What DecodeGraph and CompiledStep share: the static-shape step's inputs as device tensors (token and
+    position, filled in per step), the RoPE tables grown to the whole cache before anything captures them, and
+    the per-step bookkeeping. Subclasses set `self._run`, which returns the logits [1, vocab]."""
+
+    def __init__(self, model: Model, cache: KVCache, position: int) -> None:
+        self.model, self.cache = model, cache
+        self.token = torch.zeros(1, dtype=torch.long, device=model.device)
+        self.pos = torch.full((1,), position, dtype=torch.long, device=model.device)
+        c = model.config
+        for i in range(c.n_layers):
+            model.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), cache.capacity, c.rope_style)
+        self._tables = list(model._rope_tables.values())  # a graph reads these very tensors: keep them alive
+
+    def _eager(self) -> torch.Tensor:
+        return self.model.forward(self.token, 0, self.cache, last_only=True, pos=self.pos)
+
+    def _compiled(self, options: dict | None = None) -> Callable[[], torch.Tensor]:
+        """The step through torch.compile (call it under torch.no_grad: inference_mode cannot be traced)."""
+        forward, model, cache = Model.forward.__wrapped__, self.model, self.cache
+        # A new cache means new tensors to guard on: start from a clean slate rather than pile up recompiles
+        # (the compiled code itself comes back from inductor's disk cache).
+        torch.compiler.reset()
+        return torch.compile(lambda: forward(model, self.token, 0, cache, last_only=True, pos=self.pos),
+                             dynamic=False, options=options or {})
+
+    def step(self, token: int, position: int) -> torch.Tensor:
+        """Logits [1, vocab] after `token` at `position` (a buffer the next step overwrites: copy to keep)."""
+        if position >= self.cache.capacity:
+            raise InputError(f"the context is full: position {position} does not fit a cache of {self.cache.capacity} positions.")
+        self.model.check_token_ids([token])
+        self.token.fill_(token)
+        self.pos.fill_(position)
+        logits = self._run()
+        self.cache.mark_filled(position + 1)
+        return logits
+
+
+class DecodeGraph(_StaticStep):
     """One cached decode step captured as a CUDA graph and replayed per token.
 
     Eager PyTorch launches a few dozen kernels per layer from Python; for a 48-layer MoE on an H100 that
@@ -454,23 +492,11 @@ class DecodeGraph:
     def __init__(self, model: Model, cache: KVCache, position: int, compiled: bool = False) -> None:
         """Capture at `position`, the next position the cache will be written at (the capture's own writes
         land there and are overwritten by the first real step). `compiled`: capture the torch.compile'd step
-        (inductor fuses the small elementwise kernels: fewer launches per token; compiling takes minutes)."""
+        (inductor fuses the small elementwise kernels: fewer launches per token; compiling takes a minute)."""
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        self.model, self.cache = model, cache
-        self.token = torch.zeros(1, dtype=torch.long, device=model.device)
-        self.pos = torch.full((1,), position, dtype=torch.long, device=model.device)
-        c = model.config
-        for i in range(c.n_layers):  # every RoPE table the step reads, grown to the cache before capture
-            model.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), cache.capacity, c.rope_style)
-        self._tables = list(model._rope_tables.values())  # the graph reads these tensors: keep them alive
-        if compiled:
-            forward = Model.forward.__wrapped__  # without inference_mode, which torch.compile cannot trace through
-            torch.compiler.reset()
-            run = torch.compile(lambda: forward(model, self.token, 0, cache, last_only=True, pos=self.pos), dynamic=False)
-            grad_mode = torch.no_grad
-        else:
-            run, grad_mode = lambda: model.forward(self.token, 0, cache, last_only=True, pos=self.pos), torch.inference_mode
+        super().__init__(model, cache, position)
+        run, grad_mode = (self._compiled(), torch.no_grad) if compiled else (self._eager, torch.inference_mode)
         side = torch.cuda.Stream(model.device)
         side.wait_stream(torch.cuda.current_stream(model.device))
         with torch.cuda.stream(side), grad_mode():
@@ -481,54 +507,28 @@ class DecodeGraph:
         with torch.cuda.graph(self.graph), grad_mode():
             self.logits = run()
 
-    def step(self, token: int, position: int) -> torch.Tensor:
-        """Logits [1, vocab] after `token` at `position` (the graph's output buffer: copy it to keep it)."""
-        if position >= self.cache.capacity:
-            raise InputError(f"the context is full: position {position} does not fit a cache of {self.cache.capacity} positions.")
-        self.token.fill_(token)
-        self.pos.fill_(position)
+    def _run(self) -> torch.Tensor:
         self.graph.replay()
-        self.cache.mark_filled(position + 1)
         return self.logits
 
 
-class CompiledStep:
-    """One cached decode step compiled by torch.compile for the CPU (inductor with its C++ wrapper).
+class CompiledStep(_StaticStep):
+    """One cached decode step compiled by torch.compile, for the CPU (inductor with its C++ wrapper).
 
-    Eager PyTorch spends about half of a small model's CPU decode step dispatching a thousand small ops
-    from Python; the compiled static-shape step (`Model.forward(..., pos=)`) runs them from generated C++.
-    Compiling takes about a minute the first time on 2 cores and seconds afterwards (inductor caches the
-    result on disk). Only the plain cached path uses it (probes and breaks run eagerly), and the logits are
-    the eager static step's (tests hold them equal).
+    Eager PyTorch spends about half of a small model's CPU decode step dispatching small ops from Python;
+    the compiled static-shape step (`Model.forward(..., pos=)`) runs them from generated C++. Compiling takes
+    about a minute the first time on 2 cores and seconds afterwards (inductor caches the result on disk).
+    Only the plain cached path uses it (probes and breaks run eagerly). In float32 its logits equal the eager
+    step's to float32 rounding (tested); with quantized weights, whose activations pass through bfloat16, the
+    fused kernels' other summation order moves them by bf16-sized steps (the bound cached vs uncached has).
     """
 
     def __init__(self, model: Model, cache: KVCache, position: int) -> None:
-        self.model, self.cache = model, cache
-        self.token = torch.zeros(1, dtype=torch.long, device=model.device)
-        self.pos = torch.full((1,), position, dtype=torch.long, device=model.device)
-        c = model.config
-        for i in range(c.n_layers):  # every RoPE table the step reads, grown to the cache before tracing
-            model.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), cache.capacity, c.rope_style)
-        forward = Model.forward.__wrapped__  # without inference_mode, which torch.compile cannot trace through
-
-        def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            return forward(model, token, 0, cache, last_only=True, pos=pos)
-
-        # A new cache means new tensors to guard on: start from a clean slate rather than pile up recompiles
-        # (the compiled code itself comes back from inductor's disk cache).
-        torch.compiler.reset()
-        options = {"cpp_wrapper": True} if model.device.type == "cpu" else {}
-        self._step = torch.compile(step, dynamic=False, options=options)
+        super().__init__(model, cache, position)
+        self._fn = self._compiled({"cpp_wrapper": True} if model.device.type == "cpu" else None)
         with torch.no_grad():
-            self._step(self.token, self.pos)  # compiles; writes position `position`, which the next step rewrites
+            self._fn()  # compiles; writes position `position`, which the next step rewrites
 
-    def step(self, token: int, position: int) -> torch.Tensor:
-        """Logits [1, vocab] after `token` at `position`."""
-        if position >= self.cache.capacity:
-            raise InputError(f"the context is full: position {position} does not fit a cache of {self.cache.capacity} positions.")
-        self.token.fill_(token)
-        self.pos.fill_(position)
+    def _run(self) -> torch.Tensor:
         with torch.no_grad():
-            logits = self._step(self.token, self.pos)
-        self.cache.mark_filled(position + 1)
-        return logits
+            return self._fn()
