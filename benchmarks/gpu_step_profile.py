@@ -22,6 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workbench.model import DecodeGraph, Model  # noqa: E402
 
 
+def time_replays(graph: DecodeGraph, first: int, n: int) -> float:
+    """Seconds per step over n back-to-back steps from position `first` (after 5 untimed ones)."""
+    for i in range(5):
+        graph.step(7, first + i)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(n):
+        graph.step(7, first + i)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("file", type=Path)
@@ -36,14 +48,7 @@ def main() -> int:
     cache = model.new_cache(prompt + args.replays + 16)
     model.forward(torch.arange(100, 100 + prompt, device="cuda"), 0, cache, last_only=True)
     graph = DecodeGraph(model, cache, prompt)
-    for i in range(5):
-        graph.step(7, prompt + i)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(args.replays):
-        graph.step(7, prompt + i)
-    torch.cuda.synchronize()
-    replay = (time.perf_counter() - t0) / args.replays
+    replay = time_replays(graph, prompt, args.replays)
 
     token, pos = torch.tensor([7], device="cuda"), torch.tensor([prompt], device="cuda")
     for _ in range(3):
@@ -95,14 +100,7 @@ def main() -> int:
     t0 = time.perf_counter()
     graph3 = DecodeGraph(model, cache, prompt, compiled=True)
     compile_s = time.perf_counter() - t0
-    for i in range(5):
-        graph3.step(7, prompt + i)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(args.replays):
-        graph3.step(7, prompt + i)
-    torch.cuda.synchronize()
-    print(f"\ngraph replay of the torch.compile'd step: {(time.perf_counter() - t0) / args.replays * 1e3:.2f} ms/token "
+    print(f"\ngraph replay of the torch.compile'd step: {time_replays(graph3, prompt, args.replays) * 1e3:.2f} ms/token "
           f"(compiled and captured in {compile_s:.0f} s)")
     a = graph.step(7, prompt).float()
     b = graph3.step(7, prompt).float()
@@ -114,14 +112,7 @@ def main() -> int:
     wm.grouped_attention = unfused
     try:
         graph2 = DecodeGraph(model, cache, prompt)
-        for i in range(5):
-            graph2.step(7, prompt + i)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(args.replays):
-            graph2.step(7, prompt + i)
-        torch.cuda.synchronize()
-        print(f"\ngraph replay with unfused attention: {(time.perf_counter() - t0) / args.replays * 1e3:.2f} ms/token")
+        print(f"\ngraph replay with unfused attention: {time_replays(graph2, prompt, args.replays) * 1e3:.2f} ms/token")
     finally:
         wm.grouped_attention = fused
     return 0
