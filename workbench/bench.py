@@ -109,12 +109,13 @@ def speedup(rows: list[BenchRow]) -> tuple[float | None, float | None]:
 def table(model: Model, rows: list[BenchRow]) -> str:
     size_mib = model.gguf.size / 2**20
     params = model.n_params / 1e6
-    dev, dtype = str(model.device), str(model.dtype).removeprefix("torch.")
-    header = f"| {'model':<22} | {'size':>9} | {'params':>8} | {'device':<6} | {'dtype':<8} | {'path':<8} | {'probes':<6} | {'prompt':>6} | {'gen':>4} | {'tokens/s':>9} | {'ms/token':>9} |"
+    dev, dtype, weights = str(model.device), str(model.dtype).removeprefix("torch."), model.info.weights
+    header = (f"| {'model':<22} | {'size':>9} | {'params':>8} | {'device':<6} | {'dtype':<8} | {'weights':<11} | {'path':<8} | "
+              f"{'probes':<6} | {'prompt':>6} | {'gen':>4} | {'tokens/s':>9} | {'ms/token':>9} |")
     lines = [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
     name = model.gguf.path.name[:22]
     for r in rows:
-        lines.append(f"| {name:<22} | {size_mib:>5.1f} MiB | {params:>7.1f}M | {dev:<6} | {dtype:<8} | {r.path:<8} | "
+        lines.append(f"| {name:<22} | {size_mib:>5.1f} MiB | {params:>7.1f}M | {dev:<6} | {dtype:<8} | {weights:<11} | {r.path:<8} | "
                      f"{'on' if r.probes else 'off':<6} | {r.prompt_tokens:>6} | {r.steps:>4} | {r.tokens_per_s:>9.2f} | {r.ms_per_token:>9.2f} |")
     measured, expected = speedup(rows)
     if measured is not None:
