@@ -43,9 +43,15 @@ def test_cuda_quantized_matches_dequantized(arch, tiny_paths):
     exact = Model.load(tiny_paths[arch], device="cuda", dtype="float32", weights="dequantized")
     fast = Model.load(tiny_paths[arch], device="cuda", dtype="float32", weights="quantized")
     ids = [1, 50, 60, 70, 80, 90, 100]
+    assert fast.weights.layers[0].wqkv.planes[0][0].dtype == torch.int32  # packed for the CUDA int4 kernel
     a = exact.forward(torch.tensor(ids, device="cuda"), 0, exact.new_cache(len(ids)))
     b = fast.forward(torch.tensor(ids, device="cuda"), 0, fast.new_cache(len(ids)))
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() >= 0.99  # random tiny weights: see test_fast_paths
+    s = Session(fast, ids, path="both", context=16)  # graphs where the model allows them, eager otherwise
+    for _ in range(4):
+        s.step()
+    assert (s._graph is None) == (not fast.graph_safe)
+    assert all(e["max_abs_diff"] <= fast.equivalence_tolerance * e["max_abs_logit"] for e in s.records.equiv)
 
 
 def test_bf16_graph_session_with_probes_falls_back_to_eager(tiny_paths):

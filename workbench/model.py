@@ -198,6 +198,12 @@ class Model:
         return 1e-4 if self.info.weights == "dequantized" else 4e-2
 
     @property
+    def graph_safe(self) -> bool:
+        """Whether a decode step can be captured as a CUDA graph: not with quantized experts, whose MoE
+        loops over the chosen experts on the host."""
+        return not (self.config.is_moe and isinstance(self.weights.layers[0].gate_up_exps, list))
+
+    @property
     def n_params(self) -> int:
         """Parameters in the file (the same whichever form the weights take on the device)."""
         return sum(t.n_elements for t in self.gguf.tensors.values())

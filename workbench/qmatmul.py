@@ -16,8 +16,10 @@ on their way in (the kernel's input type). Measured on SmolLM2-135M: logits cosi
 dequantized float32 path; tests/test_fast_paths.py holds every bundled model to ≥ 0.999 and the same argmax
 wherever the exact path's top two are not a near-tie. Measured on a 2-core EPYC for one token against an 8192×8192 weight: float32 12.4 ms, one plane 2.7 ms.
 
-On other devices the planes keep their codes one per byte and are widened to the compute dtype per call:
-a memory saving (for models that do not fit dequantized), not a speed-up.
+On CUDA (compute capability ≥ 8) the planes are packed for PyTorch's CUDA int4 kernel (`_weight_int4pack_mm`,
+bfloat16 activations, the same w = (u − 8)·scale + zero), so a model that does not fit dequantized still reads
+4 bits a weight. Shapes that kernel does not take, and other devices, keep their codes one per byte and widen
+them to float per call (a memory saving, not a speed-up).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class QuantMatrix:
         for codes, sz in self.planes:
             if codes.device.type == "cpu":
                 y = torch._weight_int4pack_mm_for_cpu(xb, codes, GROUP, sz).float()
+            elif codes.dtype == torch.int32:  # packed for the CUDA int4 kernel
+                y = torch._weight_int4pack_mm(xb, codes, GROUP, sz).float()
             else:
                 y = x.float() @ _widen(codes, sz).t()
             out = y if out is None else out + y
@@ -107,6 +111,11 @@ def _planes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits
     planes = []
     for split, s, z in parts:
         sz = torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16)  # [in/32, out, 2]
+        if codes.device.type == "cuda" and _cuda_int4(codes.shape[1], n_out, codes.device):
+            u = split(codes)
+            packed = torch._convert_weight_to_int4pack(((u[:, ::2] << 4) | u[:, 1::2]).contiguous(), _INNER_K_TILES)
+            planes.append((packed, sz.contiguous()))
+            continue
         if codes.device.type != "cpu":
             planes.append((split(codes).contiguous(), sz.contiguous()))
             continue
@@ -120,6 +129,15 @@ def _planes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits
         ])
         planes.append((packed, sz.contiguous()))
     return planes
+
+
+_INNER_K_TILES = 8  # the CUDA int4 kernel's K tiling: rows of a multiple of 8·16 values
+
+
+def _cuda_int4(n_in: int, n_out: int, device: torch.device) -> bool:
+    """Whether PyTorch's CUDA int4 kernel (tinygemm: bf16, compute capability ≥ 8) takes this shape."""
+    return (hasattr(torch, "_weight_int4pack_mm") and torch.cuda.get_device_capability(device)[0] >= 8
+            and n_in % (_INNER_K_TILES * 16) == 0 and n_out % 8 == 0)
 
 
 def _widen(codes: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:

@@ -175,7 +175,9 @@ class Session:
         probe = StepProbe(rows, TOP_CANDIDATES) if self.probes else None
         t0 = time.perf_counter()
         graphable = path == "cached" and len(new) == 1 and probe is None and not self.breaks
-        fast = "graph" if self.cuda_graphs and m.device.type == "cuda" else "compile" if self.compile else None
+        fast = "compile" if self.compile else None
+        if m.device.type == "cuda":
+            fast = "graph" if self.cuda_graphs and m.graph_safe else None
         if graphable and fast is not None:
             if self._graph is None:
                 if fast == "graph":
