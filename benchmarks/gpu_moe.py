@@ -169,7 +169,8 @@ def main() -> int:
         ("decode, eager", f"{1 / step_e:.1f} tok/s ({step_e * 1e3:.2f} ms/token)"),
         ("decode, uncached (32+ tokens per step)", f"{1 / step_u:.1f} tok/s"),
         ("bytes read per token", f"{read / 1e9:.2f} GB" + (f" (+ {gather / 1e9:.2f} GB of expert gather)" if gather else "")),
-        ("MoE decode", "grouped matmul over the expert stack" if model._grouped_mm else "gathered experts, batched matmul"),
+        ("MoE decode", "quantized experts, one at a time (host loop)" if not model.graph_safe
+         else "grouped matmul over the expert stack" if model._grouped_mm else "gathered experts, batched matmul"),
         ("achieved bandwidth", f"{read / step_g / 1e9:.0f} GB/s"
          + (f" ({(read + gather) / step_g / 1e9:.0f} with the gather)" if gather else "")
          + (f" of {peak:.2f} TB/s peak" if peak else "")),
