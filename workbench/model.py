@@ -24,7 +24,7 @@ from workbench.config import ModelConfig
 from workbench.errors import InputError
 from workbench.gguf_file import GGUFFile
 from workbench.models import resolve
-from workbench.qmatmul import QuantMatrix, matmul
+from workbench.qmatmul import QuantExperts, QuantMatrix, matmul
 from workbench.tokenizer import Tokenizer
 from workbench.weights import WEIGHT_MODES, LayerWeights, Matrix, Weights, load_weights
 
@@ -196,12 +196,6 @@ class Model:
         if self.dtype != torch.float32:
             return 1e-1  # bf16/fp16 activations through every layer: 4.9e-2 measured on a 48-layer MoE (H200)
         return 1e-4 if self.info.weights == "dequantized" else 4e-2
-
-    @property
-    def graph_safe(self) -> bool:
-        """Whether a decode step can be captured as a CUDA graph: not with quantized experts, whose MoE
-        loops over the chosen experts on the host."""
-        return not (self.config.is_moe and isinstance(self.weights.layers[0].gate_up_exps, list))
 
     @property
     def n_params(self) -> int:
@@ -421,6 +415,16 @@ class Model:
             chosen = ids[0]
             y = self._gated(x.expand(chosen.shape[0], 1, -1), layer.gate_up_exps[chosen], layer.down_exps[chosen])
             return (y[:, 0] * weights[0, :, None].to(x.dtype)).sum(0, keepdim=True)
+        if x.shape[0] == 1:
+            # One token, quantized experts, the k chosen ones in turn. On a GPU each expert's planes are
+            # selected on the device by its id (a tensor), so nothing waits for the host and a CUDA graph can
+            # hold the step; on the CPU reading the ids back costs nothing and an int selects views, no copies.
+            out = torch.zeros_like(x)
+            on_host = x.device.type == "cpu"
+            for slot in range(ids.shape[1]):
+                e = int(ids[0, slot]) if on_host else ids[0, slot]
+                out += self._gated(x, layer.gate_up_exps[e], layer.down_exps[e]) * weights[0, slot].to(x.dtype)
+            return out
         out = torch.zeros_like(x)
         for e in ids.unique().tolist():
             token_idx, slot = (ids == e).nonzero(as_tuple=True)
@@ -436,11 +440,10 @@ def _unique_tensors(weights: Weights) -> list[torch.Tensor]:
     if weights.embd_raw is not None:
         fields.append(weights.embd_raw[0])
     for layer in weights.layers:
-        for value in vars(layer).values():
-            fields += value if isinstance(value, list) else [value]
+        fields += list(vars(layer).values())
     tensors = []
     for t in fields:
-        if isinstance(t, QuantMatrix):
+        if isinstance(t, (QuantMatrix, QuantExperts)):
             tensors += t.tensors()
         elif t is not None:
             tensors.append(t)

@@ -74,6 +74,38 @@ class QuantMatrix:
         return out.to(x.dtype)
 
 
+class QuantExperts:
+    """A stack of E experts' quantized matrices, each plane's codes and scales stacked along a leading expert
+    dim, so that an expert chosen on the device (a 0-d tensor) is selected on the device too: no host sync,
+    and a CUDA graph can hold the MoE step. `experts[e]` (an int) gives the expert's QuantMatrix as views."""
+
+    __slots__ = ("planes", "n_in", "n_out")
+
+    def __init__(self, matrices: list[QuantMatrix]) -> None:
+        first = matrices[0]
+        self.n_in, self.n_out = first.n_in, first.n_out
+        self.planes = [
+            (torch.stack([m.planes[p][0] for m in matrices]), torch.stack([m.planes[p][1] for m in matrices]))
+            for p in range(len(first.planes))
+        ]
+
+    def __len__(self) -> int:
+        return self.planes[0][0].shape[0]
+
+    def __getitem__(self, expert: int | torch.Tensor) -> QuantMatrix:
+        """Expert `expert`: an int gives views; a 0-d device tensor gives an on-device copy of its planes
+        (index_select: indexing with the 0-d tensor itself would read it back to the host)."""
+        if isinstance(expert, torch.Tensor):
+            at = expert.reshape(1)
+            planes = [(codes.index_select(0, at)[0], sz.index_select(0, at)[0]) for codes, sz in self.planes]
+        else:
+            planes = [(codes[expert], sz[expert]) for codes, sz in self.planes]
+        return QuantMatrix(planes, self.n_in, self.n_out)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for plane in self.planes for t in plane]
+
+
 Grid = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]  # codes [out, in], scale, offset [out, in/32], bits
 
 

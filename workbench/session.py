@@ -177,7 +177,7 @@ class Session:
         graphable = path == "cached" and len(new) == 1 and probe is None and not self.breaks
         fast = "compile" if self.compile else None
         if m.device.type == "cuda":
-            fast = "graph" if self.cuda_graphs and m.graph_safe else None
+            fast = "graph" if self.cuda_graphs else None
         if graphable and fast is not None:
             if self._graph is None:
                 if fast == "graph":

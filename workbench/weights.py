@@ -22,11 +22,11 @@ from gguf import GGMLQuantizationType
 from workbench.config import ModelConfig
 from workbench.errors import ModelError, UnsupportedError
 from workbench.gguf_file import GGUFFile
-from workbench.qmatmul import Grid, QuantMatrix, grid
+from workbench.qmatmul import Grid, QuantExperts, QuantMatrix, grid
 from workbench.quants import dequantize
 
 Matrix = torch.Tensor | QuantMatrix
-Experts = torch.Tensor | list[QuantMatrix]  # a stack [E, in, out], or one quantized matrix per expert
+Experts = torch.Tensor | QuantExperts  # a stack [E, in, out], or the experts' quantized planes stacked
 WEIGHT_MODES = ("dequantized", "quantized")
 _FLOAT_FILE_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.F64})
 
@@ -111,17 +111,17 @@ class _Loader:
         except UnsupportedError as exc:
             raise UnsupportedError(f"{self.gguf.path.name}: tensor '{name}': {exc}") from None
 
-    def matrix(self, names: list[str], shapes: list[tuple[int, ...]]) -> Matrix | list[QuantMatrix]:
+    def matrix(self, names: list[str], shapes: list[tuple[int, ...]]) -> Matrix | QuantExperts:
         """GGUF matrices [..., out, in] stacked along the out rows (Q, K, V; gate, up) → one matrix used as
         x @ W: dense [..., in, out] in the compute dtype, or (quantized mode, every part block-quantized in
-        the file) a QuantMatrix, one per expert for a stack [E, out, in]."""
+        the file) a QuantMatrix, or QuantExperts for a stack [E, out, in]."""
         if self.mode == "quantized" and all(
             n in self.gguf.tensors and self.gguf.tensors[n].ggml_type not in _FLOAT_FILE_TYPES for n in names
         ):
             grids = [self.grids(n, s) for n, s in zip(names, shapes)]  # per part: one grid, or one per expert
             if len(shapes[0]) == 2:
                 return QuantMatrix.from_grids(grids)
-            return [QuantMatrix.from_grids([g[e] for g in grids]) for e in range(shapes[0][0])]
+            return QuantExperts([QuantMatrix.from_grids([g[e] for g in grids]) for e in range(shapes[0][0])])
         parts = [self.tensor(n, s) for n, s in zip(names, shapes)]
         rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
         del parts
