@@ -80,3 +80,21 @@ def test_compiled_step_equals_eager_step(tiny_paths):
     b = torch.stack([eager.step().logits for _ in range(12)])
     assert compiled._graph is not None and compiled.ids == eager.ids
     assert ((a - b).abs().amax(-1) <= 1e-5 * b.abs().amax(-1)).all()
+
+
+def test_compile_failure_is_one_sentence(tiny_paths, monkeypatch):
+    """Without a working compiler (here: inductor's C++ compiler pointed at a missing program), asking for
+    the compiled step gives a typed error with one sentence, and the session can go on without it."""
+    import torch._inductor.config as inductor_config
+
+    from workbench.errors import UnsupportedError
+
+    model = load_model(tiny_paths["llama"])
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    session = Session(model, [1, 50, 60], path="cached", context=12, compile=True)
+    session.step()  # the prefill is eager
+    with pytest.raises(UnsupportedError, match="torch.compile could not build the decode step"):
+        session.step()
+    session.compile = False
+    assert session.step().token_id >= 0  # the eager path still runs

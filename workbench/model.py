@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from workbench.cache import KVCache
 from workbench.config import ModelConfig
-from workbench.errors import InputError
+from workbench.errors import InputError, UnsupportedError
 from workbench.gguf_file import GGUFFile
 from workbench.models import resolve
 from workbench.qmatmul import QuantExperts, QuantMatrix, matmul
@@ -535,8 +535,12 @@ class CompiledStep(_StaticStep):
     def __init__(self, model: Model, cache: KVCache, position: int) -> None:
         super().__init__(model, cache, position)
         self._fn = self._compiled({"cpp_wrapper": True} if model.device.type == "cpu" else None)
-        with torch.no_grad():
-            self._fn()  # compiles; writes position `position`, which the next step rewrites
+        try:
+            with torch.no_grad():
+                self._fn()  # compiles; writes position `position`, which the next step rewrites
+        except Exception as exc:  # noqa: BLE001 - no C++ compiler, an unsupported op, …: one sentence, not a trace
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedError(f"torch.compile could not build the decode step ({first}); run without compile.") from exc
 
     def _run(self) -> torch.Tensor:
         with torch.no_grad():
