@@ -137,7 +137,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     by_type: dict[str, int] = {}
     for t in gguf.tensors.values():
         by_type[t.type_name] = by_type.get(t.type_name, 0) + t.n_bytes
-    n_params = sum(t.n_elements for t in gguf.tensors.values())
+    n_params = gguf.n_params
     n_bytes = sum(t.n_bytes for t in gguf.tensors.values())
     cfg = config.as_dict()
     defaulted = cfg.pop("defaulted")

@@ -249,6 +249,11 @@ class GGUFFile:
             raise ModelError(f"{self.path} has no general.architecture string in its metadata.")
         return arch
 
+    @property
+    def n_params(self) -> int:
+        """Values in all tensors together."""
+        return sum(t.n_elements for t in self.tensors.values())
+
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a uint8 tensor [rows, bytes per row], a view of the memory map (no copy)."""
         info = self.tensors[name]

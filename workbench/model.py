@@ -170,7 +170,7 @@ class Model:
             raise InputError(
                 f"{gguf.path.name}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {config.vocab_size} rows."
             )
-        mode = resolve_weights(weights, dev, sum(t.n_elements for t in gguf.tensors.values()), dt)
+        mode = resolve_weights(weights, dev, gguf.n_params, dt)
         loaded = load_weights(gguf, config, dev, dt, progress, mode)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -200,7 +200,7 @@ class Model:
     @property
     def n_params(self) -> int:
         """Parameters in the file (the same whichever form the weights take on the device)."""
-        return sum(t.n_elements for t in self.gguf.tensors.values())
+        return self.gguf.n_params
 
     def check_token_ids(self, ids: torch.Tensor | Sequence[int]) -> None:
         """InputError naming the first id outside the vocabulary (a list is checked in Python, so that ids
@@ -374,8 +374,10 @@ class Model:
         """down(act(gate·x) ⊙ up·x) with gate and up fused: w_gate_up is [hidden, 2·ffn]. Dense weights may
         carry a leading batch dim (x [k, T, hidden] against k experts' stacks)."""
         gate, up = matmul(x, w_gate_up).chunk(2, dim=-1)
-        act = F.gelu(gate, approximate="tanh") if self.config.ffn_act == "gelu_tanh" else F.silu(gate)
-        return matmul(act * up, w_down)
+        return matmul(self._activation(gate) * up, w_down)
+
+    def _activation(self, gate: torch.Tensor) -> torch.Tensor:
+        return F.gelu(gate, approximate="tanh") if self.config.ffn_act == "gelu_tanh" else F.silu(gate)
 
     def feed_forward(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
         """Gated FFN: SwiGLU, or GELU-tanh gated for gemma3."""
@@ -406,8 +408,7 @@ class Model:
             offs = (chosen[None, :] <= self._expert_ids[:, None]).sum(1, dtype=torch.int32)  # [E]
             rows = x.expand(chosen.shape[0], -1).contiguous()
             gate, up = torch._grouped_mm(rows, layer.gate_up_exps, offs=offs).chunk(2, dim=-1)
-            act = F.gelu(gate, approximate="tanh") if c.ffn_act == "gelu_tanh" else F.silu(gate)
-            y = torch._grouped_mm((act * up).contiguous(), layer.down_exps, offs=offs)  # [k, hidden], by expert
+            y = torch._grouped_mm((self._activation(gate) * up).contiguous(), layer.down_exps, offs=offs)  # [k, hidden], by expert
             return (y * weights[0, order, None].to(x.dtype)).sum(0, keepdim=True)
         if x.shape[0] == 1 and isinstance(layer.gate_up_exps, torch.Tensor):
             # One token: gather the k chosen experts' matrices by index and batch them, with no host sync

@@ -76,10 +76,8 @@ class _Loader:
     def __init__(self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype, mode: str) -> None:
         self.gguf, self.device, self.dtype, self.mode = gguf, device, dtype, mode
 
-    def tensor(
-        self, name: str, shape: tuple[int, ...], *, norm: bool = False, required: bool = True,
-        check_only: bool = False,
-    ) -> torch.Tensor | None:
+    def raw(self, name: str, shape: tuple[int, ...], required: bool = True) -> torch.Tensor | None:
+        """The tensor's bytes on the device, [rows, bytes per row], once its shape is checked against `shape`."""
         info = self.gguf.tensors.get(name)
         if info is None:
             if required:
@@ -89,9 +87,15 @@ class _Loader:
             raise ModelError(
                 f"{self.gguf.path.name}: tensor '{name}' has shape {list(info.shape)}, but the metadata implies {list(shape)}."
             )
-        if check_only:
+        return self.gguf.raw(name).to(self.device)
+
+    def tensor(
+        self, name: str, shape: tuple[int, ...], *, norm: bool = False, required: bool = True,
+    ) -> torch.Tensor | None:
+        raw = self.raw(name, shape, required)
+        if raw is None:
             return None
-        raw = self.gguf.raw(name).to(self.device)
+        info = self.gguf.tensors[name]
         try:
             values = dequantize(raw, info.ggml_type)
         except UnsupportedError as exc:
@@ -101,8 +105,7 @@ class _Loader:
 
     def grids(self, name: str, shape: tuple[int, ...]) -> Grid | list[Grid]:
         """A block-quantized matrix [out, in] (or stack [E, out, in]) as qmatmul grids, on the device."""
-        self.tensor(name, shape, check_only=True)
-        raw = self.gguf.raw(name).to(self.device).reshape(*shape[:-1], -1)
+        raw = self.raw(name, shape).reshape(*shape[:-1], -1)
         qtype = self.gguf.tensors[name].ggml_type
         try:
             if len(shape) == 2:
@@ -173,13 +176,10 @@ def load_weights(
     output = ld.matrix(["output.weight" if not c.tied_output else "token_embd.weight"], [embd_shape])
     embd_type = gguf.tensors["token_embd.weight"].ggml_type if "token_embd.weight" in gguf.tensors else None
     if mode == "quantized" and embd_type is not None and embd_type not in _FLOAT_FILE_TYPES:
-        ld.tensor("token_embd.weight", embd_shape, check_only=True)
-        embd_raw, token_embd = (gguf.raw("token_embd.weight").to(device).reshape(c.vocab_size, -1), embd_type), None
+        embd_raw, token_embd = (ld.raw("token_embd.weight", embd_shape), embd_type), None
     elif c.tied_output and isinstance(output, torch.Tensor):
-        token_embd = None  # rows are read from the head
-    elif c.tied_output:  # a float embedding under a quantized head (not seen in the wild): dense rows
-        token_embd = ld.tensor("token_embd.weight", embd_shape)
-    else:
+        token_embd = None  # rows are read from the (dense) head
+    else:  # untied, or (not seen in the wild) a float embedding under a quantized head: dense rows
         token_embd = ld.tensor("token_embd.weight", embd_shape)
     if progress is not None:
         progress(c.n_layers + 1, c.n_layers + 1)
