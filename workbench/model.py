@@ -11,6 +11,7 @@ point (`blocks.{i}.attn.q`, `.q_normed`, `.k`, `.k_normed`, `blocks.{i}.moe.rout
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,29 @@ def resolve_weights(mode: str, device: torch.device, n_params: int, dtype: torch
         free, _ = torch.cuda.mem_get_info(device)
         return "dequantized" if n_params * dtype.itemsize <= 0.9 * free else "quantized"
     return "dequantized"
+
+
+def default_threads() -> int:
+    """Threads for torch's CPU kernels when none are asked for: one fewer than the cores this process may
+    use (at least one). torch's OpenMP threads spin waiting for each other; when a browser or a second job
+    takes one core of two, two threads decode many times slower than one (measured: 1.7 vs 62 tok/s), while
+    on a quiet machine a decode step, bound by memory, is about as fast on one thread as on two."""
+    try:
+        n_cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n_cores = os.cpu_count() or 1
+    return max(1, n_cores - 1)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's CPU thread count (process-wide) to `n`, or to default_threads() when None; returns it."""
+    if n is None:
+        n = default_threads()
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
+        raise InputError(f"threads must be a whole number from 1 to 1024, not {n!r}.")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
