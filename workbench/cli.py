@@ -313,12 +313,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
     a, b = Trace.read(args.a), Trace.read(args.b)
     results = diff(a, b, rtol=args.rtol, atol=args.atol)
     if args.json:
-        print(json.dumps([{"frame": d.frame, "rows_compared": d.rows_compared, "first": d.first,
+        print(json.dumps([{"frame": d.frame, "rows_compared": d.rows_compared, "steps_a": d.steps_a,
+                           "steps_b": d.steps_b, "steps_both": d.steps_both, "first": d.first,
                            "largest": d.largest.to_dicts()} for d in results], default=str))
         return 0
     print(f"A: {a.meta.get('model_file')} ({a.meta.get('dtype')}, {a.meta.get('path')}, breaks {a.meta.get('breaks')})")
     print(f"B: {b.meta.get('model_file')} ({b.meta.get('dtype')}, {b.meta.get('path')}, breaks {b.meta.get('breaks')})")
-    print(f"tolerance: |a - b| > {args.atol:g} + {args.rtol:g}·|b|\n")
+    # tokens comes first and has a row at every step, so it speaks for the run
+    uneven = next((d for d in results if not d.steps_a == d.steps_b == d.steps_both), None)
+    if uneven is not None:
+        print(f"A has {uneven.steps_a} steps, B has {uneven.steps_b}: compared the {uneven.steps_both} steps both have")
+    print(f"tolerance: |a - b| > {args.atol:g} + {args.rtol:g}·max(|a|, |b|)\n")
     for d in results:
         if d.rows_compared == 0:
             print(f"{d.frame:<10} no rows in common")

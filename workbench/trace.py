@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import platform
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -91,21 +93,79 @@ class Trace:
         return path
 
     @classmethod
-    def read(cls, path: str | Path | BinaryIO) -> Trace:
+    def read(cls, source: str | Path | BinaryIO, name: str | None = None) -> Trace:
+        """A trace written by `write`, from a path or a binary file object (an upload, `name` its file name).
+        A trace is a file a user picked, so anything else is one InputError sentence naming it."""
+        label = name or (str(source) if isinstance(source, (str, Path)) else "the uploaded file")
+        fh = _open_regular(Path(source), label) if isinstance(source, (str, Path)) else source
         try:
-            table = pq.read_table(path)
-        except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"{path} is not a readable trace file ({exc}).") from None
-        metadata = table.schema.metadata or {}
-        if b"workbench.meta" not in metadata:
-            raise InputError(f"{path} is a Parquet file but not a workbench trace (no workbench metadata).")
-        meta = json.loads(metadata[b"workbench.meta"])
-        stacked = pl.from_arrow(table)
+            table = pq.read_table(fh)
+        except (OSError, ValueError, TypeError, pa.ArrowException):
+            raise InputError(f"{label} is not a readable Parquet file, so not a trace.") from None
+        finally:
+            if fh is not source:
+                fh.close()
+        meta, listed = _workbench_metadata(table, label)
+        try:
+            stacked = pl.from_arrow(table)
+        except (pl.exceptions.PolarsError, pa.ArrowException, TypeError, ValueError):
+            raise InputError(f"{label} holds columns of types no trace has.") from None
+        if stacked.schema.get("frame") != pl.String:
+            raise InputError(f"{label} has no `frame` column of frame names, so it is not a workbench trace.")
         frames = {}
-        for name, schema in SCHEMAS.items():
-            part = stacked.filter(pl.col("frame") == name)
-            frames[name] = part.select([pl.col(c).cast(t) for c, t in schema.items()]) if part.height else empty(name)
+        for frame, schema in SCHEMAS.items():
+            part = stacked.filter(pl.col("frame") == frame) if frame in listed else stacked.clear()
+            frames[frame] = _cast(part, frame, label) if part.height else empty(frame)
         return cls(frames, meta)
+
+
+def _open_regular(path: Path, label: str) -> BinaryIO:
+    """The file, opened only once `stat` says it is a regular one: opening a FIFO would wait for a writer."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{label} does not exist.") from None
+    except OSError as exc:
+        raise InputError(f"{label} cannot be read ({exc.strerror or exc}).") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{label} is a directory, not a trace file.")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{label} is not a regular file, so not a trace file.")
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise InputError(f"{label} cannot be read ({exc.strerror or exc}).") from None
+
+
+def _workbench_metadata(table: pa.Table, label: str) -> tuple[dict[str, Any], list[str]]:
+    """The run metadata and the names of the frames `write` stored, checked for the shape `write` gives them."""
+    stored = table.schema.metadata or {}
+    if b"workbench.meta" not in stored or b"workbench.frames" not in stored:
+        raise InputError(f"{label} is a Parquet file but not a workbench trace (no workbench metadata).")
+    try:
+        meta, listed = json.loads(stored[b"workbench.meta"]), json.loads(stored[b"workbench.frames"])
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"{label} has workbench metadata that is not valid JSON.") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{label} has workbench metadata that is not a JSON object.")
+    if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
+        raise InputError(f"{label} has a workbench.frames entry that is not a list of frame names.")
+    return meta, listed
+
+
+def _cast(part: pl.DataFrame, frame: str, label: str) -> pl.DataFrame:
+    """One frame's rows with its schema's columns and types; a missing or ill-typed column is named."""
+    columns = []
+    for col, dtype in SCHEMAS[frame].items():
+        if col not in part.columns:
+            raise InputError(f"{label} has no `{col}` column in its `{frame}` frame (written by an older "
+                             f"workbench, or edited), so trace the run again.")
+        try:
+            columns.append(part[col].cast(dtype))
+        except pl.exceptions.PolarsError:
+            raise InputError(f"{label} has a `{col}` column in its `{frame}` frame that does not hold "
+                             f"{dtype} values.") from None
+    return pl.DataFrame(columns)
 
 
 def run_meta(session) -> dict[str, Any]:
@@ -113,12 +173,15 @@ def run_meta(session) -> dict[str, Any]:
     import torch
 
     import workbench
+    from workbench.model import describe_weights
 
     m = session.model
     return {
         "model_file": str(m.gguf.path), "model_sha256": m.gguf.sha256(), "arch": m.config.arch,
         "config": m.config.as_dict(), "device": str(m.device), "dtype": str(m.dtype).removeprefix("torch."),
-        "weights": m.info.weights, "equiv_tolerance": m.equivalence_tolerance,
+        "weights": m.info.weights, "arithmetic": describe_weights(m.info.weights, m.dtype),
+        "equiv_tolerance": m.equivalence_tolerance, "threads": torch.get_num_threads(),
+        "reference": session.reference, "reference_error": session.reference_error,
         "prompt_ids": list(session.prompt_ids), "prompt_pieces": [m.tokenizer.piece(t) for t in session.prompt_ids],
         "path": session.path, "breaks": sorted(session.breaks),
         "sampling": {"temperature": session.sampling.temperature, "top_k": session.sampling.top_k,
@@ -128,18 +191,31 @@ def run_meta(session) -> dict[str, Any]:
     }
 
 
+# Columns diff leaves out: timings differ between any two runs, and the cache's capacity is its preallocated
+# size (set by the context length), not a number the forward pass computed.
+UNCOMPARED = ("seconds", "tokens_per_s", "capacity_bytes")
+
+
 @dataclass
 class FrameDiff:
     frame: str
     rows_compared: int
     first: dict[str, Any] | None  # the first (step, layer, …) beyond tolerance, with the column and values
     largest: pl.DataFrame  # the largest differences, one row per measured column
+    steps_a: int  # distinct steps in each trace's frame, and in both: rows are compared only where both have them
+    steps_b: int
+    steps_both: int
 
 
 def diff(a: Trace, b: Trace, rtol: float = 1e-3, atol: float = 1e-6) -> list[FrameDiff]:
     """Per frame: join the two traces on the identifying columns, compare every measured column, and report
-    the first row (in step, then layer order) where |a − b| > atol + rtol·|b|, plus the largest differences.
-    Timing columns (seconds, tokens_per_s) are left out: they differ between any two runs."""
+    the first row (in step, then layer order) where |a − b| > atol + rtol·max(|a|, |b|), plus the largest
+    differences. The tolerance is symmetric, so diff(a, b) and diff(b, a) agree. NaN or ±inf on one side is a
+    difference of inf (a run that broke); the same NaN or ±inf on both sides counts as equal (both broke
+    the same way). The UNCOMPARED columns are left out."""
+    for label, tol in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
+            raise InputError(f"{label} must be a finite number ≥ 0, not {tol!r}.")
     out = []
     for name in FRAMES:
         fa, fb = a.frames[name], b.frames[name]
@@ -148,14 +224,16 @@ def diff(a: Trace, b: Trace, rtol: float = 1e-3, atol: float = 1e-6) -> list[Fra
         keys = KEYS[name]
         joined = fa.join(fb, on=keys, how="inner", suffix="_b")
         numeric = [c for c, t in SCHEMAS[name].items()
-                   if c not in keys and c not in ("seconds", "tokens_per_s") and t in (pl.Int32, pl.Int64, pl.Float64, pl.Boolean)]
+                   if c not in keys and c not in UNCOMPARED and t in (pl.Int32, pl.Int64, pl.Float64, pl.Boolean)]
         exact = [c for c, t in SCHEMAS[name].items() if c not in keys and t in (pl.String, pl.List(pl.Int64))]
         first: dict[str, Any] | None = None
         largest_rows = []
         for col in numeric:
             va, vb = pl.col(col).cast(pl.Float64), pl.col(f"{col}_b").cast(pl.Float64)
-            d = joined.with_columns((va - vb).abs().alias("_d"), vb.abs().alias("_ref"))
-            d = d.with_columns(pl.when(pl.col("_d").is_nan()).then(float("inf")).otherwise(pl.col("_d")).alias("_d"))
+            finite = va.is_finite() & vb.is_finite()
+            d = joined.with_columns(
+                pl.when(va.eq_missing(vb)).then(0.0).when(finite).then((va - vb).abs()).otherwise(math.inf).alias("_d"),
+                pl.when(finite).then(pl.max_horizontal(va.abs(), vb.abs())).otherwise(0.0).alias("_ref"))
             bad = d.filter(pl.col("_d") > atol + rtol * pl.col("_ref")).sort(keys)
             if bad.height:
                 row = bad.row(0, named=True)
@@ -163,18 +241,19 @@ def diff(a: Trace, b: Trace, rtol: float = 1e-3, atol: float = 1e-6) -> list[Fra
                 if first is None or _order(cand, keys) < _order(first, keys):
                     first = cand
             if d.height:
-                worst = d.sort("_d", descending=True).row(0, named=True)
+                worst = d.sort(["_d", *keys], descending=[True] + [False] * len(keys)).row(0, named=True)
                 largest_rows.append({"column": col, "max_abs_diff": worst["_d"],
                                      "at": ", ".join(f"{k}={worst[k]}" for k in keys)})
         for col in exact:
-            bad = joined.filter(pl.col(col) != pl.col(f"{col}_b")).sort(keys)
+            bad = joined.filter(~pl.col(col).eq_missing(pl.col(f"{col}_b"))).sort(keys)
             if bad.height:
                 row = bad.row(0, named=True)
                 cand = {**{k: row[k] for k in keys}, "column": col, "a": row[col], "b": row[f"{col}_b"]}
                 if first is None or _order(cand, keys) < _order(first, keys):
                     first = cand
         largest = pl.DataFrame(largest_rows, schema={"column": pl.String, "max_abs_diff": pl.Float64, "at": pl.String})
-        out.append(FrameDiff(name, joined.height, first, largest))
+        steps_a, steps_b = set(fa["step"].drop_nulls()), set(fb["step"].drop_nulls())
+        out.append(FrameDiff(name, joined.height, first, largest, len(steps_a), len(steps_b), len(steps_a & steps_b)))
     return out
 
 
