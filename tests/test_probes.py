@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import load_model
+from workbench.errors import NumericError
 from workbench.model import BREAKS, Model
 from workbench.session import Session
 from workbench.trace import Trace, diff
@@ -80,14 +81,15 @@ def test_unit_norm_weights_give_unit_post_norm_rms(tiny_paths):
     assert ((pre["rms"] - 1).abs() > 1e-2).any()  # before the norm the heads are not at unit RMS
 
 
-def test_nan_is_reported_at_the_layer_it_appears(tiny_paths):
+def test_nan_stops_the_step_naming_the_layer_it_appears(tiny_paths):
     model = Model.load(tiny_paths["llama"], device="cpu", weights="dequantized")
     model.weights.layers[1].w_down[0, 0] = float("nan")  # layer 1's FFN output turns NaN
-    trace = run(model, steps=3, path="cached")  # the session keeps going
-    bad = trace.first_bad_layer()
-    assert bad.height == 3 and (bad["first_bad_layer"] == 1).all()
-    layer0 = trace.layers.filter(pl.col("layer") == 0)
-    assert (layer0["nan"] == 0).all()
+    session = Session(model, model.tokenizer.encode("def add(a, b):"), probes=True)
+    with pytest.raises(NumericError, match=r"blocks\.1\.resid_post \(layer 1\)"):
+        session.step()
+    assert session.n_steps == 0 and not session.records.tokens and not session.records.layers  # as before the step
+    model.weights.layers[1].w_down[0, 0] = 0.0
+    assert session.step().step == 0  # the next step works
 
 
 def test_parquet_round_trip(moe_trace, tmp_path):

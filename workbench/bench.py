@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from workbench.errors import InputError
-from workbench.model import Model
+from workbench.model import Model, describe_weights
 from workbench.session import Session
 
 TEXT = (
@@ -34,6 +34,8 @@ def bench_prompt(model: Model, n_tokens: int) -> list[int]:
         raise InputError(f"--prompt-tokens must be ≥ 1, not {n_tokens}.")
     ids = model.tokenizer.encode(TEXT)
     body = ids[1:] if model.tokenizer.add_bos and ids and ids[0] == model.tokenizer.bos_id else ids
+    if not body:
+        raise InputError("the benchmark text encodes to no tokens with this model's tokenizer; it cannot build a prompt.")
     while len(ids) < n_tokens:
         ids += body
     return ids[:n_tokens]
@@ -110,12 +112,13 @@ def table(model: Model, rows: list[BenchRow]) -> str:
     size_mib = model.gguf.size / 2**20
     params = model.n_params / 1e6
     dev, dtype, weights = str(model.device), str(model.dtype).removeprefix("torch."), model.info.weights
-    header = (f"| {'model':<22} | {'size':>9} | {'params':>8} | {'device':<6} | {'dtype':<8} | {'weights':<11} | {'path':<8} | "
+    threads = torch.get_num_threads()
+    header = (f"| {'model':<22} | {'size':>9} | {'params':>8} | {'device':<6} | {'dtype':<8} | {'weights':<11} | {'threads':>7} | {'path':<8} | "
               f"{'probes':<6} | {'prompt':>6} | {'gen':>4} | {'tokens/s':>9} | {'ms/token':>9} |")
     lines = [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
     name = model.gguf.path.name[:22]
     for r in rows:
-        lines.append(f"| {name:<22} | {size_mib:>5.1f} MiB | {params:>7.1f}M | {dev:<6} | {dtype:<8} | {weights:<11} | {r.path:<8} | "
+        lines.append(f"| {name:<22} | {size_mib:>5.1f} MiB | {params:>7.1f}M | {dev:<6} | {dtype:<8} | {weights:<11} | {threads:>7} | {r.path:<8} | "
                      f"{'on' if r.probes else 'off':<6} | {r.prompt_tokens:>6} | {r.steps:>4} | {r.tokens_per_s:>9.2f} | {r.ms_per_token:>9.2f} |")
     measured, expected = speedup(rows)
     if measured is not None:
@@ -126,6 +129,7 @@ def table(model: Model, rows: list[BenchRow]) -> str:
     without = [r for r in rows if not r.probes and r.path == "cached"]
     if with_probes and without and without[0].tokens_per_s:
         lines.append(f"probe cost: cached tokens/s with probes = {with_probes[0].tokens_per_s / without[0].tokens_per_s:.2f} × without")
+    lines.append(f"weights: {describe_weights(model.info.weights, model.dtype)}")
     return "\n".join(lines)
 
 

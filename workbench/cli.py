@@ -19,7 +19,7 @@ import torch
 from workbench.config import SUPPORTED_ARCHS, ModelConfig
 from workbench.errors import InputError, WorkbenchError
 from workbench.gguf_file import GGUFFile
-from workbench.model import BREAKS, Model
+from workbench.model import BREAKS, Model, describe_weights, set_threads
 from workbench.models import bundled_names, resolve
 
 
@@ -31,7 +31,11 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu) | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
     p.add_argument("--weights", default="auto",
-                   help="auto (quantized on CPU; dequantized on a GPU where it fits) | dequantized (exact) | quantized")
+                   help="auto (dequantized wherever it fits in memory, else quantized) | dequantized (exact) | "
+                        "quantized (4-bit planes, bfloat16 activations: faster on a CPU, not exact)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: one fewer than the cores, at least 1: stays fast when "
+                        "another program shares the cores)")
 
 
 def _path_arg(p: argparse.ArgumentParser, both: bool = False) -> None:
@@ -183,7 +187,13 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Model:
+    set_threads(args.threads)
     return Model.load(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
+
+
+def _arithmetic(model: Model) -> str:
+    """The line that says which numbers these are: device, weights form and activations, threads."""
+    return f"{model.device}, {describe_weights(model.info.weights, model.dtype)}, {torch.get_num_threads()} threads"
 
 
 def _prompt_ids(model, prompt: str) -> list[int]:
@@ -241,7 +251,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         trace = session.trace()
         print(json.dumps({
             "model": str(args.model), "file": str(model.gguf.path), "arch": model.config.arch,
-            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "weights": model.info.weights, "path": args.path,
+            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "weights": model.info.weights,
+            "arithmetic": describe_weights(model.info.weights, model.dtype), "threads": torch.get_num_threads(),
+            "reference_error": session.reference_error, "path": args.path,
             "breaks": sorted(session.breaks), "prompt": args.prompt, "prompt_ids": prompt_ids,
             "ids": session.ids[len(prompt_ids):], "text": "".join(text_parts), "stop": stop,
             "load_seconds": model.info.seconds, "prefill_seconds": prefill_seconds, "decode_seconds": decode_seconds,
@@ -250,7 +262,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(tail + "\n")
         note = {"eos": "stopped at end-of-sequence", "context": "stopped: the context is full", "steps": f"{args.steps} steps"}[stop]
-        print(f"[{model.config.arch} on {model.device} {str(model.dtype).removeprefix('torch.')}, {model.info.weights} weights, {args.path}"
+        print(f"[{model.config.arch} on {_arithmetic(model)}; {args.path}"
               f"{' with ' + ', '.join(sorted(session.breaks)) if session.breaks else ''}: load {model.info.seconds:.2f} s, "
               f"prefill {len(prompt_ids)} tokens {prefill_seconds:.3f} s, decode {tps:.1f} tok/s; {note}]", file=sys.stderr)
         for line in checks:
@@ -268,6 +280,8 @@ def _check_lines(session) -> list[str]:
                      f"{worst['max_abs_diff'] / max(worst['max_abs_logit'], 1e-30):.1e} of max |logit|; "
                      f"allowed {session.model.equivalence_tolerance:g} with {session.model.info.weights} weights), "
                      f"argmax equal {agree}/{len(r.equiv)}]")
+    if session.reference_error:
+        lines.append(f"[warning: the {session.reference} reference is off: {session.reference_error}]")
     if r.reference:
         worst = min(r.reference, key=lambda e: e["cosine"])
         agree = sum(e["top1_equal"] for e in r.reference)
@@ -396,6 +410,9 @@ COMMANDS = {"inspect": cmd_inspect, "tokenize": cmd_tokenize, "generate": cmd_ge
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a terminal or pipe that cannot encode a piece gets a stand-in
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -19,3 +19,15 @@ class ModelError(WorkbenchError):
 
 class InputError(WorkbenchError):
     """A request is invalid: bad token id, empty or too-long prompt, bad device/dtype/sampling values."""
+
+
+class NumericError(WorkbenchError):
+    """The forward pass produced NaN or Inf: the message names the first capture point where they appeared."""
+
+
+class ResourceError(WorkbenchError):
+    """The machine cannot hold what was asked for (memory for the weights, the KV cache or a step)."""
+
+
+class ReferenceFailed(WorkbenchError):
+    """The reference engine could not run: it refused the file, crashed, or is not installed."""

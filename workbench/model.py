@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 from workbench.cache import KVCache
 from workbench.config import ModelConfig
-from workbench.errors import InputError, UnsupportedError
+from workbench.errors import InputError, ResourceError, UnsupportedError
 from workbench.gguf_file import GGUFFile
 from workbench.models import resolve
-from workbench.qmatmul import QuantExperts, QuantMatrix, matmul
+from workbench.qmatmul import QuantExperts, QuantMatrix, expert, matmul
 from workbench.tokenizer import Tokenizer
 from workbench.weights import WEIGHT_MODES, LayerWeights, Matrix, Weights, load_weights
 
@@ -72,20 +72,52 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# The share of the free memory (RAM for a CPU, VRAM for a GPU) that dequantized matrices may take before
+# weights="auto" keeps them quantized instead: the rest is left for the KV cache, activations and the system.
+DEQUANTIZED_MEMORY_SHARE = {"cpu": 0.5, "cuda": 0.9}
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (RAM available to this process on a CPU), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
 def resolve_weights(mode: str, device: torch.device, n_params: int, dtype: torch.dtype) -> str:
-    """auto → quantized on CPU (a decode step reads ≈ the file's bytes instead of 4× them); on a GPU the
-    dequantized matrices when they fit in 90 % of the free memory, else quantized. An explicit mode is taken
-    as asked."""
+    """auto → the exact form, dequantized matrices in the compute dtype, wherever they fit in
+    DEQUANTIZED_MEMORY_SHARE of the free memory; else quantized (4-bit planes, bfloat16 activations: faster
+    on a CPU but not exact, see qmatmul.py). An explicit mode is taken as asked."""
     if mode in WEIGHT_MODES:
         return mode
     if mode != "auto":
         raise InputError(f"unknown weights mode '{mode}'; choose auto, {', '.join(WEIGHT_MODES)}.")
-    if device.type == "cpu":
-        return "quantized"
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return "dequantized" if n_params * dtype.itemsize <= 0.9 * free else "quantized"
-    return "dequantized"
+    free = free_memory(device)
+    if free is None:
+        return "dequantized"
+    share = DEQUANTIZED_MEMORY_SHARE.get(device.type, 0.5)
+    return "dequantized" if n_params * dtype.itemsize <= share * free else "quantized"
+
+
+def describe_weights(mode: str, dtype: torch.dtype) -> str:
+    """What a weights mode means for the numbers, in words (CLI, model card, trace metadata)."""
+    name = str(dtype).removeprefix("torch.")
+    if mode == "dequantized":
+        exact = "exact" if dtype == torch.float32 else f"{name} rounding"
+        return f"dequantized: {name} matrices, {name} activations ({exact})"
+    return "quantized: 4-bit planes with bfloat16 activations (fast, not exact: ~1e-2 of max |logit|)"
 
 
 def default_threads() -> int:
@@ -195,7 +227,15 @@ class Model:
                 f"{gguf.path.name}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {config.vocab_size} rows."
             )
         mode = resolve_weights(weights, dev, gguf.n_params, dt)
-        loaded = load_weights(gguf, config, dev, dt, progress, mode)
+        try:
+            loaded = load_weights(gguf, config, dev, dt, progress, mode)
+        except RuntimeError as exc:
+            if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)):
+                raise
+            raise ResourceError(
+                f"{gguf.path.name} does not fit in the memory of {dev} as {mode} {str(dt).removeprefix('torch.')} "
+                "weights; try weights quantized, a smaller dtype or another device."
+            ) from None
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         n_bytes = sum(t.numel() * t.element_size() for t in _unique_tensors(loaded))
@@ -237,6 +277,22 @@ class Model:
         for t in ids:
             if not 0 <= t < vocab:
                 raise InputError(f"token id {t} is outside the vocabulary (0..{vocab - 1}).")
+
+    def locate_non_finite(self, ids: Sequence[int], breaks: frozenset[str] = frozenset()) -> str | None:
+        """The first capture point, in forward order, whose tensor holds NaN or Inf when `ids` run through a
+        fresh cache ("logits" when only the head's output does; None when everything is finite). A diagnosis
+        for a step whose logits came out non-finite: it costs one uncached forward, and a sync per point."""
+        found: list[str] = []
+
+        def probe(name: str, tensor: torch.Tensor) -> None:
+            if not found and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                found.append(name)
+
+        tokens = torch.tensor(list(ids), device=self.device)
+        logits = self.forward(tokens, 0, self.new_cache(len(ids)), probe, last_only=True, breaks=breaks)
+        if found:
+            return found[0]
+        return None if bool(torch.isfinite(logits).all()) else "logits"
 
     def new_cache(self, capacity: int) -> KVCache:
         c = self.config
@@ -423,7 +479,11 @@ class Model:
             probe(f"blocks.{i}.moe.router_logits", router_logits)
             probe(f"blocks.{i}.moe.topk_ids", ids)
             probe(f"blocks.{i}.moe.topk_weights", weights)
-        if x.shape[0] == 1 and isinstance(layer.gate_up_exps, torch.Tensor) and self._grouped_mm:
+        # How the chosen experts run depends on the form of BOTH stacks (a file may store gate/up dense and down
+        # block-quantized): batched gathers and grouped matmuls need dense stacks; otherwise each expert's
+        # matrices are taken one by one (qmatmul.expert), each in its own form.
+        dense = layer.dense_experts
+        if x.shape[0] == 1 and dense and self._grouped_mm:
             # One token on a Hopper-class GPU: a grouped matmul over the whole expert stack, whose groups are
             # the chosen experts (one row each, rows sorted by expert; `offs` ends each expert's rows), so
             # only the chosen experts' matrices are read, and nothing waits for the host.
@@ -434,27 +494,27 @@ class Model:
             gate, up = torch._grouped_mm(rows, layer.gate_up_exps, offs=offs).chunk(2, dim=-1)
             y = torch._grouped_mm((self._activation(gate) * up).contiguous(), layer.down_exps, offs=offs)  # [k, hidden], by expert
             return (y * weights[0, order, None].to(x.dtype)).sum(0, keepdim=True)
-        if x.shape[0] == 1 and isinstance(layer.gate_up_exps, torch.Tensor):
+        if x.shape[0] == 1 and dense:
             # One token: gather the k chosen experts' matrices by index and batch them, with no host sync
             # (so a CUDA graph can hold the step).
             chosen = ids[0]
             y = self._gated(x.expand(chosen.shape[0], 1, -1), layer.gate_up_exps[chosen], layer.down_exps[chosen])
             return (y[:, 0] * weights[0, :, None].to(x.dtype)).sum(0, keepdim=True)
         if x.shape[0] == 1:
-            # One token, quantized experts, the k chosen ones in turn. On a GPU each expert's planes are
-            # selected on the device by its id (a tensor), so nothing waits for the host and a CUDA graph can
-            # hold the step; on the CPU reading the ids back costs nothing and an int selects views, no copies.
+            # One token, the k chosen experts in turn. On a GPU each expert is selected on the device by its id
+            # (a 0-d tensor), so nothing waits for the host and a CUDA graph can hold the step; on the CPU
+            # reading the ids back costs nothing and an int selects views, no copies.
             out = torch.zeros_like(x)
             on_host = x.device.type == "cpu"
             for slot in range(ids.shape[1]):
                 e = int(ids[0, slot]) if on_host else ids[0, slot]
-                out += self._gated(x, layer.gate_up_exps[e], layer.down_exps[e]) * weights[0, slot].to(x.dtype)
+                y = self._gated(x, expert(layer.gate_up_exps, e), expert(layer.down_exps, e))
+                out += y * weights[0, slot].to(x.dtype)
             return out
         out = torch.zeros_like(x)
         for e in ids.unique().tolist():
             token_idx, slot = (ids == e).nonzero(as_tuple=True)
-            xe = x[token_idx]
-            ye = self._gated(xe, layer.gate_up_exps[e], layer.down_exps[e])
+            ye = self._gated(x[token_idx], expert(layer.gate_up_exps, e), expert(layer.down_exps, e))
             out.index_add_(0, token_idx, ye * weights[token_idx, slot, None].to(x.dtype))
         return out
 

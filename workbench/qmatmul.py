@@ -96,6 +96,8 @@ class QuantExperts:
         """Expert `expert`: an int gives views; a 0-d device tensor gives an on-device copy of its planes
         (index_select: indexing with the 0-d tensor itself would read it back to the host)."""
         if isinstance(expert, torch.Tensor):
+            if expert.dim() != 0:
+                raise TypeError(f"QuantExperts takes one expert id (an int or a 0-d tensor), not a {list(expert.shape)} tensor")
             at = expert.reshape(1)
             planes = [(codes.index_select(0, at)[0], sz.index_select(0, at)[0]) for codes, sz in self.planes]
         else:
@@ -177,6 +179,16 @@ def _widen(codes: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     s, z = sz[..., 0].t().float(), sz[..., 1].t().float()  # [out, in/32]
     u = codes.float().unflatten(-1, (-1, GROUP))
     return ((u - 8) * s[..., None] + z[..., None]).flatten(-2)
+
+
+def expert(stack: torch.Tensor | QuantExperts, e: int | torch.Tensor) -> torch.Tensor | QuantMatrix:
+    """Expert e's matrix from a stack in either form (dense [E, in, out] or QuantExperts); e is an int or a 0-d
+    device tensor, which selects on the device (index_select: indexing with the tensor would sync)."""
+    if isinstance(stack, QuantExperts):
+        return stack[e]
+    if isinstance(e, torch.Tensor):
+        return stack.index_select(0, e.reshape(1))[0]
+    return stack[e]
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor | QuantMatrix) -> torch.Tensor:

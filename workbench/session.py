@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.errors import InputError
-from workbench.model import BREAKS, CompiledStep, DecodeGraph, Model
+from workbench.errors import InputError, NumericError, ReferenceFailed, ResourceError
+from workbench.model import BREAKS, CompiledStep, DecodeGraph, Model, free_memory
 from workbench.probes import StepProbe
 
 PATHS = ("cached", "uncached", "both")
 TOP_CANDIDATES = 5
+MAX_SEED = 2**63 - 1  # torch.Generator takes 64-bit seeds; int64's range is what every tool agrees on
+KV_MEMORY_SHARE = 0.8  # the share of the free memory a session's KV caches may take
 
 
 @dataclass(frozen=True)
@@ -38,19 +40,29 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0 and self.temperature < float("inf")):
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
+            0 <= self.temperature < float("inf")
+        ):
             raise InputError(f"temperature must be a finite number ≥ 0, not {self.temperature}.")
-        if self.top_k < 0:
-            raise InputError(f"top-k must be ≥ 0 (0 switches it off), not {self.top_k}.")
-        if not 0 < self.top_p <= 1:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"top-k must be a whole number ≥ 0 (0 switches it off), not {self.top_k}.")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise InputError(f"top-p must be in (0, 1], not {self.top_p}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"the seed must be a whole number from 0 to {MAX_SEED}, not {self.seed}.")
 
-    def choose(self, logits: torch.Tensor, generator: torch.Generator) -> int:
-        """The next token from logits [vocab] (float32). NaN logits never win and never crash sampling."""
-        logits = torch.nan_to_num(logits, nan=float("-inf"))
-        if self.temperature == 0 or not torch.isfinite(logits).any():
-            return int(torch.argmax(logits))
-        scores = logits / self.temperature
+    def choose(self, logits: torch.Tensor, generator: torch.Generator, n_valid: int | None = None) -> int:
+        """The next token from logits [vocab]. Only ids below `n_valid` (the tokenizer's size, when the
+        embedding has more rows) can win. NaN never wins; +inf wins outright; no temperature overflows
+        (scores are taken relative to the largest one before dividing, in float64)."""
+        logits = logits.double()
+        if n_valid is not None and n_valid < logits.numel():
+            logits = logits[:n_valid]
+        logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+        top = logits.max()
+        if self.temperature == 0 or not torch.isfinite(top):
+            return int(torch.argmax(logits))  # greedy; also +inf (it wins) and all -inf (nothing to weigh)
+        scores = (logits - top) / self.temperature  # ≤ 0, the best is exactly 0: exp never overflows
         if self.top_k:
             kth = torch.topk(scores, min(self.top_k, scores.numel())).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -59,7 +71,7 @@ class Sampling:
             probs = torch.softmax(sorted_scores, -1)
             # Drop a token when the tokens before it already reach top_p; the first token always stays.
             drop = probs.cumsum(-1) - probs >= self.top_p
-            scores = scores.index_put((order[drop],), torch.tensor(float("-inf"), device=scores.device))
+            scores = scores.index_put((order[drop],), torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
         probs = torch.softmax(scores, -1).cpu()
         return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -81,6 +93,7 @@ class StepResult:
     prefill: bool  # the cached path ran the prompt's prefill at this step
     runs: dict[str, PathRun]
     stop: str | None = None  # "eos" | "context" when generation should end after this token
+    warning: str | None = None  # something that went wrong beside the step (the reference engine failed)
 
     @property
     def primary(self) -> PathRun:
@@ -144,6 +157,7 @@ class Session:
         self.capacity = capacity
         self.ids: list[int] = list(self.prompt_ids)
         self.paths = ("cached", "uncached") if self.path == "both" else (self.path,)
+        self._check_kv_memory(capacity)
         self.cache = self.model.new_cache(capacity) if "cached" in self.paths else None
         self._fed = 0  # how many of self.ids the cached path has run through the model
         self.generator = torch.Generator().manual_seed(self.sampling.seed)
@@ -151,10 +165,28 @@ class Session:
         self.n_steps = 0
         self._reference = None
         self._graph: DecodeGraph | CompiledStep | None = None
+        self.reference_error: str | None = None  # why the reference engine stopped, once it has
         if self.reference is not None:
             from workbench.reference import ReferenceEngine
 
-            self._reference = ReferenceEngine(self.reference, self.model, capacity)
+            try:
+                self._reference = ReferenceEngine(self.reference, self.model, capacity)
+            except ReferenceFailed as exc:  # llama.cpp refused the file or crashed: decode on without it
+                self.reference_error = str(exc)
+
+    def _check_kv_memory(self, capacity: int) -> None:
+        """ResourceError when the KV caches of this context would not fit in KV_MEMORY_SHARE of the free memory
+        (the uncached path builds a second cache, of the sequence, at every step)."""
+        m = self.model
+        per_token = m.config.kv_bytes_per_token(m.dtype.itemsize)
+        need = capacity * per_token * len(self.paths)
+        free = free_memory(m.device)
+        if free is not None and need > KV_MEMORY_SHARE * free:
+            raise ResourceError(
+                f"a context of {capacity} positions needs {need / 2**30:.1f} GiB of KV cache "
+                f"({per_token} bytes per position), more than {KV_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free "
+                f"on {m.device}; ask for a shorter context (fewer steps)."
+            )
 
     @property
     def n_generated(self) -> int:
@@ -172,7 +204,7 @@ class Session:
             cache = m.new_cache(len(self.ids))
             rows = slice(None) if self.n_steps == 0 else slice(-1, None)
         first_row = start if rows.start is None else len(self.ids) - 1
-        probe = StepProbe(rows, TOP_CANDIDATES) if self.probes else None
+        probe = StepProbe(rows, min(TOP_CANDIDATES, m.config.vocab_size)) if self.probes else None
         t0 = time.perf_counter()
         graphable = path == "cached" and len(new) == 1 and probe is None and not self.breaks
         fast = "compile" if self.compile else None
@@ -197,9 +229,41 @@ class Session:
         return PathRun(logits, seconds, len(new)), probe, first_row
 
     def step(self) -> StepResult:
-        """Choose and append one token. Raises InputError when the context is already full."""
+        """Choose and append one token. All or nothing: if anything fails inside (sampling, non-finite logits,
+        an interrupt, memory), the session is put back as it was before the step and the error re-raised, so
+        the next step works. Raises InputError when the context is already full, NumericError when the logits
+        are not finite (naming where NaN/Inf first appeared), ResourceError when memory runs out."""
         if len(self.ids) >= self.capacity:
             raise InputError(f"the context is full ({self.capacity} positions); reset the session to go on.")
+        saved = self._snapshot()
+        try:
+            return self._step()
+        except BaseException as exc:
+            self._restore(saved)
+            if isinstance(exc, RuntimeError) and _out_of_memory(exc):
+                raise ResourceError(
+                    f"{self.model.device} ran out of memory during step {saved['n_steps']}; the session is as it was "
+                    "before it (try a shorter context, path cached, or a smaller dtype)."
+                ) from None
+            raise
+
+    def _snapshot(self) -> dict:
+        """What a step changes: restored by _restore when the step fails (the cache's bytes past its lengths
+        are rewritten by the next step, so its lengths are all that needs keeping)."""
+        return {"n_ids": len(self.ids), "fed": self._fed, "n_steps": self.n_steps, "rng": self.generator.get_state(),
+                "records": {name: len(rows) for name, rows in vars(self.records).items()},
+                "cache": list(self.cache.lengths) if self.cache is not None else None, "graph": self._graph}
+
+    def _restore(self, saved: dict) -> None:
+        del self.ids[saved["n_ids"]:]
+        self._fed, self.n_steps, self._graph = saved["fed"], saved["n_steps"], saved["graph"]
+        self.generator.set_state(saved["rng"])
+        for name, n in saved["records"].items():
+            del getattr(self.records, name)[n:]
+        if self.cache is not None:
+            self.cache.lengths = list(saved["cache"])
+
+    def _step(self) -> StepResult:
         step, position = self.n_steps, len(self.ids)
         prefill = "cached" in self.paths and self._fed == 0
         runs: dict[str, PathRun] = {}
@@ -208,8 +272,11 @@ class Session:
             runs[path], probe, first_row = self._run(path)
             if probe is not None:
                 probes[path] = (probe, first_row)
+        for path, run in runs.items():
+            if not bool(torch.isfinite(run.logits).all()):
+                raise NumericError(self._non_finite_message(step, path))
         primary = runs[self.paths[0]]
-        token = self.sampling.choose(primary.logits, self.generator)
+        token = self.sampling.choose(primary.logits, self.generator, self.model.tokenizer.vocab_size)
         self.ids.append(token)
         self.n_steps += 1
         stop = None
@@ -220,6 +287,20 @@ class Session:
         result = StepResult(step, token, position, prefill, runs, stop)
         self._record(result, probes)
         return result
+
+    def _non_finite_message(self, step: int, path: str) -> str:
+        """Where NaN/Inf first appear, found by an uncached forward over the tokens this step fed."""
+        m = self.model
+        where = m.locate_non_finite(self.ids, self.breaks)
+        if where is None:
+            found = "an uncached forward over the same tokens is finite, so the cached path's state is at fault"
+        elif where == "logits":
+            found = "every layer is finite: they first appear in the output head's logits"
+        else:
+            found = f"they first appear at {where} (layer {where.split('.')[1]})" if where.startswith("blocks.") else f"they first appear at {where}"
+        hint = "; float16 overflows on this model: try dtype bfloat16 or float32" if m.dtype == torch.float16 else ""
+        return (f"step {step}: the {path} path's logits hold NaN or Inf; {found}{hint}. "
+                "Generation stops here; the session is as it was before this step.")
 
     def generate(self, steps: int) -> Iterator[StepResult]:
         """Up to `steps` tokens; stops after EOS or when the context is full (the last result says which)."""
@@ -268,14 +349,26 @@ class Session:
                                 argmax_equal=bool(a.argmax() == b.argmax())))
         if self._reference is not None:
             fed = self.ids[:-1]  # the reference sees the same tokens our forward saw at this step
-            ref = self._reference.logits_after(fed)
+            try:
+                ref = self._reference.logits_after(fed)
+            except ReferenceFailed as exc:  # it crashed or refused: our step stands, the reference is off
+                self._reference, self.reference_error = None, str(exc)
+                result.warning = f"the {self.reference} reference is off: {exc}"
+                return
             ours = result.logits.float().cpu()
+            k = min(5, ours.numel(), ref.numel())
             r.reference.append(dict(step=result.step, position=result.position, engine=self.reference,
                                     cosine=float(torch.nn.functional.cosine_similarity(ours, ref, dim=0)),
                                     top1_equal=bool(ours.argmax() == ref.argmax()),
-                                    ours_top5=ours.topk(5).indices.tolist(), ref_top5=ref.topk(5).indices.tolist()))
+                                    ours_top5=ours.topk(k).indices.tolist(), ref_top5=ref.topk(k).indices.tolist()))
 
     def trace(self, meta: dict | None = None):
         from workbench.trace import Trace
 
         return Trace.from_session(self, meta or {})
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """torch's OutOfMemoryError (CUDA), or a CPU allocation failure, which torch raises as a plain RuntimeError."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "not enough memory" in text

@@ -51,6 +51,12 @@ class LayerWeights:
     gate_up_exps: Experts | None = None  # [n_experts, hidden, 2·expert_ffn]
     down_exps: Experts | None = None  # [n_experts, expert_ffn, hidden]
 
+    @property
+    def dense_experts(self) -> bool:
+        """Both expert stacks are dense tensors: the only case batched expert gathers may be used (each stack
+        takes its own form from the file's types, so gate/up and down can differ)."""
+        return isinstance(self.gate_up_exps, torch.Tensor) and isinstance(self.down_exps, torch.Tensor)
+
 
 @dataclass
 class Weights:
@@ -87,7 +93,9 @@ class _Loader:
             raise ModelError(
                 f"{self.gguf.path.name}: tensor '{name}' has shape {list(info.shape)}, but the metadata implies {list(shape)}."
             )
-        return self.gguf.raw(name).to(self.device)
+        # Always a copy (on a CPU too): a loaded model owns its numbers and never reads the mapped file again,
+        # so truncating or rewriting the file afterwards neither crashes it nor changes it.
+        return self.gguf.raw(name).to(self.device, copy=True)
 
     def tensor(
         self, name: str, shape: tuple[int, ...], *, norm: bool = False, required: bool = True,
