@@ -82,3 +82,24 @@ def test_compiled_graph_matches_eager(tiny_paths):
     ids_e, b, _ = _session_logits(model, graphs=False, steps=10)
     assert s._graph is not None and s.ids[len(prompt):] == ids_e
     assert ((a - b).abs().amax(-1) <= 1e-4 * b.abs().amax(-1)).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("weights", ["dequantized", "quantized"])
+def test_every_mix_of_types_on_cuda(arch, weights, tmp_path, monkeypatch):
+    """The generated mixes of tests/test_truth.py on the GPU: the graph-replayed cached path ≡ uncached, and the
+    GPU ≡ the CPU (in the same weights form)."""
+    from test_truth import write_mixed
+
+    path = write_mixed(arch, tmp_path / f"{arch}.gguf", 2, monkeypatch)
+    gpu = Model.load(path, device="cuda", dtype="float32", weights=weights)
+    s = Session(gpu, [1, 50, 60, 70], path="both", context=16)
+    for _ in range(6):
+        s.step()
+    assert s._graph is not None
+    assert all(e["max_abs_diff"] <= gpu.equivalence_tolerance * e["max_abs_logit"] for e in s.records.equiv)
+    cpu = Model.load(path, device="cpu", dtype="float32", weights=weights)
+    ids = s.ids
+    a = gpu.forward(torch.tensor(ids, device="cuda"), 0, gpu.new_cache(len(ids))).cpu()
+    b = cpu.forward(torch.tensor(ids), 0, cpu.new_cache(len(ids)))
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() >= (0.9999 if weights == "dequantized" else 0.99)
