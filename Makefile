@@ -23,8 +23,12 @@ $(VENV)/.run-installed: pyproject.toml | $(PY)
 	touch $@
 
 # Tests: the references too (transformers, llama.cpp via llama-cpp-python, prebuilt wheel when ../shared has it).
+# Without that wheel llama-cpp-python is built from source, portable: GGML_NATIVE=OFF compiles for
+# SSE4.2/AVX/AVX2/FMA/F16C/BMI2 and no AVX-512 or AMX (its native default segfaults in every decode on some Xeons).
+# --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would hand back an earlier native build.
 $(VENV)/.test-installed: $(VENV)/.run-installed
-	$(PIP) -e ".[test,models,reference]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) --no-cache-dir -e ".[reference]"
+	$(PIP) -e ".[test,models]"
 	touch $@
 
 run: $(VENV)/.run-installed

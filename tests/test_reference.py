@@ -1,15 +1,25 @@
 """fp32 logits against independent engines: HF transformers (its own GGUF loader and modelling code) and
 llama.cpp (the reference GGUF engine, via llama-cpp-python). Cosine ≥ 0.9999 and the same argmax per
 position against transformers; against llama.cpp, whose CPU matmuls quantize activations to 8 bits, cosine
-≥ 0.999 on the tiny models (≥ 0.99 on the 18-30-layer real ones) and the same argmax wherever llama.cpp's own top two are not within 1 % of the logit range."""
+≥ 0.999 on the tiny models (≥ 0.99 on the 18-30-layer real ones) and the same argmax wherever llama.cpp's own top two are not within 1 % of the logit range. llama.cpp runs through
+ReferenceEngine's worker process, one token at a time like a session feeds it; the last tests hold that
+worker's failures (a refused file, a crash, a closed engine) to one ReferenceFailed sentence."""
 
 from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import load_model
+from workbench.errors import InputError, ReferenceFailed
+from workbench.reference import ReferenceEngine
 
 PROMPT = "The capital of France is Paris, and the capital of Germany is"
 
@@ -29,10 +39,10 @@ def _transformers(path, ids: list[int], **config) -> np.ndarray:
 
 
 def _llama_cpp(path, ids: list[int]) -> np.ndarray:
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, len(ids)), logits_all=True, n_threads=2, verbose=False)
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    """llama.cpp's logits at every position, asked for one prefix at a time (its worker evaluates one new token each)."""
+    pytest.importorskip("llama_cpp")
+    with ReferenceEngine("llama.cpp", load_model(path), max(64, len(ids))) as engine:
+        return np.stack([engine.logits_after(ids[: i + 1]).numpy() for i in range(len(ids))])
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -85,3 +95,89 @@ def test_real_model_matches_llama_cpp(name, smollm2_path, gemma3_path):
     # llama.cpp multiplies Q4/Q5 weights with activations quantized to 8 bits: on 30 layers that costs
     # it ~0.5 % of cosine (measured 0.995-0.9999 here), while transformers, fp32 like us, agrees to 1e-6.
     _compare(_ours(path, ids), _llama_cpp(path, ids), 0.99, tie=0.01)
+
+
+# --- the worker's failures: one ReferenceFailed sentence, never a hang or a dead pytest ------------------
+
+IDS = [1, 17, 99, 250, 3]
+
+
+def _refused_file(tmp_path: Path, tiny: Path, damage: str) -> Path:
+    """A copy of the tiny llama file that llama.cpp refuses: a made-up architecture (same length, so every
+    offset stays put) or half the bytes."""
+    data = tiny.read_bytes()
+    if damage == "architecture":
+        key = b"general.architecture"
+        at = data.index(key) + len(key) + 4 + 8  # value type u32, string length u64
+        assert data[at : at + 5] == b"llama"
+        data = data[:at] + b"bogus" + data[at + 5 :]
+    else:
+        data = data[: len(data) // 2]
+    bad = tmp_path / f"{damage}.gguf"
+    bad.write_bytes(data)
+    return bad
+
+
+def test_unknown_engine_is_an_input_error(tiny_paths):
+    with pytest.raises(InputError, match="unknown reference engine 'vllm'"):
+        ReferenceEngine("vllm", load_model(tiny_paths["llama"]), 64)
+
+
+def test_missing_llama_cpp_is_reference_failed(tiny_paths, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else find_spec(name, *a))
+    with pytest.raises(ReferenceFailed, match="pip install llama-cpp-python"):
+        ReferenceEngine("llama.cpp", load_model(tiny_paths["llama"]), 64)
+
+
+@pytest.mark.parametrize("damage, reason", [("architecture", "unknown model architecture: 'bogus'"),
+                                            ("truncated", "not within the file bounds")])
+def test_refused_file_is_reference_failed(damage, reason, tiny_paths, tmp_path):
+    """Our loader never sees the damaged copy: the engine only needs the model's path and vocabulary size."""
+    pytest.importorskip("llama_cpp")
+    model = load_model(tiny_paths["llama"])
+    bad = _refused_file(tmp_path, tiny_paths["llama"], damage)
+    with pytest.raises(ReferenceFailed, match=f"llama.cpp refused .*{bad.name}.*{reason}"):
+        ReferenceEngine("llama.cpp", SimpleNamespace(gguf=SimpleNamespace(path=bad), config=model.config), 64)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL], ids=lambda sig: sig.name)
+def test_crashed_worker_is_reference_failed(sig, tiny_paths):
+    pytest.importorskip("llama_cpp")
+    engine = ReferenceEngine("llama.cpp", load_model(tiny_paths["llama"]), 64)
+    assert engine.logits_after(IDS).shape == (512,)
+    os.kill(engine.worker_pid, sig)
+    start = time.monotonic()
+    with pytest.raises(ReferenceFailed, match=f"llama.cpp crashed .*{sig.name}"):
+        engine.logits_after(IDS + [42])
+    assert time.monotonic() - start < 10
+    with pytest.raises(ReferenceFailed, match="crashed"):  # closed: the same sentence again, at once
+        engine.logits_after(IDS)
+
+
+def test_closed_engine_leaves_no_worker(tiny_paths):
+    pytest.importorskip("llama_cpp")
+    with ReferenceEngine("llama.cpp", load_model(tiny_paths["llama"]), 64) as engine:
+        pid = engine.worker_pid
+        engine.logits_after(IDS)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(ReferenceFailed, match="closed"):
+        engine.logits_after(IDS)
+
+
+def test_worker_rewinds_to_the_common_prefix(tiny_paths):
+    """After IDS, a fork of them (rewind to the common prefix) and the same fork again (re-run its last
+    token) give what a fresh engine gives for the fork."""
+    pytest.importorskip("llama_cpp")
+    model = load_model(tiny_paths["llama"])
+    fork = IDS[:3] + [300, 12]
+    with ReferenceEngine("llama.cpp", model, 64) as engine:
+        engine.logits_after(IDS)
+        seen = [engine.logits_after(fork), engine.logits_after(fork)]
+    with ReferenceEngine("llama.cpp", model, 64) as fresh:
+        expected = fresh.logits_after(fork)
+    for logits in seen:
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
