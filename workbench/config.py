@@ -21,6 +21,19 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
 ROPE_STYLE = {"llama": "normal", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox", "gemma3": "neox"}
 
 _MISSING = object()
+# The keys llama.cpp reads with get_key_or_arr (one value per layer allowed); every other key is a scalar.
+_PER_LAYER_KEYS = ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        return f"an array ({value!r:.40})"
+    return f"{type(value).__name__} {value!r:.40}"
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,8 @@ class _Reader:
         self.defaulted: list[str] = []
 
     def get(self, key: str, kind: type, default: Any = _MISSING) -> Any:
+        """`arch.key` as `kind` (int, float, str or bool), else a ModelError naming the key: a bool is not a
+        number, an int is accepted as a float, a float must be finite (NaN RoPE bases load and decode NaN)."""
         full = f"{self.arch}.{key}"
         value = self.gguf.metadata.get(full, _MISSING)
         if value is _MISSING:
@@ -105,29 +120,44 @@ class _Reader:
                 raise ModelError(f"{self.gguf.path.name}: required metadata key '{full}' is missing.")
             self.defaulted.append(full)
             return default
-        if isinstance(value, list) and kind is int and value:
-            # Per-layer arrays (e.g. feed_forward_length in some files): all layers must agree here.
+        if isinstance(value, list) and key in _PER_LAYER_KEYS and value and all(map(_is_int, value)):
+            # One value per layer: all layers must agree here.
             if len(set(value)) != 1:
                 raise UnsupportedError(f"{self.gguf.path.name}: '{full}' varies per layer ({value[:4]}…), which is not supported.")
             value = value[0]
-        if kind is bool or kind is str:
-            ok = isinstance(value, kind)
-        elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
+        if kind is int:
+            ok = _is_int(value)
+        elif kind is float:
+            ok = _is_int(value) or isinstance(value, float)
         else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = isinstance(value, kind)
         if not ok:
             raise ModelError(
-                f"{self.gguf.path.name}: metadata '{full}' should be {kind.__name__} but is {type(value).__name__} ({value!r:.40})."
+                f"{self.gguf.path.name}: metadata '{full}' should be {_KIND_NAMES[kind]} but is {_describe(value)}."
             )
         if kind is int and value < 0:  # counts and sizes: never negative
             raise ModelError(f"{self.gguf.path.name}: metadata '{full}' is negative ({value}).")
+        if kind is float and not math.isfinite(value):
+            raise ModelError(f"{self.gguf.path.name}: metadata '{full}' is {value}, not a finite number.")
         return kind(value)
 
     def positive(self, key: str, default: Any = _MISSING, limit: int = 1 << 24) -> int:
         value = self.get(key, int, default)
         if not 0 < value <= limit:
             raise ModelError(f"{self.gguf.path.name}: metadata '{self.arch}.{key}' = {value} is out of range (1..{limit}).")
+        return value
+
+    def count(self, key: str, limit: int) -> int:
+        """An optional count: 0 when absent, else 0..limit."""
+        value = self.get(key, int, 0)
+        if value > limit:
+            raise ModelError(f"{self.gguf.path.name}: metadata '{self.arch}.{key}' = {value} is out of range (0..{limit}).")
+        return value
+
+    def positive_float(self, key: str, default: Any = _MISSING) -> float:
+        value = self.get(key, float, default)
+        if value <= 0:
+            raise ModelError(f"{self.gguf.path.name}: metadata '{self.arch}.{key}' = {value} must be positive.")
         return value
 
     def config(self) -> ModelConfig:
@@ -149,21 +179,23 @@ class _Reader:
         context_length = self.positive("context_length", limit=1 << 24)
         rms_eps = self.get("attention.layer_norm_rms_epsilon", float)
         if not 0 < rms_eps < 1:
-            raise ModelError(f"{gguf.path.name}: rms epsilon {rms_eps} is out of range.")
-        rope_base = self.get("rope.freq_base", float, 10000.0)
+            raise ModelError(
+                f"{gguf.path.name}: metadata '{arch}.attention.layer_norm_rms_epsilon' = {rms_eps} is out of range (0..1)."
+            )
+        rope_base = self.positive_float("rope.freq_base", 10000.0)
         rope_dim = self.positive("rope.dimension_count", head_dim, limit=head_dim)
         if rope_dim % 2:
             raise ModelError(f"{gguf.path.name}: rope.dimension_count {rope_dim} is odd.")
         rope_scale = self._rope_scale()
-        n_experts = self.get("expert_count", int, 0)
-        n_experts_used = self.get("expert_used_count", int, 0)
+        n_experts = self.count("expert_count", 4096)
+        n_experts_used = self.count("expert_used_count", 4096)
         moe = arch == "qwen3moe"
         if moe:
             if not (0 < n_experts_used <= n_experts <= 4096):
                 raise ModelError(f"{gguf.path.name}: expert_used_count {n_experts_used} / expert_count {n_experts} are invalid.")
         elif n_experts:
             raise UnsupportedError(f"{gguf.path.name}: {arch} with experts is not supported (only qwen3moe is a MoE architecture here).")
-        ffn_hidden = self.get("feed_forward_length", int, 0) if moe else self.positive("feed_forward_length")
+        ffn_hidden = self.count("feed_forward_length", 1 << 24) if moe else self.positive("feed_forward_length")
         expert_ffn_hidden = 0
         if moe:
             # llama.cpp: n_ff_exp = expert_feed_forward_length, else feed_forward_length / expert_used_count.
@@ -174,7 +206,7 @@ class _Reader:
         if gemma:
             sliding_window = self.positive("attention.sliding_window")
             swa_pattern = self.positive("attention.sliding_window_pattern", 6, limit=n_layers + 1)
-            rope_base_local = self.get("rope.freq_base_swa", float, 10000.0)
+            rope_base_local = self.positive_float("rope.freq_base_swa", 10000.0)
         # llama.cpp scales Gemma3-27B (62 layers) queries by 1/sqrt(hidden/heads), every other size by 1/sqrt(head_dim).
         attn_scale = 1.0 / math.sqrt(hidden / n_heads if gemma and n_layers == 62 else head_dim)
         return ModelConfig(
@@ -210,12 +242,14 @@ class _Reader:
         )
 
     def _rope_scale(self) -> float:
-        kind = self.get("rope.scaling.type", str, "none")
-        if kind == "none":
+        """1 / rope.scaling.factor for linear scaling, as llama.cpp, whose default type is "linear". The factor
+        is checked whatever the type: a NaN or zero there is a damaged file even where it goes unused."""
+        kind = self.get("rope.scaling.type", str, "linear")
+        if f"{self.arch}.rope.scaling.factor" not in self.gguf.metadata:
             return 1.0
-        factor = self.get("rope.scaling.factor", float, 1.0)
-        if kind == "linear" and factor > 0:
+        factor = self.positive_float("rope.scaling.factor")
+        if kind == "none" or factor == 1.0:
+            return 1.0
+        if kind == "linear":
             return 1.0 / factor
-        if factor == 1.0:
-            return 1.0
         raise UnsupportedError(f"{self.gguf.path.name}: RoPE scaling '{kind}' (factor {factor}) is not supported; only linear is.")

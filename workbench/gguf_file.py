@@ -202,11 +202,14 @@ class GGUFFile:
             self.metadata_types[key] = vtype
         infos = [self._read_tensor_info(cur, i) for i in range(n_tensors)]
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+        if self.metadata_types.get("general.alignment", GGUFValueType.UINT32) != GGUFValueType.UINT32:
+            raise GGUFError(f"{self.path}: general.alignment must be a u32, as llama.cpp requires, not {alignment!r}.")
+        if alignment <= 0 or alignment & (alignment - 1):
             raise GGUFError(f"{self.path}: general.alignment must be a power of two, not {alignment!r}.")
         data_start = -(-cur.pos // alignment) * alignment
         self.data_offset = data_start
         self.tensors: dict[str, TensorInfo] = {}
+        expected = 0  # llama.cpp (gguf.cpp): tensors lie in table order, back to back, each padded to the alignment
         for name, dims, ggml_type, rel_offset in infos:
             if name in self.tensors:
                 raise GGUFError(f"{self.path} is not a valid GGUF file: tensor '{name}' appears twice.")
@@ -217,6 +220,12 @@ class GGUFFile:
                     f"{ggml_type.name} block size {block_size}."
                 )
             n_bytes = int(np.prod(dims[1:], dtype=np.int64)) * (dims[0] // block_size) * type_size
+            if rel_offset != expected:
+                raise GGUFError(
+                    f"{self.path} is not a valid GGUF file: tensor '{name}' starts at data offset {rel_offset}, not at "
+                    f"{expected} where the previous tensor ends (padded to {alignment} bytes), as llama.cpp requires."
+                )
+            expected += -(-n_bytes // alignment) * alignment
             offset = data_start + rel_offset
             if offset + n_bytes > self.size:
                 raise GGUFError(

@@ -36,6 +36,7 @@ Its pre-tokenizer is "default" (GPT-2's split), which llama.cpp accepts for any 
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from collections import Counter
@@ -397,6 +398,9 @@ def write_tiny(arch: str, path: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write a tiny random `arch` model to `path` (same seed → byte-identical file) and return the path."""
     if arch not in TINY_SPECS:
         raise InputError(f"no tiny model for architecture '{arch}'; choose one of: {', '.join(TINY_ARCHS)}.")
+    # numpy refuses negative seeds with a ValueError; the bound keeps seeds the uint64 that torch's generators take.
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise InputError(f"the seed must be an integer from 0 to 2**64 - 1, not {seed!r}.")
     spec = TINY_SPECS[arch]
     path = Path(path)
     rng = np.random.default_rng(seed)

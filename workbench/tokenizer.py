@@ -49,6 +49,8 @@ handles by accident of implementation):
 from __future__ import annotations
 
 import codecs
+import math
+import numbers
 import operator
 import re
 from collections.abc import Mapping, Sequence
@@ -168,12 +170,32 @@ def _hex_bytes(error: UnicodeDecodeError) -> tuple[str, int]:
 codecs.register_error("workbench.tokenizer.hexbytes", _hex_bytes)
 
 
-def _as_list(metadata: Mapping[str, Any], key: str) -> list | None:
+def _kind(value: Any) -> str:
+    return "an array" if isinstance(value, (list, tuple)) else f"{type(value).__name__} {value!r:.40}"
+
+
+def _scalar(metadata: Mapping[str, Any], key: str, kind: type[str] | type[bool]) -> Any:
+    """A string or bool key, or None when absent; any other type (an int for a bool too, as in llama.cpp)
+    is a ModelError naming the key."""
+    value = metadata.get(key)
+    if value is None or isinstance(value, kind):
+        return value
+    raise ModelError(f"GGUF metadata {key} should be a {'string' if kind is str else 'boolean'} but is {_kind(value)}.")
+
+
+def _array(metadata: Mapping[str, Any], key: str, items: tuple[type, ...], what: str, n: int | None = None) -> list | None:
+    """An array whose items are all of `items` (bools never count as numbers), of length `n` when given."""
     value = metadata.get(key)
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-        raise ModelError(f"GGUF metadata {key} should be an array but is {type(value).__name__}.")
+    if not isinstance(value, (list, tuple)):
+        raise ModelError(f"GGUF metadata {key} should be an array of {what} but is {_kind(value)}.")
+    # One isinstance per distinct item type, not per item: vocabularies have 49k-262k entries.
+    for item_type in set(map(type, value)):
+        if not issubclass(item_type, items) or issubclass(item_type, bool):
+            raise ModelError(f"GGUF metadata {key} should be an array of {what} but holds {item_type.__name__} items.")
+    if n is not None and len(value) != n:
+        raise ModelError(f"GGUF metadata {key} has {len(value)} entries for {n} tokens.")
     return list(value)
 
 
@@ -181,13 +203,11 @@ def _as_id(metadata: Mapping[str, Any], key: str, n_tokens: int) -> int | None:
     value = metadata.get(key)
     if value is None:
         return None
-    try:
-        token_id = int(value)
-    except (TypeError, ValueError):
-        raise ModelError(f"GGUF metadata {key} should be a token id but is {value!r}.") from None
-    if not 0 <= token_id < n_tokens:
-        raise ModelError(f"GGUF metadata {key} = {token_id} is outside the vocabulary of {n_tokens} tokens.")
-    return token_id
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ModelError(f"GGUF metadata {key} should be a token id but is {_kind(value)}.")
+    if not 0 <= value < n_tokens:
+        raise ModelError(f"GGUF metadata {key} = {value} is outside the vocabulary of {n_tokens} tokens.")
+    return int(value)
 
 
 def _first_with_text(token_to_id: Mapping[str, int], texts: Sequence[str]) -> int | None:
@@ -256,20 +276,26 @@ def _spm_merges(token_to_id: Mapping[str, int], scores: Sequence[float]) -> list
     llama.cpp's SPM tokenizer merges any adjacent pair whose concatenation is a token, preferring
     the highest score; ranking these pairs by that score (ties: lower id, then shorter left part)
     turns it into an ordinary ranked-merge BPE.
+
+    Only cuts where both parts have the length of some token are sliced and looked up: slicing
+    every cut of every token is quadratic in the token's length (minutes for one 1 MB token).
     """
     ranked: list[tuple[float, int, int, str, str]] = []
     append, known = ranked.append, token_to_id.__contains__
+    length_set = {len(token) for token in token_to_id}
+    lengths = sorted(length_set)  # a token of length n tries at most n - 1 of them: linear in the total length
     for token, token_id in token_to_id.items():
         n = len(token)
-        if n < 2:
-            continue
         neg_score = -float(scores[token_id])
-        for cut in range(1, n):
-            left = token[:cut]
-            if known(left):
-                right = token[cut:]
-                if known(right):
-                    append((neg_score, token_id, cut, left, right))
+        for cut in lengths:
+            if cut >= n:
+                break
+            if n - cut in length_set:
+                left = token[:cut]
+                if known(left):
+                    right = token[cut:]
+                    if known(right):
+                        append((neg_score, token_id, cut, left, right))
     ranked.sort()
     return [(left, right) for _, _, _, left, right in ranked]
 
@@ -283,7 +309,6 @@ def _bpe_merges(raw: Sequence[Any], token_to_id: Mapping[str, int]) -> list[tupl
     for entry in raw:
         if isinstance(entry, bytes):
             entry = entry.decode("utf-8", "replace")
-        entry = str(entry)
         cut = entry.find(" ", 1)
         if cut < 0:
             continue
@@ -344,38 +369,36 @@ class Tokenizer:
 
         if not isinstance(metadata, Mapping):
             raise ModelError(f"Tokenizer metadata must be a mapping of GGUF keys, not {type(metadata).__name__}.")
-        model = metadata.get("tokenizer.ggml.model")
+        model = _scalar(metadata, "tokenizer.ggml.model", str)
         if model is None:
             raise ModelError("The GGUF metadata has no tokenizer.ggml.model, so it describes no tokenizer.")
-        model = str(model)
         if model not in ("gpt2", "llama"):
             raise UnsupportedError(
                 f"Tokenizer model {model!r} is not supported (only 'gpt2' byte-level BPE and 'llama' SentencePiece)."
             )
-        raw_tokens = _as_list(metadata, "tokenizer.ggml.tokens")
+        raw_tokens = _array(metadata, "tokenizer.ggml.tokens", (str, bytes), "strings")
         if not raw_tokens:
             raise ModelError("The GGUF metadata has no tokenizer.ggml.tokens list.")
         n = len(raw_tokens)
         # llama.cpp renames empty tokens so that every text maps to one id.
         tokens = [
-            (t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)) or f"[EMPTY_{i}]"
+            (t.decode("utf-8", "replace") if isinstance(t, bytes) else t) or f"[EMPTY_{i}]"
             for i, t in enumerate(raw_tokens)
         ]
-        types = _as_list(metadata, "tokenizer.ggml.token_type")
-        if types is None:
-            types = [_NORMAL] * n
-        elif len(types) < n:
-            raise ModelError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens.")
-        types = [int(t) for t in types[:n]]
+        # Any integer is a type: llama.cpp treats values it does not know as UNDEFINED, and so does _render.
+        types = _array(metadata, "tokenizer.ggml.token_type", (numbers.Integral,), "integers", n)
+        types = [_NORMAL] * n if types is None else [int(t) for t in types]
         token_to_id = {t: i for i, t in enumerate(tokens)}  # last one wins, as in llama.cpp
 
         types, eos_ids = _adjust_types_and_eog(tokens, types, token_to_id, metadata)
         bos_id = _as_id(metadata, "tokenizer.ggml.bos_token_id", n)
         eos_id = _as_id(metadata, "tokenizer.ggml.eos_token_id", n)
         unk_id = _as_id(metadata, "tokenizer.ggml.unknown_token_id", n)
+        for unused in ("padding", "seperator", "mask"):  # unused here, but llama.cpp reads them: checked alike
+            _as_id(metadata, f"tokenizer.ggml.{unused}_token_id", n)
+        add_bos_value = _scalar(metadata, "tokenizer.ggml.add_bos_token", bool)
 
-        pre_name = metadata.get("tokenizer.ggml.pre")
-        pre_name = None if pre_name is None else str(pre_name)
+        pre_name = _scalar(metadata, "tokenizer.ggml.pre", str)
         try:
             if model == "gpt2":
                 pre = _PRE_DEFAULT if pre_name is None else _PRE_BY_NAME.get(pre_name)
@@ -384,7 +407,7 @@ class Tokenizer:
                         f"Pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is not supported; "
                         f"known: {', '.join(sorted(_PRE_BY_NAME))}."
                     )
-                raw_merges = _as_list(metadata, "tokenizer.ggml.merges")
+                raw_merges = _array(metadata, "tokenizer.ggml.merges", (str, bytes), "strings")
                 if not raw_merges:
                     raise ModelError("A 'gpt2' tokenizer needs tokenizer.ggml.merges, and the GGUF metadata has none.")
                 bpe = models.BPE(vocab=token_to_id, merges=_bpe_merges(raw_merges, token_to_id),
@@ -397,16 +420,16 @@ class Tokenizer:
                 default_add_bos = pre.add_bos
                 add_space_prefix = False  # llama.cpp's BPE path never prefixes a space
             else:
-                scores = _as_list(metadata, "tokenizer.ggml.scores")
+                scores = _array(metadata, "tokenizer.ggml.scores", (numbers.Real,), "numbers", n)
                 if scores is None:
                     scores = [0.0] * n
-                elif len(scores) < n:
-                    raise ModelError(f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens.")
+                elif any(math.isnan(score) for score in scores):  # ±inf still ranks; NaN makes the merge order arbitrary
+                    raise ModelError("GGUF metadata tokenizer.ggml.scores holds NaN, so the merge order is undefined.")
                 bpe = models.BPE(vocab=token_to_id, merges=_spm_merges(token_to_id, scores),
                                  byte_fallback=True, fuse_unk=False,
                                  unk_token=tokens[unk_id] if unk_id is not None else None)
                 backend = HFTokenizer(bpe)
-                add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+                add_space_prefix = _scalar(metadata, "tokenizer.ggml.add_space_prefix", bool) is not False
                 escape = normalizers.Replace(" ", _SPM_SPACE)
                 backend.normalizer = (
                     normalizers.Sequence([normalizers.Prepend(_SPM_SPACE), escape]) if add_space_prefix else escape
@@ -420,8 +443,7 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises plain Exception subclasses on bad vocabularies
             raise ModelError(f"Could not build the {model!r} tokenizer from the GGUF metadata: {exc}") from exc
 
-        add_bos_value = metadata.get("tokenizer.ggml.add_bos_token")
-        add_bos = default_add_bos if add_bos_value is None else bool(add_bos_value)
+        add_bos = default_add_bos if add_bos_value is None else add_bos_value
         if bos_id is None:
             add_bos = False
         return cls(model=model, pre=pre_name, tokens=tokens, types=types, bos_id=bos_id, eos_id=eos_id,
@@ -450,12 +472,19 @@ class Tokenizer:
 
     # --- decoding ---------------------------------------------------------------------------
     def _check_id(self, token_id: Any) -> int:
+        """The id as an int, or InputError. An id past the tokenizer is refused rather than shown as a
+        placeholder: the tokenizer cannot tell an embedding row without a token (a file whose embedding
+        is larger than its vocabulary) from an id that is simply wrong, and a placeholder would hide the
+        second. The sampler never picks such rows, so only ids a caller passes in can get here."""
         try:
             index = operator.index(token_id)  # ints, numpy ints, 0-d integer tensors; not floats/strings
         except TypeError:
             raise InputError(f"Token id {token_id!r} is not an integer.") from None
         if not 0 <= index < self.vocab_size or isinstance(token_id, bool):
-            raise InputError(f"Token id {token_id!r} is outside the vocabulary (0..{self.vocab_size - 1}).")
+            raise InputError(
+                f"Token id {token_id!r} is outside the vocabulary of this tokenizer's {self.vocab_size} tokens "
+                f"(0..{self.vocab_size - 1})."
+            )
         return index
 
     def _is_special(self, token_id: int) -> bool:
