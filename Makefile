@@ -32,7 +32,8 @@ $(VENV)/.test-installed: $(VENV)/.run-installed
 	touch $@
 
 run: $(VENV)/.run-installed
-	@if [ -f notebooks/workbench.py ]; then $(VENV)/bin/marimo run notebooks/workbench.py; \
+	@if [ -f notebooks/workbench.py ]; then $(PY) -c "import secrets; print(secrets.token_urlsafe(24))" | \
+	$(VENV)/bin/marimo run notebooks/workbench.py --host 127.0.0.1 --token --token-password-file - --no-sandbox; \
 	else $(VENV)/bin/workbench generate smollm2-135m --prompt "The capital of France is" --steps 32; fi
 
 test: $(VENV)/.test-installed

@@ -6,6 +6,7 @@ app = marimo.App(width="full", app_title="GGUF decode workbench")
 
 @app.cell
 def _():
+    import html
     import io
     import os
     import sys
@@ -22,13 +23,13 @@ def _():
     import polars as pl
     import torch
 
-    from workbench import charts
-    from workbench.errors import WorkbenchError
-    from workbench.model import BREAKS, Model
+    from workbench import app_state, charts
+    from workbench.model import BREAKS, Model, default_threads, set_threads
     from workbench.models import DEFAULT_MODEL, bundled_names
     from workbench.session import Sampling, Session
     from workbench.trace import Trace
-    return BREAKS, DEFAULT_MODEL, Model, Sampling, Session, Trace, WorkbenchError, alt, bundled_names, charts, io, mo, torch
+    return (BREAKS, DEFAULT_MODEL, Model, Sampling, Session, Trace, alt, app_state, bundled_names, charts,
+            default_threads, html, io, mo, os, set_threads, torch)
 
 
 @app.cell
@@ -43,7 +44,7 @@ def _(mo):
 
 
 @app.cell
-def _(DEFAULT_MODEL, bundled_names, mo, torch):
+def _(DEFAULT_MODEL, bundled_names, default_threads, mo, os, torch):
     FILE = "a GGUF file…"
     model_choice = mo.ui.dropdown(options=[*bundled_names(), FILE], value=DEFAULT_MODEL, label="model")
     model_path = mo.ui.text(placeholder="/path/to/model.gguf", label="file", full_width=True)
@@ -53,50 +54,63 @@ def _(DEFAULT_MODEL, bundled_names, mo, torch):
     device = mo.ui.dropdown(options=_devices, value="auto", label="device")
     dtype = mo.ui.dropdown(options=["auto", "float32", "bfloat16", "float16"], value="auto", label="dtype")
     weights = mo.ui.dropdown(options=["auto", "dequantized", "quantized"], value="auto", label="weights")
-    return FILE, device, dtype, load_button, model_choice, model_path, weights
+    threads = mo.ui.number(start=1, stop=max(os.cpu_count() or 1, default_threads()), step=1, value=default_threads(),
+                           label="CPU threads")
+    return FILE, device, dtype, load_button, model_choice, model_path, threads, weights
 
 
 @app.cell
-def _(WorkbenchError):
-    class Shelf:
-        """Loaded models by (source, device, dtype, weights), and which one is current: a failed load keeps the last."""
+def helpers(html, mo):
+    def error_callout(title, message, kind="danger"):
+        """A callout: a bold title and one sentence, both as plain text (a message may hold `<`, `_` or `*`)."""
+        return mo.callout(mo.Html(f"<p><strong>{html.escape(title)}</strong> {html.escape(message)}</p>"), kind=kind)
 
-        def __init__(self):
-            self.models, self.current, self.error = {}, None, None
-
-        def get(self, key, load):
-            self.error = None
-            try:
-                if key not in self.models:
-                    self.models = {key: load()}  # one model in memory at a time
-                self.current = key
-            except (WorkbenchError, OSError, RuntimeError) as exc:
-                self.error = str(exc)
-            return self.models.get(self.current)
-
-    shelf = Shelf()
-    return (shelf,)
+    # This tab's model: the models themselves live in app_state.MODELS, one copy per server process for every
+    # tab; this keeps the one the tab shows, so that a failed load keeps it.
+    get_model, set_model = mo.state(None)
+    return error_callout, get_model, set_model
 
 
 @app.cell
-def _(FILE, Model, device, dtype, load_button, mo, model_choice, model_path, shelf, weights):
+def _(default_threads, threads):
+    # torch keeps its CPU thread count per OS thread and every tab's kernel is its own thread, so the count is
+    # applied (set_threads) right before each load and each step of this tab.
+    thread_count = int(threads.value) if threads.value else default_threads()
+    return (thread_count,)
+
+
+@app.cell
+def load_model(FILE, Model, app_state, device, dtype, get_model, load_button, mo, model_choice, model_path, set_model,
+               set_threads, thread_count, weights):
     _source = model_path.value.strip() if model_choice.value == FILE else model_choice.value
-    if model_choice.value == FILE and not (load_button.value and _source):
-        model = shelf.models.get(shelf.current)  # wait for a path and a click on "Load file"
-        shelf.error = None
-    else:
-        with mo.status.progress_bar(total=1, title=f"Loading {_source}", remove_on_exit=True) as _bar:
-            def _progress(done, total):
-                _bar.total = total
-                _bar.update(increment=done - _bar.current, subtitle=f"layer {min(done, total - 1)} of {total - 1}")
+    model, load_error = get_model(), None  # with "a GGUF file…": wait for a path and a click on "Load file"
+    if model_choice.value != FILE or (load_button.value and _source):
+        try:
+            set_threads(thread_count)
+            with mo.status.progress_bar(total=1, title=f"Loading {_source}", remove_on_exit=True) as _bar:
+                def _progress(done, total):
+                    _bar.total = total
+                    _bar.update(increment=done - _bar.current, subtitle=f"layer {min(done, total - 1)} of {total - 1}")
 
-            model = shelf.get((_source, device.value, dtype.value, weights.value),
-                              lambda: Model.load(_source, device.value, dtype.value, progress=_progress, weights=weights.value))
-    return (model,)
+                with app_state.device_turn(device.value):
+                    model = app_state.MODELS.get(
+                        app_state.model_key(_source, device.value, dtype.value, weights.value),
+                        lambda: Model.load(_source, device.value, dtype.value, progress=_progress, weights=weights.value))
+            set_model(model)
+        except Exception as _exc:  # anything at all: the tab keeps the model it had
+            load_error = app_state.describe_error(_exc)
+    return load_error, model
 
 
 @app.cell
-def _(FILE, device, dtype, load_button, mo, model, model_choice, model_path, shelf, weights):
+def model_card(FILE, app_state, device, dtype, error_callout, load_button, load_error, mo, model, model_choice,
+               model_path, thread_count, threads, weights):
+    def _weights(info):
+        if info.weights == "quantized":
+            return "quantized (4-bit planes, bfloat16 activations: not exact; cached vs uncached agree to ~1e-2)"
+        _name = str(info.dtype).removeprefix("torch.")
+        return f"dequantized ({_name} matrices: " + ("exact)" if _name == "float32" else f"{_name} rounding, not exact)")
+
     def _card(m):
         c, info = m.config, m.info
         types = sorted({t.type_name for t in m.gguf.tensors.values()})
@@ -108,16 +122,17 @@ def _(FILE, device, dtype, load_button, mo, model, model_choice, model_path, she
             "context": f"{c.context_length:,}", "experts": f"{c.n_experts_used} of {c.n_experts}" if c.is_moe else "dense",
             "QK-norm": "yes" if c.qk_norm else "no", "RoPE": f"{c.rope_style}, base {c.rope_base:g}",
             "device / dtype": f"{info.device} / {str(info.dtype).removeprefix('torch.')}",
-            "weights": {"quantized": "quantized (4-bit planes, bf16 activations)", "dequantized": "dequantized (exact)"}[info.weights],
+            "weights": _weights(info), "CPU threads": f"{thread_count} (this tab's loads and steps)",
             "load": f"{info.seconds:.2f} s", "weights on device": f"{info.weight_bytes / 2**20:.1f} MiB",
+            "shared": f"one copy in this server process for every tab ({app_state.MODELS.alive()} model(s) in memory)",
         }
         return mo.md("| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows.items()))
 
-    _controls = mo.hstack([model_choice, device, dtype, weights], justify="start")
+    _controls = mo.hstack([model_choice, device, dtype, weights, threads], justify="start")
     _file_row = mo.hstack([model_path, load_button], justify="start") if model_choice.value == FILE else None
     _notes = []
-    if shelf.error:
-        _notes.append(mo.callout(mo.md(f"**Could not load the model.** {shelf.error} The model loaded before is kept."), kind="danger"))
+    if load_error:
+        _notes.append(error_callout("Could not load the model.", f"{load_error} The model loaded before is kept."))
     _card_view = _card(model) if model is not None else mo.md("_No model loaded yet._")
     mo.vstack([v for v in (_controls, _file_row, *_notes, mo.accordion({"Model card": _card_view}, lazy=False)) if v is not None])
     return
@@ -156,9 +171,9 @@ def _(mo):
 
 
 @app.cell
-def _(Sampling, Session, WorkbenchError, breaks, get_session, mo, model, path, prompt, reset_button, seed,
-      set_session, temperature, top_k, top_p, use_reference):
-    # A new session whenever what defines it changes (or Reset is clicked); a bad input keeps the old one.
+def new_session(Sampling, Session, app_state, breaks, error_callout, get_session, model, path, prompt, reset_button,
+                seed, set_session, temperature, top_k, top_p, use_reference):
+    # A new session whenever what defines it changes (or Reset is clicked); anything that fails keeps the old one.
     session_error = None
     if model is not None:
         _key = (id(model), prompt.value, temperature.value, top_k.value, top_p.value, seed.value, path.value,
@@ -167,45 +182,56 @@ def _(Sampling, Session, WorkbenchError, breaks, get_session, mo, model, path, p
         if _old is None or _old[0] != _key or reset_button.value:
             try:
                 _ids = model.tokenizer.encode(prompt.value)
-                _session = Session(
-                    model, _ids, path=path.value,
-                    sampling=Sampling(float(temperature.value), int(top_k.value), float(top_p.value), int(seed.value)),
-                    context=min(model.config.context_length, len(_ids) + 512),
-                    probes=True, breaks=frozenset() if breaks.value == "none" else frozenset({breaks.value}),
-                    reference="llama.cpp" if use_reference.value else None,
-                )
+                with app_state.device_turn(model.device):  # the KV cache is allocated on the device
+                    _session = Session(
+                        model, _ids, path=path.value,
+                        sampling=Sampling(float(temperature.value), int(top_k.value), float(top_p.value), int(seed.value)),
+                        context=min(model.config.context_length, len(_ids) + 512),
+                        probes=True, breaks=frozenset() if breaks.value == "none" else frozenset({breaks.value}),
+                        reference="llama.cpp" if use_reference.value else None,
+                    )
                 set_session((_key, _session))
-            except WorkbenchError as _exc:
-                session_error = str(_exc)
-    mo.callout(mo.md(f"**This input was not applied.** {session_error} The session so far is kept."), kind="warn") if session_error else None
+            except Exception as _exc:
+                session_error = app_state.describe_error(_exc)
+    error_callout("This input was not applied.", f"{session_error} The session so far is kept.") if session_error else None
     return (session_error,)
 
 
 @app.cell
-def _(WorkbenchError, get_session, max_steps, mo, run_button, step8_button, step_button, torch):
-    # Step, Step ×8 or Run: advance the session, then hand its trace to the panels.
+def advance(app_state, error_callout, get_session, max_steps, mo, run_button, set_threads, step8_button, step_button,
+            thread_count):
+    # Step, Step ×8 or Run: advance the session, then hand its trace to the panels. A step is all or nothing
+    # (Session.step puts the session back when anything inside it fails), so a failure is a callout and the
+    # session, its trace and the panels stay as they were; the next Step goes on from there.
     _entry = get_session()
     session = _entry[1] if _entry else None
-    step_error = None
+    _note = None
     _n = 1 if step_button.value else 8 if step8_button.value else max_steps.value if run_button.value else 0
     if session is not None and _n:
         # Step ×8 and Run show a progress bar, with the newest text streaming in its subtitle.
         with mo.status.progress_bar(total=_n, title="Decoding", remove_on_exit=True, disabled=_n == 1) as _bar:
             try:
+                set_threads(thread_count)
                 for _ in range(_n):
-                    _result = session.step()
+                    with app_state.device_turn(session.model.device):  # on a GPU one tab's step at a time
+                        _result = session.step()
                     _tail = session.model.tokenizer.decode(session.ids[len(session.prompt_ids):])[-60:]
                     _bar.update(subtitle=f"{session.n_generated} tokens · …{_tail!r}")
                     if _result.stop:
-                        step_error = ("The model produced an end-of-generation token." if _result.stop == "eos"
-                                      else "The context is full.") + " Reset to start again."
+                        _note = mo.callout(mo.md(("The model produced an end-of-generation token." if _result.stop == "eos"
+                                                  else "The context is full.") + " Reset to start again."), kind="warn")
                         break
-            except WorkbenchError as _exc:
-                step_error = str(_exc)
-            except torch.OutOfMemoryError:
-                step_error = "The device ran out of memory; the session so far is kept."
-    trace = session.trace() if session is not None else None
-    mo.callout(mo.md(step_error), kind="warn") if step_error else None
+            except Exception as _exc:  # anything at all, not only WorkbenchError
+                _note = error_callout("The step failed and did not happen.",
+                                      f"{app_state.describe_error(_exc)} The session keeps its {session.n_generated} "
+                                      "generated token(s); Step goes on from there.")
+    trace = None
+    if session is not None:
+        try:
+            trace = session.trace()
+        except Exception as _exc:
+            _note = error_callout("The trace could not be built.", app_state.describe_error(_exc))
+    _note
     return session, trace
 
 
@@ -217,17 +243,17 @@ def _(mo):
 
 
 @app.cell
-def _(Trace, WorkbenchError, io, mo, trace, upload):
+def show_upload(Trace, app_state, error_callout, html, io, mo, trace, upload):
     # The panels show the live trace, or a saved one when a file was dropped in (no model needed).
     shown = trace
     _note = None
     if upload.value:
         try:
-            shown = Trace.read(io.BytesIO(upload.contents()))
-            _note = mo.callout(mo.md(f"Showing the saved trace **{upload.name()}** ({shown.meta.get('arch')}, "
+            shown = Trace.read(io.BytesIO(upload.contents()), name=upload.name())
+            _note = mo.callout(mo.md(f"Showing the saved trace **{html.escape(upload.name())}** ({shown.meta.get('arch')}, "
                                      f"{shown.tokens['step'].n_unique()} steps). Remove the file to go back."), kind="info")
-        except WorkbenchError as _exc:
-            _note = mo.callout(mo.md(f"**Not a workbench trace.** {_exc}"), kind="danger")
+        except Exception as _exc:  # Trace.read names the file (`name`); anything else is shown the same way
+            _note = error_callout("Not a workbench trace.", app_state.describe_error(_exc))
     _note
     return (shown,)
 

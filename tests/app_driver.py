@@ -16,12 +16,28 @@ Used by tests/test_app_browser.py. Facts about the DOM of `marimo run` (marimo 0
   server's stderr (kept in a log file here and attached to failures).
 - The page itself does not scroll (an inner `absolute inset-0` div does), so a full-page screenshot needs
   the viewport grown to the content's height first.
+
+Facts about `marimo run` itself:
+
+- With `--token` every HTTP request needs the token (`?access_token=…`, then a session cookie keyed by the
+  port, SameSite=Lax): without it GET / answers 303 to /auth/login and the websocket /ws is refused (403).
+  `--token` alone makes, in run mode, the token `hash("auth:" + source)` (64 bits, fixed by PYTHONHASHSEED):
+  the Makefile and this driver pass a `secrets` token on stdin (`--token-password-file -`) instead. The URL
+  marimo prints carries it (`➜  URL: http://localhost:PORT?access_token=…`), browser or `--headless`.
+- marimo checks neither the Host header nor the Origin of a websocket upgrade; `--allow-origins` is CORS
+  for HTTP only. The token is what keeps a foreign page out.
+- Every tab's kernel is a thread of the server process (run mode), so a module imported in the server before
+  the notebook runs is the one the notebook's cells see: MarimoServer(hooks=True) starts marimo in a Python
+  that first installs install_test_hooks() (a sampling failure on demand, a log of Model.load calls).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,29 +68,82 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Env vars read by install_test_hooks() in the server process (paths of files in the server's scratch dir).
+FAULT_ENV = "WORKBENCH_TEST_FAULT"  # while this file exists, sampling raises (once: the file is removed)
+LOADS_ENV = "WORKBENCH_TEST_LOADS"  # every Model.load appends "pid source" to this file
+FAULT_MESSAGE = "injected sampling failure (tests/app_driver.py)"
+
+
+def install_test_hooks() -> None:
+    """Test-only instrumentation, installed in the marimo server process before it starts: Sampling.choose
+    raises RuntimeError(FAULT_MESSAGE) when the FAULT_ENV file exists (inside Session.step, after the forward
+    passes have written the KV cache: what the step's all-or-nothing rule must undo), and Model.load logs."""
+    from workbench.model import Model
+    from workbench.session import Sampling
+
+    fault, loads = os.environ.get(FAULT_ENV), os.environ.get(LOADS_ENV)
+    choose, load = Sampling.choose, Model.load.__func__
+
+    def failing_choose(self, *args, **kwargs):
+        if fault and os.path.exists(fault):
+            os.remove(fault)
+            raise RuntimeError(FAULT_MESSAGE)
+        return choose(self, *args, **kwargs)
+
+    def logged_load(cls, source, *args, **kwargs):
+        model = load(cls, source, *args, **kwargs)
+        if loads:
+            with open(loads, "a") as fh:
+                fh.write(f"{os.getpid()} {source}\n")
+        return model
+
+    Sampling.choose = failing_choose
+    Model.load = classmethod(logged_load)
+
+
+# `python -c` for a hooked server: the hooks, then marimo's CLI as `python -m marimo` runs it.
+_HOOKED = ("import runpy, sys; sys.path.insert(0, {tests!r}); import app_driver; app_driver.install_test_hooks(); "
+           "sys.argv = ['marimo', *sys.argv[1:]]; runpy.run_module('marimo', run_name='__main__', alter_sys=True)")
+
+
 @dataclass
 class MarimoServer:
-    """`marimo run NOTEBOOK --headless` in its own process group, output to a log file."""
+    """`marimo run NOTEBOOK --headless` behind a random access token (as `make run`), in its own process
+    group, output to a log file. hooks=True: install_test_hooks() first (see fail_next_sampling, loads)."""
 
     notebook: Path
     port: int = field(default_factory=free_port)
+    hooks: bool = False
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    scratch: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+        """The app's address with the token: what a browser opens."""
+        return f"{self.base_url}?access_token={self.token}"
 
     def start(self, cwd: Path) -> None:
         env = dict(os.environ)
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MARIMO_SKIP_UPDATE_CHECK="1")
         fd, log = tempfile.mkstemp(prefix="marimo-run-", suffix=".log")
         self.log_path = Path(log)
-        cmd = [sys.executable, "-m", "marimo", "run", str(self.notebook), "--headless",
-               "--host", "127.0.0.1", "--port", str(self.port), "--no-token", "--no-sandbox"]
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=fd,
+        self.scratch = Path(tempfile.mkdtemp(prefix="marimo-hooks-"))
+        env[FAULT_ENV], env[LOADS_ENV] = str(self.scratch / "fail-next-sampling"), str(self.scratch / "loads.log")
+        args = ["run", str(self.notebook), "--headless", "--host", "127.0.0.1", "--port", str(self.port),
+                "--token", "--token-password-file", "-", "--no-sandbox"]
+        head = [sys.executable, "-c", _HOOKED.format(tests=str(Path(__file__).resolve().parent))] if self.hooks \
+            else [sys.executable, "-m", "marimo"]
+        self.proc = subprocess.Popen(head + args, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=fd,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         os.close(fd)
+        self.proc.stdin.write(f"{self.token}\n".encode())  # marimo reads stdin to its end: close it
+        self.proc.stdin.close()
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -88,9 +157,30 @@ class MarimoServer:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.25)
-        raise TimeoutError(f"marimo did not answer on {self.url} within {timeout:.0f} s\n{self.log_tail()}")
+        raise TimeoutError(f"marimo did not answer on {self.base_url} within {timeout:.0f} s\n{self.log_tail()}")
+
+    def printed_url(self) -> str | None:
+        """The URL marimo printed at start (`➜  URL: …`), or None."""
+        text = self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        found = re.search(r"URL:\s*(\S+)", text)
+        return found.group(1) if found else None
+
+    def fail_next_sampling(self) -> None:
+        """hooks=True: the next sampling in any tab raises RuntimeError(FAULT_MESSAGE), once."""
+        assert self.hooks, "start the server with hooks=True"
+        (self.scratch / "fail-next-sampling").touch()
+
+    def loads(self) -> list[str]:
+        """hooks=True: one line ("pid source") per Model.load the server has run."""
+        path = self.scratch / "loads.log"
+        return path.read_text().splitlines() if path.exists() else []
 
     def stop(self) -> None:
+        self._kill()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _kill(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         pgid = self.proc.pid  # start_new_session: the group id is the server's pid
@@ -252,6 +342,10 @@ class AppPage:
 
     def button(self, label: str):
         return self.page.get_by_role("button", name=label, exact=True)
+
+    def shows(self, text: str) -> bool:
+        """`text` is on the page, shadow roots included (a callout, a card row)."""
+        return self.page.get_by_text(text).count() > 0
 
     def diagnostics(self) -> str:
         try:

@@ -1,18 +1,44 @@
-"""The marimo app in a real browser: it loads the default model, Step adds one token per click, the four
-mission panels draw charts with data, and docs/screenshot.png is refreshed.
+"""The marimo app (notebooks/workbench.py).
 
-Needs Debian's chromium at /usr/bin/chromium and the playwright package (`.ci/install-browser` installs
-both); skipped otherwise. `WORKBENCH_APP_NOTEBOOK=path` points it at another notebook,
+Headless, wherever the tests run: the notebook's named cells run one at a time (marimo's `cell.run`) on a
+real session, and a step, a new session, a load or an upload that raises anything at all shows one sentence
+in a danger callout while the session stays as it was and the next step works; the model card names the
+form of the weights and the thread count; the process-wide model shelf (workbench/app_state.py) loads a
+model once for every tab; the server, started as `make run` starts it, refuses whoever lacks its token.
+
+In a real browser (needs Debian's chromium at /usr/bin/chromium and the playwright package,
+`.ci/install-browser` installs both; skipped otherwise): it loads the default model, Step adds one token per
+click, the four mission panels draw charts with data, a second tab shares the one loaded model but has its
+own session, a step that fails inside sampling leaves a callout and the token count and the next Step works,
+and docs/screenshot.png is refreshed. `WORKBENCH_APP_NOTEBOOK=path` points it at another notebook,
 `WORKBENCH_APP_SCREENSHOT=path` writes the screenshot elsewhere.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import html
+import http.cookiejar
+import importlib.util
+import io
 import os
+import re
 import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from app_driver import CHROMIUM, FAULT_MESSAGE, AppPage, MarimoServer, chart_has_data, launch_chromium
+from workbench import app_state
+from workbench.errors import InputError
+from workbench.session import Sampling, Session
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = Path(os.environ.get("WORKBENCH_APP_NOTEBOOK", ROOT / "notebooks" / "workbench.py"))
@@ -24,29 +50,349 @@ APP_READY_S = 120  # until the initial run (model load, first cells) is done
 CLICK_S = 60  # per click, until the new token is on the page and the kernel is idle
 CHARTS_S = 30  # until every panel's chart has drawn
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api", exc_type=ImportError, reason="playwright is not installed (.ci/install-browser)"
-)
-
-from app_driver import CHROMIUM, AppPage, MarimoServer, chart_has_data, launch_chromium  # noqa: E402
-
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is missing (.ci/install-browser installs it)", allow_module_level=True)
 if not NOTEBOOK.exists():
     pytest.skip(f"{NOTEBOOK} does not exist yet", allow_module_level=True)
 
 
+# ---- the notebook's cells, headless ----------------------------------------------------------------------
+
+def ui(value=None):
+    """Stands in for a UI element: the cells read only `.value`."""
+    return SimpleNamespace(value=value)
+
+
+def plain(markup) -> str:
+    """The text of a cell's output: marimo nests HTML in JSON in escaped attributes (callouts, accordions)."""
+    text = markup.text if hasattr(markup, "text") else str(markup or "")
+    for _ in range(8):
+        before = text
+        text = re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), html.unescape(text))
+        if text == before:
+            break
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)).strip()
+
+
+def callout_kinds(markup) -> list[str]:
+    text = markup.text if hasattr(markup, "text") else str(markup or "")
+    return re.findall(r"data-kind='&quot;(\w+)&quot;'", text)
+
+
+@pytest.fixture(scope="module")
+def nb():
+    """The notebook as a module (its cells are not run): the named cells (helpers, load_model, model_card,
+    new_session, advance, show_upload) run with `.run(**refs)`; refs left out are computed by running the
+    cells that define them."""
+    spec = importlib.util.spec_from_file_location("workbench_app_notebook", NOTEBOOK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def error_callout(nb):
+    _, defs = nb.helpers.run()
+    return defs["error_callout"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_paths):
+    from conftest import load_model
+
+    return load_model(tiny_paths["qwen3moe"])
+
+
+def new_tiny_session(model) -> Session:
+    return Session(model, model.tokenizer.encode("def add(a, b):"), path="both", probes=True, context=64)
+
+
+def advance(nb, error_callout, session, n: int = 1):
+    """The app's step cell as Step (n=1) or Step ×8 (n=8) runs it: (output, its text, the trace)."""
+    import marimo as mo
+
+    from workbench.model import set_threads
+
+    output, defs = nb.advance.run(
+        app_state=app_state, error_callout=error_callout, get_session=lambda: ("key", session), mo=mo,
+        max_steps=ui(32), run_button=ui(False), set_threads=set_threads, step8_button=ui(n == 8),
+        step_button=ui(n == 1), thread_count=1)
+    return output, plain(output), defs["trace"]
+
+
+def failing_sampling(monkeypatch, exc: BaseException, after: int = 0) -> None:
+    """Sampling.choose raises `exc` once `after` calls have gone through: inside Session.step, after both
+    paths' forward passes wrote the KV cache."""
+    real, calls = Sampling.choose, {"n": 0}
+
+    def choose(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise exc
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sampling, "choose", choose)
+
+
+def test_a_failing_step_is_a_callout_and_the_next_step_goes_on(nb, error_callout, tiny_model, monkeypatch):
+    session = new_tiny_session(tiny_model)
+    advance(nb, error_callout, session)
+    before = (list(session.ids), session.trace().tokens.height)
+
+    failing_sampling(monkeypatch, RuntimeError("the sampler broke"))
+    output, text, trace = advance(nb, error_callout, session)
+    assert callout_kinds(output) == ["danger"], output
+    assert "RuntimeError: the sampler broke" in text, text
+    assert (list(session.ids), trace.tokens.height) == before  # nothing of the failed step is left
+
+    monkeypatch.undo()
+    output, text, trace = advance(nb, error_callout, session)
+    assert "danger" not in callout_kinds(output), text
+    assert session.n_generated == 2 and trace.tokens["step"].n_unique() == 2
+    clean = new_tiny_session(tiny_model)
+    clean.step(), clean.step()
+    assert session.ids == clean.ids  # the step after the failure is the step that would have come
+
+
+def test_a_workbench_error_is_its_own_sentence(nb, error_callout, tiny_model, monkeypatch):
+    session = new_tiny_session(tiny_model)
+    failing_sampling(monkeypatch, InputError("the sampling settings leave no token to choose."))
+    output, text, _ = advance(nb, error_callout, session)
+    assert callout_kinds(output) == ["danger"]
+    assert "the sampling settings leave no token to choose." in text and "InputError" not in text, text
+    assert session.n_generated == 0
+
+
+def test_step_x8_keeps_the_steps_before_the_failing_one(nb, error_callout, tiny_model, monkeypatch):
+    session = new_tiny_session(tiny_model)
+    failing_sampling(monkeypatch, MemoryError("no room for the logits"), after=3)
+    output, text, trace = advance(nb, error_callout, session, n=8)
+    assert "MemoryError: no room for the logits" in text and "keeps its 3 generated" in text, text
+    assert session.n_generated == 3 and trace.tokens["step"].n_unique() == 3
+    monkeypatch.undo()
+    advance(nb, error_callout, session, n=8)
+    assert session.n_generated == 11
+
+
+def test_a_session_that_cannot_start_keeps_the_old_one(nb, error_callout, tiny_model):
+    old = ("old key", new_tiny_session(tiny_model))
+    applied = []
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no session today")
+
+    output, defs = nb.new_session.run(
+        Sampling=Sampling, Session=refuse, app_state=app_state, breaks=ui("none"), error_callout=error_callout,
+        get_session=lambda: old, model=tiny_model, path=ui("both"), prompt=ui("def f():"), reset_button=ui(True),
+        seed=ui(0), set_session=applied.append, temperature=ui(0), top_k=ui(0), top_p=ui(1), use_reference=ui(False))
+    assert applied == [] and defs["session_error"] == "ValueError: no session today"
+    assert callout_kinds(output) == ["danger"] and "The session so far is kept." in plain(output)
+
+
+def test_a_failed_load_keeps_the_model(nb, tiny_model):
+    import marimo as mo
+
+    from workbench.model import set_threads
+
+    def broken(*args, **kwargs):
+        raise OSError("the disk went away")
+
+    kept = []
+    shelf = SimpleNamespace(MODELS=app_state.ModelShelf(), model_key=app_state.model_key,
+                            describe_error=app_state.describe_error, device_turn=app_state.device_turn)
+    _, defs = nb.load_model.run(
+        FILE="a GGUF file…", Model=SimpleNamespace(load=broken), app_state=shelf, device=ui("cpu"), dtype=ui("auto"),
+        get_model=lambda: tiny_model, load_button=ui(False), mo=mo, model_choice=ui("tiny-qwen3moe"),
+        model_path=ui(""), set_model=kept.append, set_threads=set_threads, thread_count=1, weights=ui("auto"))
+    assert defs["model"] is tiny_model and kept == []
+    assert defs["load_error"] == "OSError: the disk went away"
+
+
+@pytest.mark.parametrize("weights, says", [
+    ("dequantized", "dequantized (float32 matrices: exact)"),
+    ("quantized", "quantized (4-bit planes, bfloat16 activations: not exact; cached vs uncached agree to ~1e-2)"),
+])
+def test_the_model_card_says_what_the_weights_are_and_the_threads(nb, tiny_paths, weights, says):
+    from conftest import load_model
+
+    model = load_model(tiny_paths["qwen3moe"], weights=weights)
+    assert model.info.weights == weights
+    output, _ = nb.model_card.run(model=model, load_error=None, thread_count=3)
+    text = plain(output)
+    assert f"weights {says} CPU threads 3 (this tab's loads and steps)" in text, text  # card rows, in order
+    assert "CPU threads" in text.split("Model card")[0], text  # the control beside device and dtype
+
+
+def test_an_upload_that_is_not_a_trace_is_named(nb, error_callout):
+    import marimo as mo
+
+    from workbench.trace import Trace
+
+    upload = SimpleNamespace(value=[object()], contents=lambda: b"just some text", name=lambda: "notes_v2.parquet")
+    output, defs = nb.show_upload.run(Trace=Trace, app_state=app_state, error_callout=error_callout, html=html, io=io,
+                                      mo=mo, trace=None, upload=upload)
+    text = plain(output)
+    assert callout_kinds(output) == ["danger"] and "notes_v2.parquet" in text, text
+    assert "BytesIO" not in text and defs["shown"] is None
+
+
+def test_describe_error():
+    assert app_state.describe_error(InputError("the prompt is empty.")) == "the prompt is empty."
+    assert app_state.describe_error(KeyError("x")) == "KeyError: 'x'"
+    assert app_state.describe_error(RuntimeError("CUDA out of memory.\nmore")) == "RuntimeError: CUDA out of memory."
+    assert app_state.describe_error(ValueError()) == "ValueError: (no message)"
+
+
+# ---- the process-wide model shelf -------------------------------------------------------------------------
+
+class Loaded:
+    """Stands in for a Model (anything weak-referenceable)."""
+
+
+def test_the_shelf_loads_once_for_tabs_asking_at_once():
+    shelf, loads = app_state.ModelShelf(), []
+
+    def slow():
+        loads.append(1)
+        time.sleep(0.3)
+        return Loaded()
+
+    got = []
+    tabs = [threading.Thread(target=lambda: got.append(shelf.get(("m", "cpu", "auto", "auto"), slow))) for _ in range(3)]
+    for t in tabs:
+        t.start()
+    for t in tabs:
+        t.join()
+    assert len(loads) == 1 and shelf.loads == 1 and len({id(m) for m in got}) == 1
+
+
+def test_the_shelf_holds_one_and_never_a_second_copy():
+    shelf = app_state.ModelShelf()
+    a = shelf.get("a", Loaded)
+    b = shelf.get("b", Loaded)
+    assert shelf.held() == 1 and shelf.loads == 2
+    assert shelf.get("a", Loaded) is a and shelf.loads == 2  # a tab still holds a: the same object, no reload
+    del a, b
+    gc.collect()
+    assert shelf.alive() == 1  # the shelf's own one
+    shelf.get("b", Loaded)
+    assert shelf.loads == 3  # b was let go by the shelf and by every tab: loaded again
+
+
+def test_a_failed_load_leaves_the_shelf_as_it_was():
+    shelf = app_state.ModelShelf()
+    a = shelf.get("a", Loaded)
+
+    def broken():
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        shelf.get("b", broken)
+    assert shelf.held() == 1 and shelf.get("a", Loaded) is a and shelf.loads == 1
+
+
+def test_tabs_take_turns_on_an_accelerator_only():
+    import torch
+
+    assert app_state.device_turn("cpu") is not app_state.device_turn("cuda")
+    assert app_state.device_turn(torch.device("cuda", 0)) is app_state.device_turn("auto")
+    held = threading.Event()
+
+    def other_tab():
+        with app_state.device_turn("cuda"):
+            held.set()
+
+    with app_state.device_turn(torch.device("cpu")), app_state.device_turn("cuda"):
+        tab = threading.Thread(target=other_tab)
+        tab.start()
+        assert not held.wait(0.2)  # the other tab waits for its turn
+    tab.join(5)
+    assert held.is_set()
+
+
+def test_a_model_key_follows_the_file(tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"x")
+    key = app_state.model_key(str(f), "cpu", "auto", "auto")
+    assert key == app_state.model_key(str(tmp_path / "." / "m.gguf"), "cpu", "auto", "auto")
+    f.write_bytes(b"xy")
+    assert app_state.model_key(str(f), "cpu", "auto", "auto") != key  # rewritten: another model
+    assert app_state.model_key("tiny-qwen3moe", "cpu", "auto", "auto")[0] == "tiny-qwen3moe"
+
+
+# ---- the server ------------------------------------------------------------------------------------------
+
 @pytest.fixture(scope="module")
 def server(request):
-    srv = MarimoServer(NOTEBOOK)
+    srv = MarimoServer(NOTEBOOK, hooks=True)
     request.addfinalizer(srv.stop)  # registered first: runs even if start/wait fails
     srv.start(cwd=ROOT)
     srv.wait_ready(SERVER_START_S)
     return srv
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _get(url: str) -> tuple[int, str, str]:
+    """(status, Location, body) without following redirects."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(url, timeout=10) as r:
+            return r.status, r.headers.get("Location", ""), r.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Location", ""), exc.read().decode(errors="replace")
+
+
+def _ws_status(url: str, origin: str | None = None) -> str:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    async def probe():
+        try:
+            async with connect(url, origin=origin, open_timeout=10):
+                return "open"
+        except InvalidStatus as exc:
+            return str(exc.response.status_code)
+
+    return asyncio.run(probe())
+
+
+def test_make_run_serves_on_loopback_behind_a_token():
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    recipe = subprocess.run(["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    line = next((ln for ln in recipe.splitlines() if "marimo run" in ln), "")
+    assert "--host 127.0.0.1" in line and "--token" in line and "--no-token" not in line, recipe
+
+
+def test_the_server_refuses_whoever_lacks_the_token(server):
+    printed = server.printed_url()
+    assert printed and f"access_token={server.token}" in printed, server.log_tail()
+
+    for url in (server.base_url, server.base_url + "?access_token=wrong"):
+        status, location, _ = _get(url)
+        assert status in (401, 403) or (status in (302, 303, 307) and "/auth/login" in location), (url, status, location)
+    status, location, _ = _get(server.url)  # the token buys a session cookie and a redirect to the bare URL
+    assert status in (302, 303, 307) and "access_token" not in location, (status, location)
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    with opener.open(server.url, timeout=10) as r:
+        body = r.read().decode(errors="replace")
+        assert r.status == 200 and "/auth/login" not in r.url and "GGUF decode workbench" in body, (r.url, body[:300])
+
+    ws = f"ws://127.0.0.1:{server.port}/ws?session_id=s-probe"
+    assert _ws_status(ws) == "403"
+    assert _ws_status(ws, origin="http://evil.example") == "403"
+
+
+# ---- the app in a browser --------------------------------------------------------------------------------
+
 @pytest.fixture(scope="module")
 def app(server, request):
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", exc_type=ImportError, reason="playwright is not installed (.ci/install-browser)")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (.ci/install-browser installs it)")
     pw = sync_api.sync_playwright().start()
     request.addfinalizer(pw.stop)
     ctx, profile = launch_chromium(pw)
@@ -96,6 +442,38 @@ def test_mission_panels_show_charts_with_data(app):
         f"panels without a drawn chart with data: {missing}\nh2 headings on the page: {headings}\n"
         + "\n".join(f"  chart under {c['heading']!r}: {c}" for c in charts)
     )
+
+
+def test_a_second_tab_shares_the_model_but_not_the_session(app, server):
+    loads = server.loads()
+    assert len(loads) == 1, loads  # the first tab's load
+    page = app.page.context.new_page()
+    try:
+        page.set_default_timeout(30_000)
+        page.goto(server.url, wait_until="domcontentloaded")
+        tab = AppPage(page, server)
+        tab.wait_ready(APP_READY_S)
+        assert server.loads() == loads, "the second tab loaded the model again"
+        first = app.tokens()
+        second = tab.tokens()
+        assert second["generated"] == 0, second  # a session of its own, at the bare prompt
+        assert tab.click_and_wait("Step", timeout=CLICK_S) == second["count"] + 1
+        assert app.tokens() == first  # the first tab's session did not move
+    finally:
+        page.close()
+
+
+def test_a_failing_step_leaves_a_callout_and_the_session(app, server):
+    before = app.tokens()
+    server.fail_next_sampling()
+    app.button("Step").click()
+    app.wait_until(lambda: app.shows(FAULT_MESSAGE), CLICK_S, "the failed step's callout")
+    app.wait_idle(CLICK_S)
+    assert app.shows(f"RuntimeError: {FAULT_MESSAGE}")
+    assert app.tokens() == before  # the failed step left nothing
+    assert "internal error" not in app.page.evaluate("() => document.body.innerText").lower()
+    assert app.click_and_wait("Step", timeout=CLICK_S) == before["count"] + 1  # and the next one works
+    assert not app.shows(FAULT_MESSAGE)
 
 
 def test_step_x8_and_reset(app):

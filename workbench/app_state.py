@@ -1,0 +1,100 @@
+"""What the app's browser tabs share: the loaded model, kept once per server process.
+
+`marimo run` serves every tab (marimo session) from the one server process, each tab's kernel a thread
+in it (run mode; edit mode and multi-notebook runs with `isolate_apps` use processes instead). So a module
+the notebook imports is imported once and seen by every tab: MODELS below is that one place. The decode
+state (`Session`) stays per tab; a `Model` is only read while decoding, so tabs can share it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+
+def model_key(source: str, device: str, dtype: str, weights: str) -> tuple:
+    """What makes two loads the same model: the file (a path resolved, with its size and mtime, so a rewritten
+    file loads again; a bundled model by its name), the device, the dtype and the weights mode, as asked."""
+    path = Path(source).expanduser()
+    try:
+        st = path.stat()
+        if path.is_file():
+            return (str(path.resolve()), st.st_size, st.st_mtime_ns), device, dtype, weights
+    except (OSError, ValueError):
+        pass
+    return source, device, dtype, weights
+
+
+class ModelShelf:
+    """Loaded models by key, shared by every tab of the app; loads run one at a time under a lock.
+
+    The shelf holds at most `cap` models (one by default); loading another lets the oldest go. The one
+    before stays held until the new load succeeds, so a failed load loses nothing (and for that moment two
+    are in memory). A tab that still shows a model the shelf let go keeps it alive until it loads another or
+    is closed (marimo ends a tab's session `--session-ttl`, 120 s, after it disconnects); while any tab holds
+    a model, asking for its key again returns that same object, so there is never a second copy of a model.
+    """
+
+    def __init__(self, cap: int = 1) -> None:
+        if cap < 1:
+            raise ValueError("the shelf must hold at least one model")
+        self.cap = cap
+        self.loads = 0  # how many times load() ran: a model shared by tabs is loaded once
+        self._lock = threading.Lock()
+        self._held: OrderedDict[Hashable, object] = OrderedDict()  # newest last
+        self._alive: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # every model some tab still uses
+
+    def get(self, key: Hashable, load: Callable[[], object]):
+        """The model for `key`, calling `load()` only when no tab has it; load's exceptions propagate."""
+        with self._lock:
+            model = self._held.get(key)
+            if model is None:
+                model = self._alive.get(key)
+            if model is None:
+                model = load()
+                self.loads += 1
+                self._alive[key] = model
+            self._held[key] = model
+            self._held.move_to_end(key)
+            while len(self._held) > self.cap:
+                self._held.popitem(last=False)
+            return model
+
+    def held(self) -> int:
+        """Models the shelf itself keeps (at most `cap`)."""
+        return len(self._held)
+
+    def alive(self) -> int:
+        """Models still in memory because the shelf or some tab holds them."""
+        return len(self._alive)
+
+
+MODELS = ModelShelf(cap=1)
+
+_ACCELERATOR = threading.RLock()
+
+
+def device_turn(device) -> AbstractContextManager:
+    """Hold this around whatever a tab runs or allocates on `device` (a load, a new session, a step): on an
+    accelerator one tab at a time, since a CUDA graph being captured (model.DecodeGraph, the first plain step
+    of a session) is broken by work another thread launches meanwhile; on the CPU nothing (tabs share the
+    cores). `device` as asked ("auto" counts as an accelerator) or a torch.device."""
+    return nullcontext() if str(device) == "cpu" else _ACCELERATOR
+
+
+def describe_error(exc: BaseException) -> str:
+    """One sentence for a callout: a WorkbenchError's own message (written for the user), anything else as
+    "TypeName: first line of its message"."""
+    text = str(exc).strip()
+    if isinstance(exc, WorkbenchError) and text:
+        return text
+    first = text.splitlines()[0].strip() if text else "(no message)"
+    if len(first) > 400:
+        first = first[:400] + "…"
+    return f"{type(exc).__name__}: {first}"
