@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from workbench.cache import KVCache
 from workbench.config import ModelConfig
-from workbench.errors import InputError, ResourceError, UnsupportedError
+from workbench.errors import InputError, ModelError, ResourceError, UnsupportedError
 from workbench.gguf_file import GGUFFile
 from workbench.models import resolve
 from workbench.qmatmul import QuantExperts, QuantMatrix, expert, matmul
@@ -223,7 +223,7 @@ class Model:
         config = ModelConfig.from_gguf(gguf)
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
         if tokenizer.vocab_size > config.vocab_size:
-            raise InputError(
+            raise ModelError(
                 f"{gguf.path.name}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {config.vocab_size} rows."
             )
         mode = resolve_weights(weights, dev, gguf.n_params, dt)

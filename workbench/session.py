@@ -147,6 +147,10 @@ class Session:
         if not self.prompt_ids:
             raise InputError("the prompt is empty and this model adds no BOS token: give at least one token.")
         self.model.check_token_ids(self.prompt_ids)
+        n_tokens = self.model.tokenizer.vocab_size  # may be fewer than the embedding's rows
+        beyond = [t for t in self.prompt_ids if t >= n_tokens]
+        if beyond:
+            raise InputError(f"token id {beyond[0]} has an embedding row but no token in the tokenizer (0..{n_tokens - 1}).")
         capacity = self.context or min(cfg.context_length, 4096)
         if capacity > cfg.context_length:
             raise InputError(f"a context of {capacity} exceeds the model's {cfg.context_length} positions.")
