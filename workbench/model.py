@@ -133,7 +133,9 @@ def default_threads() -> int:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Set torch's CPU thread count (process-wide) to `n`, or to default_threads() when None; returns it."""
+    """Set torch's CPU thread count to `n`, or to default_threads() when None; returns it. With torch's OpenMP
+    build the count belongs to the calling OS thread (a new thread starts from the last count set anywhere), so
+    code that runs on several threads (the app's tabs) sets it before each load and step."""
     if n is None:
         n = default_threads()
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
