@@ -328,3 +328,33 @@ def test_non_utf8_stdout(tiny_paths):
                           "--steps", "4"], capture_output=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr.decode()[-500:]
     assert b"Traceback" not in run.stderr and run.stdout.startswith(b"h\\xe9llo")
+
+
+# --- the reference engine fails: the session goes on and says why ----------------------------------------
+
+def test_reference_that_refuses_the_file_leaves_the_session_running(tiny_paths, tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    path = tmp_path / "model.gguf"
+    shutil.copy(tiny_paths["llama"], path)
+    m = Model.load(path, device="cpu")
+    with open(path, "r+b") as fh:  # llama.cpp reads the file itself: now it refuses it; our loaded model is unaffected
+        fh.truncate(path.stat().st_size // 2)
+    session = Session(m, m.tokenizer.encode(PROMPT), reference="llama.cpp")
+    assert "llama.cpp refused" in session.reference_error
+    assert session.step().token_id >= 0 and not session.records.reference
+
+
+def test_reference_crash_mid_session_turns_it_off(tiny_paths, capsys):
+    pytest.importorskip("llama_cpp")
+    import signal
+
+    m = Model.load(tiny_paths["llama"], device="cpu")
+    session = Session(m, m.tokenizer.encode(PROMPT), reference="llama.cpp")
+    session.step()
+    os.kill(session._reference.worker_pid, signal.SIGKILL)
+    result = session.step()
+    assert "crashed" in result.warning and "crashed" in session.reference_error
+    session.step()
+    assert session.n_steps == 3 and len(session.records.reference) == 1
+    assert main(["generate", str(tiny_paths["llama"]), "--prompt", "hi", "--steps", "2", "--reference", "llama.cpp"]) == 0
+    assert "vs llama.cpp: min cosine" in capsys.readouterr().err
