@@ -1,9 +1,10 @@
 """fp32 logits against independent engines: HF transformers (its own GGUF loader and modelling code) and
 llama.cpp (the reference GGUF engine, via llama-cpp-python). Cosine ≥ 0.9999 and the same argmax per
 position against transformers; against llama.cpp, whose CPU matmuls quantize activations to 8 bits, cosine
-≥ 0.999 on the tiny models (≥ 0.99 on the 18-30-layer real ones) and the same argmax wherever llama.cpp's own top two are not within 1 % of the logit range. llama.cpp runs through
-ReferenceEngine's worker process, one token at a time like a session feeds it; the last tests hold that
-worker's failures (a refused file, a crash, a closed engine) to one ReferenceFailed sentence."""
+≥ 0.999 on the tiny models (≥ 0.99 on the 18-30-layer real ones) and the same argmax wherever llama.cpp's own top two are not within 1 % of the logit range.
+
+llama.cpp runs in ReferenceEngine's worker process, fed one token at a time as a session feeds it; the last
+tests hold that worker's failures (a refused file, a crash, a closed engine) to one ReferenceFailed sentence."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _transformers(path, ids: list[int], **config) -> np.ndarray:
 
 
 def _llama_cpp(path, ids: list[int]) -> np.ndarray:
-    """llama.cpp's logits at every position, asked for one prefix at a time (its worker evaluates one new token each)."""
+    """llama.cpp's logits at every position, one prefix at a time: its worker evaluates one new token each."""
     pytest.importorskip("llama_cpp")
     with ReferenceEngine("llama.cpp", load_model(path), max(64, len(ids))) as engine:
         return np.stack([engine.logits_after(ids[: i + 1]).numpy() for i in range(len(ids))])
