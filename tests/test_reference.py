@@ -182,3 +182,29 @@ def test_worker_rewinds_to_the_common_prefix(tiny_paths):
         expected = fresh.logits_after(fork)
     for logits in seen:
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# --- the exact reference: llama.cpp on an F32 copy with an F32 KV cache -----------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3"])
+def test_tiny_model_equals_llama_cpp_on_an_f32_copy(arch, tiny_paths, tmp_path, monkeypatch):
+    """Both engines do float32 arithmetic on the same (gguf-py dequantized) weights: only the order of
+    summation differs, so the logits agree to a cosine of ≥ 0.999999 and the argmax is the same everywhere."""
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    ids = [1, 17, 99, 250, 3, 411, 42, 7, 300, 12, 5, 6]
+    model = load_model(tiny_paths[arch])
+    with ReferenceEngine("llama.cpp-f32", model, 64) as engine:
+        assert engine.path.parent == tmp_path and engine.path.name.endswith("-f32.gguf")
+        ref = np.stack([engine.logits_after(ids[: i + 1]).numpy() for i in range(len(ids))])
+    _compare(_ours(tiny_paths[arch], ids), ref, 0.999999)
+
+
+def test_real_model_equals_llama_cpp_on_an_f32_copy(smollm2_path, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    model = load_model(smollm2_path)
+    ids = model.tokenizer.encode(PROMPT)
+    with ReferenceEngine("llama.cpp-f32", model, 64) as engine:
+        ref = np.stack([engine.logits_after(ids[: i + 1]).numpy() for i in range(len(ids))])
+    _compare(_ours(smollm2_path, ids), ref, 0.999999)

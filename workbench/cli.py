@@ -54,7 +54,10 @@ def _session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--break", dest="breaks", action="append", default=[], metavar="NAME",
                    help="reproduce a bug class on purpose (repeatable): " + ", ".join(BREAKS))
-    p.add_argument("--reference", choices=("llama.cpp",), help="run llama.cpp beside ours on the same tokens")
+    p.add_argument("--reference", choices=("llama.cpp", "llama.cpp-f32"),
+                   help="run llama.cpp beside ours on the same tokens: on the file as it is (8-bit activations: "
+                        "cosine 0.99-0.9999), or llama.cpp-f32 on an F32 copy with an F32 KV cache (exact: ≥ 0.999999 "
+                        "against --weights dequantized --dtype float32)")
     p.add_argument("--compile", action="store_true",
                    help="plain cached decode steps run torch.compile'd (CPU: ~1 min the first time, seconds after)")
 

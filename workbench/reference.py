@@ -1,8 +1,13 @@
 """llama.cpp beside our engine: the same GGUF, the same tokens, its logits per step (optional dependency).
 
 llama.cpp is the reference implementation of GGUF. Feeding it exactly the tokens our forward saw lets a user
-see at which step the two engines part ways. Its CPU matmuls quantize activations to 8 bits, so cosines of
-0.99-0.9999 are normal on real models; what matters is where they fall and whether top-1 agrees.
+see at which step the two engines part ways. Two engines (ENGINES):
+- "llama.cpp": the file as it is. Its CPU matmuls quantize activations to 8 bits, so cosines of 0.99-0.9999
+  are normal on real models; what matters is where they fall and whether top-1 agrees.
+- "llama.cpp-f32": an exact reference. llama.cpp runs on an F32 copy of the file (every tensor dequantized by
+  gguf-py, written back with GGUFWriter; made once into the model cache) with an F32 KV cache, so both
+  engines do float32 arithmetic on the same weights: with our dequantized float32 path the logits agree to a
+  cosine of ≥ 0.999999, and any larger difference is a bug on one side.
 
 llama.cpp runs in a worker process, because a crash there must cost the reference, not pytest or the app: a
 llama-cpp-python built with native CPU flags segfaults in every decode on some CPUs (Intel Xeons with AMX), and
@@ -35,7 +40,8 @@ from workbench.errors import InputError, ReferenceFailed
 if TYPE_CHECKING:
     import torch
 
-ENGINES = ("llama.cpp",)
+ENGINES = ("llama.cpp", "llama.cpp-f32")
+GGML_TYPE_F32 = 0  # ggml.h's enum ggml_type: the KV cache type of the exact reference
 POLL_S = 0.2  # how often a wait for the worker checks that it is still alive
 STALL_S = 300.0  # a live worker silent this long is stuck, not slow (a 250 MB model loads in seconds on 2 cores)
 GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level (llama_cpp/_logger.py's copy of it is out of date)
@@ -55,7 +61,45 @@ def _collect_errors(level: int, text: bytes, _user) -> None:
         _LLAMA_ERRORS.append(text.decode(errors="replace").strip())
 
 
-def _serve(conn: Connection, path: str, capacity: int, threads: int) -> None:
+def f32_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Write `src` with every tensor dequantized to F32 by gguf-py (the reference dequantizer) to `dst`; the
+    metadata is copied as it is, except the file type, which says all-F32."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(dst, arch=reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        vtype = field.types[0]
+        writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None)
+    writer.add_file_type(LlamaFileType.ALL_F32)
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))  # gguf-py lists dims fastest first
+        writer.add_tensor(t.name, dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(dst)
+
+
+def exact_copy(gguf) -> Path:
+    """The F32 copy of a GGUFFile for the exact reference, made once into the model cache (atomically, named by
+    the source's sha256, so a changed file gets a new copy)."""
+    from workbench.gguf_file import GGUFFile
+    from workbench.models import cache_dir, cached_file
+
+    def check(path: Path) -> None:
+        if any(t.ggml_type.name != "F32" for t in GGUFFile(path).tensors.values()):
+            raise ReferenceFailed(f"{path} is not an all-F32 copy.")
+
+    target = cache_dir() / f"{Path(gguf.path).stem}-{gguf.sha256()[:16]}-f32.gguf"
+    return cached_file(target, lambda tmp: f32_copy(gguf.path, tmp), check)
+
+
+def _serve(conn: Connection, path: str, capacity: int, threads: int, kv_f32: bool = False) -> None:
     """The worker: load the file once, then answer each list of ids with the logits after it, evaluating only
     the tokens it has not seen. Replies are (kind, value): ok, refused (llama.cpp's reason) or failed."""
     try:
@@ -64,7 +108,8 @@ def _serve(conn: Connection, path: str, capacity: int, threads: int) -> None:
         # Replaces llama-cpp-python's printer: stderr stays quiet, and a refusal keeps llama.cpp's reason.
         llama_cpp.llama_log_set(_collect_errors, ctypes.c_void_p(0))
         try:
-            llm = llama_cpp.Llama(model_path=path, n_ctx=capacity, n_threads=threads, logits_all=False, verbose=False)
+            kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if kv_f32 else {}
+            llm = llama_cpp.Llama(model_path=path, n_ctx=capacity, n_threads=threads, logits_all=False, verbose=False, **kv)
         except ValueError as exc:
             reason = _LLAMA_ERRORS[0].split("error loading model: ")[-1] if _LLAMA_ERRORS else str(exc)
             conn.send(("refused", reason))
@@ -111,7 +156,14 @@ class ReferenceEngine:
                 "the llama.cpp reference needs llama-cpp-python: pip install llama-cpp-python "
                 "(or the project's 'reference' extra)."
             )
+        self.engine = engine
         self.path = Path(model.gguf.path)
+        exact = engine == "llama.cpp-f32"
+        if exact:
+            try:
+                self.path = exact_copy(model.gguf)
+            except (OSError, ValueError, NotImplementedError) as exc:  # disk full; a type gguf-py cannot decode
+                raise ReferenceFailed(f"the F32 copy of {self.path.name} for the exact reference could not be made ({exc}).") from None
         self._conn, theirs = Pipe()
         # PYTHONPATH: the worker imports this same copy of workbench, installed or not.
         root = str(Path(__file__).resolve().parents[1])
@@ -119,7 +171,7 @@ class ReferenceEngine:
         try:
             self._worker = subprocess.Popen(
                 [sys.executable, "-m", "workbench.reference", str(theirs.fileno()), str(self.path), str(capacity),
-                 str(torch.get_num_threads())],
+                 str(torch.get_num_threads()), "f32" if exact else "file"],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
             )
         except OSError as exc:  # no process to be had (out of memory, too many processes)
@@ -208,4 +260,4 @@ class ReferenceEngine:
 
 if __name__ == "__main__":  # the worker; Ctrl-C is for the engine, which stops it by closing the socket
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _serve(Connection(int(sys.argv[1])), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    _serve(Connection(int(sys.argv[1])), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "f32")

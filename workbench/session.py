@@ -131,7 +131,7 @@ class Session:
     context: int | None = None  # positions the session may fill; default: the model's context, capped at 4096
     probes: bool = False
     breaks: frozenset[str] = frozenset()
-    reference: str | None = None  # "llama.cpp": run it beside ours on the same tokens
+    reference: str | None = None  # "llama.cpp" | "llama.cpp-f32" (reference.ENGINES): run it beside ours on the same tokens
     cuda_graphs: bool = True  # plain cached decode steps on CUDA replay a captured graph (model.DecodeGraph)
     compile: bool = False  # plain cached decode steps run torch.compile'd (CPU: model.CompiledStep, ~1 min once;
     # CUDA: the compiled step inside the graph)
