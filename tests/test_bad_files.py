@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFValueType
 
 from workbench.config import ModelConfig
 from workbench.errors import GGUFError, InputError, ModelError
@@ -21,6 +21,7 @@ from workbench.gguf_file import GGUFFile
 from workbench.model import Model
 from workbench.tokenizer import Tokenizer, _spm_merges
 
+from gguf_edit import copy_gguf
 from test_bad_input import cli_error, rewrite
 from test_tokenizer import spm_metadata
 
@@ -38,23 +39,7 @@ def one_sentence(exc: pytest.ExceptionInfo, *words: str) -> str:
 def put(src: Path, dst: Path, edits: dict[str, Any]) -> Path:
     """Copy a GGUF with metadata keys set to values of any type, unlike rewrite(), which keeps each key's type.
     A value's GGUF type follows from it (float → f32, int → i32, list → array); `(value, type)` chooses one."""
-    reader = GGUFReader(src)
-    writer = GGUFWriter(dst, arch=reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key in edits:
-            continue
-        vtype = field.types[0]
-        writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1] if vtype == V.ARRAY else None)
-    for key, value in edits.items():
-        value, vtype = value if isinstance(value, tuple) else (value, V.get_type(value))
-        writer.add_key_value(key, value, vtype)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
+    return copy_gguf(src, dst, add=edits)
 
 
 def edited(path: Path, edits: dict[str, Any]) -> GGUFFile:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,41 +21,21 @@ from workbench.model import Model
 from workbench.session import Sampling, Session
 
 from conftest import load_model
+from gguf_edit import copy_gguf
 
 
 def rewrite(src: Path, dst: Path, meta=lambda key, value: value, drop_tensor: str | None = None,
             retype: tuple[str, GGMLQuantizationType, int] | None = None) -> Path:
-    # retype: (tensor, new type, bytes per row), the data zeroed
-    """Copy a GGUF through gguf-py, editing metadata values (meta returns None to drop a key) or tensors."""
-    reader = GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    writer = GGUFWriter(dst, arch=arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = meta(key, field.contents())
-        if value is None:
-            continue
-        vtype = field.types[0]
-        if isinstance(value, str) and vtype != GGUFValueType.STRING:
-            vtype = GGUFValueType.STRING
-        writer.add_key_value(key, value, vtype, sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None)
-    if meta("general.architecture", arch) != arch:
-        writer.kv_data[0]["general.architecture"].value = meta("general.architecture", arch)
-    for t in reader.tensors:
-        if t.name == drop_tensor:
-            continue
-        raw = np.asarray(t.data)  # typed for float tensors, [rows, bytes per row] uint8 for quantized ones
-        ggml_type = t.tensor_type
-        if retype and retype[0] == t.name:
-            ggml_type, row_bytes = retype[1], retype[2]
-            raw = np.zeros((raw.shape[0], row_bytes), dtype=np.uint8)
-        writer.add_tensor(t.name, raw, raw_dtype=ggml_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
+    """Copy a GGUF through gguf-py, editing metadata values (meta returns None to drop a key) or tensors;
+    retype: (tensor, new type, bytes per row), its data zeroed."""
+    def tensor(name, data, qtype):
+        if name == drop_tensor:
+            return None
+        if retype and retype[0] == name:
+            return np.zeros((data.shape[0], retype[2]), dtype=np.uint8), retype[1]
+        return data, qtype
+
+    return copy_gguf(src, dst, meta=meta, tensor=tensor)
 
 
 def cli_error(capsys, *argv: str) -> str:

@@ -15,7 +15,6 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf import MODEL_TENSOR as E
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from workbench import model as model_module
 from workbench import tiny
@@ -25,6 +24,7 @@ from workbench.model import Model
 from workbench.session import Sampling, Session
 
 from conftest import ARCHS
+from gguf_edit import as_f32, copy_gguf
 
 PROMPT = "def add(a, b):\n    return"
 
@@ -213,26 +213,7 @@ def test_cli_seed_outside_int64_is_one_sentence(tiny_paths, capsys):
 
 def rewrite_tensor(src: Path, dst: Path, name: str, edit) -> Path:
     """Copy a GGUF, storing tensor `name` as F32 after edit(values) (every other tensor as it was)."""
-    from gguf.quants import dequantize
-
-    reader = GGUFReader(src)
-    writer = GGUFWriter(dst, arch=reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vtype = field.types[0]
-        writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None)
-    for t in reader.tensors:
-        if t.name == name:
-            values = dequantize(np.asarray(t.data), t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
-            writer.add_tensor(t.name, edit(values.astype(np.float32)))
-        else:
-            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
+    return copy_gguf(src, dst, tensor=lambda n, data, qtype: (edit(as_f32(data, qtype)), T.F32) if n == name else (data, qtype))
 
 
 def poison(values: np.ndarray) -> np.ndarray:
@@ -268,9 +249,7 @@ def test_gemma3_float16_overflow_is_a_sentence_not_pad_tokens(gemma3_path):
 # --- bounds ------------------------------------------------------------------------------------------------
 
 def test_kv_cache_bounded_by_free_memory(tiny_paths, tmp_path, capsys):
-    from test_bad_input import rewrite
-
-    path = rewrite(tiny_paths["llama"], tmp_path / "long.gguf",
+    path = copy_gguf(tiny_paths["llama"], tmp_path / "long.gguf",
                    meta=lambda key, value: 1 << 24 if key == "llama.context_length" else value)
     assert main(["generate", str(path), "--prompt", "hi", "--steps", str((1 << 24) - 8)]) == 1  # main: a failed 64 GiB allocation
     assert "of KV cache" in capsys.readouterr().err
@@ -278,8 +257,6 @@ def test_kv_cache_bounded_by_free_memory(tiny_paths, tmp_path, capsys):
 
 def test_a_four_token_vocabulary_decodes(tiny_paths, tmp_path):
     """Fewer tokens than the top-5 candidates the probes and the reference record (main: topk(5) failed)."""
-    from test_bad_input import rewrite
-
     def meta(key, value):
         if key == "tokenizer.ggml.tokens":
             return ["a", "b", "ab", "c"]
@@ -291,21 +268,9 @@ def test_a_four_token_vocabulary_decodes(tiny_paths, tmp_path):
             return 3
         return {"llama.vocab_size": 4}.get(key, value)
 
-    small = rewrite(tiny_paths["llama"], tmp_path / "v4-meta.gguf", meta=meta)
-    path = tmp_path / "v4.gguf"
-    reader = GGUFReader(small)
-    writer = GGUFWriter(path, arch="llama")
-    for key, field in reader.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            vtype = field.types[0]
-            writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None)
-    for t in reader.tensors:  # the embedding and head keep their first 4 rows
-        data = np.asarray(t.data)
-        writer.add_tensor(t.name, data[:4] if t.name in ("token_embd.weight", "output.weight") else data, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    heads = ("token_embd.weight", "output.weight")  # the embedding and head keep their first 4 rows
+    path = copy_gguf(tiny_paths["llama"], tmp_path / "v4.gguf", meta=meta,
+                     tensor=lambda name, data, qtype: (data[:4] if name in heads else data, qtype))
     m = Model.load(path, device="cpu")
     session = Session(m, [1, 2, 3], path="both", probes=True)
     for _ in range(3):
