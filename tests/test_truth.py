@@ -297,16 +297,21 @@ def test_non_utf8_stdout(tiny_paths):
 
 # --- the reference engine fails: the session goes on and says why ----------------------------------------
 
-def test_reference_that_refuses_the_file_leaves_the_session_running(tiny_paths, tmp_path, capsys):
+@pytest.mark.parametrize("engine", ["llama.cpp", "llama.cpp-f32"])
+def test_reference_on_a_file_changed_since_load_is_refused_and_the_session_runs(engine, tiny_paths, tmp_path, monkeypatch):
+    """llama.cpp reads the file itself: once it changed on disk it would run another model than ours (which
+    kept what it read), so the reference says so and stays off; the session decodes on, its trace has no hash."""
     pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
     path = tmp_path / "model.gguf"
     shutil.copy(tiny_paths["llama"], path)
     m = Model.load(path, device="cpu")
-    with open(path, "r+b") as fh:  # llama.cpp reads the file itself: now it refuses it; our loaded model is unaffected
+    with open(path, "r+b") as fh:
         fh.truncate(path.stat().st_size // 2)
-    session = Session(m, m.tokenizer.encode(PROMPT), reference="llama.cpp")
-    assert "llama.cpp refused" in session.reference_error
+    session = Session(m, m.tokenizer.encode(PROMPT), reference=engine)
+    assert "changed on disk" in session.reference_error
     assert session.step().token_id >= 0 and not session.records.reference
+    assert session.trace().meta["model_sha256"] is None
 
 
 def test_reference_crash_mid_session_turns_it_off(tiny_paths, capsys):

@@ -166,7 +166,9 @@ class GGUFFile:
             raise GGUFError(f"{self.path} does not exist.")
         if self.path.is_dir():
             raise GGUFError(f"{self.path} is a directory, not a GGUF file.")
-        self.size = self.path.stat().st_size
+        stat = self.path.stat()
+        self.size = stat.st_size
+        self._stamp = (stat.st_size, stat.st_mtime_ns)  # what the file was when it was read
         if self.size == 0:
             raise GGUFError(f"{self.path} is empty.")
         with open(self.path, "rb") as fh:
@@ -271,8 +273,20 @@ class GGUFFile:
         return raw.view(n_rows, info.n_bytes // n_rows)
 
     @functools.cache
+    def changed_on_disk(self) -> bool:
+        """Whether the file was rewritten, truncated or removed since it was opened: its bytes may then no longer
+        be the ones a model was loaded from (anything that reads the file again must not trust it)."""
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return True
+        return (stat.st_size, stat.st_mtime_ns) != self._stamp
+
     def sha256(self) -> str:
-        """The file's sha256 (computed once per GGUFFile: traces ask for it at every step)."""
+        """The file's sha256 (computed once per GGUFFile: traces ask for it at every step). GGUFError if the file
+        changed since it was opened: the hash would not be that of what was read."""
+        if self.changed_on_disk():
+            raise GGUFError(f"{self.path} changed on disk after it was opened; its hash would not describe the loaded model.")
         h = hashlib.sha256()
         with open(self.path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):

@@ -161,6 +161,9 @@ class ReferenceEngine:
             )
         self.engine = engine
         self.path = Path(model.gguf.path)
+        changed = getattr(model.gguf, "changed_on_disk", None)
+        if changed is not None and changed():  # llama.cpp reads the file itself: it would run another model
+            raise ReferenceFailed(f"{self.path} changed on disk since the model was loaded; reload it to compare with llama.cpp.")
         exact = engine == "llama.cpp-f32"
         if exact:
             try:

@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workbench.errors import InputError
+from workbench.errors import GGUFError, InputError
 
 SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "tokens": {"step": pl.Int32, "position": pl.Int32, "token_id": pl.Int64, "piece": pl.String, "path": pl.String,
@@ -177,7 +177,7 @@ def run_meta(session) -> dict[str, Any]:
 
     m = session.model
     return {
-        "model_file": str(m.gguf.path), "model_sha256": m.gguf.sha256(), "arch": m.config.arch,
+        "model_file": str(m.gguf.path), "model_sha256": _sha256_or_none(m.gguf), "arch": m.config.arch,
         "config": m.config.as_dict(), "device": str(m.device), "dtype": str(m.dtype).removeprefix("torch."),
         "weights": m.info.weights, "arithmetic": describe_weights(m.info.weights, m.dtype),
         "equiv_tolerance": m.equivalence_tolerance, "threads": torch.get_num_threads(),
@@ -194,6 +194,14 @@ def run_meta(session) -> dict[str, Any]:
 # Columns diff leaves out: timings differ between any two runs, and the cache's capacity is its preallocated
 # size (set by the context length), not a number the forward pass computed.
 UNCOMPARED = ("seconds", "tokens_per_s", "capacity_bytes")
+
+
+def _sha256_or_none(gguf) -> str | None:
+    """The loaded file's sha256, or None once the file changed on disk (the model keeps what it read)."""
+    try:
+        return gguf.sha256()
+    except GGUFError:
+        return None
 
 
 @dataclass
