@@ -147,7 +147,7 @@ def _(BREAKS, mo):
     seed = mo.ui.number(start=0, stop=2**31 - 1, step=1, value=0, label="seed")
     path = mo.ui.radio(options=["both", "cached", "uncached"], value="both", label="path", inline=True)
     breaks = mo.ui.dropdown(options=["none", *BREAKS], value="none", label="break it")
-    use_reference = mo.ui.switch(label="llama.cpp reference", value=False)
+    use_reference = mo.ui.dropdown(options=["off", "llama.cpp", "llama.cpp-f32"], value="off", label="reference")
     max_steps = mo.ui.slider(start=1, stop=256, value=32, label="Run: max steps", show_value=True)
     step_button = mo.ui.run_button(label="Step")
     step8_button = mo.ui.run_button(label="Step ×8")
@@ -188,7 +188,7 @@ def new_session(Sampling, Session, app_state, breaks, error_callout, get_session
                         sampling=Sampling(float(temperature.value), int(top_k.value), float(top_p.value), int(seed.value)),
                         context=min(model.config.context_length, len(_ids) + 512),
                         probes=True, breaks=frozenset() if breaks.value == "none" else frozenset({breaks.value}),
-                        reference="llama.cpp" if use_reference.value else None,
+                        reference=None if use_reference.value == "off" else use_reference.value,
                     )
                 set_session((_key, _session))
             except Exception as _exc:
@@ -225,6 +225,8 @@ def advance(app_state, error_callout, get_session, max_steps, mo, run_button, se
                 _note = error_callout("The step failed and did not happen.",
                                       f"{app_state.describe_error(_exc)} The session keeps its {session.n_generated} "
                                       "generated token(s); Step goes on from there.")
+    if session is not None and session.reference_error and _note is None:  # it refused the file or crashed
+        _note = error_callout(f"The {session.reference} reference is off.", session.reference_error, kind="warn")
     trace = None
     if session is not None:
         try:

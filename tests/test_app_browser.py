@@ -182,7 +182,7 @@ def test_a_session_that_cannot_start_keeps_the_old_one(nb, error_callout, tiny_m
     output, defs = nb.new_session.run(
         Sampling=Sampling, Session=refuse, app_state=app_state, breaks=ui("none"), error_callout=error_callout,
         get_session=lambda: old, model=tiny_model, path=ui("both"), prompt=ui("def f():"), reset_button=ui(True),
-        seed=ui(0), set_session=applied.append, temperature=ui(0), top_k=ui(0), top_p=ui(1), use_reference=ui(False))
+        seed=ui(0), set_session=applied.append, temperature=ui(0), top_k=ui(0), top_p=ui(1), use_reference=ui("off"))
     assert applied == [] and defs["session_error"] == "ValueError: no session today"
     assert callout_kinds(output) == ["danger"] and "The session so far is kept." in plain(output)
 

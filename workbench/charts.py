@@ -242,7 +242,7 @@ def layer_health(layers: pl.DataFrame) -> alt.Chart:
 
 def reference(ref: pl.DataFrame) -> alt.Chart:
     if ref.is_empty():
-        return empty_chart("switch the llama.cpp reference on to compare")
+        return empty_chart("choose a reference (llama.cpp, or llama.cpp-f32: exact) to compare")
     df = ref.with_columns(pl.when(pl.col("top1_equal")).then(pl.lit("same")).otherwise(pl.lit("different")).alias("top-1"))
     return alt.Chart(df).mark_line(point=True).encode(
         x=_count_x("step"), y=alt.Y("cosine:Q", scale=alt.Scale(zero=False), title="cosine(ours, llama.cpp)"),
