@@ -122,9 +122,10 @@ def describe_weights(mode: str, dtype: torch.dtype) -> str:
 
 def default_threads() -> int:
     """Threads for torch's CPU kernels when none are asked for: one fewer than the cores this process may
-    use (at least one). torch's OpenMP threads spin waiting for each other; when a browser or a second job
-    takes one core of two, two threads decode many times slower than one (measured: 1.7 vs 62 tok/s), while
-    on a quiet machine a decode step, bound by memory, is about as fast on one thread as on two."""
+    use (at least one). torch's OpenMP threads spin waiting for each other: when a browser or a second job
+    takes one core of two, two threads decode several times slower than one (SmolLM2, 2-core EPYC: 7.1 vs
+    20.9 tok/s; 1.7 vs 62 was seen on a Xeon). The price on a quiet 2-core machine: one thread decodes
+    1.25× (dequantized) to 1.7× (quantized) slower than two there; ask for more with --threads."""
     try:
         n_cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
