@@ -7,9 +7,21 @@ and what that costs in bytes, which the probes report step by step.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from workbench.errors import InputError
+
+
+class LayerStats(NamedTuple):
+    """One layer's fill and size (the columns of the trace's kv frame after its step and path)."""
+
+    layer: int
+    length: int  # positions filled
+    k_bytes: int  # bytes of K holding those positions
+    v_bytes: int
+    capacity_bytes: int  # K and V preallocated for the whole capacity
 
 
 class KVCache:
@@ -56,6 +68,12 @@ class KVCache:
         k = self.keys[layer]
         per_position = k.shape[0] * k.shape[2] * k.element_size()
         return self.lengths[layer] * per_position, self.lengths[layer] * per_position
+
+    def layer_stats(self) -> list[LayerStats]:
+        """Every layer's fill and size, in layer order."""
+        return [LayerStats(i, self.lengths[i], *self.layer_bytes(i),
+                           self.keys[i].numel() * self.keys[i].element_size() + self.values[i].numel() * self.values[i].element_size())
+                for i in range(len(self.lengths))]
 
     @property
     def capacity_bytes(self) -> int:

@@ -13,17 +13,48 @@ which makes the two paths' records comparable row for row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 
+QK_POINTS = ("attn.q", "attn.k", "attn.q_normed", "attn.k_normed")
+
+
+class QKRow(NamedTuple):
+    layer: int
+    head: int
+    tensor: str  # q | k
+    stage: str  # pre | post (the per-head norm)
+    rms: float
+    max_abs: float
+
+
+class RoutingRow(NamedTuple):
+    position: int
+    layer: int
+    rank: int
+    expert: int
+    weight: float
+    router_entropy: float  # nats
+
+
+class LayerRow(NamedTuple):
+    layer: int
+    resid_rms: float
+    resid_max_abs: float
+    nan: int
+    inf: int
+
+
 @dataclass
 class StepRecord:
-    """What one forward of one path recorded, on the host, as plain Python values."""
+    """What one forward of one path recorded, on the host, as plain Python values: rows named like the
+    trace frames' columns (trace.SCHEMAS; the session adds the step and the path)."""
 
-    qk: list[tuple[int, int, str, str, float, float]] = field(default_factory=list)  # layer, head, tensor, stage, rms, max_abs
-    routing: list[tuple[int, int, int, int, float, float]] = field(default_factory=list)  # row, layer, rank, expert, weight, entropy (nats)
-    layers: list[tuple[int, float, float, int, int]] = field(default_factory=list)  # layer, rms, max_abs, nan, inf
+    qk: list[QKRow] = field(default_factory=list)
+    routing: list[RoutingRow] = field(default_factory=list)
+    layers: list[LayerRow] = field(default_factory=list)
     top_ids: list[int] = field(default_factory=list)  # next-token candidates, most probable first
     top_probs: list[float] = field(default_factory=list)
 
@@ -58,76 +89,63 @@ class StepProbe:
         return layers, torch.stack([seen[i] for i in layers])
 
     def collect(self, first_row: int = 0) -> StepRecord:
-        """Batched reductions on the device, then one device → host transfer of all of them."""
-        parts: list[torch.Tensor] = []
-        plan: list[tuple] = []
-        qk_points = [(p, self._stacked(p)) for p in ("attn.q", "attn.k", "attn.q_normed", "attn.k_normed")]
-        qk_points = [(p, got) for p, got in qk_points if got is not None]
-        if qk_points:
+        """Batched reductions on the device, each its own tensor, then one device → host transfer of all of
+        them; `first_row` is the sequence position of the first reduced row."""
+        reduced: dict[str, torch.Tensor] = {}
+        qk = [(point, got) for point in QK_POINTS if (got := self._stacked(point)) is not None]
+        if qk:
             # All four points side by side along the head axis: one reduction for every layer and head.
-            layers = qk_points[0][1][0]
-            x = torch.cat([got[1] for _, got in qk_points], dim=2).float()  # [layers, T, Σ heads, head_dim]
-            parts += [x.pow(2).mean(dim=(1, 3)).sqrt().flatten(), x.abs().amax(dim=(1, 3)).flatten()]
-            heads = [(p[5], "post" if p.endswith("_normed") else "pre", got[1].shape[2]) for p, got in qk_points]
-            plan.append(("qk", layers, heads))
-        got = self._stacked("resid_post")
-        if got is not None:
-            layers, x = got  # [layers, T, hidden]
-            xf = x.float().flatten(1)
-            nan = torch.isnan(xf)
-            inf = torch.isinf(xf)
-            parts += [xf.pow(2).mean(1).sqrt(), torch.nan_to_num(xf.abs(), nan=0.0).amax(1) if xf.shape[1] else xf.new_zeros(len(layers)),
-                      nan.sum(1).float(), inf.sum(1).float()]
-            plan.append(("layers", layers))
-        got = self._stacked("moe.topk_ids")
-        if got is not None:
-            layers, ids = got  # [layers, T, k]
-            _, weights = self._stacked("moe.topk_weights")
-            _, logits = self._stacked("moe.router_logits")  # [layers, T, experts]
-            probs = torch.softmax(logits.float(), dim=-1)
-            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [layers, T], nats
-            parts += [ids.float().flatten(), weights.float().flatten(), entropy.flatten()]
-            plan.append(("routing", layers, ids.shape[1], ids.shape[2]))
+            qk_layers = qk[0][1][0]
+            x = torch.cat([x for _, (_, x) in qk], dim=2).float()  # [layers, T, Σ heads, head_dim]
+            reduced["qk_rms"] = x.pow(2).mean(dim=(1, 3)).sqrt()  # [layers, Σ heads]
+            reduced["qk_max_abs"] = x.abs().amax(dim=(1, 3))
+        resid = self._stacked("resid_post")
+        if resid is not None:
+            resid_layers, x = resid
+            x = x.float().flatten(1)  # [layers, T·hidden]
+            reduced["resid_rms"] = x.pow(2).mean(1).sqrt()  # [layers]
+            reduced["resid_max_abs"] = torch.nan_to_num(x.abs(), nan=0.0).amax(1) if x.shape[1] else x.new_zeros(len(resid_layers))
+            reduced["nan"] = torch.isnan(x).sum(1)
+            reduced["inf"] = torch.isinf(x).sum(1)
+        topk = self._stacked("moe.topk_ids")
+        if topk is not None:
+            moe_layers, reduced["expert"] = topk  # [layers, T, k]
+            reduced["weight"] = self._stacked("moe.topk_weights")[1]  # [layers, T, k]
+            probs = torch.softmax(self._stacked("moe.router_logits")[1].float(), dim=-1)  # [layers, T, experts]
+            reduced["router_entropy"] = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [layers, T], nats
         if self._logits is not None:
-            probs, ids = torch.softmax(torch.nan_to_num(self._logits.float(), nan=float("-inf")), -1).topk(self.top_k)
-            parts += [probs, ids.float()]
-            plan.append(("top",))
+            reduced["top_probs"], reduced["top_ids"] = torch.softmax(
+                torch.nan_to_num(self._logits.float(), nan=float("-inf")), -1).topk(self.top_k)
+        host = _to_host(reduced)
+
         record = StepRecord()
-        if not parts:
-            return record
-        flat = torch.cat(parts).cpu().tolist()
-        i = 0
-        for item in plan:
-            if item[0] == "qk":
-                _, layers, heads = item
-                width = sum(n for _, _, n in heads)
-                n = len(layers) * width
-                rms, max_abs = flat[i : i + n], flat[i + n : i + 2 * n]
-                for li, layer in enumerate(layers):
-                    j = li * width
-                    for tensor, stage, n_heads in heads:
-                        for h in range(n_heads):
-                            record.qk.append((layer, h, tensor, stage, rms[j], max_abs[j]))
-                            j += 1
-                i += 2 * n
-            elif item[0] == "top":
-                k = self.top_k
-                record.top_probs, record.top_ids = flat[i : i + k], [int(t) for t in flat[i + k : i + 2 * k]]
-                i += 2 * k
-            elif item[0] == "layers":
-                n = len(item[1])
-                for li, layer in enumerate(item[1]):
-                    record.layers.append((layer, flat[i + li], flat[i + n + li], int(flat[i + 2 * n + li]), int(flat[i + 3 * n + li])))
-                i += 4 * n
-            else:
-                _, layers, n_rows, k = item
-                n = len(layers) * n_rows * k
-                ids, weights = flat[i : i + n], flat[i + n : i + 2 * n]
-                entropy = flat[i + 2 * n : i + 2 * n + len(layers) * n_rows]
-                for li, layer in enumerate(layers):
-                    for r in range(n_rows):
-                        for rank in range(k):
-                            j = (li * n_rows + r) * k + rank
-                            record.routing.append((first_row + r, layer, rank, int(ids[j]), weights[j], entropy[li * n_rows + r]))
-                i += 2 * n + len(layers) * n_rows
+        if qk:
+            heads = [(point[5], "post" if point.endswith("_normed") else "pre", x.shape[2]) for point, (_, x) in qk]
+            for layer, rms, max_abs in zip(qk_layers, host["qk_rms"], host["qk_max_abs"]):
+                j = 0
+                for tensor, stage, n_heads in heads:
+                    for head in range(n_heads):
+                        record.qk.append(QKRow(layer, head, tensor, stage, rms[j], max_abs[j]))
+                        j += 1
+        if resid is not None:
+            for values in zip(resid_layers, host["resid_rms"], host["resid_max_abs"], host["nan"], host["inf"]):
+                layer, rms, max_abs, nan, inf = values
+                record.layers.append(LayerRow(layer, rms, max_abs, int(nan), int(inf)))
+        if topk is not None:
+            for layer, experts, weights, entropies in zip(moe_layers, host["expert"], host["weight"], host["router_entropy"]):
+                for r, entropy in enumerate(entropies):
+                    for rank, (expert, weight) in enumerate(zip(experts[r], weights[r])):
+                        record.routing.append(RoutingRow(first_row + r, layer, rank, int(expert), weight, entropy))
+        if self._logits is not None:
+            record.top_probs, record.top_ids = host["top_probs"], [int(t) for t in host["top_ids"]]
         return record
+
+
+def _to_host(reduced: dict[str, torch.Tensor]) -> dict[str, list]:
+    """The tensors as nested Python lists of their shapes, moved in one transfer (as float32: the ids here are
+    below 2**24, so they are exact)."""
+    if not reduced:
+        return {}
+    flat = torch.cat([t.float().flatten() for t in reduced.values()]).cpu()
+    parts = flat.split([t.numel() for t in reduced.values()])
+    return {name: part.view(t.shape).tolist() for (name, t), part in zip(reduced.items(), parts)}

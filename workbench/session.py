@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.errors import InputError, NumericError, ReferenceFailed, ResourceError
+from workbench.errors import GGUFError, InputError, NumericError, ReferenceFailed, ResourceError
 from workbench.model import BREAKS, CompiledStep, DecodeGraph, Model, free_memory
 from workbench.probes import StepProbe
+from workbench.trace import Recorder, Trace, versions
 
 PATHS = ("cached", "uncached", "both")
 TOP_CANDIDATES = 5
@@ -109,20 +110,6 @@ class StepResult:
 
 
 @dataclass
-class Records:
-    """Rows of the trace frames, appended step by step (trace.SCHEMAS): dicts, or for the large qk, routing
-    and layers frames, tuples in the schema's column order."""
-
-    tokens: list[dict] = field(default_factory=list)
-    kv: list[dict] = field(default_factory=list)
-    qk: list[dict] = field(default_factory=list)
-    routing: list[dict] = field(default_factory=list)
-    layers: list[dict] = field(default_factory=list)
-    equiv: list[dict] = field(default_factory=list)
-    reference: list[dict] = field(default_factory=list)
-
-
-@dataclass
 class Session:
     model: Model
     prompt_ids: list[int]
@@ -165,7 +152,7 @@ class Session:
         self.cache = self.model.new_cache(capacity) if "cached" in self.paths else None
         self._fed = 0  # how many of self.ids the cached path has run through the model
         self.generator = torch.Generator().manual_seed(self.sampling.seed)
-        self.records = Records()
+        self.records = Recorder()  # the trace frames' rows (trace.SCHEMAS)
         self.n_steps = 0
         self._reference = None
         self._graph: DecodeGraph | CompiledStep | None = None
@@ -319,12 +306,7 @@ class Session:
     # --- records -------------------------------------------------------------------------------------------
 
     def _record_kv(self, path: str, cache) -> None:
-        step = self.n_steps
-        for layer in range(self.model.config.n_layers):
-            k_bytes, v_bytes = cache.layer_bytes(layer)
-            capacity = cache.keys[layer].numel() * cache.keys[layer].element_size() * 2
-            self.records.kv.append(dict(step=step, path=path, layer=layer, length=cache.lengths[layer],
-                                        k_bytes=k_bytes, v_bytes=v_bytes, capacity_bytes=capacity))
+        self.records.extend("kv", cache.layer_stats(), step=self.n_steps, path=path)
 
     def _record(self, result: StepResult, probes: dict[str, tuple[StepProbe, int]]) -> None:
         r, tok = self.records, self.model.tokenizer
@@ -335,22 +317,19 @@ class Session:
             collected[path] = probe.collect(first_row)  # the step's one device → host transfer for this path
         for path, run in result.runs.items():
             rec = collected.get(path)
-            r.tokens.append(dict(step=result.step, position=result.position, token_id=result.token_id, piece=piece,
+            r.add("tokens", step=result.step, position=result.position, token_id=result.token_id, piece=piece,
                                  path=path, seconds=run.seconds, tokens_per_s=1.0 / run.seconds if run.seconds > 0 else 0.0,
                                  n_tokens=run.n_tokens, prefill=result.prefill and path == "cached",
-                                 top_ids=rec.top_ids if rec else None, top_probs=rec.top_probs if rec else None))
+                                 top_ids=rec.top_ids if rec else None, top_probs=rec.top_probs if rec else None)
         for path, rec in collected.items():
-            # The per-head and per-layer rows are the bulk: tuples in the frame's column order, no dicts.
-            r.qk.extend((result.step, path, *row) for row in rec.qk)
-            r.routing.extend((result.step, path, *row) for row in rec.routing)
-            r.layers.extend((result.step, path, *row) for row in rec.layers)
+            for frame in ("qk", "routing", "layers"):
+                r.extend(frame, getattr(rec, frame), step=result.step, path=path)
         if len(result.runs) == 2:
             a, b = result.runs["cached"].logits, result.runs["uncached"].logits
             diff = (a - b).abs().max()
             cosine = torch.nn.functional.cosine_similarity(a, b, dim=0)
-            r.equiv.append(dict(step=result.step, position=result.position, max_abs_diff=float(diff),
-                                max_abs_logit=float(b.abs().max()), cosine=float(cosine),
-                                argmax_equal=bool(a.argmax() == b.argmax())))
+            r.add("equiv", step=result.step, position=result.position, max_abs_diff=float(diff),
+                  max_abs_logit=float(b.abs().max()), cosine=float(cosine), argmax_equal=bool(a.argmax() == b.argmax()))
         if self._reference is not None:
             fed = self.ids[:-1]  # the reference sees the same tokens our forward saw at this step
             try:
@@ -361,15 +340,41 @@ class Session:
                 return
             ours = result.logits.float().cpu()
             k = min(5, ours.numel(), ref.numel())
-            r.reference.append(dict(step=result.step, position=result.position, engine=self.reference,
-                                    cosine=float(torch.nn.functional.cosine_similarity(ours, ref, dim=0)),
-                                    top1_equal=bool(ours.argmax() == ref.argmax()),
-                                    ours_top5=ours.topk(k).indices.tolist(), ref_top5=ref.topk(k).indices.tolist()))
+            r.add("reference", step=result.step, position=result.position, engine=self.reference,
+                  cosine=float(torch.nn.functional.cosine_similarity(ours, ref, dim=0)),
+                  top1_equal=bool(ours.argmax() == ref.argmax()),
+                  ours_top5=ours.topk(k).indices.tolist(), ref_top5=ref.topk(k).indices.tolist())
 
-    def trace(self, meta: dict | None = None):
-        from workbench.trace import Trace
+    def trace(self, meta: dict | None = None) -> Trace:
+        """The records as frames, with the run metadata (`meta` adds to it)."""
+        return Trace.from_records(self.records, self.run_meta() | (meta or {}))
 
-        return Trace.from_session(self, meta or {})
+    def run_meta(self) -> dict:
+        """Everything a chart or a reader of the trace needs besides the frames."""
+        from workbench.model import describe_weights
+
+        m = self.model
+        return {
+            "model_file": str(m.gguf.path), "model_sha256": _sha256_or_none(m.gguf), "arch": m.config.arch,
+            "config": m.config.as_dict(), "device": str(m.device), "dtype": str(m.dtype).removeprefix("torch."),
+            "weights": m.info.weights, "arithmetic": describe_weights(m.info.weights, m.dtype),
+            "equiv_tolerance": m.equivalence_tolerance, "threads": torch.get_num_threads(),
+            "kv_element_size": m.dtype.itemsize, "kv_bytes_per_token": m.config.kv_bytes_per_token(m.dtype.itemsize),
+            "reference": self.reference, "reference_error": self.reference_error,
+            "prompt_ids": list(self.prompt_ids), "prompt_pieces": [m.tokenizer.piece(t) for t in self.prompt_ids],
+            "path": self.path, "primary_path": self.paths[0], "breaks": sorted(self.breaks),
+            "sampling": {"temperature": self.sampling.temperature, "top_k": self.sampling.top_k,
+                         "top_p": self.sampling.top_p, "seed": self.sampling.seed},
+            "versions": versions(),
+        }
+
+
+def _sha256_or_none(gguf) -> str | None:
+    """The loaded file's sha256, or None once the file changed on disk (the model keeps what it read)."""
+    try:
+        return gguf.sha256()
+    except GGUFError:
+        return None
 
 
 def _out_of_memory(exc: RuntimeError) -> bool:

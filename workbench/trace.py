@@ -20,13 +20,14 @@ import platform
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workbench.errors import GGUFError, InputError
+from workbench.errors import InputError
 
 SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "tokens": {"step": pl.Int32, "position": pl.Int32, "token_id": pl.Int64, "piece": pl.String, "path": pl.String,
@@ -58,6 +59,32 @@ def empty(name: str) -> pl.DataFrame:
     return pl.DataFrame(schema=SCHEMAS[name])
 
 
+class Recorder:
+    """The rows of every frame, appended step by step: one list per frame (an attribute named for it), each
+    row named by the frame's columns, which are checked against SCHEMAS as rows arrive."""
+
+    def __init__(self) -> None:
+        for name in FRAMES:
+            setattr(self, name, [])
+
+    def add(self, frame: str, **row: Any) -> None:
+        """One row, as a dict of every column."""
+        if row.keys() != SCHEMAS[frame].keys():
+            raise ValueError(f"a `{frame}` row needs the columns {list(SCHEMAS[frame])}, not {list(row)}.")
+        getattr(self, frame).append(row)
+
+    def extend(self, frame: str, rows: Sequence[tuple], **leading: Any) -> None:
+        """Many rows of the large frames: NamedTuples of the columns after the `leading` ones (the same for
+        every row, e.g. step and path), checked once; stored as plain tuples in the schema's column order."""
+        if not rows:
+            return
+        names = [*leading, *rows[0]._fields]
+        if names != list(SCHEMAS[frame]):
+            raise ValueError(f"`{frame}` rows need the columns {list(SCHEMAS[frame])} in order, not {names}.")
+        first = tuple(leading.values())
+        getattr(self, frame).extend((*first, *row) for row in rows)
+
+
 @dataclass
 class Trace:
     frames: dict[str, pl.DataFrame]
@@ -69,10 +96,11 @@ class Trace:
         raise AttributeError(name)
 
     @classmethod
-    def from_session(cls, session, extra: dict[str, Any]) -> Trace:
-        frames = {name: pl.DataFrame(getattr(session.records, name), schema=SCHEMAS[name], orient="row")
-                  if getattr(session.records, name) else empty(name) for name in FRAMES}
-        return cls(frames, run_meta(session) | extra)
+    def from_records(cls, records: Recorder, meta: dict[str, Any]) -> Trace:
+        """The recorded rows as frames, with the run metadata the session wrote (Session.trace)."""
+        frames = {name: pl.DataFrame(getattr(records, name), schema=SCHEMAS[name], orient="row")
+                  if getattr(records, name) else empty(name) for name in FRAMES}
+        return cls(frames, meta)
 
     def first_bad_layer(self) -> pl.DataFrame:
         """Per step and path, the first layer whose residual stream holds a NaN or Inf (none: no row)."""
@@ -168,40 +196,20 @@ def _cast(part: pl.DataFrame, frame: str, label: str) -> pl.DataFrame:
     return pl.DataFrame(columns)
 
 
-def run_meta(session) -> dict[str, Any]:
+def versions() -> dict[str, str]:
+    """The versions of what computed a trace, for its metadata."""
     import numpy
     import torch
 
     import workbench
-    from workbench.model import describe_weights
 
-    m = session.model
-    return {
-        "model_file": str(m.gguf.path), "model_sha256": _sha256_or_none(m.gguf), "arch": m.config.arch,
-        "config": m.config.as_dict(), "device": str(m.device), "dtype": str(m.dtype).removeprefix("torch."),
-        "weights": m.info.weights, "arithmetic": describe_weights(m.info.weights, m.dtype),
-        "equiv_tolerance": m.equivalence_tolerance, "threads": torch.get_num_threads(),
-        "reference": session.reference, "reference_error": session.reference_error,
-        "prompt_ids": list(session.prompt_ids), "prompt_pieces": [m.tokenizer.piece(t) for t in session.prompt_ids],
-        "path": session.path, "breaks": sorted(session.breaks),
-        "sampling": {"temperature": session.sampling.temperature, "top_k": session.sampling.top_k,
-                     "top_p": session.sampling.top_p, "seed": session.sampling.seed},
-        "versions": {"workbench": getattr(workbench, "__version__", "0"), "torch": torch.__version__,
-                     "numpy": numpy.__version__, "polars": pl.__version__, "python": platform.python_version()},
-    }
+    return {"workbench": getattr(workbench, "__version__", "0"), "torch": torch.__version__,
+            "numpy": numpy.__version__, "polars": pl.__version__, "python": platform.python_version()}
 
 
 # Columns diff leaves out: timings differ between any two runs, and the cache's capacity is its preallocated
 # size (set by the context length), not a number the forward pass computed.
 UNCOMPARED = ("seconds", "tokens_per_s", "capacity_bytes")
-
-
-def _sha256_or_none(gguf) -> str | None:
-    """The loaded file's sha256, or None once the file changed on disk (the model keeps what it read)."""
-    try:
-        return gguf.sha256()
-    except GGUFError:
-        return None
 
 
 @dataclass
