@@ -39,7 +39,9 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _path_arg(p: argparse.ArgumentParser, both: bool = False) -> None:
-    choices = ("cached", "uncached", "both") if both else ("cached", "uncached")
+    from workbench.session import PATHS  # cached, uncached, both
+
+    choices = PATHS if both else tuple(p for p in PATHS if p != "both")
     p.add_argument("--path", default="cached", choices=choices,
                    help="decode path (default: cached)" + ("; both: uncached teacher-forced beside cached" if both else ""))
 
