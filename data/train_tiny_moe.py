@@ -8,7 +8,7 @@
 2. Tokenizer: byte-level BPE trained with HF `tokenizers` on the training split, pre-tokenized with exactly
    llama.cpp's "qwen2" regex (taken from workbench.tokenizer), 4095 byte/merge tokens + <|endoftext|>.
 3. Model: qwen3moe math (the same as workbench/model.py), AdamW + cosine LR, Switch load-balancing loss.
-4. Export with GGUFWriter: names/order/metadata as workbench/tiny.py writes qwen3moe; Q8_0 matrices,
+4. Export with GGUFWriter: names/order/metadata by workbench/tiny.py (tensor_plan, write_metadata); Q8_0 matrices,
    F32 norms and router. Then checks: engine logits == training-model logits (with the Q8_0-rounded
    weights), tokenizer ids == llama.cpp's, engine greedy == llama.cpp greedy, validation loss, routing stats.
 
@@ -33,18 +33,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFType, GGUFWriter, LlamaFileType, TokenType
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import dequantize, quantize
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from workbench.tiny import TinySpec, _tensor_plan  # noqa: E402
-from workbench.tokenizer import _PRE_BY_NAME, Tokenizer, bytes_to_unicode  # noqa: E402
+from workbench.tiny import TinySpec, Vocab, tensor_plan, write_metadata  # noqa: E402
+from workbench.tokenizer import PRE_BY_NAME, Tokenizer, bytes_to_unicode  # noqa: E402
 
 T = GGMLQuantizationType
+# feed_forward_length: HF intermediate_size = 4 × 256, unused (no dense layers)
 SPEC = TinySpec(n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64, rope_base=1e6, rms_eps=1e-6, tied_output=False,
-                n_experts=16, n_experts_used=4, expert_ffn=256)
-HIDDEN, VOCAB, CONTEXT, SEQ = 256, 4096, 512, 256
+                n_experts=16, n_experts_used=4, expert_ffn=256, hidden=256, ffn=1024, vocab_size=4096, context=512)
+HIDDEN, VOCAB, CONTEXT, SEQ = SPEC.hidden, SPEC.vocab_size, SPEC.context, 256
 EOT = "<|endoftext|>"
 PRE = "qwen2"
 SKIP_DIRS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "site-packages", "lib2to3", "ensurepip",
@@ -123,7 +124,7 @@ def train_tokenizer(texts: list[str]) -> dict:
     hf = HFTokenizer(models.BPE())
     # The same pre-tokenizer workbench.tokenizer builds for tokenizer.ggml.pre = "qwen2" (llama.cpp's regex).
     hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _PRE_BY_NAME[PRE].regexes]
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_BY_NAME[PRE].regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     trainer = trainers.BpeTrainer(vocab_size=VOCAB - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -239,38 +240,14 @@ def qtype_of(name: str, shape: tuple[int, ...]) -> GGMLQuantizationType:
 
 def export(p: dict, tok_meta: dict, path: Path) -> None:
     """GGUFWriter, with the keys and the tensor order of workbench.tiny's qwen3moe (the convert_hf_to_gguf layout)."""
-    s = SPEC
     w = GGUFWriter(path, "qwen3moe")
-    w.add_type(GGUFType.MODEL)
-    w.add_name("tiny-qwen3moe-stdlib")
-    w.add_block_count(s.n_layers)
-    w.add_context_length(CONTEXT)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(s.expert_ffn * s.n_experts_used)  # HF intermediate_size; unused (no dense layers)
-    w.add_head_count(s.n_heads)
-    w.add_head_count_kv(s.n_kv_heads)
-    w.add_rope_freq_base(s.rope_base)
-    w.add_layer_norm_rms_eps(s.rms_eps)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
-    w.add_expert_count(s.n_experts)
-    w.add_expert_used_count(s.n_experts_used)
-    w.add_expert_feed_forward_length(s.expert_ffn)
-    w.add_file_type(LlamaFileType.MOSTLY_Q8_0)
-    w.add_quantization_version(GGML_QUANT_VERSION)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(PRE)
-    w.add_token_list(tok_meta["tokenizer.ggml.tokens"])
-    w.add_token_types(tok_meta["tokenizer.ggml.token_type"])
-    w.add_token_merges(tok_meta["tokenizer.ggml.merges"])
-    w.add_bos_token_id(tok_meta["tokenizer.ggml.bos_token_id"])
-    w.add_eos_token_id(tok_meta["tokenizer.ggml.eos_token_id"])
-    w.add_pad_token_id(tok_meta["tokenizer.ggml.padding_token_id"])
-    w.add_add_bos_token(False)
-    for name, shape, _kind, _layer in _tensor_plan("qwen3moe", s):
+    vocab = Vocab(PRE, tok_meta["tokenizer.ggml.tokens"], tok_meta["tokenizer.ggml.token_type"],
+                  tok_meta["tokenizer.ggml.merges"], bos_id=tok_meta["tokenizer.ggml.bos_token_id"],
+                  eos_id=tok_meta["tokenizer.ggml.eos_token_id"], pad_id=tok_meta["tokenizer.ggml.padding_token_id"])
+    write_metadata(w, "qwen3moe", SPEC, vocab, "tiny-qwen3moe-stdlib", LlamaFileType.MOSTLY_Q8_0)
+    for name, shape, _kind, _layer in tensor_plan("qwen3moe", SPEC):
         t = p[name].detach().float().numpy()
-        want = tuple(VOCAB if d == 512 and name in ("token_embd.weight", "output.weight") else d for d in shape)
-        assert t.shape == want, (name, t.shape, want)
+        assert t.shape == shape, (name, t.shape, shape)
         qt = qtype_of(name, t.shape)
         w.add_tensor(name, t if qt == T.F32 else quantize(t, qt), raw_dtype=qt)
     w.write_header_to_file()

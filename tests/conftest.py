@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
+from workbench.config import SUPPORTED_ARCHS as ARCHS
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 from gguf import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from workbench.config import ModelConfig
+from workbench.config import SUPPORTED_ARCHS, ModelConfig
 from workbench.errors import InputError
 from workbench.gguf_file import GGUFFile
 from workbench.tiny import (
@@ -21,7 +21,6 @@ from workbench.tiny import (
     FFN,
     HIDDEN,
     PROJ_STD,
-    TINY_ARCHS,
     TINY_SPECS,
     VOCAB_SIZE,
     write_tiny,
@@ -47,7 +46,7 @@ PROMPT = b"def forward(self, tokens):\n    return the model of the tokens"
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny")
-    for arch in TINY_ARCHS:
+    for arch in SUPPORTED_ARCHS:
         write_tiny(arch, folder / f"tiny-{arch}.gguf")
     return folder
 
@@ -56,7 +55,7 @@ def tiny_path(folder: Path, arch: str) -> Path:
     return folder / f"tiny-{arch}.gguf"
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
 def test_config_has_the_intended_values(tiny_dir: Path, arch: str) -> None:
     spec = TINY_SPECS[arch]
     config = ModelConfig.from_gguf(GGUFFile(tiny_path(tiny_dir, arch)))
@@ -77,7 +76,7 @@ def test_config_has_the_intended_values(tiny_dir: Path, arch: str) -> None:
 def test_arch_specific_values() -> None:
     assert TINY_SPECS["qwen3"].head_dim == TINY_SPECS["qwen3moe"].head_dim == 96 != HIDDEN // 4
     assert (TINY_SPECS["qwen3moe"].n_experts, TINY_SPECS["qwen3moe"].n_experts_used) == (8, 2)
-    assert [TINY_SPECS[a].tied_output for a in TINY_ARCHS] == [False, False, True, False, True]
+    assert [TINY_SPECS[a].tied_output for a in SUPPORTED_ARCHS] == [False, False, True, False, True]
 
 
 def test_gemma3_has_local_and_global_layers(tiny_dir: Path) -> None:
@@ -85,7 +84,7 @@ def test_gemma3_has_local_and_global_layers(tiny_dir: Path) -> None:
     assert [config.is_local_layer(i) for i in range(config.n_layers)] == [True] * 5 + [False]
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
 def test_tensor_table_matches_gguf_reader_and_llama_cpp_names(tiny_dir: Path, arch: str) -> None:
     path = tiny_path(tiny_dir, arch)
     ours = GGUFFile(path)
@@ -132,11 +131,11 @@ def test_tensor_table_matches_gguf_reader_and_llama_cpp_names(tiny_dir: Path, ar
 
 
 def test_every_quant_type_appears(tiny_dir: Path) -> None:
-    seen = {t.ggml_type for arch in TINY_ARCHS for t in GGUFFile(tiny_path(tiny_dir, arch)).tensors.values()}
+    seen = {t.ggml_type for arch in SUPPORTED_ARCHS for t in GGUFFile(tiny_path(tiny_dir, arch)).tensors.values()}
     assert ALL_TYPES <= seen, f"missing: {sorted(t.name for t in ALL_TYPES - seen)}"
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
 def test_weights_have_sane_scales(tiny_dir: Path, arch: str) -> None:
     gguf = GGUFFile(tiny_path(tiny_dir, arch))
     for name, info in gguf.tensors.items():
@@ -150,7 +149,7 @@ def test_weights_have_sane_scales(tiny_dir: Path, arch: str) -> None:
             assert abs(values.mean()) < 0.1 * std, f"{name} ({info.type_name})"
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
 def test_vocabulary(tiny_dir: Path, arch: str) -> None:
     meta = GGUFFile(tiny_path(tiny_dir, arch)).metadata
     tokens, types, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"], meta["tokenizer.ggml.merges"]
@@ -169,7 +168,7 @@ def test_vocabulary(tiny_dir: Path, arch: str) -> None:
         assert {left, right, left + right} <= vocab, merge
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
 def test_same_seed_same_bytes_other_seed_other_weights(tiny_dir: Path, tmp_path: Path, arch: str) -> None:
     again = write_tiny(arch, tmp_path / "again.gguf", seed=0)
     assert again.read_bytes() == tiny_path(tiny_dir, arch).read_bytes()
@@ -186,7 +185,7 @@ def test_unknown_arch_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
 def test_llama_cpp_runs_the_file(tiny_dir: Path, arch: str) -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(tiny_path(tiny_dir, arch)), n_ctx=64, logits_all=True, verbose=False)

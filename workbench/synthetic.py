@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFType, GGUFWriter, LlamaFileType, TokenType
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
 from workbench.errors import InputError
-from workbench.tiny import CHAT_TEMPLATE, CONTROL_TOKENS, build_vocab
+from workbench.tiny import TinySpec, tiny_vocab, write_metadata
 
 Q4_K = GGMLQuantizationType.Q4_K
 _Q4_K_BYTES = 144  # per 256 values
@@ -47,10 +47,20 @@ class SyntheticShape:
     context: int
     rope_base: float
     rms_eps: float = 1e-6
+    ffn: int = 6144  # the dense FFN size Qwen3-30B-A3B's config states (unused by its MoE)
 
     def scaled(self, **sizes: int) -> SyntheticShape:
         """The same layout with some sizes replaced (n_layers=2, n_experts=8, vocab=1024, …)."""
         return replace(self, **sizes)
+
+    @property
+    def spec(self) -> TinySpec:
+        """The shape as the TinySpec that tiny.write_metadata writes the keys of."""
+        return TinySpec(
+            self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.rope_base, self.rms_eps,
+            tied_output=False, n_experts=self.n_experts, n_experts_used=self.n_experts_used,
+            expert_ffn=self.expert_ffn, hidden=self.hidden, ffn=self.ffn, vocab_size=self.vocab, context=self.context,
+        )
 
     @property
     def n_params(self) -> int:
@@ -120,37 +130,8 @@ def write_synthetic(shape: str | SyntheticShape, path: str | os.PathLike[str], s
     rng = np.random.default_rng(seed)
     pool = _block_pool(rng)
     w = GGUFWriter(path, s.arch)
-    w.add_type(GGUFType.MODEL)
-    w.add_name(name)
-    w.add_block_count(s.n_layers)
-    w.add_context_length(s.context)
-    w.add_embedding_length(s.hidden)
-    w.add_feed_forward_length(6144)  # the dense FFN size Qwen3-30B-A3B's config states (unused by its MoE)
-    w.add_head_count(s.n_heads)
-    w.add_head_count_kv(s.n_kv_heads)
-    w.add_rope_freq_base(s.rope_base)
-    w.add_layer_norm_rms_eps(s.rms_eps)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
-    w.add_expert_count(s.n_experts)
-    w.add_expert_used_count(s.n_experts_used)
-    w.add_expert_feed_forward_length(s.expert_ffn)
-    w.add_file_type(LlamaFileType.MOSTLY_Q4_K_M)
-    w.add_quantization_version(GGML_QUANT_VERSION)
-    tokens, merges = build_vocab()
-    if s.vocab < len(tokens):
-        raise InputError(f"a vocabulary of {s.vocab} is smaller than the {len(tokens)} tokens of the byte-level BPE.")
-    tokens = tokens + [f"<unused{i}>" for i in range(s.vocab - len(tokens))]
-    eos = tokens.index("<|endoftext|>")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types([TokenType.CONTROL if t in CONTROL_TOKENS else TokenType.NORMAL for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(eos)
-    w.add_eos_token_id(eos)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    vocab = replace(tiny_vocab("qwen2", s.vocab), pad_id=None)  # synthetic files state no pad id
+    write_metadata(w, s.arch, s.spec, vocab, name, LlamaFileType.MOSTLY_Q4_K_M)
 
     plan = _tensors(s)
     for tname, tshape, kind in plan:

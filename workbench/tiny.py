@@ -6,8 +6,8 @@
 llama.cpp (llama-cpp-python) and, where its GGUF loader allows, by transformers, and the outputs compared.
 Names and keys come from gguf-py (`TENSOR_NAMES`, `GGUFWriter.add_*`), not from string literals here.
 
-Sizes, per architecture (TINY_SPECS): every model has hidden 256, vocabulary 512, context 512, dense FFN 512,
-rms eps 1e-6 and rope base 1e6 unless noted.
+Sizes, per architecture (TINY_SPECS, one for every arch in config.SUPPORTED_ARCHS): every model has hidden 256,
+vocabulary 512, context 512, dense FFN 512, rms eps 1e-6 and rope base 1e6 unless noted.
 
     arch      layers heads kv head_dim  notes
     llama        2     4    2    64     rms eps 1e-5, rope base 1e4; writes vocab_size and rope.dimension_count
@@ -32,6 +32,10 @@ vocabulary instead; we do not imitate it, because a tokenizer is independent of 
 transformers and this engine, a byte-level vocabulary encodes any text with no unknown tokens, and one
 vocabulary keeps tokenization identical across the five tiny models (the real Gemma-3 model covers SPM).
 Its pre-tokenizer is "default" (GPT-2's split), which llama.cpp accepts for any BPE vocabulary.
+
+The other GGUF writers of the project (synthetic.py's benchmark models, data/train_tiny_moe.py's trained model)
+write their files with the same pieces: `tensor_plan` (names, shapes, order) and `write_metadata` (the keys),
+for their own TinySpec and Vocab.
 """
 
 from __future__ import annotations
@@ -57,10 +61,9 @@ from gguf import (
 )
 from gguf.quants import dequantize, quantize
 
+from workbench.config import SUPPORTED_ARCHS
 from workbench.errors import InputError
 from workbench.tokenizer import bytes_to_unicode
-
-TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
 
 HIDDEN = 256
 FFN = 512
@@ -81,6 +84,10 @@ class TinySpec:
     n_experts_used: int = 0
     expert_ffn: int = 0
     sliding_window: int | None = None
+    hidden: int = HIDDEN
+    ffn: int = FFN  # feed_forward_length: the dense FFN (a MoE states its HF intermediate_size, unused)
+    vocab_size: int = VOCAB_SIZE
+    context: int = CONTEXT_LENGTH
 
 
 TINY_SPECS: dict[str, TinySpec] = {
@@ -294,44 +301,45 @@ def _weight(rng: np.random.Generator, shape: tuple[int, ...], qtype: GGMLQuantiz
     return _encode(rng.normal(0.0, std, size=shape), qtype)
 
 
-def _tensor_plan(arch: str, spec: TinySpec) -> list[tuple[str, tuple[int, ...], MODEL_TENSOR, int | None]]:
+def tensor_plan(arch: str, spec: TinySpec) -> list[tuple[str, tuple[int, ...], MODEL_TENSOR, int | None]]:
     """(name, shape in torch order, kind, layer) of every tensor, in llama.cpp's order within a layer."""
     q_dim, kv_dim = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    hidden, ffn, vocab = spec.hidden, spec.ffn, spec.vocab_size
     plan: list[tuple[str, tuple[int, ...], MODEL_TENSOR, int | None]] = [
-        (TENSOR_NAMES[E.TOKEN_EMBD] + ".weight", (VOCAB_SIZE, HIDDEN), E.TOKEN_EMBD, None)
+        (TENSOR_NAMES[E.TOKEN_EMBD] + ".weight", (vocab, hidden), E.TOKEN_EMBD, None)
     ]
     for i in range(spec.n_layers):
         layer: list[tuple[MODEL_TENSOR, str, tuple[int, ...]]] = [
-            (E.ATTN_NORM, "weight", (HIDDEN,)),
-            (E.ATTN_Q, "weight", (q_dim, HIDDEN)),
-            (E.ATTN_K, "weight", (kv_dim, HIDDEN)),
-            (E.ATTN_V, "weight", (kv_dim, HIDDEN)),
+            (E.ATTN_NORM, "weight", (hidden,)),
+            (E.ATTN_Q, "weight", (q_dim, hidden)),
+            (E.ATTN_K, "weight", (kv_dim, hidden)),
+            (E.ATTN_V, "weight", (kv_dim, hidden)),
         ]
         if arch == "qwen2":
             layer += [(E.ATTN_Q, "bias", (q_dim,)), (E.ATTN_K, "bias", (kv_dim,)), (E.ATTN_V, "bias", (kv_dim,))]
         if arch in ("qwen3", "qwen3moe", "gemma3"):
             layer += [(E.ATTN_Q_NORM, "weight", (spec.head_dim,)), (E.ATTN_K_NORM, "weight", (spec.head_dim,))]
-        layer.append((E.ATTN_OUT, "weight", (HIDDEN, q_dim)))
+        layer.append((E.ATTN_OUT, "weight", (hidden, q_dim)))
         if arch == "gemma3":
-            layer += [(E.ATTN_POST_NORM, "weight", (HIDDEN,)), (E.FFN_PRE_NORM, "weight", (HIDDEN,))]
+            layer += [(E.ATTN_POST_NORM, "weight", (hidden,)), (E.FFN_PRE_NORM, "weight", (hidden,))]
         else:
-            layer.append((E.FFN_NORM, "weight", (HIDDEN,)))
+            layer.append((E.FFN_NORM, "weight", (hidden,)))
         if spec.n_experts:
             n, f = spec.n_experts, spec.expert_ffn
             layer += [
-                (E.FFN_GATE_INP, "weight", (n, HIDDEN)),
-                (E.FFN_GATE_EXP, "weight", (n, f, HIDDEN)),
-                (E.FFN_UP_EXP, "weight", (n, f, HIDDEN)),
-                (E.FFN_DOWN_EXP, "weight", (n, HIDDEN, f)),
+                (E.FFN_GATE_INP, "weight", (n, hidden)),
+                (E.FFN_GATE_EXP, "weight", (n, f, hidden)),
+                (E.FFN_UP_EXP, "weight", (n, f, hidden)),
+                (E.FFN_DOWN_EXP, "weight", (n, hidden, f)),
             ]
         else:
-            layer += [(E.FFN_GATE, "weight", (FFN, HIDDEN)), (E.FFN_UP, "weight", (FFN, HIDDEN)), (E.FFN_DOWN, "weight", (HIDDEN, FFN))]
+            layer += [(E.FFN_GATE, "weight", (ffn, hidden)), (E.FFN_UP, "weight", (ffn, hidden)), (E.FFN_DOWN, "weight", (hidden, ffn))]
         if arch == "gemma3":
-            layer.append((E.FFN_POST_NORM, "weight", (HIDDEN,)))
+            layer.append((E.FFN_POST_NORM, "weight", (hidden,)))
         plan += [(f"{TENSOR_NAMES[kind].format(bid=i)}.{suffix}", shape, kind, i) for kind, suffix, shape in layer]
-    plan.append((TENSOR_NAMES[E.OUTPUT_NORM] + ".weight", (HIDDEN,), E.OUTPUT_NORM, None))
+    plan.append((TENSOR_NAMES[E.OUTPUT_NORM] + ".weight", (hidden,), E.OUTPUT_NORM, None))
     if not spec.tied_output:
-        plan.append((TENSOR_NAMES[E.OUTPUT] + ".weight", (VOCAB_SIZE, HIDDEN), E.OUTPUT, None))
+        plan.append((TENSOR_NAMES[E.OUTPUT] + ".weight", (vocab, hidden), E.OUTPUT, None))
     return plan
 
 
@@ -352,20 +360,46 @@ def _data(
 
 # --- the file ------------------------------------------------------------------------------------------
 
-def _write_metadata(w: GGUFWriter, arch: str, spec: TinySpec) -> None:
+@dataclass(frozen=True)
+class Vocab:
+    """A byte-level BPE vocabulary (tokenizer.ggml.model "gpt2") as a GGUF file states it."""
+
+    pre: str  # tokenizer.ggml.pre: llama.cpp's pre-tokenizer name
+    tokens: list[str]
+    token_types: list[int]  # TokenType per token
+    merges: list[str]  # "a b", in rank order
+    bos_id: int
+    eos_id: int
+    pad_id: int | None = None
+    chat_template: str | None = None
+
+
+def tiny_vocab(pre: str, size: int = VOCAB_SIZE) -> Vocab:
+    """build_vocab's tokens as a Vocab with `pre`; <|endoftext|> is bos, eos and pad. A `size` over the 512
+    learned and control tokens pads the list with unused tokens (real models' vocabularies have such rows)."""
+    tokens, merges = build_vocab()
+    if size < len(tokens):
+        raise InputError(f"a vocabulary of {size} is smaller than the {len(tokens)} tokens of the byte-level BPE.")
+    tokens = tokens + [f"<unused{i}>" for i in range(size - len(tokens))]
+    eos = tokens.index("<|endoftext|>")
+    types = [TokenType.CONTROL if t in CONTROL_TOKENS else TokenType.NORMAL for t in tokens]
+    return Vocab(pre, tokens, types, merges, bos_id=eos, eos_id=eos, pad_id=eos, chat_template=CHAT_TEMPLATE)
+
+
+def write_metadata(w: GGUFWriter, arch: str, spec: TinySpec, vocab: Vocab, name: str, file_type: LlamaFileType) -> None:
     """The keys convert_hf_to_gguf.py writes for this arch (and only those: a key real files lack stays out)."""
     w.add_type(GGUFType.MODEL)
-    w.add_name(f"tiny-{arch}")
+    w.add_name(name)
     w.add_block_count(spec.n_layers)
-    w.add_context_length(CONTEXT_LENGTH)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FFN)
+    w.add_context_length(spec.context)
+    w.add_embedding_length(spec.hidden)
+    w.add_feed_forward_length(spec.ffn)
     w.add_head_count(spec.n_heads)
     w.add_head_count_kv(spec.n_kv_heads)
     w.add_rope_freq_base(spec.rope_base)
     w.add_layer_norm_rms_eps(spec.rms_eps)
     if arch == "llama":  # LlamaModel writes these; llama files state no key_length (head_dim = hidden / heads)
-        w.add_vocab_size(VOCAB_SIZE)
+        w.add_vocab_size(spec.vocab_size)
         w.add_rope_dimension_count(spec.head_dim)
     if arch in ("qwen3", "qwen3moe", "gemma3"):  # their HF configs have head_dim
         w.add_key_length(spec.head_dim)
@@ -376,28 +410,27 @@ def _write_metadata(w: GGUFWriter, arch: str, spec: TinySpec) -> None:
         w.add_expert_feed_forward_length(spec.expert_ffn)
     if spec.sliding_window is not None:
         w.add_sliding_window(spec.sliding_window)
-    # A mix of types, like llama-quantize's own mixed recipes, which label the file Q4_K_M.
-    w.add_file_type(LlamaFileType.MOSTLY_Q4_K_M)
+    w.add_file_type(file_type)
     w.add_quantization_version(GGML_QUANT_VERSION)
 
-    tokens, merges = build_vocab()
-    eos = tokens.index("<|endoftext|>")
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre({"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2"}.get(arch, "default"))
-    w.add_token_list(tokens)
-    w.add_token_types([TokenType.CONTROL if t in CONTROL_TOKENS else TokenType.NORMAL for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(eos)
-    w.add_eos_token_id(eos)
-    w.add_pad_token_id(eos)
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.token_types)
+    w.add_token_merges(vocab.merges)
+    w.add_bos_token_id(vocab.bos_id)
+    w.add_eos_token_id(vocab.eos_id)
+    if vocab.pad_id is not None:
+        w.add_pad_token_id(vocab.pad_id)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    if vocab.chat_template is not None:
+        w.add_chat_template(vocab.chat_template)
 
 
 def write_tiny(arch: str, path: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write a tiny random `arch` model to `path` (same seed → byte-identical file) and return the path."""
     if arch not in TINY_SPECS:
-        raise InputError(f"no tiny model for architecture '{arch}'; choose one of: {', '.join(TINY_ARCHS)}.")
+        raise InputError(f"no tiny model for architecture '{arch}'; choose one of: {', '.join(SUPPORTED_ARCHS)}.")
     # numpy refuses negative seeds with a ValueError; the bound keeps seeds the uint64 that torch's generators take.
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise InputError(f"the seed must be an integer from 0 to 2**64 - 1, not {seed!r}.")
@@ -405,8 +438,10 @@ def write_tiny(arch: str, path: str | os.PathLike[str], seed: int = 0) -> Path:
     path = Path(path)
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(path, arch)
-    _write_metadata(writer, arch, spec)
-    for name, shape, kind, layer in _tensor_plan(arch, spec):
+    pre = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2"}.get(arch, "default")
+    # A mix of types, like llama-quantize's own mixed recipes, which label the file Q4_K_M.
+    write_metadata(writer, arch, spec, tiny_vocab(pre), f"tiny-{arch}", LlamaFileType.MOSTLY_Q4_K_M)
+    for name, shape, kind, layer in tensor_plan(arch, spec):
         # Quantized data is [rows, bytes per row] uint8; GGUFWriter derives the element shape from raw_dtype.
         data, qtype = _data(rng, arch, name, shape, kind, layer)
         writer.add_tensor(name, data, raw_dtype=qtype)

@@ -97,7 +97,7 @@ _PRE_QWEN2 = _Pre((_QWEN2,))
 _PRE_SMOLLM = _Pre((r"\p{N}", _GPT2))  # every digit on its own, then GPT-2's split
 _PRE_FALCON = _Pre((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"))
 
-_PRE_BY_NAME: dict[str, _Pre] = {
+PRE_BY_NAME: dict[str, _Pre] = {
     "default": _PRE_DEFAULT,
     **dict.fromkeys(
         ("gpt-2", "gpt2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de",
@@ -401,11 +401,11 @@ class Tokenizer:
         pre_name = _scalar(metadata, "tokenizer.ggml.pre", str)
         try:
             if model == "gpt2":
-                pre = _PRE_DEFAULT if pre_name is None else _PRE_BY_NAME.get(pre_name)
+                pre = _PRE_DEFAULT if pre_name is None else PRE_BY_NAME.get(pre_name)
                 if pre is None:
                     raise UnsupportedError(
                         f"Pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is not supported; "
-                        f"known: {', '.join(sorted(_PRE_BY_NAME))}."
+                        f"known: {', '.join(sorted(PRE_BY_NAME))}."
                     )
                 raw_merges = _array(metadata, "tokenizer.ggml.merges", (str, bytes), "strings")
                 if not raw_merges:
