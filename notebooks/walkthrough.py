@@ -6,28 +6,20 @@ app = marimo.App(width="medium", app_title="How a decoder works, by watching one
 
 @app.cell
 def _():
-    import os
-    import sys
-
-    import marimo as mo
-
-    # This file sits in notebooks/, beside notebooks/workbench.py: keep that folder from shadowing the
-    # `workbench` package (marimo and `python notebooks/walkthrough.py` put it on sys.path).
-    _here = os.path.abspath(str(mo.notebook_dir() or os.path.dirname(os.path.abspath(__file__))))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    if os.path.dirname(os.path.abspath(getattr(sys.modules.get("workbench"), "__file__", None) or "/")) == _here:
-        del sys.modules["workbench"]
-
-    import math
+    try:  # first: notebooks/workbench.py would shadow the `workbench` package (notebooks/_unshadow.py)
+        import _unshadow  # noqa: F401
+    except ModuleNotFoundError:  # loaded by its path, as the tests do: nothing shadows the package
+        pass
 
     import altair as alt
-    import gguf as gguf_py
+    import marimo as mo
     import polars as pl
     import torch
     import torch.nn.functional as F
 
-    from workbench import bench, charts
+    from workbench import bench, charts, lessons
     from workbench import trace as wtrace
+    from workbench.lessons import visible
     from workbench.model import BREAKS, Model, apply_rope, grouped_attention, rms_norm
     from workbench.quants import dequantize
     from workbench.session import Session
@@ -36,15 +28,13 @@ def _():
     # and one thread keeps the timings of section 5 steady on a busy machine.
     torch.set_num_threads(1)
 
-    def visible(piece: str) -> str:
-        """A token piece with its whitespace made visible: · for a space, ↵ for a newline, ⇥ for a tab."""
-        return piece.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥") or "∅"
-
-    return (BREAKS, F, Model, Session, alt, apply_rope, bench, charts, dequantize, gguf_py, grouped_attention,
-            math, mo, pl, rms_norm, torch, visible, wtrace)
+    # Heavy runs wait for their button in the editor; headless (`python notebooks/walkthrough.py`) they just run.
+    headless = not mo.running_in_notebook()
+    return (BREAKS, F, Model, Session, alt, apply_rope, bench, charts, dequantize, grouped_attention, headless,
+            lessons, mo, pl, rms_norm, torch, visible, wtrace)
 
 
-@app.cell
+@app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
     # How a decoder works, by watching one
@@ -86,7 +76,7 @@ def _(Model, mo):
     return MODEL_NAME, cfg, gguf, model, tok
 
 
-@app.cell
+@app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
     ## 1 · What is in a GGUF file
@@ -129,12 +119,8 @@ def _(cfg, gguf, mo, pl):
 
 
 @app.cell
-def _(gguf, mo, pl):
-    tensor_table = pl.DataFrame([
-        {"name": t.name, "type": t.type_name, "shape": " × ".join(map(str, t.shape)), "params": t.n_elements,
-         "bytes": t.n_bytes, "bits per param": 8 * t.n_bytes / t.n_elements}
-        for t in gguf.tensors.values()
-    ])
+def _(gguf, lessons, mo):
+    tensor_table = lessons.tensor_table(gguf)
     mo.vstack([
         mo.md("The tensor table (shapes in PyTorch order, rows × columns; GGUF itself lists dimensions "
               "fastest-first). `blk.N.` is block N; `*_exps` tensors stack every expert's matrix along a first "
@@ -145,18 +131,8 @@ def _(gguf, mo, pl):
 
 
 @app.cell
-def _(alt, gguf, gguf_py, mo, pl, tensor_table):
-    quant_table = (
-        tensor_table.group_by("type")
-        .agg(pl.len().alias("tensors"), pl.col("params").sum(), pl.col("bytes").sum())
-        .with_columns((8 * pl.col("bytes") / pl.col("params")).alias("bits per param"))
-        .sort("bits per param")
-    )
-    _blocks = {t.type_name: gguf_py.GGML_QUANT_SIZES[t.ggml_type] for t in gguf.tensors.values()}
-    quant_table = quant_table.with_columns(
-        pl.col("type").replace_strict({k: v[0] for k, v in _blocks.items()}, return_dtype=pl.Int64).alias("block weights"),
-        pl.col("type").replace_strict({k: v[1] for k, v in _blocks.items()}, return_dtype=pl.Int64).alias("block bytes"),
-    )
+def _(alt, gguf, lessons, mo, tensor_table):
+    quant_table = lessons.quant_table(gguf, tensor_table)
     _bars = alt.Chart(quant_table).mark_bar().encode(
         x=alt.X("type:N", sort=alt.EncodingSortField("bits per param")),
         y=alt.Y("bits per param:Q", title="bits per parameter"),
@@ -206,7 +182,7 @@ def _(alt, dequantize, gguf, mo, pl, tensor_pick, torch):
     return
 
 
-@app.cell
+@app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
     ## 2 · Tokens
@@ -312,7 +288,7 @@ def _(KINDS, gguf, mo, pl, tok, token_types, visible):
     return control_demo, control_tokens
 
 
-@app.cell
+@app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
     ## 3 · One decode step by hand
@@ -419,14 +395,8 @@ def _(cfg, embedding, hand, ids, mo, pos, tok, visible):
 
 
 @app.cell
-def _(alt, cfg, hand, hand_layer, mo, pl):
-    _r = hand[hand_layer.value]
-    _rows = []
-    for _name, _n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
-        for _stage, _t in (("pre", _r[_name]), ("post", _r[f"{_name}_normed"])):
-            _rms = _t[0].pow(2).mean(-1).sqrt().tolist()
-            _rows += [{"tensor": _name, "stage": _stage, "head": h, "rms": _rms[h]} for h in range(_n)]
-    qk_rms = pl.DataFrame(_rows)
+def _(alt, cfg, hand, hand_layer, lessons, mo, pl):
+    qk_rms = lessons.qk_rms(hand[hand_layer.value], cfg.n_heads, cfg.n_kv_heads)
     _charts = [
         alt.Chart(qk_rms.filter(pl.col("tensor") == _name)).mark_bar().encode(
             x=alt.X("head:O"), xOffset=alt.XOffset("stage:N", sort=["pre", "post"]), y=alt.Y("rms:Q", title="RMS"),
@@ -473,78 +443,60 @@ def _(cfg, hand, ids, mo, pos):
 
 
 @app.cell
-def _(alt, apply_rope, cfg, hand, hand_head, hand_layer, math, mo, model, pl, rope_pairs, rope_pos, torch):
-    _vec = hand[hand_layer.value]["q_normed"][0, hand_head.value]  # one head, [head_dim]
-    _p, _half = rope_pos.value, cfg.rope_dim // 2
-    _base, _scale = cfg.layer_rope_base(hand_layer.value), cfg.layer_rope_scale(hand_layer.value)
-    rotated = {}
-    _rows, _angle_rows = [], []
-    for _style in ("neox", "normal"):
-        _cos, _sin = model.rope_table(_base, _scale, _p + 1, _style)
-        _out = apply_rope(_vec[None, None, :], _cos[_p:_p + 1], _sin[_p:_p + 1], _style)[0, 0]
-        rotated[_style] = _out
-        for _i in range(_half):
-            _a, _b = (_i, _i + _half) if _style == "neox" else (2 * _i, 2 * _i + 1)
-            _before = (float(_vec[_a]), float(_vec[_b]))
-            _after = (float(_out[_a]), float(_out[_b]))
-            _turn = (math.atan2(_after[1], _after[0]) - math.atan2(_before[1], _before[0])) % (2 * math.pi)
-            _angle_rows.append({"style": _style, "pair": _i, "measured turn": _turn,
-                                "formula": (_p * _scale * _base ** (-2 * _i / cfg.rope_dim)) % (2 * math.pi)})
-            if _i < rope_pairs.value:
-                _dims = f"{_a}, {_b}"
-                _rows += [{"style": _style, "pair": _i, "dims": _dims, "when": "before", "x": _before[0], "y": _before[1], "o": 0.0},
-                          {"style": _style, "pair": _i, "dims": _dims, "when": "after", "x": _after[0], "y": _after[1], "o": 0.0}]
-    rope_rows = pl.DataFrame(_rows)
-    rope_angles = pl.DataFrame(_angle_rows)
-    _base_chart = alt.Chart(rope_rows)
-    _spokes = _base_chart.mark_rule(strokeWidth=2).encode(
+def _(cfg, hand, hand_head, hand_layer, lessons, model, rope_pairs, rope_pos):
+    rope_vec = hand[hand_layer.value]["q_normed"][0, hand_head.value]  # one head, [head_dim]
+    rotated, rope_angles = lessons.rope_turns(model, rope_vec, rope_pos.value, cfg.layer_rope_base(hand_layer.value),
+                                              cfg.layer_rope_scale(hand_layer.value), cfg.rope_dim)
+    rope_rows = lessons.rope_points(rope_angles, rope_pairs.value)
+    return rope_angles, rope_rows, rope_vec, rotated
+
+
+@app.cell
+def _(alt, rope_pairs, rope_pos, rope_rows):
+    _tooltip = ["pair", "dims", "when", alt.Tooltip("x:Q", format=".3f"), alt.Tooltip("y:Q", format=".3f")]
+    _spokes = alt.Chart(rope_rows).mark_rule(strokeWidth=2).encode(
         x=alt.X("o:Q", title="first dim of the pair"), y=alt.Y("o:Q", title="second dim"), x2="x:Q", y2="y:Q",
-        color=alt.Color("pair:N", scale=alt.Scale(scheme="category10")), strokeDash=alt.StrokeDash("when:N", sort=["after", "before"]),
-        tooltip=["pair", "dims", "when", alt.Tooltip("x:Q", format=".3f"), alt.Tooltip("y:Q", format=".3f")])
-    _dots = _base_chart.mark_point(filled=True, size=50).encode(
-        x="x:Q", y="y:Q", color="pair:N", shape=alt.Shape("when:N", sort=["before", "after"]),
-        tooltip=["pair", "dims", "when", alt.Tooltip("x:Q", format=".3f"), alt.Tooltip("y:Q", format=".3f")])
-    _planes = alt.layer(_spokes, _dots).properties(width=230, height=230).facet(
+        color=alt.Color("pair:N", scale=alt.Scale(scheme="category10")),
+        strokeDash=alt.StrokeDash("when:N", sort=["after", "before"]), tooltip=_tooltip)
+    _dots = alt.Chart(rope_rows).mark_point(filled=True, size=50).encode(
+        x="x:Q", y="y:Q", color="pair:N", shape=alt.Shape("when:N", sort=["before", "after"]), tooltip=_tooltip)
+    rope_planes = alt.layer(_spokes, _dots).properties(width=230, height=230).facet(
         column=alt.Column("style:N", sort=["neox", "normal"], title=None)).properties(
-        title=f"the first {rope_pairs.value} pairs at position {_p}, before (dashed) and after the rotation (hover for the dims)")
+        title=f"the first {rope_pairs.value} pairs at position {rope_pos.value}, before (dashed) and after the "
+              "rotation (hover for the dims)")
+    return (rope_planes,)
+
+
+@app.cell
+def _(alt, cfg, lessons, mo, pl, rope_angles, rope_planes, rope_pos, rope_vec, rotated):
     _angles = alt.Chart(rope_angles).mark_point(filled=True).encode(
         x=alt.X("pair:Q", title="pair i"), y=alt.Y("measured turn:Q", title="angle turned (rad, mod 2π)"),
         color=alt.Color("style:N"), shape=alt.Shape("style:N"),
         tooltip=["style", "pair", alt.Tooltip("measured turn:Q", format=".4f"), alt.Tooltip("formula:Q", format=".4f")],
     ) + alt.Chart(rope_angles.filter(pl.col("style") == "neox")).mark_line(color="#999", strokeDash=[3, 3]).encode(
         x="pair:Q", y="formula:Q")
-    _max_angle_err = float((rope_angles["measured turn"] - rope_angles["formula"]).abs()
-                           .map_elements(lambda d: min(d, 2 * math.pi - d), return_dtype=pl.Float64).max())
+    _p = rope_pos.value
     _style_gap = float((rotated["neox"] - rotated["normal"]).abs().max())
-    _norm_kept = float((rotated[cfg.rope_style].norm() - _vec.norm()).abs())
+    _norm_kept = float((rotated[cfg.rope_style].norm() - rope_vec.norm()).abs())
     mo.vstack([
-        _planes,
+        rope_planes,
         _angles.properties(width=480, height=180, title="angle each pair turned: measured from apply_rope's output (points) vs the formula (dashed)"),
         mo.md(f"""
-        Both styles turn pair i by the same angle (largest disagreement with the formula: {_max_angle_err:.1e} rad)
+        Both styles turn pair i by the same angle (largest disagreement with the formula: {lessons.angle_error(rope_angles):.1e} rad)
         and keep the vector's length (|Δ norm| = {_norm_kept:.1e}). What differs is *which dims* are paired, so
         the two results differ as vectors: max |neox − normal| = **{_style_gap:.4f}** at position {_p}
         {"(position 0 is not rotated at all, so the styles agree there — a style bug hides at position 0)" if _p == 0 else "(move the slider to 0: there the styles agree, which is why a style bug hides in a one-token test)"}.
         """),
     ])
-    return rope_angles, rope_rows, rotated
+    return
 
 
 @app.cell
-def _(alt, cfg, hand, hand_head, hand_layer, ids, mo, pieces, pl, pos, torch, visible):
-    _r = hand[hand_layer.value]
+def _(alt, cfg, hand, hand_head, hand_layer, lessons, mo, pieces, pl, pos):
     _group = cfg.n_heads // cfg.n_kv_heads
-    # The attention pattern itself (grouped_attention does not return it): scores of each query head against
-    # the keys of its KV head, softmax over positions. Its output must be what grouped_attention returned.
-    _rows, _check = [], 0.0
-    for _hd in range(cfg.n_heads):
-        _kvh = _hd // _group
-        _scores = (_r["q_rope"][0, _hd] @ _r["keys"][_kvh].T) * cfg.attn_scale  # [pos+1]
-        _probs = torch.softmax(_scores.float(), -1)
-        _check = max(_check, float((_probs @ _r["values"][_kvh] - _r["att"][0, _hd]).abs().max()))
-        _rows += [{"head": _hd, "key position": j, "piece": visible(pieces[j]) if j < len(pieces) else "",
-                   "weight": float(_probs[j])} for j in range(pos + 1)]
-    attention_pattern = pl.DataFrame(_rows)
+    # The pattern grouped_attention does not return, recomputed from the same tensors; _check: how well it
+    # reproduces grouped_attention's output.
+    attention_pattern, _check = lessons.attention_pattern(hand[hand_layer.value], _group, cfg.attn_scale, pieces)
     _heat = alt.Chart(attention_pattern).mark_rect().encode(
         x=alt.X("key position:O"), y=alt.Y("head:O"), color=alt.Color("weight:Q", scale=alt.Scale(scheme="blues")),
         tooltip=["head", "key position", "piece", alt.Tooltip("weight:Q", format=".3f")],
@@ -620,7 +572,7 @@ def _(alt, hand_logits, hand_next, mo, pl, pos, tok, torch, visible):
 
 
 @app.cell
-def _(cfg, hand, hand_logits, ids, model, pl, pos, torch):
+def _(hand, hand_logits, ids, lessons, model, pos, torch):
     # --- the same step through the engine ----------------------------------------------------------------
     captured = {}
 
@@ -638,21 +590,7 @@ def _(cfg, hand, hand_logits, ids, model, pl, pos, torch):
     by_hand_max_diff = max(by_hand_vs_cached, by_hand_vs_uncached)
     same_next_token = int(hand_logits.argmax()) == int(engine_logits.argmax()) == int(full_logits.argmax())
 
-    _points = {"attn.q": "q", "attn.k": "k", "attn.q_normed": "q_normed", "attn.k_normed": "k_normed",
-               "moe.router_logits": "router_logits", "resid_post": "resid_post"}
-    _rows = []
-    with torch.inference_mode():
-        for _i, _r in enumerate(hand):
-            for _point, _key in _points.items():
-                _name = f"blocks.{_i}.{_point}"
-                if _name in captured:
-                    _mine, _theirs = _r[_key].float(), captured[_name].float().reshape(_r[_key].shape)
-                    _rows.append({"capture point": _name, "shape": "×".join(map(str, captured[_name].shape)),
-                                  "max |by hand − engine|": float((_mine - _theirs).abs().max())})
-            _moe = model.moe(_r["h2"], _i, model.weights.layers[_i], None)  # the engine's MoE on our input
-            _rows.append({"capture point": f"Model.moe (layer {_i})", "shape": "×".join(map(str, _moe.shape)),
-                          "max |by hand − engine|": float((_moe - _r["moe_out"]).abs().max())})
-    probe_check = pl.DataFrame(_rows)
+    probe_check = lessons.probe_check(model, hand, captured)  # every capture point, and Model.moe on our input
     return (by_hand_max_diff, by_hand_vs_cached, by_hand_vs_uncached, captured, engine_logits, full_logits, probe_check,
             same_next_token)
 
@@ -677,7 +615,7 @@ def _(by_hand_max_diff, by_hand_vs_cached, by_hand_vs_uncached, engine_logits, m
     return
 
 
-@app.cell
+@app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
     ## 4 · The KV cache
@@ -766,7 +704,7 @@ def _(alt, kv_context, mo, pl):
     return Q30, qwen3_30b_kv_bytes_32k, qwen3_30b_kv_bytes_per_token
 
 
-@app.cell
+@app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
     ## 5 · Cached vs uncached
@@ -793,7 +731,7 @@ def _(cfg, mo):
 
 
 @app.cell
-def _(Session, bench, charts, mo, model, pl, speed_prompt, speed_steps):
+def _(Session, bench, charts, lessons, mo, model, speed_prompt, speed_steps):
     speed_ids = bench.bench_prompt(model, speed_prompt.value)  # fixed English text, exactly this many tokens
     speed_session = Session(model, speed_ids, path="both", context=len(speed_ids) + speed_steps.value + 1)
     with mo.status.progress_bar(total=speed_steps.value, title="Decoding on both paths", remove_on_exit=True) as _bar:
@@ -801,11 +739,6 @@ def _(Session, bench, charts, mo, model, pl, speed_prompt, speed_steps):
             speed_session.step()
             _bar.update()
     speed_trace = speed_session.trace()
-    _decode = speed_trace.tokens.filter(~pl.col("prefill"))
-    _ms = _decode.group_by("path").agg(
-        (pl.col("seconds").filter(pl.col("step") <= 4).median() * 1000).round(2).alias("ms, first 4 steps (median)"),
-        (pl.col("seconds").filter(pl.col("step") > pl.col("step").max() - 4).median() * 1000).round(2).alias("ms, last 4 steps (median)"),
-    ).sort("path")
     speedup_measured = charts.speedup(speed_trace.tokens)
     equiv_worst = float((speed_trace.equiv["max_abs_diff"] / speed_trace.equiv["max_abs_logit"]).max())
     equiv_argmax_all = bool(speed_trace.equiv["argmax_equal"].all())
@@ -815,41 +748,16 @@ def _(Session, bench, charts, mo, model, pl, speed_prompt, speed_steps):
             mo.stat(value=charts.fmt_speedup(speedup_measured), label="cached / uncached", caption="tokens/s, last 8 steps", bordered=True),
             mo.stat(value=f"{equiv_worst:.1e}", label="worst max|Δlogit| / max|logit|", caption=f"threshold {charts.EQUIV_THRESHOLD:g}", bordered=True),
             mo.stat(value="yes" if equiv_argmax_all else "no", label="same argmax at every step", bordered=True),
-            _ms,
+            lessons.step_ms(speed_trace.tokens),
         ], justify="start", wrap=True),
     ])
     return equiv_argmax_all, equiv_worst, speed_ids, speed_session, speed_trace, speedup_measured
 
 
 @app.cell
-def _(alt, bench, cfg, mo, model, pl):
-    SEED_BEFORE, SEED_AFTER = 0.5, 9.6  # tok/s, the aprender engine on Qwen3-Coder-30B-A3B, before/after its KV cache
+def _(mo):
     SWEEP_STEPS = 8
-    _sizes = [n for n in (16, 64, 128, 256, 448) if n + SWEEP_STEPS + 1 <= cfg.context_length]
-    _rows = []
-    with mo.status.progress_bar(total=len(_sizes), title="workbench.bench.run at several prompt lengths", remove_on_exit=True) as _bar:
-        for _j, _n in enumerate(_sizes):
-            # best of two runs per path, as benchmarks do: a busy machine only ever makes a run slower
-            _runs = bench.run(model, prompt_tokens=_n, steps=SWEEP_STEPS, warmup=_j == 0) + bench.run(model, prompt_tokens=_n, steps=SWEEP_STEPS, warmup=False)
-            _best = [max((r for r in _runs if r.path == _path), key=lambda r: r.tokens_per_s) for _path in ("cached", "uncached")]
-            _measured, _expected = bench.speedup(_best)
-            _rows += [{"prompt tokens": r.prompt_tokens, "path": r.path, "ms per token": r.ms_per_token,
-                       "tokens/s": r.tokens_per_s, "speedup": _measured, "expected speedup": _expected} for r in _best]
-            _bar.update()
-    speed_sweep = pl.DataFrame(_rows)
-    _ms = alt.Chart(speed_sweep).mark_line(point=True).encode(
-        x=alt.X("prompt tokens:Q"), y=alt.Y("ms per token:Q", scale=alt.Scale(type="log"), title="ms per generated token"),
-        color=alt.Color("path:N", scale=alt.Scale(domain=["cached", "uncached"], range=["#1f77b4", "#ff7f0e"])),
-        tooltip=["prompt tokens", "path", alt.Tooltip("ms per token:Q", format=".2f"), alt.Tooltip("tokens/s:Q", format=".1f")],
-    ).properties(width=300, height=180, title="cost per token vs context (workbench.bench.run)")
-    _ratio = speed_sweep.filter(pl.col("path") == "cached").unpivot(
-        index="prompt tokens", on=["speedup", "expected speedup"], variable_name="kind", value_name="x")
-    _sp = alt.Chart(_ratio).mark_line(point=True).encode(
-        x=alt.X("prompt tokens:Q"), y=alt.Y("x:Q", title="cached / uncached"),
-        strokeDash=alt.StrokeDash("kind:N", title=None, sort=["speedup", "expected speedup"], scale=alt.Scale(domain=["speedup", "expected speedup"], range=[[1, 0], [4, 3]])),
-        tooltip=["prompt tokens", "kind", alt.Tooltip("x:Q", format=".1f")],
-    ).properties(width=300, height=180, title="the speedup grows with the context")
-    _first, _last = _ratio.filter(pl.col("kind") == "speedup").sort("prompt tokens").row(0), _ratio.filter(pl.col("kind") == "speedup").sort("prompt tokens").row(-1)
+    sweep_button = mo.ui.run_button(label="Run the sweep")
     mo.vstack([
         mo.md(f"""
         Read the left chart from left to right: the uncached path's cost per token rises with the position (it
@@ -862,8 +770,41 @@ def _(alt, bench, cfg, mo, model, pl):
         **The speedup depends on the context.** An uncached step at position n costs about a prefill of n tokens,
         a cached step about one token, so their ratio grows with n. `workbench.bench.run` — what
         `workbench bench` prints — at several prompt lengths ({SWEEP_STEPS} steps each; best of two runs; "expected"
-        is the arithmetic from the measured prefill rate):
+        is the arithmetic from the measured prefill rate; a few seconds):
         """),
+        sweep_button,
+    ])
+    return SWEEP_STEPS, sweep_button
+
+
+@app.cell
+def _(SWEEP_STEPS, cfg, headless, lessons, mo, model, sweep_button):
+    mo.stop(not (sweep_button.value or headless), mo.md("*Press **Run the sweep** to measure.*"))
+    _sizes = [n for n in (16, 64, 128, 256, 448) if n + SWEEP_STEPS + 1 <= cfg.context_length]
+    with mo.status.progress_bar(total=len(_sizes), title="workbench.bench.run at several prompt lengths",
+                                remove_on_exit=True) as _bar:
+        speed_sweep = lessons.speed_sweep(model, _sizes, SWEEP_STEPS, on_size=_bar.update)
+    return (speed_sweep,)
+
+
+@app.cell
+def _(alt, mo, pl, speed_sweep):
+    SEED_BEFORE, SEED_AFTER = 0.5, 9.6  # tok/s, the aprender engine on Qwen3-Coder-30B-A3B, before/after its KV cache
+    _ms = alt.Chart(speed_sweep).mark_line(point=True).encode(
+        x=alt.X("prompt tokens:Q"), y=alt.Y("ms per token:Q", scale=alt.Scale(type="log"), title="ms per generated token"),
+        color=alt.Color("path:N", scale=alt.Scale(domain=["cached", "uncached"], range=["#1f77b4", "#ff7f0e"])),
+        tooltip=["prompt tokens", "path", alt.Tooltip("ms per token:Q", format=".2f"), alt.Tooltip("tokens/s:Q", format=".1f")],
+    ).properties(width=300, height=180, title="cost per token vs context (workbench.bench.run)")
+    _ratio = speed_sweep.filter(pl.col("path") == "cached").unpivot(
+        index="prompt tokens", on=["speedup", "expected speedup"], variable_name="kind", value_name="x")
+    _sp = alt.Chart(_ratio).mark_line(point=True).encode(
+        x=alt.X("prompt tokens:Q"), y=alt.Y("x:Q", title="cached / uncached"),
+        strokeDash=alt.StrokeDash("kind:N", title=None, sort=["speedup", "expected speedup"], scale=alt.Scale(domain=["speedup", "expected speedup"], range=[[1, 0], [4, 3]])),
+        tooltip=["prompt tokens", "kind", alt.Tooltip("x:Q", format=".1f")],
+    ).properties(width=300, height=180, title="the speedup grows with the context")
+    _measured = _ratio.filter(pl.col("kind") == "speedup").sort("prompt tokens")
+    _first, _last = _measured.row(0), _measured.row(-1)
+    mo.vstack([
         mo.hstack([_ms, _sp], justify="start", wrap=True),
         mo.md(f"""
         Here the ratio goes from about {_first[2] or float('nan'):.1f}× at {_first[0]} tokens to {_last[2] or float('nan'):.1f}× at {_last[0]}.
@@ -875,10 +816,10 @@ def _(alt, bench, cfg, mo, model, pl):
         context was, and on how much cheaper a batched prefill token is than a decode step on that machine.
         """),
     ])
-    return SEED_AFTER, SEED_BEFORE, SWEEP_STEPS, speed_sweep
+    return SEED_AFTER, SEED_BEFORE
 
 
-@app.cell
+@app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
     ## 6 · Mixture of experts
@@ -904,27 +845,21 @@ def _(mo):
 
 
 @app.cell
-def _(DEFAULT_PROMPT, MAX_PROMPT, Session, code_prompt, mo, model, pl, prose_prompt, tok):
+def _(DEFAULT_PROMPT, MAX_PROMPT, code_prompt, lessons, mo, model, prose_prompt, tok):
     MOE_STEPS = 24
     moe_traces, moe_sessions = {}, {}
     for _name, _text in (("code", code_prompt.value), ("prose", prose_prompt.value)):
         _ids = (tok.encode(_text) or tok.encode(DEFAULT_PROMPT))[:MAX_PROMPT]
-        _s = Session(model, _ids, path="cached", probes=True, context=len(_ids) + MOE_STEPS + 1)
-        for _ in range(MOE_STEPS):
-            _s.step()
+        _s = lessons.decode(model, _ids, MOE_STEPS, path="cached", probes=True)
         moe_sessions[_name], moe_traces[_name] = _s, _s.trace()
     # Load per expert: the share of all (token, rank) picks at each layer, prompt and generated tokens alike.
-    expert_load = pl.concat([
-        _t.routing.group_by("layer", "expert").len("picks").with_columns(
-            (pl.col("picks") / pl.col("picks").sum().over("layer")).alias("share"), pl.lit(_name).alias("prompt"))
-        for _name, _t in moe_traces.items()
-    ]).sort("prompt", "layer", "expert")
+    expert_load = lessons.expert_load(moe_traces)
     moe_layer = mo.ui.slider(start=0, stop=max(model.config.n_layers - 1, 1), value=0, label="layer", show_value=True)
     return MOE_STEPS, expert_load, moe_layer, moe_sessions, moe_traces
 
 
 @app.cell
-def _(alt, cfg, charts, expert_load, mo, moe_layer, moe_sessions, moe_traces, pl, tok, visible):
+def _(alt, cfg, expert_load, lessons, mo, moe_layer, moe_sessions, moe_traces, pl, tok, visible):
     _layer = min(moe_layer.value, cfg.n_layers - 1)
     _t, _s = moe_traces["code"], moe_sessions["code"]
     _per_token = _t.routing.filter(pl.col("layer") == _layer).with_columns(
@@ -942,18 +877,20 @@ def _(alt, cfg, charts, expert_load, mo, moe_layer, moe_sessions, moe_traces, pl
         color=alt.Color("prompt:N", scale=alt.Scale(domain=["code", "prose"], range=["#4c78a8", "#f58518"])),
         tooltip=["prompt", "expert", "picks", alt.Tooltip("share:Q", format=".3f")],
     ).properties(width=420, height=180, title=f"layer {_layer}: load per expert, code vs prose")
-    _uniform = 1 / cfg.n_experts
-    _summary = expert_load.group_by("prompt", "layer").agg(
-        pl.col("share").max().round(3).alias("busiest expert's share"),
-        (pl.lit(cfg.n_experts) - pl.len()).alias("experts never picked"),
-    ).sort("prompt", "layer")
-    _gap = (expert_load.pivot(on="prompt", index=["layer", "expert"], values="share").fill_null(0)
-            .with_columns((pl.col("code") - pl.col("prose")).abs().alias("gap")) if expert_load["prompt"].n_unique() == 2 else None)
-    _top_gap = _gap.sort("gap", descending=True).row(0, named=True) if _gap is not None and _gap.height else None
+    _summary = lessons.load_summary(expert_load, cfg.n_experts)
     mo.vstack([
         moe_layer,
         _heat,
         mo.hstack([_load, mo.vstack([mo.md("**Per prompt and layer**"), _summary])], justify="start", wrap=True),
+    ])
+    return
+
+
+@app.cell
+def _(cfg, charts, expert_load, lessons, mo, moe_traces):
+    _uniform = 1 / cfg.n_experts
+    _top_gap = lessons.largest_load_gap(expert_load)
+    mo.vstack([
         mo.md(f"""
         With perfectly even routing every expert would get {_uniform:.3f} of the picks. The largest difference
         between the two prompts is at layer {_top_gap['layer']}, expert {_top_gap['expert']}: {_top_gap['code']:.3f} of
@@ -968,7 +905,7 @@ def _(alt, cfg, charts, expert_load, mo, moe_layer, moe_sessions, moe_traces, pl
     return
 
 
-@app.cell
+@app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
     ## 7 · Break it on purpose
@@ -990,44 +927,19 @@ def _(mo):
 
 
 @app.cell
-def _(BREAKS, Session, charts, ids, mo, model, pl, visible, wtrace):
+def _(mo):
+    break_button = mo.ui.run_button(label="Run the clean run and every break")
+    break_button
+    return (break_button,)
+
+
+@app.cell
+def _(BREAKS, break_button, headless, ids, lessons, mo, model, pl):
+    mo.stop(not (break_button.value or headless), mo.md("*Press the button to run them (a few seconds).*"))
     BREAK_STEPS = 12
-    _stage = {"qk": 0, "routing": 1, "layers": 2, "kv": 3, "tokens": 4, "equiv": 5, "reference": 6}
-    _n_layers = model.config.n_layers
 
     def run_broken(breaks):
-        s = Session(model, ids, path="both", probes=True, breaks=frozenset(breaks), context=len(ids) + BREAK_STEPS + 1)
-        for _ in range(BREAK_STEPS):
-            s.step()
-        return s
-
-    def first_difference(broken, clean):
-        """The earliest frame difference between two traces, in forward-pass order."""
-        found = [(d.first["step"], d.first.get("layer", _n_layers), _stage[d.frame], d) for d in wtrace.diff(broken, clean) if d.first]
-        if not found:
-            return None
-        step, layer, _, d = min(found, key=lambda f: f[:3])
-        return {"frame": d.frame, "step": step, "layer": None if layer == _n_layers else layer, "column": d.first["column"],
-                "path": d.first.get("path")}
-
-    def invariant_alarm(t):
-        """What the trace says about itself, with no clean run: (frame, first step, what) or None."""
-        eq = t.equiv.filter((pl.col("max_abs_diff") / pl.col("max_abs_logit") > charts.EQUIV_THRESHOLD) | ~pl.col("argmax_equal"))
-        if eq.height:
-            return ("equiv", int(eq["step"].min()), "cached ≠ uncached")
-        sums = t.routing.group_by("step", "path", "position", "layer").agg(pl.col("weight").sum().alias("s"))
-        bad = sums.filter((pl.col("s") - 1).abs() > 1e-5)
-        if bad.height:
-            return ("routing", int(bad["step"].min()), f"top-k weights sum to {bad.sort('step')['s'][0]:.3f}, not 1")
-        used = t.routing.group_by("layer").agg(pl.col("expert").n_unique().alias("n"))
-        if used.height and int(used["n"].max()) == 1:
-            return ("routing", 0, "one expert for every token: routing collapsed")
-        qk = t.qk.pivot(on="stage", index=["step", "path", "layer", "head", "tensor"], values="rms")
-        if "post" in qk.columns:
-            same = qk.filter((pl.col("post") - pl.col("pre")).abs() <= 1e-6 * pl.col("pre").abs())
-            if same.height == qk.height and qk.height:
-                return ("qk", 0, "post-norm RMS = pre-norm RMS: the norm did nothing")
-        return None
+        return lessons.decode(model, ids, BREAK_STEPS, path="both", probes=True, breaks=frozenset(breaks))
 
     with mo.status.progress_bar(total=len(BREAKS) + 1, title="Clean run and one run per break", remove_on_exit=True) as _bar:
         clean_session = run_broken(())
@@ -1038,27 +950,9 @@ def _(BREAKS, Session, charts, ids, mo, model, pl, visible, wtrace):
             _s = run_broken((_name,))
             break_runs[_name] = (_s, _s.trace())
             _bar.update()
-    _clean_gen = clean_session.ids[len(ids):]
-    _rows = []
-    for _name, (_s, _t) in break_runs.items():
-        _gen = _s.ids[len(ids):]
-        _split = next((i for i, (a, b) in enumerate(zip(_gen, _clean_gen)) if a != b), None)
-        _first = first_difference(_t, clean_trace)
-        _alarm = invariant_alarm(_t)
-        _rows.append({
-            "break": _name, "what it does": BREAKS[_name],
-            "text (generated)": "|".join(visible(model.tokenizer.piece(t)) for t in _gen),
-            "tokens differ from step": _split,
-            "first difference vs clean": (f"{_first['frame']} · step {_first['step']}"
-                                          + (f" · layer {_first['layer']}" if _first['layer'] is not None else "")
-                                          + f" · {_first['column']}") if _first else "none",
-            "first frame": _first["frame"] if _first else None, "first step": _first["step"] if _first else None,
-            "invariant that fires": f"{_alarm[0]} at step {_alarm[1]}: {_alarm[2]}" if _alarm else "none — needs a reference",
-            "alarm frame": _alarm[0] if _alarm else None, "alarm step": _alarm[1] if _alarm else None,
-        })
-    break_report = pl.DataFrame(_rows)
-    return (BREAK_STEPS, break_report, break_runs, clean_session, clean_trace, first_difference, invariant_alarm,
-            run_broken)
+    break_report = pl.DataFrame([lessons.break_row(_name, BREAKS[_name], _run, (clean_session, clean_trace), len(ids))
+                                 for _name, _run in break_runs.items()])
+    return BREAK_STEPS, break_report, break_runs, clean_session, clean_trace, run_broken
 
 
 @app.cell
@@ -1116,7 +1010,7 @@ def _(alt, break_pick, break_report, break_runs, charts, clean_trace, mo, pl):
     return
 
 
-@app.cell
+@app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
     ## Where to go next

@@ -6,20 +6,17 @@ app = marimo.App(width="full", app_title="GGUF decode workbench")
 
 @app.cell
 def _():
+    try:  # first: this file would shadow the `workbench` package (notebooks/_unshadow.py says when and why)
+        import _unshadow  # noqa: F401
+    except ModuleNotFoundError:  # loaded by its path, as the tests do: nothing shadows the package
+        pass
+
     import html
     import io
     import os
-    import sys
-
-    import marimo as mo
-
-    # This file is notebooks/workbench.py: keep its own folder from shadowing the `workbench` package.
-    _here = os.path.abspath(str(mo.notebook_dir() or os.path.dirname(os.path.abspath(__file__))))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    if os.path.dirname(os.path.abspath(getattr(sys.modules.get("workbench"), "__file__", None) or "/")) == _here:
-        del sys.modules["workbench"]
 
     import altair as alt
+    import marimo as mo
     import polars as pl
     import torch
 

@@ -1,0 +1,260 @@
+"""What notebooks/walkthrough.py computes, apart from how it shows it: one function per table or check.
+
+The notebook arranges (sliders, charts, prose); these functions take the engine's objects and return frames,
+tensors and plain values, so that each can be read, tested and reused on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import gguf as gguf_py
+import polars as pl
+import torch
+
+from workbench import charts
+from workbench import trace as wtrace
+from workbench.bench import run as bench_run
+from workbench.bench import speedup as bench_speedup
+from workbench.model import Model, apply_rope
+from workbench.session import Session
+from workbench.trace import Trace
+
+# The order the forward pass computes the frames in: the first difference between two traces is the earliest
+# (step, layer, stage); `tokens` (the logits) and `equiv` come after every layer.
+STAGE_ORDER = {"qk": 0, "routing": 1, "layers": 2, "kv": 3, "tokens": 4, "equiv": 5, "reference": 6}
+
+
+def visible(piece: str) -> str:
+    """A token piece with its whitespace made visible: · for a space, ↵ for a newline, ⇥ for a tab."""
+    return piece.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+def decode(model: Model, ids: list[int], steps: int, **options: Any) -> Session:
+    """A Session over `ids` (options: path, probes, breaks, …) after `steps` steps; end-of-text does not stop it."""
+    session = Session(model, ids, context=len(ids) + steps + 1, **options)
+    for _ in range(steps):
+        session.step()
+    return session
+
+
+# ---- 1 · the GGUF file ------------------------------------------------------------------------------------
+
+def tensor_table(gguf) -> pl.DataFrame:
+    """One row per tensor of a GGUFFile: name, type, shape (PyTorch order), params, bytes, bits per param."""
+    return pl.DataFrame([
+        {"name": t.name, "type": t.type_name, "shape": " × ".join(map(str, t.shape)), "params": t.n_elements,
+         "bytes": t.n_bytes, "bits per param": 8 * t.n_bytes / t.n_elements}
+        for t in gguf.tensors.values()
+    ])
+
+
+def quant_table(gguf, tensors: pl.DataFrame) -> pl.DataFrame:
+    """One row per quant type in the file: tensors, params, bytes, bits per param, weights and bytes per block."""
+    table = (
+        tensors.group_by("type")
+        .agg(pl.len().alias("tensors"), pl.col("params").sum(), pl.col("bytes").sum())
+        .with_columns((8 * pl.col("bytes") / pl.col("params")).alias("bits per param"))
+        .sort("bits per param")
+    )
+    blocks = {t.type_name: gguf_py.GGML_QUANT_SIZES[t.ggml_type] for t in gguf.tensors.values()}
+    return table.with_columns(
+        pl.col("type").replace_strict({k: v[0] for k, v in blocks.items()}, return_dtype=pl.Int64).alias("block weights"),
+        pl.col("type").replace_strict({k: v[1] for k, v in blocks.items()}, return_dtype=pl.Int64).alias("block bytes"),
+    )
+
+
+# ---- 3 · one decode step by hand --------------------------------------------------------------------------
+
+def qk_rms(layer: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> pl.DataFrame:
+    """Per head of q and k: the RMS before (`pre`) and after (`post`) QK-norm, from one layer's tensors."""
+    rows = []
+    for name, n in (("q", n_heads), ("k", n_kv_heads)):
+        for stage, t in (("pre", layer[name]), ("post", layer[f"{name}_normed"])):
+            rms = t[0].pow(2).mean(-1).sqrt().tolist()  # t: [1, heads, head_dim] → [heads]
+            rows += [{"tensor": name, "stage": stage, "head": h, "rms": rms[h]} for h in range(n)]
+    return pl.DataFrame(rows)
+
+
+def rope_turns(model: Model, vec: torch.Tensor, pos: int, base: float, scale: float,
+               rope_dim: int) -> tuple[dict[str, torch.Tensor], pl.DataFrame]:
+    """One head's vector [head_dim] rotated to `pos` in both RoPE styles by `apply_rope`: the rotated vectors per
+    style, and per (style, pair) the two dims, their values before and after, the angle measured and the formula's."""
+    half = rope_dim // 2
+    rotated, rows = {}, []
+    for style in ("neox", "normal"):
+        cos, sin = model.rope_table(base, scale, pos + 1, style)
+        out = apply_rope(vec[None, None, :], cos[pos:pos + 1], sin[pos:pos + 1], style)[0, 0]  # [head_dim]
+        rotated[style] = out
+        for i in range(half):
+            a, b = (i, i + half) if style == "neox" else (2 * i, 2 * i + 1)
+            before, after = (float(vec[a]), float(vec[b])), (float(out[a]), float(out[b]))
+            turn = (math.atan2(after[1], after[0]) - math.atan2(before[1], before[0])) % (2 * math.pi)
+            rows.append({"style": style, "pair": i, "dims": f"{a}, {b}", "x0": before[0], "y0": before[1],
+                         "x1": after[0], "y1": after[1], "measured turn": turn,
+                         "formula": (pos * scale * base ** (-2 * i / rope_dim)) % (2 * math.pi)})
+    return rotated, pl.DataFrame(rows)
+
+
+def rope_points(turns: pl.DataFrame, n_pairs: int) -> pl.DataFrame:
+    """The first `n_pairs` pairs of `rope_turns` as points to draw: one row per (style, pair, before|after)."""
+    rows = []
+    for r in turns.filter(pl.col("pair") < n_pairs).iter_rows(named=True):
+        for when, x, y in (("before", r["x0"], r["y0"]), ("after", r["x1"], r["y1"])):
+            rows.append({"style": r["style"], "pair": r["pair"], "dims": r["dims"], "when": when, "x": x, "y": y, "o": 0.0})
+    return pl.DataFrame(rows)
+
+
+def angle_error(turns: pl.DataFrame) -> float:
+    """The largest gap between a measured turn and the formula's, the short way round the circle (rad)."""
+    return float((turns["measured turn"] - turns["formula"]).abs()
+                 .map_elements(lambda d: min(d, 2 * math.pi - d), return_dtype=pl.Float64).max())
+
+
+def attention_pattern(layer: dict[str, torch.Tensor], group: int, attn_scale: float,
+                      pieces: list[str]) -> tuple[pl.DataFrame, float]:
+    """The newest query's softmax weights per head over the cached keys (grouped_attention does not return them),
+    and the largest gap between those weights applied to the values and grouped_attention's own output."""
+    q, keys, values, att = layer["q_rope"], layer["keys"], layer["values"], layer["att"]  # keys: [kv, pos+1, d]
+    rows, check = [], 0.0
+    for head in range(q.shape[1]):
+        kv_head = head // group
+        probs = torch.softmax(((q[0, head] @ keys[kv_head].T) * attn_scale).float(), -1)  # [pos+1]
+        check = max(check, float((probs @ values[kv_head] - att[0, head]).abs().max()))
+        rows += [{"head": head, "key position": j, "piece": visible(pieces[j]) if j < len(pieces) else "",
+                  "weight": float(probs[j])} for j in range(keys.shape[1])]
+    return pl.DataFrame(rows), check
+
+
+# The by-hand tensors the engine's capture points are compared with: capture point → key in a layer's dict.
+PROBED = {"attn.q": "q", "attn.k": "k", "attn.q_normed": "q_normed", "attn.k_normed": "k_normed",
+          "moe.router_logits": "router_logits", "resid_post": "resid_post"}
+
+
+def probe_check(model: Model, hand: list[dict[str, torch.Tensor]], captured: dict[str, torch.Tensor]) -> pl.DataFrame:
+    """Per capture point (and Model.moe run on the by-hand input of each layer): max |by hand − engine|."""
+    rows = []
+    with torch.inference_mode():
+        for i, r in enumerate(hand):
+            for point, key in PROBED.items():
+                name = f"blocks.{i}.{point}"
+                if name in captured:
+                    mine, theirs = r[key].float(), captured[name].float().reshape(r[key].shape)
+                    rows.append({"capture point": name, "shape": "×".join(map(str, captured[name].shape)),
+                                 "max |by hand − engine|": float((mine - theirs).abs().max())})
+            moe = model.moe(r["h2"], i, model.weights.layers[i], None)  # the engine's MoE on our input
+            rows.append({"capture point": f"Model.moe (layer {i})", "shape": "×".join(map(str, moe.shape)),
+                         "max |by hand − engine|": float((moe - r["moe_out"]).abs().max())})
+    return pl.DataFrame(rows)
+
+
+# ---- 5 · cached vs uncached -------------------------------------------------------------------------------
+
+def step_ms(tokens: pl.DataFrame) -> pl.DataFrame:
+    """Per path, the median ms of the first 4 and of the last 4 decode steps of a `tokens` frame."""
+    decode_steps = tokens.filter(~pl.col("prefill"))
+    return decode_steps.group_by("path").agg(
+        (pl.col("seconds").filter(pl.col("step") <= 4).median() * 1000).round(2).alias("ms, first 4 steps (median)"),
+        (pl.col("seconds").filter(pl.col("step") > pl.col("step").max() - 4).median() * 1000).round(2)
+        .alias("ms, last 4 steps (median)"),
+    ).sort("path")
+
+
+def speed_sweep(model: Model, sizes: list[int], steps: int, on_size: Callable[[], None] = lambda: None) -> pl.DataFrame:
+    """`workbench.bench.run` at each prompt length, best of two runs per path (a busy machine only ever makes a run
+    slower): one row per (prompt tokens, path) with ms per token, tokens/s, and the measured and expected speedup."""
+    rows = []
+    for j, n in enumerate(sizes):
+        runs = (bench_run(model, prompt_tokens=n, steps=steps, warmup=j == 0)
+                + bench_run(model, prompt_tokens=n, steps=steps, warmup=False))
+        best = [max((r for r in runs if r.path == path), key=lambda r: r.tokens_per_s) for path in ("cached", "uncached")]
+        measured, expected = bench_speedup(best)
+        rows += [{"prompt tokens": r.prompt_tokens, "path": r.path, "ms per token": r.ms_per_token,
+                  "tokens/s": r.tokens_per_s, "speedup": measured, "expected speedup": expected} for r in best]
+        on_size()
+    return pl.DataFrame(rows)
+
+
+# ---- 6 · mixture of experts -------------------------------------------------------------------------------
+
+def expert_load(traces: dict[str, Trace]) -> pl.DataFrame:
+    """Per prompt, layer and expert: the picks and their share of all (token, rank) picks at that layer."""
+    return pl.concat([
+        t.routing.group_by("layer", "expert").len("picks").with_columns(
+            (pl.col("picks") / pl.col("picks").sum().over("layer")).alias("share"), pl.lit(name).alias("prompt"))
+        for name, t in traces.items()
+    ]).sort("prompt", "layer", "expert")
+
+
+def load_summary(load: pl.DataFrame, n_experts: int) -> pl.DataFrame:
+    """Per prompt and layer: the busiest expert's share and how many experts were never picked."""
+    return load.group_by("prompt", "layer").agg(
+        pl.col("share").max().round(3).alias("busiest expert's share"),
+        (pl.lit(n_experts) - pl.len()).alias("experts never picked"),
+    ).sort("prompt", "layer")
+
+
+def largest_load_gap(load: pl.DataFrame) -> dict | None:
+    """The (layer, expert) whose share differs most between the `code` and `prose` prompts, or None."""
+    if load["prompt"].n_unique() != 2:
+        return None
+    gap = (load.pivot(on="prompt", index=["layer", "expert"], values="share").fill_null(0)
+           .with_columns((pl.col("code") - pl.col("prose")).abs().alias("gap")))
+    return gap.sort("gap", descending=True).row(0, named=True) if gap.height else None
+
+
+# ---- 7 · break it on purpose ------------------------------------------------------------------------------
+
+def first_difference(broken: Trace, clean: Trace, n_layers: int) -> dict | None:
+    """The earliest frame difference between two traces, in forward-pass order (step, layer, stage), or None."""
+    found = [(d.first["step"], d.first.get("layer", n_layers), STAGE_ORDER[d.frame], d)
+             for d in wtrace.diff(broken, clean) if d.first]
+    if not found:
+        return None
+    step, layer, _, d = min(found, key=lambda f: f[:3])
+    return {"frame": d.frame, "step": step, "layer": None if layer == n_layers else layer, "column": d.first["column"],
+            "path": d.first.get("path")}
+
+
+def invariant_alarm(t: Trace) -> tuple[str, int, str] | None:
+    """What the trace says about itself, with no clean run: (frame, first step, what) or None."""
+    eq = t.equiv.filter((pl.col("max_abs_diff") / pl.col("max_abs_logit") > charts.EQUIV_THRESHOLD) | ~pl.col("argmax_equal"))
+    if eq.height:
+        return ("equiv", int(eq["step"].min()), "cached ≠ uncached")
+    sums = t.routing.group_by("step", "path", "position", "layer").agg(pl.col("weight").sum().alias("s"))
+    bad = sums.filter((pl.col("s") - 1).abs() > 1e-5)
+    if bad.height:
+        return ("routing", int(bad["step"].min()), f"top-k weights sum to {bad.sort('step')['s'][0]:.3f}, not 1")
+    used = t.routing.group_by("layer").agg(pl.col("expert").n_unique().alias("n"))
+    if used.height and int(used["n"].max()) == 1:
+        return ("routing", 0, "one expert for every token: routing collapsed")
+    qk = t.qk.pivot(on="stage", index=["step", "path", "layer", "head", "tensor"], values="rms")
+    if "post" in qk.columns:
+        same = qk.filter((pl.col("post") - pl.col("pre")).abs() <= 1e-6 * pl.col("pre").abs())
+        if same.height == qk.height and qk.height:
+            return ("qk", 0, "post-norm RMS = pre-norm RMS: the norm did nothing")
+    return None
+
+
+def break_row(name: str, what: str, broken: tuple[Session, Trace], clean: tuple[Session, Trace], n_prompt: int) -> dict:
+    """One row of the break report from a (session, trace) pair and the clean run's: the text it wrote, where its
+    tokens and its trace first part from the clean run's, and which invariant (if any) fires on its own trace."""
+    (session, trace), (clean_session, clean_trace) = broken, clean
+    gen, clean_gen = session.ids[n_prompt:], clean_session.ids[n_prompt:]
+    split = next((i for i, (a, b) in enumerate(zip(gen, clean_gen)) if a != b), None)
+    first = first_difference(trace, clean_trace, session.model.config.n_layers)
+    alarm = invariant_alarm(trace)
+    where = "none"
+    if first:
+        layer = f" · layer {first['layer']}" if first["layer"] is not None else ""
+        where = f"{first['frame']} · step {first['step']}{layer} · {first['column']}"
+    return {
+        "break": name, "what it does": what,
+        "text (generated)": "|".join(visible(session.model.tokenizer.piece(t)) for t in gen),
+        "tokens differ from step": split,
+        "first difference vs clean": where,
+        "first frame": first["frame"] if first else None, "first step": first["step"] if first else None,
+        "invariant that fires": f"{alarm[0]} at step {alarm[1]}: {alarm[2]}" if alarm else "none — needs a reference",
+        "alarm frame": alarm[0] if alarm else None, "alarm step": alarm[1] if alarm else None,
+    }
