@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from gguf import GGMLQuantizationType
+from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType
 
 from workbench.config import ModelConfig
 from workbench.errors import ModelError, UnsupportedError
@@ -139,6 +139,12 @@ class _Loader:
         return rows.transpose(-1, -2).contiguous()
 
 
+def _name(kind: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:
+    """The GGUF tensor name, from gguf-py's map: (ATTN_Q, 3) → 'blk.3.attn_q.weight'."""
+    base = TENSOR_NAMES[kind] if layer is None else TENSOR_NAMES[kind].format(bid=layer)
+    return f"{base}.{suffix}"
+
+
 def load_weights(
     gguf: GGUFFile, config: ModelConfig, device: torch.device, dtype: torch.dtype,
     progress: Callable[[int, int], None] | None = None, mode: str = "dequantized",
@@ -148,55 +154,56 @@ def load_weights(
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weights mode {mode!r} is not one of {WEIGHT_MODES}")
     c, ld = config, _Loader(gguf, device, dtype, mode)
+    E = MODEL_TENSOR  # gguf-py's tensor kinds; _name gives each its name in the file
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     layers = []
     for i in range(c.n_layers):
-        p = f"blk.{i}."
-        biases = [ld.tensor(p + f"attn_{x}.bias", (n,), required=False) for x, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
+        biases = [ld.tensor(_name(kind, i, "bias"), (n,), required=False)
+                  for kind, n in ((E.ATTN_Q, q_dim), (E.ATTN_K, kv_dim), (E.ATTN_V, kv_dim))]
         if any(b is not None for b in biases) and not all(b is not None for b in biases):
             raise ModelError(f"{gguf.path.name}: layer {i} has biases on some of Q, K, V but not all.")
         layer = LayerWeights(
-            attn_norm=ld.tensor(p + "attn_norm.weight", (c.hidden,), norm=True),
-            wqkv=ld.matrix([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
+            attn_norm=ld.tensor(_name(E.ATTN_NORM, i), (c.hidden,), norm=True),
+            wqkv=ld.matrix([_name(E.ATTN_Q, i), _name(E.ATTN_K, i), _name(E.ATTN_V, i)],
                            [(q_dim, c.hidden), (kv_dim, c.hidden), (kv_dim, c.hidden)]),
-            wo=ld.matrix([p + "attn_output.weight"], [(c.hidden, q_dim)]),
-            ffn_norm=ld.tensor(p + "ffn_norm.weight", (c.hidden,), norm=True),
+            wo=ld.matrix([_name(E.ATTN_OUT, i)], [(c.hidden, q_dim)]),
+            ffn_norm=ld.tensor(_name(E.FFN_NORM, i), (c.hidden,), norm=True),
             bqkv=torch.cat(biases) if biases[0] is not None else None,
         )
         if c.qk_norm:
-            layer.q_norm = ld.tensor(p + "attn_q_norm.weight", (c.head_dim,), norm=True)
-            layer.k_norm = ld.tensor(p + "attn_k_norm.weight", (c.head_dim,), norm=True)
+            layer.q_norm = ld.tensor(_name(E.ATTN_Q_NORM, i), (c.head_dim,), norm=True)
+            layer.k_norm = ld.tensor(_name(E.ATTN_K_NORM, i), (c.head_dim,), norm=True)
         if c.post_norms:
-            layer.post_attn_norm = ld.tensor(p + "post_attention_norm.weight", (c.hidden,), norm=True)
-            layer.post_ffn_norm = ld.tensor(p + "post_ffw_norm.weight", (c.hidden,), norm=True)
+            layer.post_attn_norm = ld.tensor(_name(E.ATTN_POST_NORM, i), (c.hidden,), norm=True)
+            layer.post_ffn_norm = ld.tensor(_name(E.FFN_POST_NORM, i), (c.hidden,), norm=True)
         if c.is_moe:
             e, f = c.n_experts, c.expert_ffn_hidden
-            layer.router = ld.tensor(p + "ffn_gate_inp.weight", (e, c.hidden)).t().contiguous()
-            layer.gate_up_exps = ld.matrix([p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight"], [(e, f, c.hidden)] * 2)
-            layer.down_exps = ld.matrix([p + "ffn_down_exps.weight"], [(e, c.hidden, f)])
+            layer.router = ld.tensor(_name(E.FFN_GATE_INP, i), (e, c.hidden)).t().contiguous()
+            layer.gate_up_exps = ld.matrix([_name(E.FFN_GATE_EXP, i), _name(E.FFN_UP_EXP, i)], [(e, f, c.hidden)] * 2)
+            layer.down_exps = ld.matrix([_name(E.FFN_DOWN_EXP, i)], [(e, c.hidden, f)])
         else:
-            layer.w_gate_up = ld.matrix([p + "ffn_gate.weight", p + "ffn_up.weight"], [(c.ffn_hidden, c.hidden)] * 2)
-            layer.w_down = ld.matrix([p + "ffn_down.weight"], [(c.hidden, c.ffn_hidden)])
+            layer.w_gate_up = ld.matrix([_name(E.FFN_GATE, i), _name(E.FFN_UP, i)], [(c.ffn_hidden, c.hidden)] * 2)
+            layer.w_down = ld.matrix([_name(E.FFN_DOWN, i)], [(c.hidden, c.ffn_hidden)])
         layers.append(layer)
         if progress is not None:
             progress(i + 1, c.n_layers + 1)
-    embd_shape, embd_raw = (c.vocab_size, c.hidden), None
-    output = ld.matrix(["output.weight" if not c.tied_output else "token_embd.weight"], [embd_shape])
-    embd_type = gguf.tensors["token_embd.weight"].ggml_type if "token_embd.weight" in gguf.tensors else None
+    embd, embd_shape, embd_raw = _name(E.TOKEN_EMBD), (c.vocab_size, c.hidden), None
+    output = ld.matrix([_name(E.TOKEN_EMBD if c.tied_output else E.OUTPUT)], [embd_shape])
+    embd_type = gguf.tensors[embd].ggml_type if embd in gguf.tensors else None
     if mode == "quantized" and embd_type is not None and embd_type not in _FLOAT_FILE_TYPES:
-        embd_raw, token_embd = (ld.raw("token_embd.weight", embd_shape), embd_type), None
+        embd_raw, token_embd = (ld.raw(embd, embd_shape), embd_type), None
     elif c.tied_output and isinstance(output, torch.Tensor):
         token_embd = None  # rows are read from the (dense) head
     else:  # untied, or (not seen in the wild) a float embedding under a quantized head: dense rows
-        token_embd = ld.tensor("token_embd.weight", embd_shape)
+        token_embd = ld.tensor(embd, embd_shape)
     if progress is not None:
         progress(c.n_layers + 1, c.n_layers + 1)
     return Weights(
         token_embd=token_embd,
-        output_norm=ld.tensor("output_norm.weight", (c.hidden,), norm=True),
+        output_norm=ld.tensor(_name(E.OUTPUT_NORM), (c.hidden,), norm=True),
         output=output,
         layers=layers,
-        rope_freqs=ld.tensor("rope_freqs.weight", (c.rope_dim // 2,), norm=True, required=False),
+        rope_freqs=ld.tensor(_name(E.ROPE_FREQS), (c.rope_dim // 2,), norm=True, required=False),
         dtype=dtype,
         embd_raw=embd_raw,
     )
