@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+from gguf import MODEL_TENSOR, GGMLQuantizationType, GGUFWriter, LlamaFileType
 
 from workbench.errors import InputError
-from workbench.tiny import TinySpec, tiny_vocab, write_metadata
+from workbench.tiny import TinySpec, tensor_plan, tiny_vocab, write_metadata
 
 Q4_K = GGMLQuantizationType.Q4_K
 _Q4_K_BYTES = 144  # per 256 values
@@ -80,20 +80,11 @@ SHAPES = {
 
 
 def _tensors(s: SyntheticShape) -> list[tuple[str, tuple[int, ...], str]]:
-    """(GGUF name, shape in torch order [.., out, in], kind) in llama.cpp's order."""
-    q, kv, h, f, e = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.hidden, s.expert_ffn, s.n_experts
-    out = [("token_embd.weight", (s.vocab, h), "matrix")]
-    for i in range(s.n_layers):
-        b = f"blk.{i}."
-        out += [
-            (b + "attn_norm.weight", (h,), "norm"), (b + "attn_q.weight", (q, h), "matrix"),
-            (b + "attn_k.weight", (kv, h), "matrix"), (b + "attn_v.weight", (kv, h), "matrix"),
-            (b + "attn_q_norm.weight", (s.head_dim,), "norm"), (b + "attn_k_norm.weight", (s.head_dim,), "norm"),
-            (b + "attn_output.weight", (h, q), "matrix"), (b + "ffn_norm.weight", (h,), "norm"),
-            (b + "ffn_gate_inp.weight", (e, h), "router"), (b + "ffn_gate_exps.weight", (e, f, h), "matrix"),
-            (b + "ffn_up_exps.weight", (e, f, h), "matrix"), (b + "ffn_down_exps.weight", (e, h, f), "matrix"),
-        ]
-    return out + [("output_norm.weight", (h,), "norm"), ("output.weight", (s.vocab, h), "matrix")]
+    """(GGUF name, shape in torch order [.., out, in], kind) in llama.cpp's order: tiny.py's qwen3moe plan."""
+    return [
+        (name, shape, "router" if kind == MODEL_TENSOR.FFN_GATE_INP else "norm" if len(shape) == 1 else "matrix")
+        for name, shape, kind, _layer in tensor_plan(s.arch, s.spec)
+    ]
 
 
 def _block_pool(rng: np.random.Generator) -> np.ndarray:
