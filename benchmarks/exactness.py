@@ -24,7 +24,8 @@ import time
 import polars as pl
 import torch
 
-from workbench.model import Model, describe_weights, set_threads
+from workbench.loading import describe_weights, set_threads
+from workbench.model import Model
 from workbench.reference import ReferenceEngine
 from workbench.session import Session
 

@@ -61,7 +61,7 @@ def bytes_per_token(model: Model, capacity: int) -> tuple[int, int]:
         per_layer += c.hidden * c.n_experts * 4  # router, float32
         expert = 3 * c.expert_ffn_hidden * c.hidden * el
         per_layer += c.n_experts_used * expert
-        if not model._grouped_mm and model.info.weights == "dequantized":  # the gathered copy: written, then read
+        if not model.grouped_mm and model.info.weights == "dequantized":  # the gathered copy: written, then read
             gather = c.n_layers * c.n_experts_used * expert * 2
     else:
         per_layer += 3 * c.ffn_hidden * c.hidden * el
@@ -170,7 +170,7 @@ def main() -> int:
         ("decode, uncached (32+ tokens per step)", f"{1 / step_u:.1f} tok/s"),
         ("bytes read per token", f"{read / 1e9:.2f} GB" + (f" (+ {gather / 1e9:.2f} GB of expert gather)" if gather else "")),
         ("MoE decode", "quantized experts, selected on the device one by one" if model.info.weights == "quantized"
-         else "grouped matmul over the expert stack" if model._grouped_mm else "gathered experts, batched matmul"),
+         else "grouped matmul over the expert stack" if model.grouped_mm else "gathered experts, batched matmul"),
         ("achieved bandwidth", f"{read / step_g / 1e9:.0f} GB/s"
          + (f" ({(read + gather) / step_g / 1e9:.0f} with the gather)" if gather else "")
          + (f" of {peak:.2f} TB/s peak" if peak else "")),

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_step_profile.py FILE.gguf [--replays 100] [--top 15]
 
-Loads FILE on CUDA, prefills 32 tokens, captures the decode step (model.DecodeGraph) and times `replays`
+Loads FILE on CUDA, prefills 32 tokens, captures the decode step (steps.DecodeGraph) and times `replays`
 back-to-back replays (no Session around them: what the GPU needs per token), then the same step eager. A
 torch.profiler pass over a few eager steps lists the kernels by GPU time and counts the launches per step:
 a step of a few thousand small kernels is bound by their count, not by memory bandwidth.
@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.model import DecodeGraph, Model  # noqa: E402
+from workbench.model import Model  # noqa: E402
+from workbench.steps import DecodeGraph  # noqa: E402
 
 
 def time_replays(graph: DecodeGraph, first: int, n: int) -> float:

@@ -21,7 +21,8 @@ def _():
     import torch
 
     from workbench import app_state, charts
-    from workbench.model import BREAKS, Model, default_threads, set_threads
+    from workbench.loading import default_threads, set_threads
+    from workbench.model import BREAKS, Model
     from workbench.models import DEFAULT_MODEL, bundled_names
     from workbench.session import Sampling, Session
     from workbench.trace import Trace

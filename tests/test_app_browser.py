@@ -109,7 +109,7 @@ def advance(nb, error_callout, session, n: int = 1):
     """The app's step cell as Step (n=1) or Step ×8 (n=8) runs it: (output, its text, the trace)."""
     import marimo as mo
 
-    from workbench.model import set_threads
+    from workbench.loading import set_threads
 
     output, defs = nb.advance.run(
         app_state=app_state, error_callout=error_callout, get_session=lambda: ("key", session), mo=mo,
@@ -190,7 +190,7 @@ def test_a_session_that_cannot_start_keeps_the_old_one(nb, error_callout, tiny_m
 def test_a_failed_load_keeps_the_model(nb, tiny_model):
     import marimo as mo
 
-    from workbench.model import set_threads
+    from workbench.loading import set_threads
 
     def broken(*args, **kwargs):
         raise OSError("the disk went away")

@@ -22,7 +22,7 @@ def _session_logits(model, graphs, steps=24, prompt=(1, 50, 60, 70)):
 def test_graph_steps_equal_eager_steps(arch, tiny_paths):
     model = Model.load(tiny_paths[arch], device="cuda", dtype="float32", weights="dequantized")
     ids_g, logits_g, s = _session_logits(model, graphs=True)
-    assert s._graph is not None  # the graph path really ran
+    assert s.static_step is not None  # the graph path really ran
     ids_e, logits_e, _ = _session_logits(model, graphs=False)
     assert ids_g == ids_e
     assert ((logits_g - logits_e).abs().amax(-1) <= 1e-4 * logits_e.abs().amax(-1)).all()
@@ -50,7 +50,7 @@ def test_cuda_quantized_matches_dequantized(arch, tiny_paths):
     s = Session(fast, ids, path="both", context=16)  # the cached steps replay a graph, quantized experts too
     for _ in range(4):
         s.step()
-    assert s._graph is not None
+    assert s.static_step is not None
     assert all(e["max_abs_diff"] <= fast.equivalence_tolerance * e["max_abs_logit"] for e in s.records.equiv)
 
 
@@ -59,17 +59,17 @@ def test_bf16_graph_session_with_probes_falls_back_to_eager(tiny_paths):
     s = Session(model, [1, 50, 60], path="both", probes=True, context=20)
     for _ in range(8):
         s.step()
-    assert s._graph is None
+    assert s.static_step is None
     assert all(e["argmax_equal"] for e in s.records.equiv)
 
 
 def test_bf16_moe_grouped_mm_graph_matches_gather_eager(tiny_paths):
     model = Model.load(tiny_paths["qwen3moe"], device="cuda", dtype="bfloat16", weights="dequantized")
-    grouped = model._grouped_mm
+    grouped = model.grouped_mm
     ids_g, logits_g, _ = _session_logits(model, graphs=True, steps=12)
-    model._grouped_mm = False
+    model.grouped_mm = False
     ids_e, logits_e, _ = _session_logits(model, graphs=False, steps=12)
-    model._grouped_mm = grouped
+    model.grouped_mm = grouped
     assert torch.nn.functional.cosine_similarity(logits_g, logits_e, dim=-1).min() >= 0.999
     assert ids_g[:4] == ids_e[:4]  # bf16 random tiny model: later steps may sit on near-ties
 
@@ -80,7 +80,7 @@ def test_compiled_graph_matches_eager(tiny_paths):
     s = Session(model, prompt, path="cached", context=20, compile=True)
     a = torch.stack([s.step().logits.float().cpu() for _ in range(10)])
     ids_e, b, _ = _session_logits(model, graphs=False, steps=10)
-    assert s._graph is not None and s.ids[len(prompt):] == ids_e
+    assert s.static_step is not None and s.ids[len(prompt):] == ids_e
     assert ((a - b).abs().amax(-1) <= 1e-4 * b.abs().amax(-1)).all()
 
 
@@ -96,7 +96,7 @@ def test_every_mix_of_types_on_cuda(arch, weights, tmp_path, monkeypatch):
     s = Session(gpu, [1, 50, 60, 70], path="both", context=16)
     for _ in range(6):
         s.step()
-    assert s._graph is not None
+    assert s.static_step is not None
     assert all(e["max_abs_diff"] <= gpu.equivalence_tolerance * e["max_abs_logit"] for e in s.records.equiv)
     cpu = Model.load(path, device="cpu", dtype="float32", weights=weights)
     ids = s.ids

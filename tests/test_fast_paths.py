@@ -154,7 +154,7 @@ def test_grouped_mm_moe_step_matches_gather(tiny_paths):
     prompt = [1, 50, 60, 70]
     out = {}
     for grouped in (False, True):
-        model._grouped_mm = grouped
+        model.grouped_mm = grouped
         cache = model.new_cache(16)
         model.forward(torch.tensor(prompt), 0, cache, last_only=True)
         out[grouped] = torch.stack([model.forward(torch.tensor([t]), 4 + j, cache)[-1] for j, t in enumerate((5, 9, 13, 2))])

@@ -16,7 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import MODEL_TENSOR as E
 
-from workbench import model as model_module
+from workbench import loading
 from workbench import tiny
 from workbench.cli import main
 from workbench.errors import InputError, NumericError, ResourceError
@@ -130,7 +130,7 @@ def test_every_mix_of_types_on_every_path(arch, tmp_path, monkeypatch):
 def test_auto_is_the_exact_path_where_it_fits(tiny_paths, monkeypatch):
     m = Model.load(tiny_paths["qwen3moe"], device="cpu")
     assert m.info.weights == "dequantized" and m.equivalence_tolerance == 1e-4
-    monkeypatch.setattr(model_module, "free_memory", lambda device: 1 << 20)  # 1 MiB free: does not fit
+    monkeypatch.setattr(loading, "free_memory", lambda device: 1 << 20)  # 1 MiB free: does not fit
     assert Model.load(tiny_paths["qwen3moe"], device="cpu").info.weights == "quantized"
 
 

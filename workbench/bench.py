@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from workbench.errors import InputError
-from workbench.model import Model, describe_weights
+from workbench.loading import describe_weights
+from workbench.model import Model
 from workbench.session import Session
 
 TEXT = (

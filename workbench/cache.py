@@ -40,23 +40,26 @@ class KVCache:
         """Positions filled in every layer (the last layer is written last)."""
         return self.lengths[-1]
 
+    def update(
+        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [T, n_kv_heads, head_dim] at `positions` ([T] long, on the device) and return the K, V a
+        step attends over [n_kv_heads, keys, head_dim]: the first `n_keys` positions (which become the layer's
+        length), or with n_keys None the whole cache, for the static step, whose shapes must not depend on the
+        position (its caller keeps the lengths: mark_filled; nothing here reads the position back)."""
+        if n_keys is not None and n_keys > self.capacity:
+            raise InputError(f"the context is full: position {n_keys - 1} does not fit a cache of {self.capacity} positions.")
+        self.keys[layer].index_copy_(1, positions, k.transpose(0, 1))
+        self.values[layer].index_copy_(1, positions, v.transpose(0, 1))
+        if n_keys is None:
+            return self.keys[layer], self.values[layer]
+        self.lengths[layer] = n_keys
+        return self.keys[layer][:, :n_keys], self.values[layer][:, :n_keys]
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [T, n_kv_heads, head_dim] at positions start..start+T; return the filled K, V views."""
-        end = start + k.shape[0]
-        if end > self.capacity:
-            raise InputError(f"the context is full: position {end - 1} does not fit a cache of {self.capacity} positions.")
-        self.keys[layer][:, start:end] = k.transpose(0, 1)
-        self.values[layer][:, start:end] = v.transpose(0, 1)
-        self.lengths[layer] = end
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
-
-    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one position's k, v [1, n_kv_heads, head_dim] at the position held by `pos` ([1] long, on the
-        device) and return the whole K, V: shapes that do not depend on the position (CUDA graphs). The
-        caller keeps `lengths` (mark_filled) and the position's range: nothing here reads it back."""
-        self.keys[layer].index_copy_(1, pos, k.transpose(0, 1))
-        self.values[layer].index_copy_(1, pos, v.transpose(0, 1))
-        return self.keys[layer], self.values[layer]
+        positions = torch.arange(start, start + k.shape[0], device=self.keys[layer].device)
+        return self.update(layer, positions, k, v, start + k.shape[0])
 
     def mark_filled(self, length: int) -> None:
         if length > self.capacity:

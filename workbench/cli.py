@@ -19,7 +19,8 @@ import torch
 from workbench.config import SUPPORTED_ARCHS, ModelConfig
 from workbench.errors import InputError, WorkbenchError
 from workbench.gguf_file import GGUFFile
-from workbench.model import BREAKS, Model, describe_weights, set_threads
+from workbench.loading import describe_weights, set_threads
+from workbench.model import BREAKS, Model
 from workbench.models import bundled_names, resolve
 
 

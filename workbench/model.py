@@ -11,10 +11,9 @@ point (`blocks.{i}.attn.q`, `.q_normed`, `.k`, `.k_normed`, `blocks.{i}.moe.rout
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,12 +21,12 @@ import torch.nn.functional as F
 
 from workbench.cache import KVCache
 from workbench.config import ModelConfig
-from workbench.errors import InputError, ModelError, ResourceError, UnsupportedError
+from workbench.errors import InputError
 from workbench.gguf_file import GGUFFile
-from workbench.models import resolve
-from workbench.qmatmul import QuantExperts, QuantMatrix, expert, matmul
+from workbench.loading import LoadInfo, equivalence_tolerance, load_parts
+from workbench.qmatmul import expert, matmul
 from workbench.tokenizer import Tokenizer
-from workbench.weights import WEIGHT_MODES, LayerWeights, Matrix, Weights, load_weights
+from workbench.weights import LayerWeights, Matrix, Weights
 
 Probe = Callable[[str, torch.Tensor], None]
 
@@ -43,107 +42,25 @@ BREAKS = {
     "head-dim-from-hidden": "derive head_dim as hidden / heads for the attention scale and RoPE width",
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """auto → cuda, else mps, else cpu; an explicit device must exist on this machine."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise InputError(f"unknown device '{device}'; choose auto, cpu, cuda or mps.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device '{device}' was asked for, but this machine has no CUDA GPU (or torch is a CPU build).")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("device 'mps' was asked for, but Metal is not available here.")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto → float32 on CPU and MPS, bfloat16 on CUDA."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}.")
-    return DTYPES[dtype]
-
-
-# The share of the free memory (RAM for a CPU, VRAM for a GPU) that dequantized matrices may take before
-# weights="auto" keeps them quantized instead: the rest is left for the KV cache, activations and the system.
-DEQUANTIZED_MEMORY_SHARE = {"cpu": 0.5, "cuda": 0.9}
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on `device` (RAM available to this process on a CPU), or None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as fh:
-                for line in fh:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None
-
-
-def resolve_weights(mode: str, device: torch.device, n_params: int, dtype: torch.dtype) -> str:
-    """auto → the exact form, dequantized matrices in the compute dtype, wherever they fit in
-    DEQUANTIZED_MEMORY_SHARE of the free memory; else quantized (4-bit planes, bfloat16 activations: faster
-    on a CPU but not exact, see qmatmul.py). An explicit mode is taken as asked."""
-    if mode in WEIGHT_MODES:
-        return mode
-    if mode != "auto":
-        raise InputError(f"unknown weights mode '{mode}'; choose auto, {', '.join(WEIGHT_MODES)}.")
-    free = free_memory(device)
-    if free is None:
-        return "dequantized"
-    share = DEQUANTIZED_MEMORY_SHARE.get(device.type, 0.5)
-    return "dequantized" if n_params * dtype.itemsize <= share * free else "quantized"
-
-
-def describe_weights(mode: str, dtype: torch.dtype) -> str:
-    """What a weights mode means for the numbers, in words (CLI, model card, trace metadata)."""
-    name = str(dtype).removeprefix("torch.")
-    if mode == "dequantized":
-        exact = "exact" if dtype == torch.float32 else f"{name} rounding"
-        return f"dequantized: {name} matrices, {name} activations ({exact})"
-    return "quantized: 4-bit planes with bfloat16 activations (fast, not exact: ~1e-2 of max |logit|)"
-
-
-def default_threads() -> int:
-    """Threads for torch's CPU kernels when none are asked for: one fewer than the cores this process may
-    use (at least one). torch's OpenMP threads spin waiting for each other: when a browser or a second job
-    takes one core of two, two threads decode several times slower than one (SmolLM2, 2-core EPYC: 7.1 vs
-    20.9 tok/s; 1.7 vs 62 was seen on a Xeon). The price on a quiet 2-core machine: one thread decodes
-    1.25× (dequantized) to 1.7× (quantized) slower than two there; ask for more with --threads."""
-    try:
-        n_cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n_cores = os.cpu_count() or 1
-    return max(1, n_cores - 1)
-
-
-def set_threads(n: int | None = None) -> int:
-    """Set torch's CPU thread count to `n`, or to default_threads() when None; returns it. With torch's OpenMP
-    build the count belongs to the calling OS thread (a new thread starts from the last count set anywhere), so
-    code that runs on several threads (the app's tabs) sets it before each load and step."""
-    if n is None:
-        n = default_threads()
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
-        raise InputError(f"threads must be a whole number from 1 to 1024, not {n!r}.")
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-    return n
+def break_config(config: ModelConfig, breaks: frozenset[str]) -> ModelConfig:
+    """The config a forward with `breaks` runs on: the correct one with the config-shaped bugs written in. Two
+    breaks are not a hyperparameter and stay named hooks in the forward pass: cache-off-by-one (Span.mask) and
+    moe-as-dense (Model.moe)."""
+    changes: dict = {}
+    if "skip-qk-norm" in breaks:
+        changes["qk_norm"] = False
+    if "rope-style-swap" in breaks:
+        changes["rope_style"] = "normal" if config.rope_style == "neox" else "neox"
+    if "rope-base-10k" in breaks:
+        changes["rope_base"] = 10000.0
+        changes["rope_base_local"] = 10000.0 if config.rope_base_local is not None else None
+    if "no-topk-renorm" in breaks:
+        changes["norm_topk"] = False
+    if "head-dim-from-hidden" in breaks:  # for the attention scale and the RoPE width; the tensors keep their shapes
+        derived = config.hidden // config.n_heads
+        changes["attn_scale"], changes["rope_dim"] = derived**-0.5, min(derived, config.rope_dim)
+    return replace(config, **changes) if changes else config
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -188,13 +105,55 @@ def grouped_attention(
     return out[0].transpose(0, 1)
 
 
-@dataclass
-class LoadInfo:
-    seconds: float
-    device: torch.device
-    dtype: torch.dtype
-    weight_bytes: int  # bytes of the tensors on the device
-    weights: str = "dequantized"  # the form of the matrices: one of WEIGHT_MODES
+class Span:
+    """The positions one forward computes over a cache, and what every layer derives from them, made once per
+    forward: RoPE rows per (base, scale, style, dims) and attention masks per window.
+
+    A dynamic span (`start` given) covers positions start..start+T and attends over the cache's first start+T
+    positions. The static step (`pos`, a [1] long device tensor; start None) holds its position as data and
+    attends over the whole cache under a mask: no shape depends on the position and nothing waits for the
+    device, so a CUDA graph can capture it (steps.DecodeGraph)."""
+
+    def __init__(self, model: Model, cache: KVCache, config: ModelConfig, breaks: frozenset[str], n_tokens: int,
+                 start: int | None, pos: torch.Tensor | None = None) -> None:
+        self.model, self.cache, self.config = model, cache, config
+        self.static = start is None
+        if self.static:
+            self.positions, self.n_keys = pos, None  # [1]; the whole cache
+        else:
+            self.positions = torch.arange(start, start + n_tokens, device=model.device)  # [T]
+            self.n_keys = start + n_tokens
+        # cache-off-by-one: a cached decode step (one token after others) does not see its own key
+        self.skip_own = "cache-off-by-one" in breaks and not self.static and n_tokens == 1 and start > 0
+        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[int | None, torch.Tensor | None] = {}
+
+    def rope(self, base: float, scale: float, style: str, rot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin rows [T, rot] of these positions (Model.rope_table)."""
+        key = (base, scale, style, rot)
+        if key not in self._rope:
+            n = self.cache.capacity if self.static else self.n_keys
+            cos, sin = self.model.rope_table(base, scale, n, style, rot)
+            if self.static:
+                self._rope[key] = cos.index_select(0, self.positions), sin.index_select(0, self.positions)
+            else:
+                first = self.n_keys - self.positions.shape[0]
+                self._rope[key] = cos[first : self.n_keys], sin[first : self.n_keys]
+        return self._rope[key]
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """[T, keys], True where a query may attend: causal, within `window` positions when the layer slides,
+        its own key hidden under cache-off-by-one. None (attend everywhere) for the common one-token step."""
+        if window not in self._masks:
+            T = self.positions.shape[0]
+            if not self.static and T == 1 and not self.skip_own and (window is None or self.n_keys <= window):
+                self._masks[window] = None
+            else:
+                keys = self.cache.positions if self.static else self.cache.positions[: self.n_keys]
+                delta = self.positions[:, None] - keys[None, :]  # [T, keys]: query position − key position
+                mask = delta >= (1 if self.skip_own else 0)
+                self._masks[window] = mask & (delta < window) if window is not None else mask
+        return self._masks[window]
 
 
 class Model:
@@ -204,45 +163,24 @@ class Model:
         self.gguf, self.config, self.tokenizer, self.weights, self.info = gguf, config, tokenizer, weights, info
         self.device, self.dtype = info.device, info.dtype
         self._rope_tables: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
-        # Decode-time MoE through torch._grouped_mm: bf16 on CUDA compute capability ≥ 9 (its fast kernel).
-        self._grouped_mm = (
+        # A public option: one-token MoE steps through torch._grouped_mm, on by default where its fast kernel is
+        # (bf16, CUDA compute capability ≥ 9); tests and benchmarks switch it off to compare with the gather.
+        self.grouped_mm = (
             config.is_moe and self.device.type == "cuda" and self.dtype == torch.bfloat16
             and hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(self.device)[0] >= 9
         )
         self._expert_ids = torch.arange(max(config.n_experts, 1), device=self.device)
+        self._configs: dict[frozenset[str], ModelConfig] = {}
 
     @classmethod
     def load(
         cls, model: str | Path, device: str = "auto", dtype: str = "auto",
         progress: Callable[[int, int], None] | None = None, weights: str = "auto",
     ) -> Model:
-        """A bundled name or a path → a model on the device. Raises WorkbenchError subclasses on bad input.
-        `progress(done, total)` follows the weights as they load (layer by layer). `weights`: auto,
-        dequantized (exact) or quantized (quantized matmuls, qmatmul.py; see resolve_weights)."""
+        """A bundled name or a path → a model on the device, warmed up (the policy: workbench/loading.py).
+        `weights`: auto, dequantized (exact) or quantized (quantized matmuls, qmatmul.py)."""
         t0 = time.perf_counter()
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
-        gguf = GGUFFile(resolve(model))
-        config = ModelConfig.from_gguf(gguf)
-        tokenizer = Tokenizer.from_metadata(gguf.metadata)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ModelError(
-                f"{gguf.path.name}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {config.vocab_size} rows."
-            )
-        mode = resolve_weights(weights, dev, gguf.n_params, dt)
-        try:
-            loaded = load_weights(gguf, config, dev, dt, progress, mode)
-        except RuntimeError as exc:
-            if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)):
-                raise
-            raise ResourceError(
-                f"{gguf.path.name} does not fit in the memory of {dev} as {mode} {str(dt).removeprefix('torch.')} "
-                "weights; try weights quantized, a smaller dtype or another device."
-            ) from None
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        n_bytes = sum(t.numel() * t.element_size() for t in _unique_tensors(loaded))
-        model = cls(gguf, config, tokenizer, loaded, LoadInfo(0.0, dev, dt, n_bytes, mode))
+        model = cls(*load_parts(model, device, dtype, progress, weights))
         model.warm_up()
         model.info.seconds = time.perf_counter() - t0
         return model
@@ -256,13 +194,8 @@ class Model:
 
     @property
     def equivalence_tolerance(self) -> float:
-        """How far (max |Δlogit| / max |logit|) the cached and uncached paths may drift apart with correct
-        code: float32 arithmetic throughout keeps them within 1e-4; bfloat16 on the way rounds differently for a
-        one-row step and a whole-sequence pass: quantized matmuls (bf16 activations, float32 elsewhere) measured
-        up to 1.6e-2 on the bundled models, a bf16/fp16 compute dtype more."""
-        if self.dtype != torch.float32:
-            return 1e-1  # bf16/fp16 activations through every layer: 4.9e-2 measured on a 48-layer MoE (H200)
-        return 1e-4 if self.info.weights == "dequantized" else 4e-2
+        """The cached-vs-uncached bound for this model's arithmetic (loading.equivalence_tolerance)."""
+        return equivalence_tolerance(self.dtype, self.info.weights)
 
     @property
     def n_params(self) -> int:
@@ -329,8 +262,29 @@ class Model:
             self._rope_tables[key] = table
         return table
 
+    def config_with(self, breaks: frozenset[str]) -> ModelConfig:
+        """The config a forward with these breaks runs on (break_config, made once per set of breaks)."""
+        if not breaks:
+            return self.config
+        key = frozenset(breaks)
+        if key not in self._configs:
+            self._configs[key] = break_config(self.config, key)
+        return self._configs[key]
+
+    def rope_tables_for(self, capacity: int) -> list[torch.Tensor]:
+        """Grow every layer's RoPE table to `capacity` positions now and return the tables: a captured or compiled
+        static step reads these very tensors, so they must exist before it and not be replaced after."""
+        c = self.config
+        for i in range(c.n_layers):
+            self.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), capacity, c.rope_style)
+        return [t for table in self._rope_tables.values() for t in table]
+
     @torch.inference_mode()
-    def forward(
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """`compute` under inference mode: what every caller but a tracer uses (same arguments)."""
+        return self.compute(*args, **kwargs)
+
+    def compute(
         self,
         tokens: torch.Tensor,
         start: int,
@@ -340,7 +294,8 @@ class Model:
         breaks: frozenset[str] = frozenset(),
         pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [T, vocab] (float32) after each of tokens [T] at positions start..start+T-1.
+        """The forward pass: logits [T, vocab] (float32) after each of tokens [T] at positions start..start+T-1,
+        under the caller's grad mode (torch.compile traces this; inference_mode cannot be traced).
 
         With last_only, only the last position's logits are computed ([1, vocab]): prefill needs no more.
         `breaks` switches on deviations from BREAKS (empty: the correct forward).
@@ -352,16 +307,13 @@ class Model:
         c, w = self.config, self.weights
         if pos is None:
             self.check_token_ids(tokens)
-            positions = torch.arange(start, start + tokens.shape[0], device=self.device)
-        else:
-            positions = pos
+        span = Span(self, cache, self.config_with(breaks), breaks, tokens.shape[0], start if pos is None else None, pos)
         x = w.embed(tokens)
         if c.embed_scale != 1.0:
             x = x * c.embed_scale
-        memo: dict = {} if pos is not None else None  # static step: RoPE rows and masks shared by the layers
         for i, layer in enumerate(w.layers):
             h = rms_norm(x, layer.attn_norm, c.rms_eps)
-            a = self.attention(h, i, layer, cache, start, positions, probe, breaks, memo=memo)
+            a = self.attention(h, i, layer, span, probe)
             if layer.post_attn_norm is not None:
                 a = rms_norm(a, layer.post_attn_norm, c.rms_eps)
             x = x + a
@@ -377,80 +329,31 @@ class Model:
         x = rms_norm(x, w.output_norm, c.rms_eps)
         return matmul(x, w.output).float()
 
-    def attention(
-        self,
-        x: torch.Tensor,
-        i: int,
-        layer: LayerWeights,
-        cache: KVCache,
-        start: int,
-        positions: torch.Tensor,
-        probe: Probe | None,
-        breaks: frozenset[str] = frozenset(),
-        memo: dict | None = None,
-    ) -> torch.Tensor:
-        """One block's attention. `memo` (a dict per forward) marks the static-shape step: `positions` holds
-        the one position as a tensor, and RoPE rows and masks are computed once and shared by the layers."""
-        c = self.config
+    def attention(self, x: torch.Tensor, i: int, layer: LayerWeights, span: Span, probe: Probe | None) -> torch.Tensor:
+        """One block's attention over x [T, hidden]: Q, K, V → QK-norm → RoPE → the cache → GQA → output."""
+        c = span.config  # the model's config, with the config-shaped breaks applied
         T = x.shape[0]
         qkv = matmul(x, layer.wqkv)
         if layer.bqkv is not None:
             qkv = qkv + layer.bqkv
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        q = qkv[:, :q_dim].view(T, c.n_heads, c.head_dim)
-        k = qkv[:, q_dim : q_dim + kv_dim].view(T, c.n_kv_heads, c.head_dim)
+        q = qkv[:, :q_dim].view(T, c.n_heads, c.head_dim)  # [T, n_heads, head_dim]
+        k = qkv[:, q_dim : q_dim + kv_dim].view(T, c.n_kv_heads, c.head_dim)  # [T, n_kv_heads, head_dim]
         v = qkv[:, q_dim + kv_dim :].view(T, c.n_kv_heads, c.head_dim)
         if probe is not None:
             probe(f"blocks.{i}.attn.q", q)
             probe(f"blocks.{i}.attn.k", k)
-        qk = qkv[:, : q_dim + kv_dim].view(T, c.n_heads + c.n_kv_heads, c.head_dim)  # Q and K heads, one view
         if layer.q_norm is not None:
-            if "skip-qk-norm" not in breaks:
-                q = rms_norm(q, layer.q_norm, c.rms_eps)
-                k = rms_norm(k, layer.k_norm, c.rms_eps)
-                qk = torch.cat((q, k), dim=1)
+            if c.qk_norm:
+                q, k = rms_norm(q, layer.q_norm, c.rms_eps), rms_norm(k, layer.k_norm, c.rms_eps)
             if probe is not None:  # with the norm skipped, "normed" shows what the next stage really gets
                 probe(f"blocks.{i}.attn.q_normed", q)
                 probe(f"blocks.{i}.attn.k_normed", k)
-        end = start + T
-        base = 10000.0 if "rope-base-10k" in breaks else c.layer_rope_base(i)
-        style = c.rope_style
-        if "rope-style-swap" in breaks:
-            style = "normal" if style == "neox" else "neox"
-        scale, rot = c.attn_scale, c.rope_dim
-        if "head-dim-from-hidden" in breaks:
-            derived = c.hidden // c.n_heads
-            scale, rot = derived**-0.5, min(derived, c.rope_dim)
-        window = c.layer_window(i)
-        if memo is not None:  # one token at the position held by `positions`: every shape fixed by the cache
-            rope_key = (base, c.layer_rope_scale(i), style, rot)
-            if rope_key not in memo:
-                cos, sin = self.rope_table(base, rope_key[1], cache.capacity, style, rot)
-                memo[rope_key] = cos.index_select(0, positions), sin.index_select(0, positions)
-            cos, sin = memo[rope_key]
-            qk = apply_rope(qk, cos, sin, style)  # Q and K turn by the same angles: one rotation for both
-            q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
-            keys, values = cache.write_at(i, positions, k, v)  # the whole cache [n_kv_heads, capacity, head_dim]
-            if ("mask", window) not in memo:
-                delta = positions[:, None] - cache.positions[None, :]
-                mask = delta >= (1 if "cache-off-by-one" in breaks else 0)
-                memo["mask", window] = mask & (delta < window) if window is not None else mask
-            out = grouped_attention(q, keys, values, memo["mask", window], scale)
-            return matmul(out.reshape(T, c.n_heads * c.head_dim), layer.wo)
-        cos, sin = self.rope_table(base, c.layer_rope_scale(i), end, style, rot)
-        qk = apply_rope(qk, cos[start:end], sin[start:end], style)
+        cos, sin = span.rope(c.layer_rope_base(i), c.layer_rope_scale(i), c.rope_style, c.rope_dim)
+        qk = apply_rope(torch.cat((q, k), dim=1), cos, sin, c.rope_style)  # Q and K turn by the same angles
         q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
-        keys, values = cache.write(i, start, k, v)  # [n_kv_heads, end, head_dim]
-        if "cache-off-by-one" in breaks and T == 1 and start > 0:
-            keys, values = keys[:, :-1], values[:, :-1]
-        mask = None
-        if T > 1 or (window is not None and end > window):
-            kpos = torch.arange(keys.shape[1], device=x.device)
-            delta = positions[:, None] - kpos[None, :]  # [T, keys]: query position − key position
-            mask = delta >= 0
-            if window is not None:
-                mask &= delta < window
-        out = grouped_attention(q, keys, values, mask, scale)  # [T, n_heads, head_dim]
+        keys, values = span.cache.update(i, span.positions, k, v, span.n_keys)  # [n_kv_heads, keys, head_dim]
+        out = grouped_attention(q, keys, values, span.mask(c.layer_window(i)), c.attn_scale)  # [T, n_heads, head_dim]
         return matmul(out.reshape(T, c.n_heads * c.head_dim), layer.wo)
 
     def _gated(self, x: torch.Tensor, w_gate_up: Matrix, w_down: Matrix) -> torch.Tensor:
@@ -470,11 +373,11 @@ class Model:
         self, x: torch.Tensor, i: int, layer: LayerWeights, probe: Probe | None, breaks: frozenset[str] = frozenset()
     ) -> torch.Tensor:
         """Router softmax → top-k → renormalise (qwen3moe) → each chosen expert's SwiGLU → weighted sum."""
-        c = self.config
+        c = self.config_with(breaks)
         router_logits = (x @ layer.router).float()  # [T, n_experts]
         probs = torch.softmax(router_logits, dim=-1)
         weights, ids = torch.topk(probs, c.n_experts_used, dim=-1)  # [T, k]
-        if c.norm_topk and "no-topk-renorm" not in breaks:
+        if c.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
         if "moe-as-dense" in breaks:
             ids, weights = torch.zeros_like(ids[:, :1]), torch.ones_like(weights[:, :1])
@@ -482,11 +385,16 @@ class Model:
             probe(f"blocks.{i}.moe.router_logits", router_logits)
             probe(f"blocks.{i}.moe.topk_ids", ids)
             probe(f"blocks.{i}.moe.topk_weights", weights)
-        # How the chosen experts run depends on the form of BOTH stacks (a file may store gate/up dense and down
-        # block-quantized): batched gathers and grouped matmuls need dense stacks; otherwise each expert's
-        # matrices are taken one by one (qmatmul.expert), each in its own form.
+        return self.experts(x, layer, ids, weights)
+
+    def experts(self, x: torch.Tensor, layer: LayerWeights, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ over each row's chosen experts of weight × expert(x): x [T, hidden], ids and weights [T, k].
+
+        How they run depends on the form of BOTH stacks (a file may store gate/up dense and down
+        block-quantized): batched gathers and grouped matmuls need dense stacks; otherwise each expert's
+        matrices are taken one by one (qmatmul.expert), each in its own form."""
         dense = layer.dense_experts
-        if x.shape[0] == 1 and dense and self._grouped_mm:
+        if x.shape[0] == 1 and dense and self.grouped_mm:
             # One token on a Hopper-class GPU: a grouped matmul over the whole expert stack, whose groups are
             # the chosen experts (one row each, rows sorted by expert; `offs` ends each expert's rows), so
             # only the chosen experts' matrices are read, and nothing waits for the host.
@@ -522,114 +430,3 @@ class Model:
         return out
 
 
-def _unique_tensors(weights: Weights) -> list[torch.Tensor]:
-    """Every weight tensor once (a tensor shared by two fields counts once; a quantized matrix is its planes)."""
-    fields = [weights.token_embd, weights.output_norm, weights.output, weights.rope_freqs]
-    if weights.embd_raw is not None:
-        fields.append(weights.embd_raw[0])
-    for layer in weights.layers:
-        fields += list(vars(layer).values())
-    tensors = []
-    for t in fields:
-        if isinstance(t, (QuantMatrix, QuantExperts)):
-            tensors += t.tensors()
-        elif t is not None:
-            tensors.append(t)
-    return list({t.data_ptr(): t for t in tensors}.values())
-
-
-class _StaticStep:
-    """What DecodeGraph and CompiledStep share: the static-shape step's inputs as device tensors (token and
-    position, filled in per step), the RoPE tables grown to the whole cache before anything captures them, and
-    the per-step bookkeeping. Subclasses set `self._run`, which returns the logits [1, vocab]."""
-
-    def __init__(self, model: Model, cache: KVCache, position: int) -> None:
-        self.model, self.cache = model, cache
-        self.token = torch.zeros(1, dtype=torch.long, device=model.device)
-        self.pos = torch.full((1,), position, dtype=torch.long, device=model.device)
-        c = model.config
-        for i in range(c.n_layers):
-            model.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), cache.capacity, c.rope_style)
-        self._tables = list(model._rope_tables.values())  # a graph reads these very tensors: keep them alive
-
-    def _eager(self) -> torch.Tensor:
-        return self.model.forward(self.token, 0, self.cache, last_only=True, pos=self.pos)
-
-    def _compiled(self, options: dict | None = None) -> Callable[[], torch.Tensor]:
-        """The step through torch.compile (call it under torch.no_grad: inference_mode cannot be traced)."""
-        forward, model, cache = Model.forward.__wrapped__, self.model, self.cache
-        # A new cache means new tensors to guard on: start from a clean slate rather than pile up recompiles
-        # (the compiled code itself comes back from inductor's disk cache).
-        torch.compiler.reset()
-        return torch.compile(lambda: forward(model, self.token, 0, cache, last_only=True, pos=self.pos),
-                             dynamic=False, options=options or {})
-
-    def step(self, token: int, position: int) -> torch.Tensor:
-        """Logits [1, vocab] after `token` at `position` (a buffer the next step overwrites: copy to keep)."""
-        if position >= self.cache.capacity:
-            raise InputError(f"the context is full: position {position} does not fit a cache of {self.cache.capacity} positions.")
-        self.model.check_token_ids([token])
-        self.token.fill_(token)
-        self.pos.fill_(position)
-        logits = self._run()
-        self.cache.mark_filled(position + 1)
-        return logits
-
-
-class DecodeGraph(_StaticStep):
-    """One cached decode step captured as a CUDA graph and replayed per token.
-
-    Eager PyTorch launches a few dozen kernels per layer from Python; for a 48-layer MoE on an H100 that
-    launch time, not the GPU, bounds tokens/s. The static-shape step (`Model.forward(..., pos=)`) is captured
-    once per cache; each `step` copies the token and position into the graph's inputs and replays it.
-    Probes and breaks run the eager forward (they are Python at every capture point); a session uses this
-    only for the plain cached path on CUDA.
-    """
-
-    def __init__(self, model: Model, cache: KVCache, position: int, compiled: bool = False) -> None:
-        """Capture at `position`, the next position the cache will be written at (the capture's own writes
-        land there and are overwritten by the first real step). `compiled`: capture the torch.compile'd step
-        (inductor fuses the small elementwise kernels: fewer launches per token; compiling takes a minute)."""
-        if model.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
-        super().__init__(model, cache, position)
-        run, grad_mode = (self._compiled(), torch.no_grad) if compiled else (self._eager, torch.inference_mode)
-        side = torch.cuda.Stream(model.device)
-        side.wait_stream(torch.cuda.current_stream(model.device))
-        with torch.cuda.stream(side), grad_mode():
-            for _ in range(2):  # warm-up (and compilation): allocator and kernel selection outside the capture
-                run()
-        torch.cuda.current_stream(model.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), grad_mode():
-            self.logits = run()
-
-    def _run(self) -> torch.Tensor:
-        self.graph.replay()
-        return self.logits
-
-
-class CompiledStep(_StaticStep):
-    """One cached decode step compiled by torch.compile, for the CPU (inductor with its C++ wrapper).
-
-    Eager PyTorch spends about half of a small model's CPU decode step dispatching small ops from Python;
-    the compiled static-shape step (`Model.forward(..., pos=)`) runs them from generated C++. Compiling takes
-    about a minute the first time on 2 cores and seconds afterwards (inductor caches the result on disk).
-    Only the plain cached path uses it (probes and breaks run eagerly). In float32 its logits equal the eager
-    step's to float32 rounding (tested); with quantized weights, whose activations pass through bfloat16, the
-    fused kernels' other summation order moves them by bf16-sized steps (the bound cached vs uncached has).
-    """
-
-    def __init__(self, model: Model, cache: KVCache, position: int) -> None:
-        super().__init__(model, cache, position)
-        self._fn = self._compiled({"cpp_wrapper": True} if model.device.type == "cpu" else None)
-        try:
-            with torch.no_grad():
-                self._fn()  # compiles; writes position `position`, which the next step rewrites
-        except Exception as exc:  # noqa: BLE001 - no C++ compiler, an unsupported op, …: one sentence, not a trace
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise UnsupportedError(f"torch.compile could not build the decode step ({first}); run without compile.") from exc
-
-    def _run(self) -> torch.Tensor:
-        with torch.no_grad():
-            return self._fn()

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.errors import GGUFError, InputError, NumericError, ReferenceFailed, ResourceError
-from workbench.model import BREAKS, CompiledStep, DecodeGraph, Model, free_memory
+from workbench.loading import free_memory
+from workbench.model import BREAKS, Model
+from workbench.steps import StaticStep, fast_step
 from workbench.probes import StepProbe
 from workbench.trace import Recorder, Trace, versions
 
@@ -119,8 +121,8 @@ class Session:
     probes: bool = False
     breaks: frozenset[str] = frozenset()
     reference: str | None = None  # "llama.cpp" | "llama.cpp-f32" (reference.ENGINES): run it beside ours on the same tokens
-    cuda_graphs: bool = True  # plain cached decode steps on CUDA replay a captured graph (model.DecodeGraph)
-    compile: bool = False  # plain cached decode steps run torch.compile'd (CPU: model.CompiledStep, ~1 min once;
+    cuda_graphs: bool = True  # plain cached decode steps on CUDA replay a captured graph (steps.DecodeGraph)
+    compile: bool = False  # plain cached decode steps run torch.compile'd (CPU: steps.CompiledStep, ~1 min once;
     # CUDA: the compiled step inside the graph)
 
     def __post_init__(self) -> None:
@@ -155,7 +157,7 @@ class Session:
         self.records = Recorder()  # the trace frames' rows (trace.SCHEMAS)
         self.n_steps = 0
         self._reference = None
-        self._graph: DecodeGraph | CompiledStep | None = None
+        self.static_step: StaticStep | None = None  # the graph or compiled step plain cached steps run on, once built
         self.reference_error: str | None = None  # why the reference engine stopped, once it has
         if self.reference is not None:
             from workbench.reference import ReferenceEngine
@@ -197,18 +199,12 @@ class Session:
         first_row = start if rows.start is None else len(self.ids) - 1
         probe = StepProbe(rows, min(TOP_CANDIDATES, m.config.vocab_size)) if self.probes else None
         t0 = time.perf_counter()
-        graphable = path == "cached" and len(new) == 1 and probe is None and not self.breaks
-        fast = "compile" if self.compile else None
-        if m.device.type == "cuda":
-            fast = "graph" if self.cuda_graphs else None
-        if graphable and fast is not None:
-            if self._graph is None:
-                if fast == "graph":
-                    self._graph = DecodeGraph(m, cache, start, compiled=self.compile)
-                else:
-                    self._graph = CompiledStep(m, cache, start)
-                t0 = time.perf_counter()  # the capture or compilation is a one-off, not this step's time
-            logits = self._graph.step(new[0], start)[-1].clone()
+        static = path == "cached" and len(new) == 1 and probe is None and not self.breaks  # probes, breaks: eager
+        if static and self.static_step is None:
+            self.static_step = fast_step(m, cache, start, self.cuda_graphs, self.compile)
+            t0 = time.perf_counter()  # a capture or compilation is a one-off, not this step's time
+        if static and self.static_step is not None:
+            logits = self.static_step.step(new[0], start)[-1].clone()
         else:
             logits = m.forward(torch.tensor(new, device=m.device), start, cache, probe, last_only=True, breaks=self.breaks)[-1]
         if m.device.type == "cuda":
@@ -243,11 +239,11 @@ class Session:
         are rewritten by the next step, so its lengths are all that needs keeping)."""
         return {"n_ids": len(self.ids), "fed": self._fed, "n_steps": self.n_steps, "rng": self.generator.get_state(),
                 "records": {name: len(rows) for name, rows in vars(self.records).items()},
-                "cache": list(self.cache.lengths) if self.cache is not None else None, "graph": self._graph}
+                "cache": list(self.cache.lengths) if self.cache is not None else None, "static_step": self.static_step}
 
     def _restore(self, saved: dict) -> None:
         del self.ids[saved["n_ids"]:]
-        self._fed, self.n_steps, self._graph = saved["fed"], saved["n_steps"], saved["graph"]
+        self._fed, self.n_steps, self.static_step = saved["fed"], saved["n_steps"], saved["static_step"]
         self.generator.set_state(saved["rng"])
         for name, n in saved["records"].items():
             del getattr(self.records, name)[n:]
@@ -351,7 +347,7 @@ class Session:
 
     def run_meta(self) -> dict:
         """Everything a chart or a reader of the trace needs besides the frames."""
-        from workbench.model import describe_weights
+        from workbench.loading import describe_weights
 
         m = self.model
         return {
