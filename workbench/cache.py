@@ -14,6 +14,12 @@ import torch
 from workbench.errors import InputError
 
 
+def context_full(position: int, capacity: int) -> InputError:
+    """The one sentence for a position past the end of the context (the cache, a static step, a session)."""
+    return InputError(f"the context is full: position {position} does not fit a context of {capacity} positions; "
+                      "reset the session to go on.")
+
+
 class LayerStats(NamedTuple):
     """One layer's fill and size (the columns of the trace's kv frame after its step and path)."""
 
@@ -48,7 +54,7 @@ class KVCache:
         length), or with n_keys None the whole cache, for the static step, whose shapes must not depend on the
         position (its caller keeps the lengths: mark_filled; nothing here reads the position back)."""
         if n_keys is not None and n_keys > self.capacity:
-            raise InputError(f"the context is full: position {n_keys - 1} does not fit a cache of {self.capacity} positions.")
+            raise context_full(n_keys - 1, self.capacity)
         self.keys[layer].index_copy_(1, positions, k.transpose(0, 1))
         self.values[layer].index_copy_(1, positions, v.transpose(0, 1))
         if n_keys is None:
@@ -63,7 +69,7 @@ class KVCache:
 
     def mark_filled(self, length: int) -> None:
         if length > self.capacity:
-            raise InputError(f"the context is full: position {length - 1} does not fit a cache of {self.capacity} positions.")
+            raise context_full(length - 1, self.capacity)
         self.lengths = [length] * len(self.lengths)
 
     def layer_bytes(self, layer: int) -> tuple[int, int]:

@@ -20,14 +20,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.errors import GGUFError, InputError, NumericError, ReferenceFailed, ResourceError
+from workbench.cache import context_full
+from workbench.errors import (
+    GGUFError,
+    InputError,
+    NumericError,
+    ReferenceFailed,
+    ResourceError,
+)
 from workbench.loading import free_memory
 from workbench.model import BREAKS, Model
-from workbench.steps import StaticStep, fast_step
 from workbench.probes import StepProbe
+from workbench.steps import StaticStep, fast_step
+from workbench.trace import PATHS as ROW_PATHS
 from workbench.trace import Recorder, Trace, versions
 
-PATHS = ("cached", "uncached", "both")
+PATHS = (*ROW_PATHS, "both")  # what a session can run: one path, or both side by side
 TOP_CANDIDATES = 5
 MAX_SEED = 2**63 - 1  # torch.Generator takes 64-bit seeds; int64's range is what every tool agrees on
 KV_MEMORY_SHARE = 0.8  # the share of the free memory a session's KV caches may take
@@ -149,7 +157,7 @@ class Session:
             )
         self.capacity = capacity
         self.ids: list[int] = list(self.prompt_ids)
-        self.paths = ("cached", "uncached") if self.path == "both" else (self.path,)
+        self.paths = ROW_PATHS if self.path == "both" else (self.path,)
         self._check_kv_memory(capacity)
         self.cache = self.model.new_cache(capacity) if "cached" in self.paths else None
         self._fed = 0  # how many of self.ids the cached path has run through the model
@@ -221,7 +229,7 @@ class Session:
         the next step works. Raises InputError when the context is already full, NumericError when the logits
         are not finite (naming where NaN/Inf first appeared), ResourceError when memory runs out."""
         if len(self.ids) >= self.capacity:
-            raise InputError(f"the context is full ({self.capacity} positions); reset the session to go on.")
+            raise context_full(len(self.ids), self.capacity)
         saved = self._snapshot()
         try:
             return self._step()

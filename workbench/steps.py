@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import torch
 
-from workbench.cache import KVCache
-from workbench.errors import InputError, UnsupportedError
+from workbench.cache import KVCache, context_full
+from workbench.errors import UnsupportedError
 from workbench.model import Model
 
 FAST_STEPS = ("graph", "compile")  # what a plain cached decode step may run as, besides the eager forward
@@ -51,7 +51,7 @@ class StaticStep:
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits [1, vocab] after `token` at `position` (a buffer the next step overwrites: copy to keep)."""
         if position >= self.cache.capacity:
-            raise InputError(f"the context is full: position {position} does not fit a cache of {self.cache.capacity} positions.")
+            raise context_full(position, self.cache.capacity)
         self.model.check_token_ids([token])
         self.token.fill_(token)
         self.pos.fill_(position)
