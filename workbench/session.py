@@ -21,13 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.cache import context_full
-from workbench.errors import (
-    GGUFError,
-    InputError,
-    NumericError,
-    ReferenceFailed,
-    ResourceError,
-)
+from workbench.errors import GGUFError, InputError, NumericError, ReferenceFailed, ResourceError
 from workbench.loading import free_memory
 from workbench.model import BREAKS, Model
 from workbench.probes import StepProbe
