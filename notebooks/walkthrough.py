@@ -648,7 +648,7 @@ def _(Session, cfg, charts, ids, mo, model, pl):
     _trace = kv_session.trace()
     mo.vstack([
         mo.md(f"""
-        {charts.kv_arithmetic(cfg.as_dict(), _element, kv_session.cache.length)}
+        {charts.kv_arithmetic(_trace.meta, kv_session.cache.length)}
 
         That is the arithmetic; the cache of a real run agrees. The prompt's {len(ids)} positions arrive at once
         (the prefill), then one per step: after {KV_STEPS} steps the cache holds {kv_session.cache.length}
@@ -657,7 +657,8 @@ def _(Session, cfg, charts, ids, mo, model, pl):
         {kv_session.cache.capacity} positions. Layer 0's keys are a tensor of shape
         {list(kv_session.cache.keys[0].shape)}.
         """),
-        mo.hstack([charts.kv_growth(_trace.kv), charts.kv_positions(_trace.kv)], justify="start", wrap=True),
+        mo.hstack([charts.kv_growth(_trace.kv, _trace.meta["primary_path"]), charts.kv_positions(_trace.kv, _trace.meta["primary_path"])],
+                  justify="start", wrap=True),
     ])
     return KV_STEPS, kv_bytes_per_token, kv_formula_holds, kv_growth, kv_session
 
@@ -743,10 +744,10 @@ def _(Session, bench, charts, lessons, mo, model, speed_prompt, speed_steps):
     equiv_worst = float((speed_trace.equiv["max_abs_diff"] / speed_trace.equiv["max_abs_logit"]).max())
     equiv_argmax_all = bool(speed_trace.equiv["argmax_equal"].all())
     mo.vstack([
-        mo.hstack([charts.step_latency(speed_trace.tokens), charts.equivalence(speed_trace.equiv)], justify="start", wrap=True),
+        mo.hstack([charts.step_latency(speed_trace.tokens), charts.equivalence(speed_trace.equiv, speed_trace.meta["equiv_tolerance"])], justify="start", wrap=True),
         mo.hstack([
             mo.stat(value=charts.fmt_speedup(speedup_measured), label="cached / uncached", caption="tokens/s, last 8 steps", bordered=True),
-            mo.stat(value=f"{equiv_worst:.1e}", label="worst max|Δlogit| / max|logit|", caption=f"threshold {charts.EQUIV_THRESHOLD:g}", bordered=True),
+            mo.stat(value=f"{equiv_worst:.1e}", label="worst max|Δlogit| / max|logit|", caption=f"threshold {speed_trace.meta['equiv_tolerance']:g}", bordered=True),
             mo.stat(value="yes" if equiv_argmax_all else "no", label="same argmax at every step", bordered=True),
             lessons.step_ms(speed_trace.tokens),
         ], justify="start", wrap=True),
@@ -995,11 +996,12 @@ def _(alt, break_pick, break_report, break_runs, charts, clean_trace, mo, pl):
         x=alt.X("step:Q", axis=alt.Axis(tickMinStep=1, format="d")), y=alt.Y("relative gap:Q", scale=alt.Scale(type="log")),
         color=alt.Color("layer:O"), tooltip=["step", "layer", alt.Tooltip("broken:Q", format=".4f"), alt.Tooltip("clean:Q", format=".4f")],
     ).properties(width=320, height=180, title="|resid RMS broken − clean| / clean, per layer")
-    _panels = [_gap, charts.equivalence(_t.equiv)]
+    _panels = [_gap, charts.equivalence(_t.equiv, _t.meta["equiv_tolerance"])]
     if _row["alarm frame"] == "routing" or break_pick.value in ("moe-as-dense", "no-topk-renorm"):
-        _panels += [charts.routing_heatmap(_t.routing), charts.routing_last_token(_t.routing)]
+        _panels += [charts.routing_heatmap(_t.routing, _t.meta["primary_path"]), charts.routing_last_token(_t.routing, _t.meta["primary_path"])]
     if break_pick.value == "skip-qk-norm" or _row["alarm frame"] == "qk":
-        _panels += [charts.qk_heatmap(_t.qk, 0, "q"), charts.qk_heatmap(clean_trace.qk, 0, "q").properties(title="clean run, for comparison")]
+        _panels += [charts.qk_heatmap(_t.qk, 0, "q", path=_t.meta["primary_path"]),
+                    charts.qk_heatmap(clean_trace.qk, 0, "q", path=clean_trace.meta["primary_path"]).properties(title="clean run, for comparison")]
     mo.vstack([
         mo.md(f"""
         **{break_pick.value}** — {_row['what it does']}. First difference from the clean run:

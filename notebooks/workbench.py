@@ -266,7 +266,8 @@ def _(charts, mo, shown):
     mo.vstack([
         mo.md(f"## Generated text\n{_n} generated token(s) after a {len(shown.meta['prompt_ids'])}-token prompt; "
               "hover a token for its id, position, probability and the top-k alternatives."),
-        mo.Html(charts.token_html(shown.meta["prompt_pieces"], shown.meta["prompt_ids"], _tokens)),
+        mo.Html(charts.token_html(shown.meta["prompt_pieces"], shown.meta["prompt_ids"], _tokens,
+                                  charts.primary_path(shown.meta, _tokens))),
     ])
     return
 
@@ -274,13 +275,12 @@ def _(charts, mo, shown):
 @app.cell
 def _(charts, mo, shown):
     mo.stop(shown is None)
-    _cfg = shown.meta["config"]
     _kv = shown.kv
-    _length = int(_kv.filter(_kv["path"] == charts.primary_path(_kv))["length"].max() or 0) if _kv.height else 0
-    _element = {"float32": 4, "bfloat16": 2, "float16": 2}.get(shown.meta["dtype"], 4)
+    _path = charts.primary_path(shown.meta, _kv)
+    _length = int(_kv.filter(_kv["path"] == _path)["length"].max() or 0) if _kv.height else 0
     mo.vstack([
-        mo.md("## KV cache\n" + charts.kv_arithmetic(_cfg, _element, _length)),
-        mo.hstack([mo.ui.altair_chart(charts.kv_growth(_kv)), mo.ui.altair_chart(charts.kv_positions(_kv))], justify="start"),
+        mo.md("## KV cache\n" + charts.kv_arithmetic(shown.meta, _length)),
+        mo.hstack([mo.ui.altair_chart(charts.kv_growth(_kv, _path)), mo.ui.altair_chart(charts.kv_positions(_kv, _path))], justify="start"),
     ])
     return
 
@@ -297,7 +297,8 @@ def _(mo, shown):
 @app.cell
 def _(alt, charts, mo, qk_step, qk_tensor, shown):
     _selection = alt.selection_point(fields=["layer", "head"], name="cell")
-    qk_chart = mo.ui.altair_chart(charts.qk_heatmap(shown.qk, qk_step.value, qk_tensor.value, _selection))
+    qk_chart = mo.ui.altair_chart(charts.qk_heatmap(shown.qk, qk_step.value, qk_tensor.value, _selection,
+                                                   charts.primary_path(shown.meta, shown.qk)))
     return (qk_chart,)
 
 
@@ -311,7 +312,7 @@ def _(charts, mo, qk_chart, qk_step, qk_tensor, shown):
         mo.md(f"## QK norm\nRMS of each head's query and key vectors before (`pre`) and after (`post`) the per-head "
               f"RMSNorm.{_note}"),
         mo.hstack([qk_tensor, qk_step], justify="start"),
-        mo.hstack([qk_chart, mo.ui.altair_chart(charts.qk_over_steps(shown.qk, _layer, _head))], justify="start"),
+        mo.hstack([qk_chart, mo.ui.altair_chart(charts.qk_over_steps(shown.qk, _layer, _head, charts.primary_path(shown.meta, shown.qk)))], justify="start"),
     ])
     return
 
@@ -327,6 +328,7 @@ def _(mo, shown):
 @app.cell
 def _(charts, mo, route_layer, shown):
     _cfg = shown.meta["config"]
+    _path = charts.primary_path(shown.meta, shown.routing)
     if _cfg["n_experts"] == 0:
         _body = mo.md(f"This model ({shown.meta['arch']}) has no experts: every token goes through the same dense FFN.")
     elif shown.routing.is_empty():
@@ -334,9 +336,9 @@ def _(charts, mo, route_layer, shown):
     else:
         _body = mo.vstack([
             route_layer,
-            mo.hstack([mo.ui.altair_chart(charts.routing_histogram(shown.routing, route_layer.value, _cfg["n_experts"])),
-                       mo.ui.altair_chart(charts.routing_heatmap(shown.routing)),
-                       mo.ui.altair_chart(charts.routing_last_token(shown.routing))], justify="start", wrap=True),
+            mo.hstack([mo.ui.altair_chart(charts.routing_histogram(shown.routing, route_layer.value, _cfg["n_experts"], _path)),
+                       mo.ui.altair_chart(charts.routing_heatmap(shown.routing, _path)),
+                       mo.ui.altair_chart(charts.routing_last_token(shown.routing, _path))], justify="start", wrap=True),
         ])
     mo.vstack([mo.md(f"## Expert routing\n{_cfg['n_experts_used']} of {_cfg['n_experts']} experts per token."
                      if _cfg["n_experts"] else "## Expert routing"), _body])
@@ -361,10 +363,11 @@ def _(charts, mo, shown):
 @app.cell
 def _(charts, mo, shown):
     mo.stop(shown is None)
-    _tol = shown.meta.get("equiv_tolerance", charts.EQUIV_THRESHOLD)
+    _tol = shown.meta.get("equiv_tolerance")  # None: a trace written before the session recorded it
+    _bound = "the recorded tolerance (not recorded in this trace)" if _tol is None else f"{_tol:g}"
     mo.vstack([
         mo.md("## Equivalence\nThe uncached path is run on the tokens the cached path chose; their logits must agree to "
-              f"{_tol:g} × max |logit| (dashed) with the same argmax. That bound is 1e-4 in float32 with dequantized weights; "
+              f"{_bound} × max |logit| (dashed) with the same argmax. That bound is 1e-4 in float32 with dequantized weights; "
               "quantized weights (their matmuls take bf16 activations) loosen it to 4e-2 and a bf16/fp16 dtype to 1e-1: "
               "load with weights 'dequantized' and dtype float32 for the tight check."),
         mo.ui.altair_chart(charts.equivalence(shown.equiv, _tol)),
@@ -378,7 +381,7 @@ def _(charts, mo, shown):
     _bad = shown.first_bad_layer()
     _msg = (f"First non-finite value: step {_bad['step'][0]}, layer {_bad['first_bad_layer'][0]}." if _bad.height
             else "No NaN or Inf so far.")
-    mo.vstack([mo.md(f"## Layer health\n{_msg}"), mo.ui.altair_chart(charts.layer_health(shown.layers))])
+    mo.vstack([mo.md(f"## Layer health\n{_msg}"), mo.ui.altair_chart(charts.layer_health(shown.layers, charts.primary_path(shown.meta, shown.layers)))])
     return
 
 

@@ -39,7 +39,7 @@ def test_every_chart_has_data(trace):
         charts.qk_heatmap(trace.qk, 5, "q", alt.selection_point(fields=["layer", "head"])), charts.qk_over_steps(trace.qk, 1, 2),
         charts.routing_histogram(trace.routing, 1, n_experts), charts.routing_heatmap(trace.routing),
         charts.routing_last_token(trace.routing), charts.step_latency(trace.tokens), charts.tokens_per_s(trace.tokens),
-        charts.equivalence(trace.equiv), charts.layer_health(trace.layers),
+        charts.equivalence(trace.equiv, trace.meta["equiv_tolerance"]), charts.layer_health(trace.layers),
     ]
     for chart in built:
         assert _rows(chart) > 0, chart
@@ -47,7 +47,7 @@ def test_every_chart_has_data(trace):
 
 def test_empty_frames_give_a_message_not_an_error(trace):
     assert _rows(charts.reference(trace.reference)) == 1  # the "switch it on" message
-    assert _rows(charts.equivalence(trace.equiv.clear())) == 1
+    assert _rows(charts.equivalence(trace.equiv.clear(), trace.meta["equiv_tolerance"])) == 1
 
 
 def test_token_html_shows_every_token_with_its_alternatives(trace):
@@ -60,7 +60,7 @@ def test_token_html_shows_every_token_with_its_alternatives(trace):
 def test_speedup_and_kv_arithmetic(trace):
     assert charts.speedup(trace.tokens) > 0
     cfg = trace.meta["config"]
-    text = charts.kv_arithmetic(cfg, 4, 10)
+    text = charts.kv_arithmetic(trace.meta, 10)
     per_token = cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * 2 * 4
     assert f"{per_token:,} bytes per token" in text
 

@@ -1,7 +1,8 @@
 """Altair charts from trace frames: one function per chart, frames in, chart out (no engine calls here).
 
 Every builder takes the polars frames of a Trace (trace.py) and returns an `alt.Chart` (or a small layered /
-concatenated chart). The app and the walkthrough only arrange what these return.
+concatenated chart); what a chart needs from the run (the primary path, the equivalence tolerance, the KV
+sizes) it takes from the trace's metadata, where the session wrote it once. The app and the walkthrough only arrange what these return.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import math
 import altair as alt
 import polars as pl
 
-from workbench.config import ModelConfig
+from workbench.trace import PATHS
 
 WIDTH = 320
 HEIGHT = 180
-PATH_COLORS = alt.Scale(domain=["cached", "uncached"], range=["#1f77b4", "#ff7f0e"])
-EQUIV_THRESHOLD = 1e-4  # max |Δlogit| / max |logit| that cached vs uncached may reach in fp32
+PATH_COLORS = alt.Scale(domain=list(PATHS), range=["#1f77b4", "#ff7f0e"])
 
 
 def _count_x(field: str) -> alt.X:
@@ -25,14 +25,19 @@ def _count_x(field: str) -> alt.X:
     return alt.X(f"{field}:Q", axis=alt.Axis(tickMinStep=1, format="d"), title=field)
 
 
-def primary_path(frame: pl.DataFrame) -> str:
-    """The path whose rows a single-path chart shows: cached when the run has it."""
-    paths = set(frame["path"].unique().to_list()) if "path" in frame.columns and frame.height else set()
+def primary_path(meta: dict | None, frame: pl.DataFrame | None = None) -> str:
+    """The path whose rows a single-path chart shows: the one the session recorded (meta["primary_path"]).
+    A trace written before that key existed: cached when the frame has it, else the path it has."""
+    if meta and meta.get("primary_path"):
+        return meta["primary_path"]
+    paths = set(frame["path"].unique().to_list()) if frame is not None and "path" in frame.columns and frame.height else set()
     return "cached" if "cached" in paths or not paths else sorted(paths)[0]
 
 
-def _one_path(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.filter(pl.col("path") == primary_path(frame)) if frame.height else frame
+def _one_path(frame: pl.DataFrame, path: str | None) -> pl.DataFrame:
+    if not frame.height:
+        return frame
+    return frame.filter(pl.col("path") == (path or primary_path(None, frame)))
 
 
 def empty_chart(message: str) -> alt.Chart:
@@ -42,7 +47,7 @@ def empty_chart(message: str) -> alt.Chart:
 
 # --- generated text ---------------------------------------------------------------------------------------
 
-def token_html(prompt_pieces: list[str], prompt_ids: list[int], tokens: pl.DataFrame) -> str:
+def token_html(prompt_pieces: list[str], prompt_ids: list[int], tokens: pl.DataFrame, path: str | None = None) -> str:
     """The prompt and the generated tokens with visible boundaries; hovering a generated token shows its id,
     position, probability and the top-k alternatives (from the tokens frame's candidates)."""
     style = ("<style>#token-view{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.9}"
@@ -51,7 +56,7 @@ def token_html(prompt_pieces: list[str], prompt_ids: list[int], tokens: pl.DataF
              "#token-view .eos{background:#fde2e2}</style>")
     spans = [f'<span class="tok" title="{html.escape(f"prompt token {i} · id {t}")}">{_visible(p)}</span>'
              for i, (p, t) in enumerate(zip(prompt_pieces, prompt_ids))]
-    for row in _one_path(tokens).sort("step").iter_rows(named=True):
+    for row in _one_path(tokens, path).sort("step").iter_rows(named=True):
         tip = f"id {row['token_id']} · position {row['position']}"
         if row["top_ids"]:
             ids, probs = list(row["top_ids"]), list(row["top_probs"])
@@ -69,9 +74,9 @@ def _visible(piece: str) -> str:
 
 # --- KV cache -----------------------------------------------------------------------------------------------
 
-def kv_growth(kv: pl.DataFrame) -> alt.Chart:
+def kv_growth(kv: pl.DataFrame, path: str | None = None) -> alt.Chart:
     """Bytes held per layer over steps (stacked), with the cache's capacity as a rule."""
-    df = _one_path(kv)
+    df = _one_path(kv, path)
     if df.is_empty():
         return empty_chart("no steps yet")
     df = df.with_columns(((pl.col("k_bytes") + pl.col("v_bytes")) / 2**20).alias("MiB"))
@@ -87,9 +92,9 @@ def kv_growth(kv: pl.DataFrame) -> alt.Chart:
     return (area + rule).properties(width=WIDTH, height=HEIGHT, title="KV bytes per layer (stacked) vs capacity (dashed)")
 
 
-def kv_positions(kv: pl.DataFrame) -> alt.Chart:
+def kv_positions(kv: pl.DataFrame, path: str | None = None) -> alt.Chart:
     """Positions filled per layer at the latest step: every layer should hold the same number."""
-    df = _one_path(kv)
+    df = _one_path(kv, path)
     if df.is_empty():
         return empty_chart("no steps yet")
     last = df.filter(pl.col("step") == df["step"].max())
@@ -100,9 +105,10 @@ def kv_positions(kv: pl.DataFrame) -> alt.Chart:
 
 # --- QK norm --------------------------------------------------------------------------------------------------
 
-def qk_heatmap(qk: pl.DataFrame, step: int, tensor: str, selection: alt.Parameter | None = None) -> alt.Chart:
+def qk_heatmap(qk: pl.DataFrame, step: int, tensor: str, selection: alt.Parameter | None = None,
+               path: str | None = None) -> alt.Chart:
     """layer × head RMS of q or k, before and after the per-head norm, at one step."""
-    df = _one_path(qk).filter((pl.col("step") == step) & (pl.col("tensor") == tensor))
+    df = _one_path(qk, path).filter((pl.col("step") == step) & (pl.col("tensor") == tensor))
     if df.is_empty():
         return empty_chart("no QK statistics at this step")
     chart = alt.Chart(df).mark_rect().encode(
@@ -117,8 +123,8 @@ def qk_heatmap(qk: pl.DataFrame, step: int, tensor: str, selection: alt.Paramete
         title=f"{tensor}: RMS per layer × head at step {step} (click a cell)")
 
 
-def qk_over_steps(qk: pl.DataFrame, layer: int, head: int) -> alt.Chart:
-    df = _one_path(qk).filter((pl.col("layer") == layer) & (pl.col("head") == head))
+def qk_over_steps(qk: pl.DataFrame, layer: int, head: int, path: str | None = None) -> alt.Chart:
+    df = _one_path(qk, path).filter((pl.col("layer") == layer) & (pl.col("head") == head))
     if df.is_empty():
         return empty_chart(f"layer {layer}, head {head}: no data")
     df = df.with_columns((pl.col("tensor") + " " + pl.col("stage")).alias("series"))
@@ -130,9 +136,9 @@ def qk_over_steps(qk: pl.DataFrame, layer: int, head: int) -> alt.Chart:
 
 # --- Expert routing -------------------------------------------------------------------------------------------
 
-def routing_histogram(routing: pl.DataFrame, layer: int, n_experts: int) -> alt.Chart:
+def routing_histogram(routing: pl.DataFrame, layer: int, n_experts: int, path: str | None = None) -> alt.Chart:
     """How often each expert was picked at one layer, over all tokens so far."""
-    df = _one_path(routing).filter(pl.col("layer") == layer)
+    df = _one_path(routing, path).filter(pl.col("layer") == layer)
     counts = pl.DataFrame({"expert": list(range(n_experts))}).join(
         df.group_by("expert").len("picks"), on="expert", how="left").fill_null(0)
     return alt.Chart(counts).mark_bar().encode(
@@ -140,18 +146,18 @@ def routing_histogram(routing: pl.DataFrame, layer: int, n_experts: int) -> alt.
     ).properties(width=WIDTH, height=HEIGHT, title=f"expert picks at layer {layer}")
 
 
-def routing_heatmap(routing: pl.DataFrame) -> alt.Chart:
+def routing_heatmap(routing: pl.DataFrame, path: str | None = None) -> alt.Chart:
     """layer × expert pick counts over every step so far."""
-    df = _one_path(routing).group_by("layer", "expert").len("picks")
+    df = _one_path(routing, path).group_by("layer", "expert").len("picks")
     return alt.Chart(df).mark_rect().encode(
         x=alt.X("expert:O"), y=alt.Y("layer:O", sort="descending"),
         color=alt.Color("picks:Q", scale=alt.Scale(scheme="blues")), tooltip=[alt.Tooltip("layer"), alt.Tooltip("expert"), alt.Tooltip("picks")],
     ).properties(width=WIDTH, height=HEIGHT, title="picks per layer × expert (all steps)")
 
 
-def routing_last_token(routing: pl.DataFrame) -> alt.Chart:
+def routing_last_token(routing: pl.DataFrame, path: str | None = None) -> alt.Chart:
     """The top-k experts and their (renormalised) weights for the newest token, per layer."""
-    df = _one_path(routing)
+    df = _one_path(routing, path)
     last = df.filter(pl.col("step") == df["step"].max())
     last = last.filter(pl.col("position") == last["position"].max())
     return alt.Chart(last).mark_bar().encode(
@@ -203,9 +209,10 @@ def speedup(tokens: pl.DataFrame, last: int = 8) -> float | None:
 
 # --- Equivalence, layers, reference -----------------------------------------------------------------------------
 
-def equivalence(equiv: pl.DataFrame, threshold: float = EQUIV_THRESHOLD) -> alt.Chart:
+def equivalence(equiv: pl.DataFrame, threshold: float | None) -> alt.Chart:
     """max |Δlogit| / max |logit| per step (log scale), cached vs uncached, with the threshold the model's
-    arithmetic allows (Model.equivalence_tolerance; the fp32 one by default)."""
+    arithmetic allows as a dashed rule: the trace's meta["equiv_tolerance"] (workbench.loading.equivalence_tolerance);
+    None (a trace written before it was recorded): no rule."""
     if equiv.is_empty():
         return empty_chart("run with path 'both' to compare the paths")
     df = equiv.with_columns(
@@ -219,13 +226,15 @@ def equivalence(equiv: pl.DataFrame, threshold: float = EQUIV_THRESHOLD) -> alt.
     marks = alt.Chart(df).mark_point(filled=True, size=60).encode(
         x=alt.X("step:Q"), y=alt.Y("relative:Q"),
         color=alt.Color("argmax:N", scale=alt.Scale(domain=["same", "different"], range=["#2a9d8f", "#d62828"])))
-    rule = alt.Chart(pl.DataFrame({"threshold": [threshold]})).mark_rule(strokeDash=[4, 3], color="#c00").encode(y=alt.Y("threshold:Q"))
-    return (points + marks + rule).properties(width=WIDTH, height=HEIGHT, title="cached vs uncached logits per step")
+    layers = points + marks
+    if threshold is not None:
+        layers += alt.Chart(pl.DataFrame({"threshold": [threshold]})).mark_rule(strokeDash=[4, 3], color="#c00").encode(y=alt.Y("threshold:Q"))
+    return layers.properties(width=WIDTH, height=HEIGHT, title="cached vs uncached logits per step")
 
 
-def layer_health(layers: pl.DataFrame) -> alt.Chart:
+def layer_health(layers: pl.DataFrame, path: str | None = None) -> alt.Chart:
     """Residual RMS per layer per step; a red cross where a layer's output first holds NaN/Inf."""
-    df = _one_path(layers)
+    df = _one_path(layers, path)
     if df.is_empty():
         return empty_chart("no steps yet")
     df = df.with_columns(((pl.col("nan") + pl.col("inf")) > 0).alias("bad"),
@@ -251,9 +260,14 @@ def reference(ref: pl.DataFrame) -> alt.Chart:
     ).properties(width=WIDTH, height=HEIGHT, title="logits vs llama.cpp on the same tokens")
 
 
-def kv_arithmetic(config: dict, element_size: int, length: int) -> str:
-    """The memory arithmetic behind the KV chart, written out (markdown)."""
-    per_token = ModelConfig(**config).kv_bytes_per_token(element_size)  # the config's own formula
+def kv_arithmetic(meta: dict, length: int) -> str:
+    """The memory arithmetic behind the KV chart, written out (markdown), from what the trace recorded: the
+    config's layer and head counts, meta["kv_element_size"] and meta["kv_bytes_per_token"] (the session takes
+    both from the model: ModelConfig.kv_bytes_per_token of its compute dtype)."""
+    config, element_size, per_token = meta["config"], meta.get("kv_element_size"), meta.get("kv_bytes_per_token")
+    if element_size is None or per_token is None:  # a trace written before the session recorded them
+        return (f"{config['n_layers']} layers × {config['n_kv_heads']} KV heads per token; bytes per token: "
+                f"not recorded in this trace; {length} positions cached")
     return (f"{config['n_layers']} layers × {config['n_kv_heads']} KV heads × {config['head_dim']} head_dim × 2 (K and V) "
             f"× {element_size} bytes = **{per_token:,} bytes per token**; × {length} positions = "
             f"**{per_token * length / 2**20:.2f} MiB**")

@@ -13,7 +13,6 @@ import gguf as gguf_py
 import polars as pl
 import torch
 
-from workbench import charts
 from workbench import trace as wtrace
 from workbench.bench import run as bench_run
 from workbench.bench import speedup as bench_speedup
@@ -219,7 +218,7 @@ def first_difference(broken: Trace, clean: Trace, n_layers: int) -> dict | None:
 
 def invariant_alarm(t: Trace) -> tuple[str, int, str] | None:
     """What the trace says about itself, with no clean run: (frame, first step, what) or None."""
-    eq = t.equiv.filter((pl.col("max_abs_diff") / pl.col("max_abs_logit") > charts.EQUIV_THRESHOLD) | ~pl.col("argmax_equal"))
+    eq = t.equiv.filter((pl.col("max_abs_diff") / pl.col("max_abs_logit") > t.meta["equiv_tolerance"]) | ~pl.col("argmax_equal"))
     if eq.height:
         return ("equiv", int(eq["step"].min()), "cached ≠ uncached")
     sums = t.routing.group_by("step", "path", "position", "layer").agg(pl.col("weight").sum().alias("s"))

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from workbench.errors import InputError
 
+PATHS = ("cached", "uncached")  # the values a row's `path` column can hold (session.PATHS adds "both")
 SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "tokens": {"step": pl.Int32, "position": pl.Int32, "token_id": pl.Int64, "piece": pl.String, "path": pl.String,
                "seconds": pl.Float64, "tokens_per_s": pl.Float64, "n_tokens": pl.Int32, "prefill": pl.Boolean,
