@@ -19,7 +19,7 @@ from workbench.config import ModelConfig
 from workbench.errors import GGUFError, InputError, ModelError
 from workbench.gguf_file import GGUFFile
 from workbench.model import Model
-from workbench.tokenizer import Tokenizer, _spm_merges
+from workbench.tokenizer import Tokenizer, spm_merges
 
 from gguf_edit import copy_gguf
 from test_bad_input import cli_error, rewrite
@@ -311,7 +311,7 @@ def test_spm_merges_are_every_split_into_two_tokens():
         (-scores[i], i, cut, t[:cut], t[cut:])
         for t, i in token_to_id.items() for cut in range(1, len(t)) if t[:cut] in token_to_id and t[cut:] in token_to_id
     )
-    assert _spm_merges(token_to_id, scores) == [(left, right) for *_, left, right in naive]
+    assert spm_merges(token_to_id, scores) == [(left, right) for *_, left, right in naive]
 
 
 # --- 5. ids beyond the tokenizer --------------------------------------------------------------------------

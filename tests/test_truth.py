@@ -161,7 +161,7 @@ def test_changing_the_file_after_load_changes_nothing(tiny_paths, tmp_path, weig
 # --- a step is all or nothing -----------------------------------------------------------------------------
 
 def state(session: Session) -> tuple:
-    return (list(session.ids), session._fed, session.n_steps, {k: len(v) for k, v in vars(session.records).items()},
+    return (list(session.ids), session.n_fed, session.n_steps, {k: len(v) for k, v in vars(session.records).items()},
             list(session.cache.lengths) if session.cache else None)
 
 
@@ -321,7 +321,7 @@ def test_reference_crash_mid_session_turns_it_off(tiny_paths, capsys):
     m = Model.load(tiny_paths["llama"], device="cpu")
     session = Session(m, m.tokenizer.encode(PROMPT), reference="llama.cpp")
     session.step()
-    os.kill(session._reference.worker_pid, signal.SIGKILL)
+    os.kill(session.reference_engine.worker_pid, signal.SIGKILL)
     result = session.step()
     assert "crashed" in result.warning and "crashed" in session.reference_error
     session.step()

@@ -154,18 +154,18 @@ class Session:
         self.paths = ROW_PATHS if self.path == "both" else (self.path,)
         self._check_kv_memory(capacity)
         self.cache = self.model.new_cache(capacity) if "cached" in self.paths else None
-        self._fed = 0  # how many of self.ids the cached path has run through the model
+        self.n_fed = 0  # how many of self.ids the cached path has run through the model
         self.generator = torch.Generator().manual_seed(self.sampling.seed)
         self.records = Recorder()  # the trace frames' rows (trace.SCHEMAS)
         self.n_steps = 0
-        self._reference = None
+        self.reference_engine = None
         self.static_step: StaticStep | None = None  # the graph or compiled step plain cached steps run on, once built
         self.reference_error: str | None = None  # why the reference engine stopped, once it has
         if self.reference is not None:
             from workbench.reference import ReferenceEngine
 
             try:
-                self._reference = ReferenceEngine(self.reference, self.model, capacity)
+                self.reference_engine = ReferenceEngine(self.reference, self.model, capacity)
             except ReferenceFailed as exc:  # llama.cpp refused the file or crashed: decode on without it
                 self.reference_error = str(exc)
 
@@ -191,7 +191,7 @@ class Session:
         """One forward of `path` over what it has not seen yet; returns its logits and its probe."""
         m = self.model
         if path == "cached":
-            start, new = self._fed, self.ids[self._fed :]
+            start, new = self.n_fed, self.ids[self.n_fed :]
             cache = self.cache
             rows = slice(None)
         else:
@@ -213,7 +213,7 @@ class Session:
             torch.cuda.synchronize(m.device)
         seconds = time.perf_counter() - t0
         if path == "cached":
-            self._fed = len(self.ids)
+            self.n_fed = len(self.ids)
         self._record_kv(path, cache)
         return PathRun(logits, seconds, len(new)), probe, first_row
 
@@ -239,13 +239,13 @@ class Session:
     def _snapshot(self) -> dict:
         """What a step changes: restored by _restore when the step fails (the cache's bytes past its lengths
         are rewritten by the next step, so its lengths are all that needs keeping)."""
-        return {"n_ids": len(self.ids), "fed": self._fed, "n_steps": self.n_steps, "rng": self.generator.get_state(),
+        return {"n_ids": len(self.ids), "fed": self.n_fed, "n_steps": self.n_steps, "rng": self.generator.get_state(),
                 "records": {name: len(rows) for name, rows in vars(self.records).items()},
                 "cache": list(self.cache.lengths) if self.cache is not None else None, "static_step": self.static_step}
 
     def _restore(self, saved: dict) -> None:
         del self.ids[saved["n_ids"]:]
-        self._fed, self.n_steps, self.static_step = saved["fed"], saved["n_steps"], saved["static_step"]
+        self.n_fed, self.n_steps, self.static_step = saved["fed"], saved["n_steps"], saved["static_step"]
         self.generator.set_state(saved["rng"])
         for name, n in saved["records"].items():
             del getattr(self.records, name)[n:]
@@ -254,7 +254,7 @@ class Session:
 
     def _step(self) -> StepResult:
         step, position = self.n_steps, len(self.ids)
-        prefill = "cached" in self.paths and self._fed == 0
+        prefill = "cached" in self.paths and self.n_fed == 0
         runs: dict[str, PathRun] = {}
         probes: dict[str, tuple[StepProbe, int]] = {}
         for path in self.paths:
@@ -328,12 +328,12 @@ class Session:
             cosine = torch.nn.functional.cosine_similarity(a, b, dim=0)
             r.add("equiv", step=result.step, position=result.position, max_abs_diff=float(diff),
                   max_abs_logit=float(b.abs().max()), cosine=float(cosine), argmax_equal=bool(a.argmax() == b.argmax()))
-        if self._reference is not None:
+        if self.reference_engine is not None:
             fed = self.ids[:-1]  # the reference sees the same tokens our forward saw at this step
             try:
-                ref = self._reference.logits_after(fed)
+                ref = self.reference_engine.logits_after(fed)
             except ReferenceFailed as exc:  # it crashed or refused: our step stands, the reference is off
-                self._reference, self.reference_error = None, str(exc)
+                self.reference_engine, self.reference_error = None, str(exc)
                 result.warning = f"the {self.reference} reference is off: {exc}"
                 return
             ours = result.logits.float().cpu()

@@ -270,7 +270,7 @@ def _adjust_types_and_eog(
     return types, frozenset(eog)
 
 
-def _spm_merges(token_to_id: Mapping[str, int], scores: Sequence[float]) -> list[tuple[str, str]]:
+def spm_merges(token_to_id: Mapping[str, int], scores: Sequence[float]) -> list[tuple[str, str]]:
     """Every way to cut a vocabulary token into two vocabulary tokens, best-scoring whole first.
 
     llama.cpp's SPM tokenizer merges any adjacent pair whose concatenation is a token, preferring
@@ -425,7 +425,7 @@ class Tokenizer:
                     scores = [0.0] * n
                 elif any(math.isnan(score) for score in scores):  # ±inf still ranks; NaN makes the merge order arbitrary
                     raise ModelError("GGUF metadata tokenizer.ggml.scores holds NaN, so the merge order is undefined.")
-                bpe = models.BPE(vocab=token_to_id, merges=_spm_merges(token_to_id, scores),
+                bpe = models.BPE(vocab=token_to_id, merges=spm_merges(token_to_id, scores),
                                  byte_fallback=True, fuse_unk=False,
                                  unk_token=tokens[unk_id] if unk_id is not None else None)
                 backend = HFTokenizer(bpe)
