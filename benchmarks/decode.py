@@ -7,9 +7,9 @@
 For every model, in one process, on the same prompt ids (a fixed English paragraph, repeated, tokenized with
 the model's own GGUF tokenizer and cut to exactly --prompt-tokens; BOS included when the model adds one):
 
-* workbench           once per --weights mode: "workbench" is the quantized weights (the CPU default: 4-bit
-                      planes read by PyTorch's int4 kernel, qmatmul.py), "workbench-deq" the dequantized float32
-                      matrices (the exact path), "workbench-compiled" the quantized weights with the decode step
+* workbench           once per --weights mode: "workbench" is the quantized weights (4-bit planes read
+                      by PyTorch's int4 kernel, bfloat16 activations, qmatmul.py), "workbench-deq" the dequantized
+                      float32 matrices (the exact path, weights=auto's choice wherever it fits), "workbench-compiled" the quantized weights with the decode step
                       torch.compile'd (Session(compile=True); cached path only; the compilation, ~1 minute the
                       first time and seconds from inductor's disk cache, happens in the warm-up). The summary's
                       ratios use "workbench".
