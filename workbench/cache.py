@@ -7,11 +7,10 @@ and what that costs in bytes, which the probes report step by step.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from workbench.errors import InputError
+from workbench.frames import row_type
 
 
 def context_full(position: int, capacity: int) -> InputError:
@@ -20,14 +19,7 @@ def context_full(position: int, capacity: int) -> InputError:
                       "reset the session to go on.")
 
 
-class LayerStats(NamedTuple):
-    """One layer's fill and size (the columns of the trace's kv frame after its step and path)."""
-
-    layer: int
-    length: int  # positions filled
-    k_bytes: int  # bytes of K holding those positions
-    v_bytes: int
-    capacity_bytes: int  # K and V preallocated for the whole capacity
+LayerStats = row_type("kv")  # one layer's fill and size: layer, length, k_bytes, v_bytes, capacity_bytes
 
 
 class KVCache:
@@ -80,9 +72,12 @@ class KVCache:
 
     def layer_stats(self) -> list[LayerStats]:
         """Every layer's fill and size, in layer order."""
-        return [LayerStats(i, self.lengths[i], *self.layer_bytes(i),
-                           self.keys[i].numel() * self.keys[i].element_size() + self.values[i].numel() * self.values[i].element_size())
-                for i in range(len(self.lengths))]
+        stats = []
+        for i, (keys, values) in enumerate(zip(self.keys, self.values)):
+            k_bytes, v_bytes = self.layer_bytes(i)
+            stats.append(LayerStats(layer=i, length=self.lengths[i], k_bytes=k_bytes, v_bytes=v_bytes,
+                                    capacity_bytes=keys.numel() * keys.element_size() + values.numel() * values.element_size()))
+        return stats
 
     @property
     def capacity_bytes(self) -> int:

@@ -13,7 +13,7 @@ import math
 import altair as alt
 import polars as pl
 
-from workbench.trace import PATHS
+from workbench.frames import PATHS
 
 WIDTH = 320
 HEIGHT = 180

@@ -13,38 +13,19 @@ which makes the two paths' records comparable row for row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
+
+from workbench.frames import row_type
 
 
 QK_POINTS = ("attn.q", "attn.k", "attn.q_normed", "attn.k_normed")
 
 
-class QKRow(NamedTuple):
-    layer: int
-    head: int
-    tensor: str  # q | k
-    stage: str  # pre | post (the per-head norm)
-    rms: float
-    max_abs: float
-
-
-class RoutingRow(NamedTuple):
-    position: int
-    layer: int
-    rank: int
-    expert: int
-    weight: float
-    router_entropy: float  # nats
-
-
-class LayerRow(NamedTuple):
-    layer: int
-    resid_rms: float
-    resid_max_abs: float
-    nan: int
-    inf: int
+# Rows of the qk, routing and layers frames (their columns after step and path, declared in frames.SCHEMAS).
+QKRow = row_type("qk")  # layer, head, tensor (q|k), stage (pre|post the per-head norm), rms, max_abs
+RoutingRow = row_type("routing")  # position, layer, rank, expert, weight, router_entropy (nats)
+LayerRow = row_type("layers")  # layer, resid_rms, resid_max_abs, nan, inf
 
 
 @dataclass
@@ -125,17 +106,18 @@ class StepProbe:
                 j = 0
                 for tensor, stage, n_heads in heads:
                     for head in range(n_heads):
-                        record.qk.append(QKRow(layer, head, tensor, stage, rms[j], max_abs[j]))
+                        record.qk.append(QKRow(layer=layer, head=head, tensor=tensor, stage=stage, rms=rms[j], max_abs=max_abs[j]))
                         j += 1
         if resid is not None:
             for values in zip(resid_layers, host["resid_rms"], host["resid_max_abs"], host["nan"], host["inf"]):
                 layer, rms, max_abs, nan, inf = values
-                record.layers.append(LayerRow(layer, rms, max_abs, int(nan), int(inf)))
+                record.layers.append(LayerRow(layer=layer, resid_rms=rms, resid_max_abs=max_abs, nan=int(nan), inf=int(inf)))
         if topk is not None:
             for layer, experts, weights, entropies in zip(moe_layers, host["expert"], host["weight"], host["router_entropy"]):
                 for r, entropy in enumerate(entropies):
                     for rank, (expert, weight) in enumerate(zip(experts[r], weights[r])):
-                        record.routing.append(RoutingRow(first_row + r, layer, rank, int(expert), weight, entropy))
+                        record.routing.append(RoutingRow(position=first_row + r, layer=layer, rank=rank, expert=int(expert),
+                                                         weight=weight, router_entropy=entropy))
         if self._logits is not None:
             record.top_probs, record.top_ids = host["top_probs"], [int(t) for t in host["top_ids"]]
         return record

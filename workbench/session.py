@@ -26,7 +26,7 @@ from workbench.loading import free_memory
 from workbench.model import BREAKS, Model
 from workbench.probes import StepProbe
 from workbench.steps import StaticStep, fast_step
-from workbench.trace import PATHS as ROW_PATHS
+from workbench.frames import PATHS as ROW_PATHS
 from workbench.trace import Recorder, Trace, versions
 
 PATHS = (*ROW_PATHS, "both")  # what a session can run: one path, or both side by side

@@ -28,32 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workbench.errors import InputError
-
-PATHS = ("cached", "uncached")  # the values a row's `path` column can hold (session.PATHS adds "both")
-SCHEMAS: dict[str, dict[str, pl.DataType]] = {
-    "tokens": {"step": pl.Int32, "position": pl.Int32, "token_id": pl.Int64, "piece": pl.String, "path": pl.String,
-               "seconds": pl.Float64, "tokens_per_s": pl.Float64, "n_tokens": pl.Int32, "prefill": pl.Boolean,
-               "top_ids": pl.List(pl.Int64), "top_probs": pl.List(pl.Float64)},
-    "kv": {"step": pl.Int32, "path": pl.String, "layer": pl.Int32, "length": pl.Int32, "k_bytes": pl.Int64,
-           "v_bytes": pl.Int64, "capacity_bytes": pl.Int64},
-    "qk": {"step": pl.Int32, "path": pl.String, "layer": pl.Int32, "head": pl.Int32, "tensor": pl.String,
-           "stage": pl.String, "rms": pl.Float64, "max_abs": pl.Float64},
-    "routing": {"step": pl.Int32, "path": pl.String, "position": pl.Int32, "layer": pl.Int32, "rank": pl.Int32,
-                "expert": pl.Int32, "weight": pl.Float64, "router_entropy": pl.Float64},
-    "layers": {"step": pl.Int32, "path": pl.String, "layer": pl.Int32, "resid_rms": pl.Float64,
-               "resid_max_abs": pl.Float64, "nan": pl.Int64, "inf": pl.Int64},
-    "equiv": {"step": pl.Int32, "position": pl.Int32, "max_abs_diff": pl.Float64, "max_abs_logit": pl.Float64,
-              "cosine": pl.Float64, "argmax_equal": pl.Boolean},
-    "reference": {"step": pl.Int32, "position": pl.Int32, "engine": pl.String, "cosine": pl.Float64,
-                  "top1_equal": pl.Boolean, "ours_top5": pl.List(pl.Int64), "ref_top5": pl.List(pl.Int64)},
-}
-# The columns that identify an observation (for joining two traces); the rest are measurements.
-KEYS = {
-    "tokens": ["step", "path"], "kv": ["step", "path", "layer"], "qk": ["step", "path", "layer", "head", "tensor", "stage"],
-    "routing": ["step", "path", "position", "layer", "rank"], "layers": ["step", "path", "layer"],
-    "equiv": ["step"], "reference": ["step", "engine"],
-}
-FRAMES = tuple(SCHEMAS)
+from workbench.frames import FRAMES, KEYS, SCHEMAS  # the frames' columns, declared once
 
 
 def empty(name: str) -> pl.DataFrame:
