@@ -360,8 +360,8 @@ def _(F, apply_rope, cfg, grouped_attention, hand_pos, ids, model, rms_norm, tor
             top_w = top_p / top_p.sum() if cfg.norm_topk else top_p
             moe_out = torch.zeros_like(h2)
             for e, wt in zip(top_e.tolist(), top_w.tolist()):
-                gate, up = (h2 @ layer.gate_up_exps[e]).chunk(2, dim=-1)  # SwiGLU expert e
-                moe_out = moe_out + wt * ((F.silu(gate) * up) @ layer.down_exps[e])
+                gate, up = (h2 @ layer.experts.gate_up[e]).chunk(2, dim=-1)  # SwiGLU expert e
+                moe_out = moe_out + wt * ((F.silu(gate) * up) @ layer.experts.down[e])
             x = x + moe_out
             r.update(h=h, q=q, k=k, v=v, q_normed=q_n, k_normed=k_n, q_rope=q_r, k_rope=k_r, keys=keys, values=values,
                      att=att, h2=h2, router_logits=router_logits, router_probs=router_probs, top_e=top_e, top_p=top_p,

@@ -18,7 +18,7 @@ from workbench.gguf_file import GGUFFile
 from workbench.models import resolve
 from workbench.qmatmul import QuantExperts, QuantMatrix
 from workbench.tokenizer import Tokenizer
-from workbench.weights import WEIGHT_MODES, Weights, load_weights
+from workbench.weights import WEIGHT_MODES, ExpertStacks, Weights, load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -182,7 +182,7 @@ def unique_tensors(weights: Weights) -> list[torch.Tensor]:
         fields += list(vars(layer).values())
     tensors = []
     for t in fields:
-        if isinstance(t, (QuantMatrix, QuantExperts)):
+        if isinstance(t, (QuantMatrix, QuantExperts, ExpertStacks)):
             tensors += t.tensors()
         elif t is not None:
             tensors.append(t)

@@ -24,9 +24,9 @@ from workbench.config import ModelConfig
 from workbench.errors import InputError
 from workbench.gguf_file import GGUFFile
 from workbench.loading import LoadInfo, equivalence_tolerance, load_parts
-from workbench.qmatmul import expert, matmul
+from workbench.qmatmul import matmul
 from workbench.tokenizer import Tokenizer
-from workbench.weights import LayerWeights, Matrix, Weights
+from workbench.weights import LayerWeights, Weights, gated
 
 Probe = Callable[[str, torch.Tensor], None]
 
@@ -169,7 +169,6 @@ class Model:
             config.is_moe and self.device.type == "cuda" and self.dtype == torch.bfloat16
             and hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(self.device)[0] >= 9
         )
-        self._expert_ids = torch.arange(max(config.n_experts, 1), device=self.device)
         self._configs: dict[frozenset[str], ModelConfig] = {}
 
     @classmethod
@@ -356,18 +355,12 @@ class Model:
         out = grouped_attention(q, keys, values, span.mask(c.layer_window(i)), c.attn_scale)  # [T, n_heads, head_dim]
         return matmul(out.reshape(T, c.n_heads * c.head_dim), layer.wo)
 
-    def _gated(self, x: torch.Tensor, w_gate_up: Matrix, w_down: Matrix) -> torch.Tensor:
-        """down(act(gate·x) ⊙ up·x) with gate and up fused: w_gate_up is [hidden, 2·ffn]. Dense weights may
-        carry a leading batch dim (x [k, T, hidden] against k experts' stacks)."""
-        gate, up = matmul(x, w_gate_up).chunk(2, dim=-1)
-        return matmul(self._activation(gate) * up, w_down)
-
     def _activation(self, gate: torch.Tensor) -> torch.Tensor:
         return F.gelu(gate, approximate="tanh") if self.config.ffn_act == "gelu_tanh" else F.silu(gate)
 
     def feed_forward(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
         """Gated FFN: SwiGLU, or GELU-tanh gated for gemma3."""
-        return self._gated(x, layer.w_gate_up, layer.w_down)
+        return gated(x, layer.w_gate_up, layer.w_down, self._activation)
 
     def moe(
         self, x: torch.Tensor, i: int, layer: LayerWeights, probe: Probe | None, breaks: frozenset[str] = frozenset()
@@ -385,48 +378,6 @@ class Model:
             probe(f"blocks.{i}.moe.router_logits", router_logits)
             probe(f"blocks.{i}.moe.topk_ids", ids)
             probe(f"blocks.{i}.moe.topk_weights", weights)
-        return self.experts(x, layer, ids, weights)
-
-    def experts(self, x: torch.Tensor, layer: LayerWeights, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Σ over each row's chosen experts of weight × expert(x): x [T, hidden], ids and weights [T, k].
-
-        How they run depends on the form of BOTH stacks (a file may store gate/up dense and down
-        block-quantized): batched gathers and grouped matmuls need dense stacks; otherwise each expert's
-        matrices are taken one by one (qmatmul.expert), each in its own form."""
-        dense = layer.dense_experts
-        if x.shape[0] == 1 and dense and self.grouped_mm:
-            # One token on a Hopper-class GPU: a grouped matmul over the whole expert stack, whose groups are
-            # the chosen experts (one row each, rows sorted by expert; `offs` ends each expert's rows), so
-            # only the chosen experts' matrices are read, and nothing waits for the host.
-            chosen = ids[0]
-            order = chosen.argsort()
-            offs = (chosen[None, :] <= self._expert_ids[:, None]).sum(1, dtype=torch.int32)  # [E]
-            rows = x.expand(chosen.shape[0], -1).contiguous()
-            gate, up = torch._grouped_mm(rows, layer.gate_up_exps, offs=offs).chunk(2, dim=-1)
-            y = torch._grouped_mm((self._activation(gate) * up).contiguous(), layer.down_exps, offs=offs)  # [k, hidden], by expert
-            return (y * weights[0, order, None].to(x.dtype)).sum(0, keepdim=True)
-        if x.shape[0] == 1 and dense:
-            # One token: gather the k chosen experts' matrices by index and batch them, with no host sync
-            # (so a CUDA graph can hold the step).
-            chosen = ids[0]
-            y = self._gated(x.expand(chosen.shape[0], 1, -1), layer.gate_up_exps[chosen], layer.down_exps[chosen])
-            return (y[:, 0] * weights[0, :, None].to(x.dtype)).sum(0, keepdim=True)
-        if x.shape[0] == 1:
-            # One token, the k chosen experts in turn. On a GPU each expert is selected on the device by its id
-            # (a 0-d tensor), so nothing waits for the host and a CUDA graph can hold the step; on the CPU
-            # reading the ids back costs nothing and an int selects views, no copies.
-            out = torch.zeros_like(x)
-            on_host = x.device.type == "cpu"
-            for slot in range(ids.shape[1]):
-                e = int(ids[0, slot]) if on_host else ids[0, slot]
-                y = self._gated(x, expert(layer.gate_up_exps, e), expert(layer.down_exps, e))
-                out += y * weights[0, slot].to(x.dtype)
-            return out
-        out = torch.zeros_like(x)
-        for e in ids.unique().tolist():
-            token_idx, slot = (ids == e).nonzero(as_tuple=True)
-            ye = self._gated(x[token_idx], expert(layer.gate_up_exps, e), expert(layer.down_exps, e))
-            out.index_add_(0, token_idx, ye * weights[token_idx, slot, None].to(x.dtype))
-        return out
+        return layer.experts(x, ids, weights, self._activation, self.grouped_mm)  # Σ weight × expert(x)
 
 

@@ -22,7 +22,7 @@ from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType
 from workbench.config import ModelConfig
 from workbench.errors import ModelError, UnsupportedError
 from workbench.gguf_file import GGUFFile
-from workbench.qmatmul import Grid, QuantExperts, QuantMatrix, grid
+from workbench.qmatmul import Grid, QuantExperts, QuantMatrix, expert, grid, matmul
 from workbench.quants import dequantize
 
 Matrix = torch.Tensor | QuantMatrix
@@ -48,14 +48,74 @@ class LayerWeights:
     w_gate_up: Matrix | None = None  # dense FFN [hidden, 2·ffn]: gate then up
     w_down: Matrix | None = None  # [ffn, hidden]
     router: torch.Tensor | None = None  # MoE [hidden, n_experts]
-    gate_up_exps: Experts | None = None  # [n_experts, hidden, 2·expert_ffn]
-    down_exps: Experts | None = None  # [n_experts, expert_ffn, hidden]
+    experts: ExpertStacks | None = None  # MoE: the expert stacks, and how the chosen experts run
+
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def gated(x: torch.Tensor, w_gate_up: Matrix, w_down: Matrix, act: Activation) -> torch.Tensor:
+    """down(act(gate·x) ⊙ up·x), the gated FFN, with gate and up fused: w_gate_up is [hidden, 2·ffn]. Dense
+    weights may carry a leading batch dim (x [k, T, hidden] against k experts' stacks)."""
+    gate, up = matmul(x, w_gate_up).chunk(2, dim=-1)
+    return matmul(act(gate) * up, w_down)
+
+
+@dataclass
+class ExpertStacks:
+    """A MoE layer's experts as the file stores them: gate and up fused [E, hidden, 2·expert_ffn] and down
+    [E, expert_ffn, hidden], each stack dense or quantized in its own right (a file may store gate/up as F16
+    and down as Q4_0). Calling it runs each row's chosen experts; how depends on both stacks' forms, here only."""
+
+    gate_up: Experts
+    down: Experts
 
     @property
-    def dense_experts(self) -> bool:
-        """Both expert stacks are dense tensors: the only case batched expert gathers may be used (each stack
-        takes its own form from the file's types, so gate/up and down can differ)."""
-        return isinstance(self.gate_up_exps, torch.Tensor) and isinstance(self.down_exps, torch.Tensor)
+    def dense(self) -> bool:
+        """Both stacks are dense tensors: the only case batched gathers and grouped matmuls may be used."""
+        return isinstance(self.gate_up, torch.Tensor) and isinstance(self.down, torch.Tensor)
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, act: Activation,
+                 grouped_mm: bool = False) -> torch.Tensor:
+        """Σ over each row's chosen experts of weight × expert(x): x [T, hidden], ids and weights [T, k]."""
+        if x.shape[0] == 1 and self.dense and grouped_mm:
+            # One token on a Hopper-class GPU: a grouped matmul over the whole expert stack, whose groups are
+            # the chosen experts (one row each, rows sorted by expert; `offs` ends each expert's rows), so
+            # only the chosen experts' matrices are read, and nothing waits for the host.
+            chosen = ids[0]
+            order = chosen.argsort()
+            every = torch.arange(self.gate_up.shape[0], device=x.device)
+            offs = (chosen[None, :] <= every[:, None]).sum(1, dtype=torch.int32)  # [E]
+            rows = x.expand(chosen.shape[0], -1).contiguous()
+            gate, up = torch._grouped_mm(rows, self.gate_up, offs=offs).chunk(2, dim=-1)
+            y = torch._grouped_mm((act(gate) * up).contiguous(), self.down, offs=offs)  # [k, hidden], by expert
+            return (y * weights[0, order, None].to(x.dtype)).sum(0, keepdim=True)
+        if x.shape[0] == 1 and self.dense:
+            # One token: gather the k chosen experts' matrices by index and batch them, with no host sync
+            # (so a CUDA graph can hold the step).
+            chosen = ids[0]
+            y = gated(x.expand(chosen.shape[0], 1, -1), self.gate_up[chosen], self.down[chosen], act)
+            return (y[:, 0] * weights[0, :, None].to(x.dtype)).sum(0, keepdim=True)
+        if x.shape[0] == 1:
+            # One token, the k chosen experts in turn. On a GPU each expert is selected on the device by its id
+            # (a 0-d tensor), so nothing waits for the host and a CUDA graph can hold the step; on the CPU
+            # reading the ids back costs nothing and an int selects views, no copies.
+            out = torch.zeros_like(x)
+            on_host = x.device.type == "cpu"
+            for slot in range(ids.shape[1]):
+                e = int(ids[0, slot]) if on_host else ids[0, slot]
+                out += gated(x, expert(self.gate_up, e), expert(self.down, e), act) * weights[0, slot].to(x.dtype)
+            return out
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            token_idx, slot = (ids == e).nonzero(as_tuple=True)
+            ye = gated(x[token_idx], expert(self.gate_up, e), expert(self.down, e), act)
+            out.index_add_(0, token_idx, ye * weights[token_idx, slot, None].to(x.dtype))
+        return out
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for stack in (self.gate_up, self.down)
+                for t in (stack.tensors() if isinstance(stack, QuantExperts) else [stack])]
 
 
 @dataclass
@@ -179,8 +239,10 @@ def load_weights(
         if c.is_moe:
             e, f = c.n_experts, c.expert_ffn_hidden
             layer.router = ld.tensor(_name(E.FFN_GATE_INP, i), (e, c.hidden)).t().contiguous()
-            layer.gate_up_exps = ld.matrix([_name(E.FFN_GATE_EXP, i), _name(E.FFN_UP_EXP, i)], [(e, f, c.hidden)] * 2)
-            layer.down_exps = ld.matrix([_name(E.FFN_DOWN_EXP, i)], [(e, c.hidden, f)])
+            layer.experts = ExpertStacks(
+                gate_up=ld.matrix([_name(E.FFN_GATE_EXP, i), _name(E.FFN_UP_EXP, i)], [(e, f, c.hidden)] * 2),
+                down=ld.matrix([_name(E.FFN_DOWN_EXP, i)], [(e, c.hidden, f)]),
+            )
         else:
             layer.w_gate_up = ld.matrix([_name(E.FFN_GATE, i), _name(E.FFN_UP, i)], [(c.ffn_hidden, c.hidden)] * 2)
             layer.w_down = ld.matrix([_name(E.FFN_DOWN, i)], [(c.hidden, c.ffn_hidden)])
