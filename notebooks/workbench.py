@@ -196,11 +196,10 @@ def new_session(Sampling, Session, app_state, breaks, error_callout, get_session
 
 
 @app.cell
-def advance(app_state, error_callout, get_session, max_steps, mo, run_button, set_threads, step8_button, step_button,
+def advance(app_state, error_callout, get_session, max_steps, mo, run_button, step8_button, step_button,
             thread_count):
-    # Step, Step ×8 or Run: advance the session, then hand its trace to the panels. A step is all or nothing
-    # (Session.step puts the session back when anything inside it fails), so a failure is a callout and the
-    # session, its trace and the panels stay as they were; the next Step goes on from there.
+    # Step, Step ×8 or Run: advance the session, then hand its trace to the panels. A failed step is a callout;
+    # the session, its trace and the panels stay as they were, and the next Step goes on from there.
     _entry = get_session()
     session = _entry[1] if _entry else None
     _note = None
@@ -208,21 +207,17 @@ def advance(app_state, error_callout, get_session, max_steps, mo, run_button, se
     if session is not None and _n:
         # Step ×8 and Run show a progress bar, with the newest text streaming in its subtitle.
         with mo.status.progress_bar(total=_n, title="Decoding", remove_on_exit=True, disabled=_n == 1) as _bar:
-            try:
-                set_threads(thread_count)
-                for _ in range(_n):
-                    with app_state.device_turn(session.model.device):  # on a GPU one tab's step at a time
-                        _result = session.step()
-                    _tail = session.model.tokenizer.decode(session.ids[len(session.prompt_ids):])[-60:]
-                    _bar.update(subtitle=f"{session.n_generated} tokens · …{_tail!r}")
-                    if _result.stop:
-                        _note = mo.callout(mo.md(("The model produced an end-of-generation token." if _result.stop == "eos"
-                                                  else "The context is full.") + " Reset to start again."), kind="warn")
-                        break
-            except Exception as _exc:  # anything at all, not only WorkbenchError
-                _note = error_callout("The step failed and did not happen.",
-                                      f"{app_state.describe_error(_exc)} The session keeps its {session.n_generated} "
-                                      "generated token(s); Step goes on from there.")
+            def _progress(s):
+                _tail = s.model.tokenizer.decode(s.ids[len(s.prompt_ids):])[-60:]
+                _bar.update(subtitle=f"{s.n_generated} tokens · …{_tail!r}")
+
+            _stop, _failed = app_state.advance(session, _n, thread_count, _progress)
+        if _failed:
+            _note = error_callout("The step failed and did not happen.", f"{_failed} The session keeps its "
+                                  f"{session.n_generated} generated token(s); Step goes on from there.")
+        elif _stop:
+            _note = mo.callout(mo.md(("The model produced an end-of-generation token." if _stop == "eos"
+                                      else "The context is full.") + " Reset to start again."), kind="warn")
     if session is not None and session.reference_error and _note is None:  # it refused the file or crashed
         _note = error_callout(f"The {session.reference} reference is off.", session.reference_error, kind="warn")
     trace = None

@@ -109,12 +109,9 @@ def advance(nb, error_callout, session, n: int = 1):
     """The app's step cell as Step (n=1) or Step ×8 (n=8) runs it: (output, its text, the trace)."""
     import marimo as mo
 
-    from workbench.loading import set_threads
-
     output, defs = nb.advance.run(
         app_state=app_state, error_callout=error_callout, get_session=lambda: ("key", session), mo=mo,
-        max_steps=ui(32), run_button=ui(False), set_threads=set_threads, step8_button=ui(n == 8),
-        step_button=ui(n == 1), thread_count=1)
+        max_steps=ui(32), run_button=ui(False), step8_button=ui(n == 8), step_button=ui(n == 1), thread_count=1)
     return output, plain(output), defs["trace"]
 
 

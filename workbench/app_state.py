@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.loading import set_threads
 
 
 def model_key(source: str, device: str, dtype: str, weights: str) -> tuple:
@@ -98,3 +99,20 @@ def describe_error(exc: BaseException) -> str:
     if len(first) > 400:
         first = first[:400] + "…"
     return f"{type(exc).__name__}: {first}"
+
+
+def advance(session, n: int, threads: int, progress: Callable[[object], None]) -> tuple[str | None, str | None]:
+    """Up to `n` steps of one tab's session, `progress(session)` after each: (why it stopped early, "eos" or
+    "context", else None; what failed, as one sentence, else None). A failed step leaves the session as it
+    was before it (Session.step), so the steps before it stay and the next one goes on from there."""
+    set_threads(threads)  # torch keeps the count per OS thread: each tab's kernel thread sets its own
+    try:
+        for _ in range(n):
+            with device_turn(session.model.device):  # on a GPU one tab's step at a time
+                result = session.step()
+            progress(session)
+            if result.stop:
+                return result.stop, None
+    except Exception as exc:  # anything at all, not only WorkbenchError
+        return None, describe_error(exc)
+    return None, None
