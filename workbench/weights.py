@@ -8,7 +8,9 @@ Matrices come in one of two forms (WEIGHT_MODES): "dequantized" (a dense [in, ou
 dtype, the exact path) or "quantized" (a QuantMatrix, qmatmul.py: 4-bit planes read by a weight-only
 quantized matmul). Only matrices stored block-quantized in the file are kept quantized: float matrices
 (F32/F16/BF16), the MoE router and the norms are always dense. A quantized model's token embeddings stay as
-the file's raw rows (Weights.embed dequantizes the rows it is asked for).
+the file's raw rows (Weights.embed dequantizes the rows it is asked for). A MoE layer's expert stacks take
+their forms one by one (ExpertStacks), which also runs the chosen experts, with one gated FFN (`gated`) for
+them and the dense FFN.
 """
 
 from __future__ import annotations
