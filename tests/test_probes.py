@@ -85,7 +85,7 @@ def test_nan_stops_the_step_naming_the_layer_it_appears(tiny_paths):
     model = Model.load(tiny_paths["llama"], device="cpu", weights="dequantized")
     model.weights.layers[1].w_down[0, 0] = float("nan")  # layer 1's FFN output turns NaN
     session = Session(model, model.tokenizer.encode("def add(a, b):"), probes=True)
-    with pytest.raises(NumericError, match=r"blocks\.1\.resid_post \(layer 1\)"):
+    with pytest.raises(NumericError, match=r"blocks\.1\.ffn_out \(layer 1\)"):  # the FFN output, where it began
         session.step()
     assert session.n_steps == 0 and not session.records.tokens and not session.records.layers  # as before the step
     model.weights.layers[1].w_down[0, 0] = 0.0

@@ -5,8 +5,12 @@ One forward serves prefill, one cached decode step and the uncached path (the wh
 attends over everything the cache holds up to them. Architecture differences are ModelConfig data.
 
 Capture points: when `probe` is given, it is called with a TransformerLens-style name and the tensor at that
-point (`blocks.{i}.attn.q`, `.q_normed`, `.k`, `.k_normed`, `blocks.{i}.moe.router_logits`, `.topk_ids`,
-`.topk_weights`, `blocks.{i}.resid_post`). Without a probe nothing extra is computed.
+point, in forward order per layer i: `blocks.{i}.attn_norm` → `.attn.q`, `.attn.k`, `.attn.v` (after the
+projection and its bias) → `.attn.q_normed`, `.attn.k_normed` (archs with QK-norm) → `.attn.q_rope`,
+`.attn.k_rope` → `.attn.pattern` (only for a probe that wants it: it costs a second attention) → `.attn.out`
+(before the output projection) → `blocks.{i}.resid_mid` → `.ffn_norm` → `.moe.router_logits`, `.moe.topk_ids`,
+`.moe.topk_weights` → `.ffn_out` → `blocks.{i}.resid_post`; then `final_norm` and `logits`. Without a probe
+nothing extra is computed.
 """
 
 from __future__ import annotations
@@ -103,6 +107,23 @@ def grouped_attention(
         q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=True
     )  # [1, n_heads, T, d]
     return out[0].transpose(0, 1)
+
+
+def attention_pattern(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The softmax probabilities grouped_attention weighs the values by: [T, n_heads, keys], float32, written out
+    (the fused kernel does not return them). Query head h reads KV head h // (n_heads / n_kv_heads)."""
+    k = keys.repeat_interleave(q.shape[1] // keys.shape[0], dim=0).float()  # [n_heads, keys, d]
+    scores = torch.einsum("thd,hsd->ths", q.float(), k) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def wants(probe: Probe, name: str) -> bool:
+    """Whether `probe` takes the capture point `name`: every point, unless it has a `wants(name)` method that
+    says otherwise. Points that cost work of their own (the attention pattern) are computed only when wanted."""
+    ask = getattr(probe, "wants", None)
+    return True if ask is None else bool(ask(name))
 
 
 class Span:
@@ -312,12 +333,19 @@ class Model:
             x = x * c.embed_scale
         for i, layer in enumerate(w.layers):
             h = rms_norm(x, layer.attn_norm, c.rms_eps)
+            if probe is not None:
+                probe(f"blocks.{i}.attn_norm", h)  # [T, hidden]
             a = self.attention(h, i, layer, span, probe)
             if layer.post_attn_norm is not None:
                 a = rms_norm(a, layer.post_attn_norm, c.rms_eps)
             x = x + a
             h = rms_norm(x, layer.ffn_norm, c.rms_eps)
+            if probe is not None:
+                probe(f"blocks.{i}.resid_mid", x)  # [T, hidden]: the residual after attention
+                probe(f"blocks.{i}.ffn_norm", h)
             f = self.moe(h, i, layer, probe, breaks) if c.is_moe else self.feed_forward(h, layer)
+            if probe is not None:
+                probe(f"blocks.{i}.ffn_out", f)  # [T, hidden]: the FFN or MoE output (before gemma3's post norm)
             if layer.post_ffn_norm is not None:
                 f = rms_norm(f, layer.post_ffn_norm, c.rms_eps)
             x = x + f
@@ -326,7 +354,11 @@ class Model:
         if last_only:
             x = x[-1:]
         x = rms_norm(x, w.output_norm, c.rms_eps)
-        return matmul(x, w.output).float()
+        logits = matmul(x, w.output).float()
+        if probe is not None:
+            probe("final_norm", x)  # [T, hidden] (the last row only with last_only)
+            probe("logits", logits)  # [T, vocab]
+        return logits
 
     def attention(self, x: torch.Tensor, i: int, layer: LayerWeights, span: Span, probe: Probe | None) -> torch.Tensor:
         """One block's attention over x [T, hidden]: Q, K, V → QK-norm → RoPE → the cache → GQA → output."""
@@ -342,6 +374,7 @@ class Model:
         if probe is not None:
             probe(f"blocks.{i}.attn.q", q)
             probe(f"blocks.{i}.attn.k", k)
+            probe(f"blocks.{i}.attn.v", v)
         if layer.q_norm is not None:
             if c.qk_norm:
                 q, k = rms_norm(q, layer.q_norm, c.rms_eps), rms_norm(k, layer.k_norm, c.rms_eps)
@@ -351,9 +384,17 @@ class Model:
         cos, sin = span.rope(c.layer_rope_base(i), c.layer_rope_scale(i), c.rope_style, c.rope_dim)
         qk = apply_rope(torch.cat((q, k), dim=1), cos, sin, c.rope_style)  # Q and K turn by the same angles
         q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
+        if probe is not None:
+            probe(f"blocks.{i}.attn.q_rope", q)
+            probe(f"blocks.{i}.attn.k_rope", k)
         keys, values = span.cache.update(i, span.positions, k, v, span.n_keys)  # [n_kv_heads, keys, head_dim]
-        out = grouped_attention(q, keys, values, span.mask(c.layer_window(i)), c.attn_scale)  # [T, n_heads, head_dim]
-        return matmul(out.reshape(T, c.n_heads * c.head_dim), layer.wo)
+        mask = span.mask(c.layer_window(i))
+        if probe is not None and wants(probe, f"blocks.{i}.attn.pattern"):  # costs a second attention: on request
+            probe(f"blocks.{i}.attn.pattern", attention_pattern(q, keys, mask, c.attn_scale))
+        out = grouped_attention(q, keys, values, mask, c.attn_scale).reshape(T, c.n_heads * c.head_dim)
+        if probe is not None:
+            probe(f"blocks.{i}.attn.out", out)  # [T, n_heads·head_dim], before the output projection
+        return matmul(out, layer.wo)
 
     def _activation(self, gate: torch.Tensor) -> torch.Tensor:
         return F.gelu(gate, approximate="tanh") if self.config.ffn_act == "gelu_tanh" else F.silu(gate)

@@ -12,14 +12,18 @@ which makes the two paths' records comparable row for row.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from workbench.errors import ResourceError
 from workbench.frames import row_type
 
 
 QK_POINTS = ("attn.q", "attn.k", "attn.q_normed", "attn.k_normed")
+REDUCED_POINTS = frozenset({*QK_POINTS, "resid_post", "moe.router_logits", "moe.topk_ids", "moe.topk_weights"})
 
 
 # Rows of the qk, routing and layers frames (their columns after step and path, declared in frames.SCHEMAS).
@@ -54,9 +58,14 @@ class StepProbe:
         self._seen: dict[str, dict[int, torch.Tensor]] = {}  # point → layer → tensor rows
         self._logits: torch.Tensor | None = None
 
+    def wants(self, name: str) -> bool:
+        """The points reduced here (the forward computes a costly point only for a probe that wants it)."""
+        return name.startswith("blocks.") and name.split(".", 2)[2] in REDUCED_POINTS
+
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
-        _, layer, point = name.split(".", 2)  # "blocks.{i}.{point}": the forward's only capture points
-        self._seen.setdefault(point, {})[int(layer)] = tensor[self.rows]
+        if self.wants(name):
+            _, layer, point = name.split(".", 2)  # "blocks.{i}.{point}"
+            self._seen.setdefault(point, {})[int(layer)] = tensor[self.rows]
 
     def candidates(self, logits: torch.Tensor) -> None:
         """Also report the top-k next-token candidates of these logits [vocab] (in the same transfer)."""
@@ -131,3 +140,29 @@ def _to_host(reduced: dict[str, torch.Tensor]) -> dict[str, list]:
     flat = torch.cat([t.float().flatten() for t in reduced.values()]).cpu()
     parts = flat.split([t.numel() for t in reduced.values()])
     return {name: part.view(t.shape).tolist() for (name, t), part in zip(reduced.items(), parts)}
+
+
+class Capture:
+    """A probe that keeps whole tensors by capture point name, as host copies (floats as float32, ids as int64),
+    up to `max_bytes` in all: what dumps and comparisons with other engines read, where StepProbe keeps a few
+    numbers. `names`: the points to keep, as fnmatch patterns (`blocks.3.*`, `*.attn.pattern`); None keeps every
+    point. Past the bound it raises ResourceError rather than fill the memory."""
+
+    def __init__(self, names: Iterable[str] | None = None, max_bytes: int = 1 << 30) -> None:
+        self.names, self.max_bytes = (list(names) if names is not None else None), max_bytes
+        self.tensors: dict[str, torch.Tensor] = {}  # in the order the forward reached them
+        self.bytes = 0
+
+    def wants(self, name: str) -> bool:
+        return self.names is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.names)
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        if not self.wants(name):
+            return
+        dtype = torch.float32 if tensor.is_floating_point() else torch.int64
+        n_bytes = tensor.numel() * dtype.itemsize
+        if self.bytes + n_bytes > self.max_bytes:
+            raise ResourceError(f"keeping {name} ({n_bytes / 2**20:.1f} MiB) would pass the capture bound of "
+                                f"{self.max_bytes / 2**20:.0f} MiB; capture fewer points or fewer tokens.")
+        self.tensors[name] = tensor.detach().to("cpu", dtype=dtype, copy=True)
+        self.bytes += n_bytes
