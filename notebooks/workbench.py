@@ -21,13 +21,13 @@ def _():
     import torch
 
     from workbench import app_state, charts
-    from workbench.loading import default_threads, set_threads
+    from workbench.loading import default_threads, describe_weights, set_threads
     from workbench.model import BREAKS, Model
     from workbench.models import DEFAULT_MODEL, bundled_names
     from workbench.session import Sampling, Session
     from workbench.trace import Trace
     return (BREAKS, DEFAULT_MODEL, Model, Sampling, Session, Trace, alt, app_state, bundled_names, charts,
-            default_threads, html, io, mo, os, set_threads, torch)
+            default_threads, describe_weights, html, io, mo, os, set_threads, torch)
 
 
 @app.cell
@@ -101,14 +101,8 @@ def load_model(FILE, Model, app_state, device, dtype, get_model, load_button, mo
 
 
 @app.cell
-def model_card(FILE, app_state, device, dtype, error_callout, load_button, load_error, mo, model, model_choice,
+def model_card(FILE, app_state, describe_weights, device, dtype, error_callout, load_button, load_error, mo, model, model_choice,
                model_path, thread_count, threads, weights):
-    def _weights(info):
-        if info.weights == "quantized":
-            return "quantized (4-bit planes, bfloat16 activations: not exact; cached vs uncached agree to ~1e-2)"
-        _name = str(info.dtype).removeprefix("torch.")
-        return f"dequantized ({_name} matrices: " + ("exact)" if _name == "float32" else f"{_name} rounding, not exact)")
-
     def _card(m):
         c, info = m.config, m.info
         types = sorted({t.type_name for t in m.gguf.tensors.values()})
@@ -120,11 +114,14 @@ def model_card(FILE, app_state, device, dtype, error_callout, load_button, load_
             "context": f"{c.context_length:,}", "experts": f"{c.n_experts_used} of {c.n_experts}" if c.is_moe else "dense",
             "QK-norm": "yes" if c.qk_norm else "no", "RoPE": f"{c.rope_style}, base {c.rope_base:g}",
             "device / dtype": f"{info.device} / {str(info.dtype).removeprefix('torch.')}",
-            "weights": _weights(info), "CPU threads": f"{thread_count} (this tab's loads and steps)",
+            "weights": describe_weights(info.weights, info.dtype), "CPU threads": f"{thread_count} (this tab's loads and steps)",
             "load": f"{info.seconds:.2f} s", "weights on device": f"{info.weight_bytes / 2**20:.1f} MiB",
             "shared": f"one copy in this server process for every tab ({app_state.MODELS.alive()} model(s) in memory)",
         }
-        return mo.md("| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows.items()))
+        def _cell(v):  # a `|` in a value (max |logit|) would end its table cell
+            return str(v).replace("|", "\\|")
+
+        return mo.md("| | |\n|---|---|\n" + "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows.items()))
 
     _controls = mo.hstack([model_choice, device, dtype, weights, threads], justify="start")
     _file_row = mo.hstack([model_path, load_button], justify="start") if model_choice.value == FILE else None

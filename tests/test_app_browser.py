@@ -204,8 +204,8 @@ def test_a_failed_load_keeps_the_model(nb, tiny_model):
 
 
 @pytest.mark.parametrize("weights, says", [
-    ("dequantized", "dequantized (float32 matrices: exact)"),
-    ("quantized", "quantized (4-bit planes, bfloat16 activations: not exact; cached vs uncached agree to ~1e-2)"),
+    ("dequantized", "dequantized: float32 matrices, float32 activations (exact)"),
+    ("quantized", "quantized: 4-bit planes with bfloat16 activations (fast, not exact: ~1e-2 of max |logit|)"),
 ])
 def test_the_model_card_says_what_the_weights_are_and_the_threads(nb, tiny_paths, weights, says):
     from conftest import load_model

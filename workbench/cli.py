@@ -22,6 +22,7 @@ from workbench.gguf_file import GGUFFile
 from workbench.loading import describe_weights, set_threads
 from workbench.model import BREAKS, Model
 from workbench.models import bundled_names, resolve
+from workbench.reference import ENGINES
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -57,7 +58,7 @@ def _session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--break", dest="breaks", action="append", default=[], metavar="NAME",
                    help="reproduce a bug class on purpose (repeatable): " + ", ".join(BREAKS))
-    p.add_argument("--reference", choices=("llama.cpp", "llama.cpp-f32"),
+    p.add_argument("--reference", choices=ENGINES,
                    help="run llama.cpp beside ours on the same tokens: on the file as it is (8-bit activations: "
                         "cosine 0.99-0.9999), or llama.cpp-f32 on an F32 copy with an F32 KV cache (exact: ≥ 0.999999 "
                         "against --weights dequantized --dtype float32)")

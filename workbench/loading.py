@@ -88,6 +88,12 @@ def resolve_weights(mode: str, device: torch.device, n_params: int, dtype: torch
     return "dequantized" if n_params * dtype.itemsize <= share * free else "quantized"
 
 
+def out_of_memory(exc: RuntimeError) -> bool:
+    """torch's OutOfMemoryError (CUDA), or a CPU allocation failure, which torch raises as a plain RuntimeError."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "not enough memory" in text
+
+
 def describe_weights(mode: str, dtype: torch.dtype) -> str:
     """What a weights mode means for the numbers, in words (CLI, model card, trace metadata)."""
     name = str(dtype).removeprefix("torch.")
@@ -161,7 +167,7 @@ def load_parts(
     try:
         loaded = load_weights(gguf, config, dev, dt, progress, mode)
     except RuntimeError as exc:
-        if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)):
+        if not out_of_memory(exc):
             raise
         raise ResourceError(
             f"{gguf.path.name} does not fit in the memory of {dev} as {mode} {str(dt).removeprefix('torch.')} "

@@ -183,7 +183,7 @@ class Model:
     def __init__(self, gguf: GGUFFile, config: ModelConfig, tokenizer: Tokenizer, weights: Weights, info: LoadInfo) -> None:
         self.gguf, self.config, self.tokenizer, self.weights, self.info = gguf, config, tokenizer, weights, info
         self.device, self.dtype = info.device, info.dtype
-        self._rope_tables: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_tables: dict[tuple[float, float, str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (base, scale, style, rot)
         # A public option: one-token MoE steps through torch._grouped_mm, on by default where its fast kernel is
         # (bf16, CUDA compute capability ≥ 9); tests and benchmarks switch it off to compare with the gather.
         self.grouped_mm = (

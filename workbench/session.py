@@ -22,11 +22,11 @@ import torch
 
 from workbench.cache import context_full
 from workbench.errors import GGUFError, InputError, NumericError, ReferenceFailed, ResourceError
-from workbench.loading import free_memory
+from workbench.frames import PATHS as ROW_PATHS
+from workbench.loading import describe_weights, free_memory, out_of_memory
 from workbench.model import BREAKS, Model
 from workbench.probes import StepProbe
 from workbench.steps import StaticStep, fast_step
-from workbench.frames import PATHS as ROW_PATHS
 from workbench.trace import Recorder, Trace, versions
 
 PATHS = (*ROW_PATHS, "both")  # what a session can run: one path, or both side by side
@@ -229,7 +229,7 @@ class Session:
             return self._step()
         except BaseException as exc:
             self._restore(saved)
-            if isinstance(exc, RuntimeError) and _out_of_memory(exc):
+            if isinstance(exc, RuntimeError) and out_of_memory(exc):
                 raise ResourceError(
                     f"{self.model.device} ran out of memory during step {saved['n_steps']}; the session is as it was "
                     "before it (try a shorter context, path cached, or a smaller dtype)."
@@ -316,9 +316,9 @@ class Session:
         for path, run in result.runs.items():
             rec = collected.get(path)
             r.add("tokens", step=result.step, position=result.position, token_id=result.token_id, piece=piece,
-                                 path=path, seconds=run.seconds, tokens_per_s=1.0 / run.seconds if run.seconds > 0 else 0.0,
-                                 n_tokens=run.n_tokens, prefill=result.prefill and path == "cached",
-                                 top_ids=rec.top_ids if rec else None, top_probs=rec.top_probs if rec else None)
+                  path=path, seconds=run.seconds, tokens_per_s=1.0 / run.seconds if run.seconds > 0 else 0.0,
+                  n_tokens=run.n_tokens, prefill=result.prefill and path == "cached",
+                  top_ids=rec.top_ids if rec else None, top_probs=rec.top_probs if rec else None)
         for path, rec in collected.items():
             for frame in ("qk", "routing", "layers"):
                 r.extend(frame, getattr(rec, frame), step=result.step, path=path)
@@ -349,8 +349,6 @@ class Session:
 
     def run_meta(self) -> dict:
         """Everything a chart or a reader of the trace needs besides the frames."""
-        from workbench.loading import describe_weights
-
         m = self.model
         return {
             "model_file": str(m.gguf.path), "model_sha256": _sha256_or_none(m.gguf), "arch": m.config.arch,
@@ -373,9 +371,3 @@ def _sha256_or_none(gguf) -> str | None:
         return gguf.sha256()
     except GGUFError:
         return None
-
-
-def _out_of_memory(exc: RuntimeError) -> bool:
-    """torch's OutOfMemoryError (CUDA), or a CPU allocation failure, which torch raises as a plain RuntimeError."""
-    text = str(exc)
-    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "not enough memory" in text
