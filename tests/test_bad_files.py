@@ -21,7 +21,7 @@ from workbench.gguf_file import GGUFFile
 from workbench.model import Model
 from workbench.tokenizer import Tokenizer, spm_merges
 
-from gguf_edit import copy_gguf
+from workbench.tiny import copy_gguf
 from test_bad_input import cli_error, rewrite
 from test_tokenizer import spm_metadata
 

@@ -21,7 +21,7 @@ from workbench.model import Model
 from workbench.session import Sampling, Session
 
 from conftest import load_model
-from gguf_edit import copy_gguf
+from workbench.tiny import copy_gguf
 
 
 def rewrite(src: Path, dst: Path, meta=lambda key, value: value, drop_tensor: str | None = None,

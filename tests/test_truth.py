@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
 from gguf import MODEL_TENSOR as E
 
 from workbench import loading
@@ -24,7 +25,7 @@ from workbench.model import Model
 from workbench.session import Sampling, Session
 
 from conftest import ARCHS
-from gguf_edit import as_f32, copy_gguf
+from workbench.tiny import copy_gguf
 
 PROMPT = "def add(a, b):\n    return"
 
@@ -213,7 +214,10 @@ def test_cli_seed_outside_int64_is_one_sentence(tiny_paths, capsys):
 
 def rewrite_tensor(src: Path, dst: Path, name: str, edit) -> Path:
     """Copy a GGUF, storing tensor `name` as F32 after edit(values) (every other tensor as it was)."""
-    return copy_gguf(src, dst, tensor=lambda n, data, qtype: (edit(as_f32(data, qtype)), T.F32) if n == name else (data, qtype))
+    def tensor(n, data, qtype):
+        return (edit(dequantize(data, qtype).astype(np.float32)), T.F32) if n == name else (data, qtype)
+
+    return copy_gguf(src, dst, tensor=tensor)
 
 
 def poison(values: np.ndarray) -> np.ndarray:

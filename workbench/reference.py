@@ -67,25 +67,14 @@ def _collect_errors(level: int, text: bytes, _user) -> None:
 def f32_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """Write `src` with every tensor dequantized to F32 by gguf-py (the reference dequantizer) to `dst`; the
     metadata is copied as it is, except the file type, which says all-F32."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+    from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
     from gguf.quants import dequantize
 
-    reader = GGUFReader(src)
-    writer = GGUFWriter(dst, arch=reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        vtype = field.types[0]
-        writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None)
-    writer.add_file_type(LlamaFileType.ALL_F32)
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape))  # gguf-py lists dims fastest first
-        writer.add_tensor(t.name, dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return Path(dst)
+    from workbench.tiny import copy_gguf
+
+    return copy_gguf(Path(src), Path(dst),
+                     tensor=lambda name, data, qtype: (dequantize(data, qtype).astype(np.float32), GGMLQuantizationType.F32),
+                     add={"general.file_type": (int(LlamaFileType.ALL_F32), GGUFValueType.UINT32)})
 
 
 def exact_copy(gguf) -> Path:

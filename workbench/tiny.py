@@ -44,8 +44,10 @@ import numbers
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import (
@@ -54,7 +56,9 @@ from gguf import (
     MODEL_TENSOR,
     TENSOR_NAMES,
     GGMLQuantizationType,
+    GGUFReader,
     GGUFType,
+    GGUFValueType,
     GGUFWriter,
     LlamaFileType,
     TokenType,
@@ -450,3 +454,48 @@ def write_tiny(arch: str, path: str | os.PathLike[str], seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# --- copies with edits -------------------------------------------------------------------------------------
+
+# One way to copy a GGUF with edits: the exact reference's F32 copies (reference.f32_copy) and the tests'
+# damaged or unusual files.
+Tensor = tuple[np.ndarray, GGMLQuantizationType]  # stored array (typed for floats, [rows, bytes] uint8 otherwise), type
+
+
+def copy_gguf(
+    src: Path, dst: Path,
+    meta: Callable[[str, Any], Any] = lambda key, value: value,
+    tensor: Callable[[str, np.ndarray, GGMLQuantizationType], Tensor | None] = lambda name, data, qtype: (data, qtype),
+    add: dict[str, Any] | None = None,
+) -> Path:
+    """Copy `src` to `dst`. meta(key, value) gives each metadata value (None drops the key; a key keeps its GGUF
+    type unless a str replaces a non-string); tensor(name, data, type) gives each tensor (None drops it);
+    `add` sets keys whose GGUF type follows from the value (float → f32, int → i32, list → array) or is given
+    as (value, GGUFValueType). general.architecture goes through meta like any key."""
+    reader = GGUFReader(src)
+    add = add or {}
+    arch = reader.fields["general.architecture"].contents()
+    writer = GGUFWriter(dst, arch=meta("general.architecture", arch))
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in add:
+            continue
+        value = meta(key, field.contents())
+        if value is None:
+            continue
+        vtype = field.types[0]
+        if isinstance(value, str) and vtype != GGUFValueType.STRING:
+            vtype = GGUFValueType.STRING
+        writer.add_key_value(key, value, vtype, sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None)
+    for key, value in add.items():
+        value, vtype = value if isinstance(value, tuple) else (value, GGUFValueType.get_type(value))
+        writer.add_key_value(key, value, vtype)
+    for t in reader.tensors:
+        edited = tensor(t.name, np.asarray(t.data), t.tensor_type)
+        if edited is not None:
+            writer.add_tensor(t.name, edited[0], raw_dtype=edited[1])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
