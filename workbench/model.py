@@ -5,7 +5,7 @@ One forward serves prefill, one cached decode step and the uncached path (the wh
 attends over everything the cache holds up to them. Architecture differences are ModelConfig data.
 
 Capture points: when `probe` is given, it is called with a TransformerLens-style name and the tensor at that
-point, in forward order per layer i: `blocks.{i}.attn_norm` → `.attn.q`, `.attn.k`, `.attn.v` (after the
+point (and the forward goes on with the tensor it returns, if any: `seen`), in forward order per layer i: `blocks.{i}.attn_norm` → `.attn.q`, `.attn.k`, `.attn.v` (after the
 projection and its bias) → `.attn.q_normed`, `.attn.k_normed` (archs with QK-norm) → `.attn.q_rope`,
 `.attn.k_rope` → `.attn.pattern` (only for a probe that wants it: it costs a second attention) → `.attn.out`
 (before the output projection) → `blocks.{i}.resid_mid` → `.ffn_norm` → `.moe.router_logits`, `.moe.topk_ids`,
@@ -32,7 +32,7 @@ from workbench.qmatmul import matmul
 from workbench.tokenizer import Tokenizer
 from workbench.weights import LayerWeights, Weights, gated
 
-Probe = Callable[[str, torch.Tensor], None]
+Probe = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
 # "Break it on purpose": each switch is one named deviation at one place in the forward pass, reproducing a
 # bug class that real engines shipped. Sessions pass a set of these names to forward().
@@ -117,6 +117,22 @@ def attention_pattern(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | 
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1)
+
+
+def seen(probe: Probe | None, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Show x to the probe at capture point `name`; the forward goes on with what the probe returns in its place
+    (compare's teacher-forced run puts another engine's tensor there), or with x when it returns None."""
+    if probe is None:
+        return x
+    y = probe(name, x)
+    return x if y is None else y
+
+
+def weigh_values(pattern: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Attention's output from its probabilities: pattern [T, n_heads, keys] over values [n_kv_heads, keys, d] →
+    [T, n_heads, d], query head h reading KV head h // (n_heads / n_kv_heads)."""
+    v = values.repeat_interleave(pattern.shape[1] // values.shape[0], dim=0)  # [n_heads, keys, d]
+    return torch.einsum("ths,hsd->thd", pattern, v)
 
 
 def wants(probe: Probe, name: str) -> bool:
@@ -332,33 +348,21 @@ class Model:
         if c.embed_scale != 1.0:
             x = x * c.embed_scale
         for i, layer in enumerate(w.layers):
-            h = rms_norm(x, layer.attn_norm, c.rms_eps)
-            if probe is not None:
-                probe(f"blocks.{i}.attn_norm", h)  # [T, hidden]
+            h = seen(probe, f"blocks.{i}.attn_norm", rms_norm(x, layer.attn_norm, c.rms_eps))  # [T, hidden]
             a = self.attention(h, i, layer, span, probe)
             if layer.post_attn_norm is not None:
                 a = rms_norm(a, layer.post_attn_norm, c.rms_eps)
-            x = x + a
-            h = rms_norm(x, layer.ffn_norm, c.rms_eps)
-            if probe is not None:
-                probe(f"blocks.{i}.resid_mid", x)  # [T, hidden]: the residual after attention
-                probe(f"blocks.{i}.ffn_norm", h)
+            x = seen(probe, f"blocks.{i}.resid_mid", x + a)  # [T, hidden]: the residual after attention
+            h = seen(probe, f"blocks.{i}.ffn_norm", rms_norm(x, layer.ffn_norm, c.rms_eps))
             f = self.moe(h, i, layer, probe, breaks) if c.is_moe else self.feed_forward(h, layer)
-            if probe is not None:
-                probe(f"blocks.{i}.ffn_out", f)  # [T, hidden]: the FFN or MoE output (before gemma3's post norm)
+            f = seen(probe, f"blocks.{i}.ffn_out", f)  # [T, hidden]: the FFN or MoE output (before gemma3's post norm)
             if layer.post_ffn_norm is not None:
                 f = rms_norm(f, layer.post_ffn_norm, c.rms_eps)
-            x = x + f
-            if probe is not None:
-                probe(f"blocks.{i}.resid_post", x)
+            x = seen(probe, f"blocks.{i}.resid_post", x + f)
         if last_only:
             x = x[-1:]
-        x = rms_norm(x, w.output_norm, c.rms_eps)
-        logits = matmul(x, w.output).float()
-        if probe is not None:
-            probe("final_norm", x)  # [T, hidden] (the last row only with last_only)
-            probe("logits", logits)  # [T, vocab]
-        return logits
+        x = seen(probe, "final_norm", rms_norm(x, w.output_norm, c.rms_eps))  # [T, hidden] (the last row only with last_only)
+        return seen(probe, "logits", matmul(x, w.output).float())  # [T, vocab]
 
     def attention(self, x: torch.Tensor, i: int, layer: LayerWeights, span: Span, probe: Probe | None) -> torch.Tensor:
         """One block's attention over x [T, hidden]: Q, K, V → QK-norm → RoPE → the cache → GQA → output."""
@@ -372,28 +376,26 @@ class Model:
         k = qkv[:, q_dim : q_dim + kv_dim].view(T, c.n_kv_heads, c.head_dim)  # [T, n_kv_heads, head_dim]
         v = qkv[:, q_dim + kv_dim :].view(T, c.n_kv_heads, c.head_dim)
         if probe is not None:
-            probe(f"blocks.{i}.attn.q", q)
-            probe(f"blocks.{i}.attn.k", k)
-            probe(f"blocks.{i}.attn.v", v)
+            q, k, v = (seen(probe, f"blocks.{i}.attn.{n}", t) for n, t in (("q", q), ("k", k), ("v", v)))
         if layer.q_norm is not None:
             if c.qk_norm:
                 q, k = rms_norm(q, layer.q_norm, c.rms_eps), rms_norm(k, layer.k_norm, c.rms_eps)
-            if probe is not None:  # with the norm skipped, "normed" shows what the next stage really gets
-                probe(f"blocks.{i}.attn.q_normed", q)
-                probe(f"blocks.{i}.attn.k_normed", k)
+            # with the norm skipped, "normed" shows what the next stage really gets
+            q, k = seen(probe, f"blocks.{i}.attn.q_normed", q), seen(probe, f"blocks.{i}.attn.k_normed", k)
         cos, sin = span.rope(c.layer_rope_base(i), c.layer_rope_scale(i), c.rope_style, c.rope_dim)
         qk = apply_rope(torch.cat((q, k), dim=1), cos, sin, c.rope_style)  # Q and K turn by the same angles
         q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
-        if probe is not None:
-            probe(f"blocks.{i}.attn.q_rope", q)
-            probe(f"blocks.{i}.attn.k_rope", k)
+        q, k = seen(probe, f"blocks.{i}.attn.q_rope", q), seen(probe, f"blocks.{i}.attn.k_rope", k)
         keys, values = span.cache.update(i, span.positions, k, v, span.n_keys)  # [n_kv_heads, keys, head_dim]
         mask = span.mask(c.layer_window(i))
+        given = None
         if probe is not None and wants(probe, f"blocks.{i}.attn.pattern"):  # costs a second attention: on request
-            probe(f"blocks.{i}.attn.pattern", attention_pattern(q, keys, mask, c.attn_scale))
-        out = grouped_attention(q, keys, values, mask, c.attn_scale).reshape(T, c.n_heads * c.head_dim)
-        if probe is not None:
-            probe(f"blocks.{i}.attn.out", out)  # [T, n_heads·head_dim], before the output projection
+            given = probe(f"blocks.{i}.attn.pattern", attention_pattern(q, keys, mask, c.attn_scale))
+        if given is None:
+            out = grouped_attention(q, keys, values, mask, c.attn_scale)
+        else:  # another engine's probabilities (compare's teacher-forced run): weigh the values by them
+            out = weigh_values(given.to(values.dtype), values)
+        out = seen(probe, f"blocks.{i}.attn.out", out.reshape(T, c.n_heads * c.head_dim))  # before the output projection
         return matmul(out, layer.wo)
 
     def _activation(self, gate: torch.Tensor) -> torch.Tensor:
@@ -408,17 +410,19 @@ class Model:
     ) -> torch.Tensor:
         """Router softmax → top-k → renormalise (qwen3moe) → each chosen expert's SwiGLU → weighted sum."""
         c = self.config_with(breaks)
-        router_logits = (x @ layer.router).float()  # [T, n_experts]
+        router_logits = seen(probe, f"blocks.{i}.moe.router_logits", (x @ layer.router).float())  # [T, n_experts]
         probs = torch.softmax(router_logits, dim=-1)
         weights, ids = torch.topk(probs, c.n_experts_used, dim=-1)  # [T, k]
-        if c.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True)
         if "moe-as-dense" in breaks:
             ids, weights = torch.zeros_like(ids[:, :1]), torch.ones_like(weights[:, :1])
         if probe is not None:
-            probe(f"blocks.{i}.moe.router_logits", router_logits)
-            probe(f"blocks.{i}.moe.topk_ids", ids)
-            probe(f"blocks.{i}.moe.topk_weights", weights)
+            given = seen(probe, f"blocks.{i}.moe.topk_ids", ids)
+            if given is not ids:  # another engine's choice: the weights our router gives those experts
+                ids, weights = given, (torch.ones_like(given, dtype=probs.dtype) if "moe-as-dense" in breaks
+                                       else probs.gather(-1, given))
+        if c.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = seen(probe, f"blocks.{i}.moe.topk_weights", weights)
         return layer.experts(x, ids, weights, self._activation, self.grouped_mm)  # Σ weight × expert(x)
 
 
