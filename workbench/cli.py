@@ -1,4 +1,4 @@
-"""`workbench inspect|tokenize|generate|logits|trace|bench|diff|make-tiny|make-synthetic`: the command-line contract other tools
+"""`workbench inspect|tokenize|generate|logits|trace|bench|diff|dump|compare|make-tiny|make-synthetic`: the command-line contract other tools
 build on.
 
 Exit status: 0 on success, 2 on a usage error (argparse), 1 on bad input with one line `error: …` on stderr.
@@ -23,6 +23,8 @@ from workbench.loading import describe_weights, set_threads
 from workbench.model import BREAKS, Model
 from workbench.models import bundled_names, resolve
 from workbench.reference import ENGINES
+
+DUMP_ENGINES = ("workbench", *ENGINES, "transformers")
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -117,6 +119,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _path_arg(p)
     _device_args(p)
+
+    p = sub.add_parser("dump", help="one engine's tensors at every capture point, as a workbench-dump/1 safetensors file")
+    _model_arg(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steps", type=int, default=4, help="decode steps after the prompt (greedy, chosen by our engine)")
+    p.add_argument("--out", required=True, help="FILE.safetensors (or .npz)")
+    p.add_argument("--engine", default="workbench", choices=DUMP_ENGINES,
+                   help="whose tensors: ours (default), llama.cpp (file as is), llama.cpp-f32 (F32 copy, F32 KV cache) "
+                        "or transformers; every engine is fed the same tokens")
+    p.add_argument("--points", action="append", default=None, metavar="PATTERN",
+                   help="capture points to keep, fnmatch patterns (repeatable; default: all), e.g. 'blocks.*.resid_post'")
+    p.add_argument("--break", dest="breaks", action="append", default=[], metavar="NAME",
+                   help="our engine only: dump it with a bug switched on (repeatable): " + ", ".join(BREAKS))
+    _device_args(p)
+
+    p = sub.add_parser("compare", help="line a dump up with our exact engine: local and end-to-end errors per "
+                                       "capture point, the first divergence, suspects")
+    _model_arg(p)
+    p.add_argument("dump", help="a workbench-dump/1 file (.safetensors or .npz)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--all", action="store_true", help="print every point, not only the diverging layer and the worst ones")
+    p.add_argument("--no-suspects", action="store_true", help="skip the run per break switch that ranks suspects")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu) | cpu | cuda | mps")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one fewer than the cores)")
 
     p = sub.add_parser("make-tiny", help="write a tiny random GGUF of an architecture (mixed quant types)")
     p.add_argument("--arch", required=True, choices=SUPPORTED_ARCHS)
@@ -411,8 +437,93 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dump(args: argparse.Namespace) -> int:
+    from workbench.dump import ours
+    from workbench.session import Session
+
+    if args.steps < 0:
+        raise InputError(f"--steps must be ≥ 0, not {args.steps}.")
+    unknown = [b for b in args.breaks if b not in BREAKS]
+    if unknown:
+        raise InputError(f"unknown --break '{unknown[0]}'; choose from: {', '.join(BREAKS)}.")
+    if args.breaks and args.engine != "workbench":
+        raise InputError("--break switches bugs on in our engine only; drop it or use --engine workbench.")
+    t0 = time.perf_counter()
+    model = _load(args)
+    prompt_ids = _prompt_ids(model, args.prompt)
+    session = Session(model, prompt_ids, context=min(model.config.context_length, len(prompt_ids) + args.steps + 1))
+    for _ in range(args.steps):
+        session.step()
+    tokens, n_prompt = session.ids[: len(prompt_ids) + args.steps], len(prompt_ids)
+    if args.engine == "workbench":
+        dump = ours(model, tokens, n_prompt, names=args.points, breaks=frozenset(args.breaks))
+    elif args.engine == "transformers":
+        from workbench.hf import transformers_dump
+
+        dump = transformers_dump(model.gguf.path, tokens, n_prompt, names=args.points)
+    else:
+        from workbench.reference import llama_cpp_dump
+
+        dump = llama_cpp_dump(model, tokens, n_prompt, engine=args.engine, names=args.points)
+    path = dump.save(args.out)
+    print(f"wrote {path}: {len(dump.tensors) + len(dump.stats)} tensors, steps 0..{dump.n_steps - 1} over "
+          f"{len(tokens)} tokens ({n_prompt} prompt), {dump.engine}, {_human_bytes(path.stat().st_size)} in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _finite(value):
+    """JSON has no inf or NaN: they print as null (an error that could not be measured, or a non-finite tensor)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from workbench.compare import compare
+    from workbench.dump import Dump
+
+    dump = Dump.read(args.dump)  # a bad file fails before the model loads
+    set_threads(args.threads)
+    model = Model.load(args.model, device=args.device, dtype="float32", weights="dequantized")
+    result = compare(model, dump, suspects=not args.no_suspects)
+    if args.json:
+        print(json.dumps(_finite(result.as_json())))
+        return 0
+    print(f"{Path(args.dump).name} ({dump.engine or 'engine not named'}) against our exact path on {model.gguf.path.name}: "
+          f"{len(dump.tokens)} tokens ({dump.n_prompt} prompt), steps 0..{dump.n_steps - 1}, {len(result.points)} points")
+    print("thresholds of local error: " + ", ".join(f"{k} {v:.1e}" for k, v in result.thresholds.items()) + ", routing ids: any row")
+    fd = result.first_divergence
+    if fd is None:
+        print("first divergence: none — every local error is within what its kind of operation introduces here.")
+    else:
+        where = ", ".join(x for x in (f"layer {fd.layer}" if fd.layer is not None else "",
+                                      f"head {fd.head}" if fd.head is not None else "",
+                                      f"position {fd.row}" if fd.row is not None else "") if x)
+        local = "n/a (statistics only)" if fd.local_error is None else f"{fd.local_error:.2e}"
+        print(f"first divergence: step {fd.step}, {fd.capture} ({where}): local error {local} > {fd.threshold:.1e} "
+              f"({fd.kind}); end to end {fd.end_to_end_error:.2e}")
+        print("suspects: " + (", ".join(result.suspects) if result.suspects else
+                               ("none of the break switches explains it" if not args.no_suspects else "not ranked (--no-suspects)")))
+    table = result.table()
+    if not args.all:
+        if fd is not None:
+            near = (pl.col("step") == fd.step) & (pl.col("layer").eq_missing(fd.layer))
+            table = pl.concat([table.filter(near), table.filter(~near & pl.col("stands_out")).head(10)])
+        else:
+            table = table.sort("local_error", descending=True, nulls_last=True).head(10)
+    table = table.select("step", "capture", "kind", "local_error", "threshold", "end_to_end_error", "cosine", "head", "row", "stands_out")
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, float_precision=None, fmt_str_lengths=40):
+        print(table)
+    return 0
+
+
 COMMANDS = {"inspect": cmd_inspect, "tokenize": cmd_tokenize, "generate": cmd_generate, "logits": cmd_logits,
-            "trace": cmd_trace, "bench": cmd_bench, "diff": cmd_diff, "make-tiny": cmd_make_tiny,
+            "trace": cmd_trace, "bench": cmd_bench, "diff": cmd_diff, "dump": cmd_dump, "compare": cmd_compare, "make-tiny": cmd_make_tiny,
             "make-synthetic": cmd_make_synthetic}
 
 

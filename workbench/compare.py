@@ -45,11 +45,18 @@ KINDS = {
     "ffn_out": "matmul", "resid_post": "add", "final_norm": "norm", "logits": "matmul",
 }
 # [floor, ceiling] of each kind's threshold (relative L2; routing ids: the share of rows that differ).
+# Floors: well above float32 rounding (~1e-7). Ceilings: 10× what bfloat16 storage (~1e-3) does to an exact
+# operation, what a float16 KV cache (~1e-3) does to attention, and 8-bit activations (~1e-2) to a matmul.
 LIMITS = {
-    "norm": (1e-4, 3e-2), "rope": (1e-4, 3e-2), "add": (1e-4, 3e-2), "routing": (1e-4, 3e-2),
-    "attention": (1e-4, 5e-2), "matmul": (1e-3, 0.25),
+    "norm": (1e-4, 1e-2), "rope": (1e-4, 1e-2), "add": (1e-4, 1e-2), "routing": (1e-4, 1e-2),
+    "attention": (1e-4, 2e-2), "matmul": (1e-3, 0.1),
 }
 THRESHOLD_FACTOR = 10.0
+ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# A dump stored in float16 or bfloat16 carries its rounding into every local error: ~1× the unit roundoff for
+# norms, RoPE and adds, more after a softmax (its inputs' absolute rounding becomes its outputs' relative error).
+ROUNDING_FACTOR = 4.0  # and at each point at least this × what that rounding alone does there (_raise_to_rounding)
+ROUNDOFF_FLOOR = {"norm": 2.0, "rope": 2.0, "add": 2.0, "matmul": 2.0, "attention": 4.0, "routing": 4.0}
 STATS_THRESHOLD = 5e-2  # statistics-only points: relative difference of RMS or mean beyond this is a divergence
 HEAD_POINTS = frozenset({"attn.q", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rope", "attn.k_rope",
                          "attn.pattern", "attn.out"})
@@ -141,8 +148,8 @@ def fit(model: Model, dump: Dump) -> dict[tuple[int, str], torch.Tensor]:
             fitted[(step, capture)] = t
             continue
         if t[0].numel() != per_row:
-            raise DumpError(f"the dump's '{step}/{capture}' holds {t[0].numel()} values per row where "
-                            f"{model.gguf.path.name} has {per_row} ({' × '.join(map(str, shape))}).")
+            raise DumpError(f"the dump's '{step}/{capture}' does not fit {model.gguf.path.name}: it holds {t[0].numel()} "
+                            f"values per row where the model has {per_row} ({' × '.join(map(str, shape))}).")
         fitted[(step, capture)] = t.reshape(t.shape[0], *shape)
     for step, capture in dump.stats:
         shape = expected_shape(model, capture, dump.first_position(step) + dump.rows(step))
@@ -291,8 +298,10 @@ def compare(model: Model, dump: Dump, suspects: bool = True) -> Comparison:
         first_row = dump.first_position(step) + dump.rows(step) - theirs[key].shape[0]
         points.append(Point(step, capture, layer, KINDS[point], local, e2e, cos, max_abs, head, first_row + row))
 
-    thresholds = calibrate(points)
+    thresholds = calibrate(points, unit_roundoff(dump))
     _mark(points, thresholds)
+    if unit_roundoff(dump) > ROUNDOFF[torch.float32]:
+        _raise_to_rounding(model, dump, points, theirs, clean, keep, sizes)
     first = next((p for p in points if p.stands_out), None)
     result = Comparison(points, first, [], thresholds, dump.engine, {"": excess(points)})
     if suspects and first is not None:
@@ -304,6 +313,23 @@ def compare(model: Model, dump: Dump, suspects: bool = True) -> Comparison:
         ranked = sorted((e, list(BREAKS).index(n), n) for n, e in result.excess.items() if n and e <= 0.5 * clean_excess)
         result.suspects = [n for _, _, n in ranked]
     return result
+
+
+def _raise_to_rounding(model, dump, points, theirs, clean, keep, sizes) -> None:
+    """A dump in float16 or bfloat16: at every point, the local error that rounding our own tensors to the dump's
+    dtypes alone makes there (our clean run, rounded, teacher-forcing our engine); a point's threshold is at least
+    ROUNDING_FACTOR × that. A softmax turns its inputs' absolute rounding into relative error in its outputs,
+    so this matters most for attention patterns and routing weights."""
+    rounded = {k: clean[k][-t.shape[0]:].to(t.dtype) if t.is_floating_point() else clean[k][-t.shape[0]:]
+               for k, t in theirs.items()}
+    again = run(model, dump, keep, rounded)
+    for p in points:
+        if p.local_error is None or p.capture.endswith("topk_ids"):
+            continue
+        noise = _local_only(p, rounded, again, sizes).local_error
+        if math.isfinite(noise) and ROUNDING_FACTOR * noise > p.threshold:
+            p.threshold = ROUNDING_FACTOR * noise
+            p.stands_out = not p.local_error <= p.threshold
 
 
 def _local_only(p: Point, theirs, ours, sizes: tuple[int, int]) -> Point:
@@ -318,10 +344,19 @@ def _local_only(p: Point, theirs, ours, sizes: tuple[int, int]) -> Point:
                  stands_out=local > p.threshold)
 
 
-def calibrate(points: list[Point]) -> dict[str, float]:
-    """Each kind's threshold: THRESHOLD_FACTOR × its median local error in this dump, within LIMITS."""
+def unit_roundoff(dump: Dump) -> float:
+    """The rounding of the dump's least precise float values (2^-24 float32, 2^-11 float16, 2^-8 bfloat16)."""
+    dtypes = {t.dtype for t in dump.tensors.values() if t.is_floating_point()}
+    return max((ROUNDOFF[d] for d in dtypes), default=ROUNDOFF[torch.float32])
+
+
+def calibrate(points: list[Point], roundoff: float = ROUNDOFF[torch.float32]) -> dict[str, float]:
+    """Each kind's threshold: THRESHOLD_FACTOR × its median local error in this dump, within LIMITS, both limits
+    raised to what rounding to the dump's precision alone does (ROUNDOFF_FLOOR × its unit roundoff)."""
     out = {}
     for kind, (floor, ceiling) in LIMITS.items():
+        floor = max(floor, ROUNDOFF_FLOOR[kind] * roundoff)
+        ceiling = max(ceiling, 2 * floor)
         errs = [p.local_error for p in points if p.kind == kind and p.local_error is not None and math.isfinite(p.local_error)]
         if kind == "routing":  # ids are right or wrong: any row that differs stands out
             errs = [p.local_error for p in points if p.capture.endswith("topk_weights") and p.local_error is not None

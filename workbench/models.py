@@ -72,7 +72,7 @@ def resolve(model: str | os.PathLike[str]) -> Path:
             raise InputError(f"the trained tiny model {TRAINED_TINY} is missing from this checkout (it is committed in data/).")
         return TRAINED_TINY
     random_names = {_random_name(arch): arch for arch in SUPPORTED_ARCHS}
-    if name.startswith("tiny-"):
+    if name.startswith("tiny-") and not (name.endswith(".gguf") or os.sep in name):  # else a path, like tiny-x.gguf
         arch = random_names.get(name)
         if arch is None:
             raise InputError(f"unknown tiny model '{name}'; choose one of: tiny-qwen3moe, {', '.join(random_names)}.")
