@@ -20,6 +20,12 @@ and logits for us and turns the worker's death into EOF at once. Not multiproces
 re-runs the parent's main script in the child (seconds of torch imports under the CLI, a crash for a script
 without a __main__ guard); and not fork, which is unsafe in a process holding torch's threads. The worker
 imports numpy and llama_cpp, never torch: this module imports torch only where the engine uses it.
+
+`llama_cpp_dump` (ReferenceEngine.dump) records llama.cpp's own tensors at our capture points, as a
+workbench.dump.Dump: the worker opens a second context on the loaded model with an eval callback
+(llama_context_params.cb_eval: the Llama constructor builds its context at once and passes none) and flash
+attention off (its fused kernel has no kq_soft_max node), feeds the prompt as one llama_decode and then one
+token per decode, and copies out only the graph nodes LLAMA_CPP_NODES maps to our points, strides and all.
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -42,6 +51,8 @@ from workbench.errors import InputError, ReferenceFailed
 
 if TYPE_CHECKING:
     import torch
+
+    from workbench.dump import Dump
 
 ENGINES = ("llama.cpp", "llama.cpp-f32")
 GGML_TYPE_F32 = 0  # ggml.h's enum ggml_type: the KV cache type of the exact reference
@@ -91,9 +102,237 @@ def exact_copy(gguf) -> Path:
     return cached_file(target, lambda tmp: f32_copy(gguf.path, tmp), check)
 
 
+# --- llama.cpp's graph at our capture points ---------------------------------------------------------------
+# Our capture point → (llama.cpp graph node, which node of that name), per architecture, as llama.cpp
+# 0.3.36 builds its graphs (src/models/*.cpp; checked against every node's name, op and shape in real runs).
+# Block nodes are named "{name}-{layer}" (llm_graph_context::cb), result_norm and result_output have no layer.
+# One name can label several nodes of a layer; the selector says which one is ours:
+#   "last":     the last node of that name (a later one is a reshape of the same data: Vcur MUL_MAT → RESHAPE)
+#   "pre-rope": the last node of that name whose op is not ROPE (Qcur MUL_MAT → [ADD bias] → RESHAPE → ROPE)
+#   "rope":     the node of that name whose op is ROPE
+# Layouts (ggml order, ne0 fastest, so numpy's shape is reversed): block points are [features…, T], rows
+# last; kq_soft_max is [n_kv, T, n_head] over the whole KV cache (n_kv cells, padded to 256), of which the
+# first n_keys are positions 0..n_keys-1 in a fresh context (the SWA cache too, with swa_full), the rest
+# masked to exactly 0; ffn_moe_topk is an int32 view of the argsort, [k, T] with the row stride of n_expert.
+_DENSE = {
+    "attn_norm": ("attn_norm", "last"),  # RMS_NORM → MUL: the MUL carries the name
+    "attn.q": ("Qcur", "pre-rope"),
+    "attn.k": ("Kcur", "pre-rope"),
+    "attn.v": ("Vcur", "last"),
+    "attn.q_rope": ("Qcur", "rope"),
+    "attn.k_rope": ("Kcur", "rope"),
+    "attn.pattern": ("kq_soft_max", "last"),
+    "attn.out": ("kqv_out", "last"),  # the CONT of the permuted kqv, before the output projection (attn_out)
+    "resid_mid": ("ffn_inp", "last"),
+    "ffn_norm": ("ffn_norm", "last"),
+    "ffn_out": ("ffn_out", "last"),  # the down projection's MUL_MAT
+    "resid_post": ("l_out", "last"),
+    "final_norm": ("result_norm", "last"),
+    "logits": ("result_output", "last"),
+}
+_QK_NORM = {"attn.q_normed": ("Qcur_normed", "last"), "attn.k_normed": ("Kcur_normed", "last")}
+LLAMA_CPP_NODES: dict[str, dict[str, tuple[str, str]]] = {
+    "llama": _DENSE,
+    # Q/K/V biases: Qcur-L is the MUL_MAT, then the ADD of the bias (ours: "after projection + bias"), then
+    # the RESHAPE to heads (the same data), all three named Qcur-L; "pre-rope" takes the reshape.
+    "qwen2": _DENSE,
+    # QK-norm: Qcur-L RESHAPE → RMS_NORM (norm-L) → MUL named Qcur_normed-L → ROPE named Qcur-L again.
+    "qwen3": _DENSE | _QK_NORM,
+    # MoE: the router's MUL_MAT is ffn_moe_logits-L [n_expert, T]; ffn_moe_topk-L the argsort view [k, T];
+    # qwen3moe always renormalises (build_moe_ffn norm_w), so the weights are ffn_moe_weights_norm-L [k, T]
+    # (an arch without renormalisation would map ffn_moe_weights-L, [1, k, T]); the weighted sum of the
+    # experts is ffn_moe_out-L, and there is no ffn_out-L node.
+    "qwen3moe": _DENSE | _QK_NORM | {
+        "moe.router_logits": ("ffn_moe_logits", "last"),
+        "moe.topk_ids": ("ffn_moe_topk", "last"),
+        "moe.topk_weights": ("ffn_moe_weights_norm", "last"),
+        "ffn_out": ("ffn_moe_out", "last"),
+    },
+    # Post norms: kqv_out-L → attn_out MUL_MAT → attn_post_norm-L → sa_out-L (the residual after attention:
+    # there is no ffn_inp-L); ffn_out-L is the down projection BEFORE ffn_post_norm-L, as ours is; l_out-L
+    # after the post norm and the residual. Q is scaled by 1/sqrt(query_pre_attn_scalar) after the ROPE node
+    # (an unnamed SCALE), so q_rope is unscaled as ours is. Its CPU GELU reads a float16 table.
+    "gemma3": _DENSE | _QK_NORM | {"resid_mid": ("sa_out", "last")},
+}
+
+# ggml.h's enum ggml_type → numpy, for the types a graph node we map can have (bf16 is read as its bits)
+_GGML_NUMPY = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64,
+               30: np.uint16}
+GGML_TYPE_BF16 = 30
+_NODE_NAME = re.compile(r"(.+)-(\d+)")
+
+
+class _GgmlTensor(ctypes.Structure):
+    """ggml.h's struct ggml_tensor up to its name (GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10,
+    GGML_MAX_NAME 64): the fields the dump reads (type, ne, nb); checked against ggml's own functions once."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
+
+
+def _ggml_functions(llama_cpp):
+    """ggml's C functions the eval callback needs, typed (llama_cpp loads ggml but binds none of them)."""
+    from llama_cpp._ggml import libggml as lib
+
+    for name, res, args in (
+        ("ggml_get_name", ctypes.c_char_p, [ctypes.c_void_p]),
+        ("ggml_op_desc", ctypes.c_char_p, [ctypes.c_void_p]),
+        ("ggml_nbytes", ctypes.c_size_t, [ctypes.c_void_p]),
+        ("ggml_nelements", ctypes.c_int64, [ctypes.c_void_p]),
+        ("ggml_backend_tensor_get", None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]),
+    ):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+class _DumpFailed(Exception):
+    """A dump the worker could not make: its message is the sentence that travels back."""
+
+
+def _read_node(lib, t: int) -> np.ndarray:
+    """A computed graph node as a numpy array in ggml's layout reversed (numpy shape = ne[3], ne[2], ne[1],
+    ne[0]), floats as float32 and ids as int64: ggml_backend_tensor_get copies its ggml_nbytes (for a view
+    or a permutation, the span from its first to its last element), which numpy then reads with its strides."""
+    s = _GgmlTensor.from_address(t)
+    if s.type not in _GGML_NUMPY:
+        raise _DumpFailed(f"node {lib.ggml_get_name(t).decode(errors='replace')} holds ggml type {s.type}, "
+                          "which the dump cannot read")
+    nbytes = lib.ggml_nbytes(t)
+    raw = np.empty(nbytes, dtype=np.uint8)
+    lib.ggml_backend_tensor_get(t, raw.ctypes.data, 0, nbytes)
+    dtype = np.dtype(_GGML_NUMPY[s.type])
+    shape, strides = tuple(reversed(list(s.ne))), tuple(reversed(list(s.nb)))
+    a = np.ndarray(shape, dtype=dtype, buffer=raw, strides=strides)
+    if s.type == GGML_TYPE_BF16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32 if dtype.kind == "f" else np.int64)  # a contiguous copy
+
+
+def _check_layout(lib, t: int) -> None:
+    """_GgmlTensor against ggml itself: another layout would read garbage shapes (or crash on them)."""
+    s = _GgmlTensor.from_address(t)
+    if s.name != lib.ggml_get_name(t) or int(np.prod(list(s.ne))) != lib.ggml_nelements(t):
+        raise _DumpFailed("this llama.cpp's struct ggml_tensor is not laid out as ggml.h of llama-cpp-python "
+                          "0.3.36 has it, so its graph nodes cannot be read")
+
+
+def _nodes_by_name(archs: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
+    """llama.cpp node name → [(our point, selector)] over these archs' LLAMA_CPP_NODES (no name means two
+    different points across archs; two names can mean one point: ffn_out and ffn_moe_out)."""
+    by_name: dict[str, list[tuple[str, str]]] = {}
+    for arch in archs:
+        for point, (node, selector) in LLAMA_CPP_NODES[arch].items():
+            if (point, selector) not in by_name.setdefault(node, []):
+                by_name[node].append((point, selector))
+    return by_name
+
+
+def _captures(by_name: dict[str, list[tuple[str, str]]], name: str, op: str, patterns: list[str] | None) -> list[str]:
+    """Our capture names that the graph node `name` (e.g. "Qcur-3") of ggml op `op` gives, those matching the
+    fnmatch `patterns` (None: all); a node of a selector "last" or "pre-rope" may be replaced by a later one."""
+    m = _NODE_NAME.fullmatch(name)
+    base, layer = (m[1], int(m[2])) if m else (name, None)
+    out = []
+    for point, selector in by_name.get(base, ()):
+        if (selector == "rope") != (op == "ROPE") or (layer is None) != (point in ("final_norm", "logits")):
+            continue
+        capture = point if layer is None else f"blocks.{layer}.{point}"
+        if patterns is None or any(fnmatchcase(capture, p) for p in patterns):
+            out.append(capture)
+    return out
+
+
+def _llama_dump(llama_cpp, model, request: tuple, threads: int, kv_f32: bool) -> dict:
+    """The worker's half of a dump: a fresh context on `model` with the eval callback, the prompt as one
+    llama_decode, then one token per decode. Returns {"nodes": {(step, capture): array in ggml layout
+    reversed}, "version": the engine's name}; _DumpFailed with a sentence."""
+    _, tokens, n_prompt, arch, patterns, max_bytes = request
+    lib = _ggml_functions(llama_cpp)
+    by_name = _nodes_by_name([arch])
+    got: dict[tuple[int, str], np.ndarray] = {}
+    state = {"step": 0, "bytes": 0, "checked": False, "error": None}
+    asked: dict[int, list[str]] = {}  # node address → our captures it gives, between its ask and its data call
+
+    def captures_of(t: int) -> list[str]:
+        name = lib.ggml_get_name(t).decode(errors="replace")
+        return _captures(by_name, name, lib.ggml_op_desc(t).decode(errors="replace"), patterns)
+
+    @llama_cpp.ggml_backend_sched_eval_callback
+    def callback(t, ask, _user):
+        # An exception must not cross into C (ctypes would print it and return false, which stops the graph).
+        if state["error"] is not None:
+            return not ask  # the data phase returns true: false there stops computing the rest of the graph
+        try:
+            if not state["checked"]:
+                _check_layout(lib, t)
+                state["checked"] = True
+            if ask:
+                wanted = captures_of(t)
+                if wanted:
+                    asked[t] = wanted
+                return bool(wanted)
+            a = _read_node(lib, t)
+            state["bytes"] += a.nbytes
+            if state["bytes"] > max_bytes:
+                raise _DumpFailed(f"the dump outgrew its {max_bytes / 2**20:.3g} MiB at step {state['step']}; "
+                                  "ask for fewer capture points (names)")
+            for capture in asked.pop(t, ()):  # "last" and "pre-rope": a later node of the name replaces it
+                old = got.get((state["step"], capture))
+                if old is not None:
+                    state["bytes"] -= old.nbytes
+                got[(state["step"], capture)] = a
+        except Exception as exc:  # noqa: BLE001 - anything: it is raised after llama_decode returns
+            state["error"] = exc
+        return not ask
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = len(tokens)
+    params.n_batch = params.n_ubatch = n_prompt  # the prompt in one graph
+    params.n_seq_max = 1
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.swa_full = True  # a sliding-window cache as long as the context: cell i holds position i
+    params.no_perf = True
+    params.cb_eval = callback
+    params.cb_eval_user_data = None
+    if kv_f32:
+        params.type_k = params.type_v = GGML_TYPE_F32
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    if not ctx:
+        raise _DumpFailed(_LLAMA_ERRORS[-1] if _LLAMA_ERRORS else "llama.cpp could not make a context for the dump")
+    batch = llama_cpp.llama_batch_init(n_prompt, 0, 1)
+    try:
+        for step in range(len(tokens) - n_prompt + 1):
+            start, n = (0, n_prompt) if step == 0 else (n_prompt + step - 1, 1)
+            batch.n_tokens = n
+            for j in range(n):
+                batch.token[j], batch.pos[j] = tokens[start + j], start + j
+                batch.n_seq_id[j], batch.seq_id[j][0] = 1, 0
+                batch.logits[j] = True  # every row an output: the last layer keeps all its rows
+            state["step"] = step
+            _LLAMA_ERRORS.clear()
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if state["error"] is not None:
+                err = state["error"]
+                raise err if isinstance(err, _DumpFailed) else _DumpFailed(f"{type(err).__name__}: {err}")
+            if rc != 0:
+                why = _LLAMA_ERRORS[0] if _LLAMA_ERRORS else f"llama_decode returned {rc}"
+                raise _DumpFailed(f"step {step} (position {start}): {why}")
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+    kv = "F32 copy, F32 KV cache" if kv_f32 else "the file as is, F16 KV cache"
+    return {"nodes": got, "version": f"llama.cpp {llama_cpp.__version__} ({kv})"}
+
+
 def _serve(conn: Connection, path: str, capacity: int, threads: int, kv_f32: bool = False) -> None:
     """The worker: load the file once, then answer each list of ids with the logits after it, evaluating only
-    the tokens it has not seen. Replies are (kind, value): ok, refused (llama.cpp's reason) or failed."""
+    the tokens it has not seen, and each ("dump", …) request (ReferenceEngine.dump) with llama.cpp's nodes at
+    our capture points, from a context of its own. Replies are (kind, value): ok, refused (llama.cpp's
+    reason) or failed."""
     try:
         import llama_cpp
 
@@ -110,6 +349,12 @@ def _serve(conn: Connection, path: str, capacity: int, threads: int, kv_f32: boo
         conn.send(("ok", n_vocab))
         fed: list[int] = []
         while (ids := conn.recv()) is not None:
+            if isinstance(ids, tuple) and ids[0] == "dump":
+                try:
+                    conn.send(("ok", _llama_dump(llama_cpp, llm.model, ids, threads, kv_f32)))
+                except _DumpFailed as exc:  # this dump only: the worker and its logits go on
+                    conn.send(("dump failed", str(exc)))
+                continue
             common = 0
             while common < min(len(ids), len(fed)) and ids[common] == fed[common]:
                 common += 1
@@ -149,6 +394,7 @@ class ReferenceEngine:
                 "(or the project's 'reference' extra)."
             )
         self.engine = engine
+        self.config = model.config
         self.path = Path(model.gguf.path)
         changed = getattr(model.gguf, "changed_on_disk", None)
         if changed is not None and changed():  # llama.cpp reads the file itself: it would run another model
@@ -160,9 +406,13 @@ class ReferenceEngine:
             except (OSError, ValueError, NotImplementedError) as exc:  # disk full; a type gguf-py cannot decode
                 raise ReferenceFailed(f"the F32 copy of {self.path.name} for the exact reference could not be made ({exc}).") from None
         self._conn, theirs = Pipe()
-        # PYTHONPATH: the worker imports this same copy of workbench, installed or not.
+        # PYTHONPATH: the worker imports this same copy of workbench, installed or not. OMP_WAIT_POLICY: ggml-cpu
+        # runs each graph computation as one OpenMP region, whose idle threads spin for a while after it by
+        # default; a dump's eval callback cuts a decode into hundreds of regions with Python in between, and on
+        # a busy 2-core machine those spinning threads made a SmolLM2 dump 15-40x slower (0.3 s → 4-13 s).
         root = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        env = {"OMP_WAIT_POLICY": "passive", **os.environ,
+               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         try:
             self._worker = subprocess.Popen(
                 [sys.executable, "-m", "workbench.reference", str(theirs.fileno()), str(self.path), str(capacity),
@@ -191,6 +441,37 @@ class ReferenceEngine:
             pass
         return torch.from_numpy(self._reply(f"evaluating {len(ids)} tokens of {self.path.name}"))
 
+    def dump(self, tokens: Iterable[int], n_prompt: int, names: Iterable[str] | None = None,
+             max_bytes: int = 1 << 30) -> Dump:
+        """llama.cpp's tensors at our capture points (those matching the fnmatch patterns `names`; None: all it
+        has) over `tokens`, the first n_prompt as one llama_decode, then one token per decode, as a Dump:
+        float32 values, int64 ids, in our shapes (_to_ours). A context of its own, so the logits' state is
+        untouched. ReferenceFailed with one sentence if llama.cpp cannot; only a crash closes the engine."""
+        import torch
+
+        from workbench.dump import Dump
+
+        if self._failure is not None:
+            raise ReferenceFailed(self._failure)
+        dump = Dump(list(tokens), n_prompt)  # DumpError for a run that is not one
+        if self.config.arch not in LLAMA_CPP_NODES:
+            raise ReferenceFailed(f"llama.cpp dumps know no graph nodes for architecture '{self.config.arch}'.")
+        if any(not 0 <= t < self.n_vocab for t in dump.tokens):
+            raise InputError(f"token ids must be in 0..{self.n_vocab - 1} for {self.path.name}.")
+        patterns = None if names is None else [str(n) for n in names]
+        request = ("dump", dump.tokens, dump.n_prompt, self.config.arch, patterns, int(max_bytes))
+        try:
+            self._conn.send(request)
+        except ConnectionError:  # the worker is already gone: _reply says how
+            pass
+        answer = self._reply(f"dumping {len(dump.tokens)} tokens of {self.path.name}")
+        dump.engine = answer["version"]
+        for (step, capture), array in answer["nodes"].items():
+            ours = _to_ours(self.config, dump, step, capture, array)
+            if ours is not None:
+                dump.tensors[(step, capture)] = torch.from_numpy(ours)
+        return dump
+
     def _reply(self, doing: str):
         """The worker's next answer; its death, its silence or its error closes the engine with one sentence."""
         try:
@@ -210,6 +491,8 @@ class ReferenceEngine:
             self._fail(f"llama.cpp refused {self.path}: {value.rstrip('.')}.")
         if kind == "failed":
             self._fail(f"llama.cpp failed while {doing}: {value.rstrip('.')}.")
+        if kind == "dump failed":  # that request only: the engine stays open
+            raise ReferenceFailed(f"llama.cpp could not dump while {doing}: {value.rstrip('.')}.")
         return value
 
     def _next_answer(self) -> tuple[str, object] | None:
@@ -251,6 +534,47 @@ class ReferenceEngine:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _to_ours(config, dump: Dump, step: int, capture: str, array: np.ndarray) -> np.ndarray | None:
+    """One node's array (ggml's layout reversed: rows outermost, features innermost) in our point's shape:
+    [rows, *features] for every point but the pattern, whose [n_head, T, n_kv] over the KV cache becomes
+    [T, n_head, n_keys] over positions 0..n_keys-1 (None, so not dumped, if a cell past them holds weight:
+    then cells are not positions)."""
+    from workbench.dump import split_capture
+
+    _, point = split_capture(capture)
+    c = config
+    if point == "attn.pattern":
+        n_head, rows, n_kv = array.shape[-3:]
+        pattern = array.reshape(n_head, rows, n_kv).transpose(1, 0, 2)
+        n_keys = dump.first_position(step) + dump.rows(step)
+        if n_keys > n_kv or np.abs(pattern[..., n_keys:]).max(initial=0.0) > 0:
+            return None
+        return np.ascontiguousarray(pattern[..., :n_keys])
+    features = {
+        "attn.q": (c.n_heads, c.head_dim), "attn.q_normed": (c.n_heads, c.head_dim), "attn.q_rope": (c.n_heads, c.head_dim),
+        "attn.k": (c.n_kv_heads, c.head_dim), "attn.k_normed": (c.n_kv_heads, c.head_dim),
+        "attn.k_rope": (c.n_kv_heads, c.head_dim), "attn.v": (c.n_kv_heads, c.v_head_dim),
+        "attn.out": (c.n_heads * c.v_head_dim,), "moe.router_logits": (c.n_experts,),
+        "moe.topk_ids": (c.n_experts_used,), "moe.topk_weights": (c.n_experts_used,), "logits": (c.vocab_size,),
+    }.get(point, (c.hidden,))
+    size = int(np.prod(features))
+    if array.size % size or not 1 <= array.size // size <= dump.rows(step):
+        raise ReferenceFailed(f"llama.cpp's node for {capture} at step {step} has shape {list(array.shape)[::-1]} "
+                              f"(ggml order), which is not rows of {list(features)}.")
+    return array.reshape(-1, *features)
+
+
+def llama_cpp_dump(model, tokens: Iterable[int], n_prompt: int, engine: str = "llama.cpp",
+                   names: Iterable[str] | None = None, max_bytes: int = 1 << 30) -> Dump:
+    """llama.cpp's dump of `tokens` (the first n_prompt as one batch, then one token per step) at every capture
+    point it has (LLAMA_CPP_NODES), or those matching the fnmatch patterns `names`; `engine` is one of
+    ENGINES ("llama.cpp-f32": the exact reference). Runs in a worker process of its own, like ReferenceEngine:
+    any failure there is ReferenceFailed with one sentence."""
+    tokens = [int(t) for t in tokens]
+    with ReferenceEngine(engine, model, max(len(tokens), 1)) as reference:
+        return reference.dump(tokens, n_prompt, names, max_bytes)
 
 
 if __name__ == "__main__":  # the worker; Ctrl-C is for the engine, which stops it by closing the socket
