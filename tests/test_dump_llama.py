@@ -3,7 +3,8 @@ point: on its F32 copy with an F32 KV cache ("llama.cpp-f32") every capture poin
 (measured ≤ 2.5e-6 relative L2 on the tiny models, ≤ 6.6e-6 on SmolLM2), ids exactly, except where llama.cpp's
 CPU GELU reads its float16 table (gemma3: from blocks.0.ffn_out on, ~4e-4); on the file as it is ("llama.cpp",
 activations quantized to 8 bits in its matmuls) cosines ≥ 0.99. Each arch's set of mapped points is listed, so
-a mapping that silently vanishes (a node renamed in a new llama.cpp) fails here."""
+a mapping that silently vanishes (a node renamed in a new llama.cpp) fails here. Last, llama-eval-callback's text
+(reference.read_eval_callback_text): its lines for a real run's nodes read back as the same points' statistics."""
 
 from __future__ import annotations
 
@@ -162,3 +163,89 @@ def test_refused_file_is_reference_failed(tiny_paths, tmp_path):
     stand_in = SimpleNamespace(gguf=SimpleNamespace(path=bad), config=model.config)
     with pytest.raises(ReferenceFailed, match=r"llama.cpp refused .*bogus.gguf: .*unknown model architecture: 'bogus'"):
         llama_cpp_dump(stand_in, TOKENS, len(PROMPT))
+
+
+# --- llama-eval-callback's text: the tool's lines (common/debug.cpp) printed from a real run's nodes -----------
+
+EMIT = r'''
+import ctypes, sys
+import numpy as np
+import llama_cpp
+from workbench.reference import _GgmlTensor, _collect_errors, _ggml_functions, _read_node
+llama_cpp.llama_log_set(_collect_errors, ctypes.c_void_p(0))
+path, n_prompt, tokens = sys.argv[1], int(sys.argv[2]), [int(t) for t in sys.argv[3].split(",")]
+lib = _ggml_functions(llama_cpp)
+lib.ggml_type_name.restype, lib.ggml_type_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
+ne_str = lambda t: ", ".join(str(n) for n in _GgmlTensor.from_address(t).ne)
+src_str = lambda t: f"{lib.ggml_get_name(t).decode()}{{{ne_str(t)}}}" if t else ""
+corners = lambda n: list(range(n)) if n <= 6 else [0, 1, 2, None, n - 3, n - 2, n - 1]
+
+@llama_cpp.ggml_backend_sched_eval_callback
+def callback(t, ask, _user):  # as common_debug_cb_eval: every node, its header, its corners, its sum
+    if ask:
+        return True
+    s = _GgmlTensor.from_address(t)
+    print(f"common_debug_cb_eval: {lib.ggml_get_name(t).decode():>24} = ({lib.ggml_type_name(s.type).decode()}) "
+          f"{lib.ggml_op_desc(t).decode():>10}({src_str(s.src[0])}, {src_str(s.src[1])}}}) = {{{ne_str(t)}}}")
+    a = _read_node(lib, t).astype(np.float64)
+    for i3 in range(a.shape[0]):
+        print("    [")
+        for i2 in corners(a.shape[1]):
+            if i2 is None:
+                print("        ..., ")
+                continue
+            print("        [")
+            for i1 in corners(a.shape[2]):
+                if i1 is None:
+                    print("            ..., ")
+                    continue
+                row = ["..." if i0 is None else f"{a[i3, i2, i1, i0]:12.4f}" for i0 in corners(a.shape[3])]
+                print("            [" + ", ".join(row) + "  ],")
+            print("        ],")
+        print("    ]")
+        print(f"    sum = {a.sum():f}")
+    return True
+
+params = llama_cpp.llama_context_default_params()
+params.n_ctx, params.n_batch, params.n_ubatch, params.n_threads = len(tokens), n_prompt, n_prompt, 1
+params.flash_attn_type, params.swa_full, params.type_k, params.type_v = 0, True, 0, 0
+params.cb_eval = callback
+model = llama_cpp.llama_model_load_from_file(path.encode(), llama_cpp.llama_model_default_params())
+ctx = llama_cpp.llama_init_from_model(model, params)
+batch = llama_cpp.llama_batch_init(n_prompt, 0, 1)
+for start, n in [(0, n_prompt)] + [(p, 1) for p in range(n_prompt, len(tokens))]:
+    batch.n_tokens = n
+    for j in range(n):
+        batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.logits[j] = tokens[start + j], start + j, 1, 1
+        batch.seq_id[j][0] = 0
+    print("decode: ", llama_cpp.llama_decode(ctx, batch))  # a line of another kind, which the reader skips
+'''
+
+
+def test_eval_callback_text_gives_the_dumps_statistics(tiny_paths, tiny_cache):
+    """The text the tool prints for a real run (qwen3moe: QK-norm, MoE ids, several steps) read back as
+    statistics: the same (step, capture) keys as llama_cpp_dump's tensors of the same run, count = their
+    elements, sum = theirs (to %f's 6 decimals), no sum of squares (NaN)."""
+    import os
+    import subprocess
+    import sys
+
+    from workbench.dump import DumpError
+    from workbench.reference import exact_copy, read_eval_callback_text
+
+    model = load_model(tiny_paths["qwen3moe"])
+    live = llama_cpp_dump(model, TOKENS, len(PROMPT), engine="llama.cpp-f32")
+    root = str(Path(__file__).resolve().parents[1])
+    run = subprocess.run([sys.executable, "-c", EMIT, str(exact_copy(model.gguf)), str(len(PROMPT)),
+                          ",".join(map(str, TOKENS))], capture_output=True, text=True, check=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": root, "OMP_WAIT_POLICY": "passive"})
+    stats = read_eval_callback_text(run.stdout, TOKENS, len(PROMPT))
+    assert not stats.tensors and set(stats.stats) == set(live.tensors)
+    for key, (count, total, squares) in stats.stats.items():
+        t = live.tensors[key].double()
+        assert count == t.numel() and torch.isnan(squares), key
+        assert abs(total - t.sum()) <= 1e-5 + 1e-6 * t.abs().sum(), (key, float(total), float(t.sum()))
+    with pytest.raises(DumpError, match="more graphs than the 2 steps"):
+        read_eval_callback_text(run.stdout, TOKENS[:6], len(PROMPT))
+    with pytest.raises(DumpError, match="none of the llama.cpp graph nodes"):
+        read_eval_callback_text("llama_model_loader: loaded meta data\n", TOKENS, len(PROMPT))

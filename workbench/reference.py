@@ -26,6 +26,8 @@ workbench.dump.Dump: the worker opens a second context on the loaded model with 
 (llama_context_params.cb_eval: the Llama constructor builds its context at once and passes none) and flash
 attention off (its fused kernel has no kq_soft_max node), feeds the prompt as one llama_decode and then one
 token per decode, and copies out only the graph nodes LLAMA_CPP_NODES maps to our points, strides and all.
+`read_eval_callback_text` reads the same nodes' statistics (count, sum) from the text llama.cpp's
+llama-eval-callback tool prints.
 """
 
 from __future__ import annotations
@@ -575,6 +577,68 @@ def llama_cpp_dump(model, tokens: Iterable[int], n_prompt: int, engine: str = "l
     tokens = [int(t) for t in tokens]
     with ReferenceEngine(engine, model, max(len(tokens), 1)) as reference:
         return reference.dump(tokens, n_prompt, names, max_bytes)
+
+
+# --- llama-eval-callback's text -----------------------------------------------------------------------------
+# What llama.cpp's llama-eval-callback prints per graph node (common/debug.cpp, common_debug_cb_eval; the older
+# examples/eval-callback/eval-callback.cpp, ggml_debug, prints the same lines):
+#   "{func}: {name:>24} = ({type}) {op:>10}({src0}{{ne}}, {src1}{{ne}}}) = {{ne0, ne1, ne2, ne3}}"
+# then the corner values (3 per dimension) in nested brackets, then "    sum = %f" once per ne3 slice.
+# A log prefix (timestamp, level) before the function's name is allowed.
+_TEXT_HEADER = re.compile(r"^(?:.*?\b(?:common_debug_cb_eval|ggml_debug): +)?(?P<name>.*?) = \((?P<type>\w+)\) +"
+                          r"(?P<op>\S+)\(.*\) = \{(?P<ne>\d+(?:, \d+)*)\}\s*$")
+_TEXT_SUM = re.compile(r"(?:^|\s)sum = (?P<sum>\S+)\s*$")
+
+
+def read_eval_callback_text(text: str, tokens: Iterable[int], n_prompt: int, arch: str | None = None) -> Dump:
+    """A statistics-only Dump from the text of llama.cpp's llama-eval-callback run on `tokens` (the first
+    n_prompt as one batch, as the tool feeds its prompt; one decode per later token): Dump.stats[(step,
+    capture)] = [count, sum, NaN] for each node LLAMA_CPP_NODES maps (`arch`'s table; None: every arch's,
+    whose names do not clash), by the same selectors as llama_cpp_dump. The tool prints no sum of squares
+    (NaN); count is the node's element count, the pattern's over its n_keys real keys (its other cells hold
+    0, so its sum is theirs). A graph ends at its result_output node, so a text filtered without it is read
+    as one step. Only builds that sum every element (common/debug.cpp) give whole-tensor sums: the older
+    eval-callback summed only the corners it printed. DumpError for text that holds none of these nodes or
+    more graphs than the tokens make."""
+    import torch
+
+    from workbench.dump import Dump, DumpError, split_capture
+
+    dump = Dump(list(tokens), n_prompt)
+    if arch is not None and arch not in LLAMA_CPP_NODES:
+        raise DumpError(f"no llama.cpp node table for architecture '{arch}'; there is one for {', '.join(LLAMA_CPP_NODES)}.")
+    by_name = _nodes_by_name([arch] if arch else LLAMA_CPP_NODES)
+    step, ended, found = 0, False, 0
+    current: tuple[list[str], list[int]] | None = None  # the captures and ne of the node whose sum comes next
+    for line in text.splitlines():
+        if (m := _TEXT_HEADER.match(line)) is not None:
+            name = m["name"].strip()
+            if ended:  # the node after a result_output: the next graph, one more token
+                step, ended = step + 1, False
+            if name == "result_output":
+                ended = True
+            captures = _captures(by_name, name, m["op"], None)
+            current = (captures, [int(n) for n in m["ne"].split(",")]) if captures else None
+            if captures and step >= dump.n_steps:
+                raise DumpError(f"the text holds more graphs than the {dump.n_steps} steps of its "
+                                f"{len(dump.tokens)} tokens with n_prompt = {n_prompt}.")
+        elif current is not None and (m := _TEXT_SUM.search(line)) is not None:
+            captures, ne = current
+            count = float(np.prod(ne))
+            try:
+                total = float(m["sum"])
+            except ValueError:
+                raise DumpError(f"'{line.strip()}' is not a sum llama.cpp prints.") from None
+            for capture in captures:  # the last sum line of a node, and the last node of a name, win
+                if split_capture(capture)[1] == "attn.pattern" and len(ne) >= 3:
+                    count = float(ne[1] * ne[2] * (dump.first_position(step) + dump.rows(step)))
+                dump.stats[(step, capture)] = torch.tensor([count, total, float("nan")], dtype=torch.float64)
+                found += 1
+    if not found:
+        raise DumpError("the text holds none of the llama.cpp graph nodes a dump maps (attn_norm-0, Qcur-0, "
+                        "l_out-0, result_output, …) with a 'sum = ' line after it.")
+    dump.engine = "llama.cpp llama-eval-callback (statistics)"
+    return dump
 
 
 if __name__ == "__main__":  # the worker; Ctrl-C is for the engine, which stops it by closing the socket
