@@ -29,12 +29,20 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
               "cosine": pl.Float64, "argmax_equal": pl.Boolean},
     "reference": {"step": pl.Int32, "position": pl.Int32, "engine": pl.String, "cosine": pl.Float64,
                   "top1_equal": pl.Boolean, "ours_top5": pl.List(pl.Int64), "ref_top5": pl.List(pl.Int64)},
+    # The newest token's attention pattern: every key position 0..its own, masked ones (a sliding window) at 0.
+    "attention": {"step": pl.Int32, "path": pl.String, "layer": pl.Int32, "head": pl.Int32, "key": pl.Int32,
+                  "weight": pl.Float64},
+    # The logit lens: each layer's newest residual through the final norm and the head; kl_to_final is
+    # KL(final ‖ layer) in nats.
+    "lens": {"step": pl.Int32, "path": pl.String, "layer": pl.Int32, "token_id": pl.Int64, "prob": pl.Float64,
+             "entropy": pl.Float64, "kl_to_final": pl.Float64},
 }
 # The columns that identify an observation (for joining two traces); the rest are measurements.
 KEYS = {
     "tokens": ["step", "path"], "kv": ["step", "path", "layer"], "qk": ["step", "path", "layer", "head", "tensor", "stage"],
     "routing": ["step", "path", "position", "layer", "rank"], "layers": ["step", "path", "layer"],
-    "equiv": ["step"], "reference": ["step", "engine"],
+    "equiv": ["step"], "reference": ["step", "engine"], "attention": ["step", "path", "layer", "head", "key"],
+    "lens": ["step", "path", "layer"],
 }
 FRAMES = tuple(SCHEMAS)
 

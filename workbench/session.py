@@ -9,7 +9,10 @@
 
 A session always records the token and KV-cache rows of each step (host-side bookkeeping, no device work).
 With `probes=True` it also records the per-head Q/K statistics, routing and layer health of each forward
-(probes.py) and the top-k next-token candidates. `trace()` turns the records into polars frames.
+(probes.py) and the top-k next-token candidates. Two teaching frames are opt-in on their own, since each costs
+forward work: `attention=True` the newest token's attention pattern per layer and head (a second attention
+per layer), `lens=True` the logit lens (one vocabulary-sized matmul per layer). Any of the three runs the
+step eagerly through a StepProbe. `trace()` turns the records into polars frames.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from workbench.errors import GGUFError, InputError, NumericError, ReferenceFaile
 from workbench.frames import PATHS as ROW_PATHS
 from workbench.loading import describe_weights, free_memory, out_of_memory
 from workbench.model import BREAKS, Model
-from workbench.probes import StepProbe
+from workbench.probes import StepProbe, unembed
 from workbench.steps import StaticStep, fast_step
 from workbench.trace import Recorder, Trace, versions
 
@@ -121,6 +124,8 @@ class Session:
     sampling: Sampling = field(default_factory=Sampling)
     context: int | None = None  # positions the session may fill; default: the model's context, capped at 4096
     probes: bool = False
+    attention: bool = False  # the `attention` frame: the newest token's pattern (a second attention per layer)
+    lens: bool = False  # the `lens` frame: every layer through the final norm and head (a vocab matmul per layer)
     breaks: frozenset[str] = frozenset()
     reference: str | None = None  # "llama.cpp" | "llama.cpp-f32" (reference.ENGINES): run it beside ours on the same tokens
     cuda_graphs: bool = True  # plain cached decode steps on CUDA replay a captured graph (steps.DecodeGraph)
@@ -199,7 +204,10 @@ class Session:
             cache = m.new_cache(len(self.ids))
             rows = slice(None) if self.n_steps == 0 else slice(-1, None)
         first_row = start if rows.start is None else len(self.ids) - 1
-        probe = StepProbe(rows, min(TOP_CANDIDATES, m.config.vocab_size)) if self.probes else None
+        probe = None
+        if self.probes or self.attention or self.lens:
+            probe = StepProbe(rows, min(TOP_CANDIDATES, m.config.vocab_size), statistics=self.probes,
+                              attention=self.attention, lens=unembed(m) if self.lens else None)
         t0 = time.perf_counter()
         static = path == "cached" and len(new) == 1 and probe is None and not self.breaks  # probes, breaks: eager
         if static and self.static_step is None:
@@ -318,10 +326,13 @@ class Session:
             r.add("tokens", step=result.step, position=result.position, token_id=result.token_id, piece=piece,
                   path=path, seconds=run.seconds, tokens_per_s=1.0 / run.seconds if run.seconds > 0 else 0.0,
                   n_tokens=run.n_tokens, prefill=result.prefill and path == "cached",
-                  top_ids=rec.top_ids if rec else None, top_probs=rec.top_probs if rec else None)
+                  top_ids=rec.top_ids if rec and self.probes else None,
+                  top_probs=rec.top_probs if rec and self.probes else None)
         for path, rec in collected.items():
-            for frame in ("qk", "routing", "layers"):
+            for frame in ("qk", "routing", "layers", "lens"):
                 r.extend(frame, getattr(rec, frame), step=result.step, path=path)
+            if rec.attention:
+                r.extend_columns("attention", rec.attention, step=result.step, path=path)
         if len(result.runs) == 2:
             a, b = result.runs["cached"].logits, result.runs["uncached"].logits
             diff = (a - b).abs().max()
@@ -359,6 +370,7 @@ class Session:
             "reference": self.reference, "reference_error": self.reference_error,
             "prompt_ids": list(self.prompt_ids), "prompt_pieces": [m.tokenizer.piece(t) for t in self.prompt_ids],
             "path": self.path, "primary_path": self.paths[0], "breaks": sorted(self.breaks),
+            "probes": self.probes, "attention": self.attention, "lens": self.lens,  # which frames were taken
             "sampling": {"temperature": self.sampling.temperature, "top_k": self.sampling.top_k,
                          "top_p": self.sampling.top_p, "seed": self.sampling.seed},
             "versions": versions(),

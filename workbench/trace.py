@@ -9,6 +9,13 @@ Frames (DESIGN.md, with a `path` column wherever both decode paths can fill the 
 - layers:    step, path, layer, resid_rms, resid_max_abs, nan, inf
 - equiv:     step, position, max_abs_diff, max_abs_logit, cosine, argmax_equal   (cached vs uncached)
 - reference: step, position, engine, cosine, top1_equal, ours_top5, ref_top5     (ours vs llama.cpp)
+- attention: step, path, layer, head, key, weight   (opt-in: the newest token's pattern over keys 0..its position)
+- lens:      step, path, layer, token_id, prob, entropy, kl_to_final   (opt-in: the logit lens, KL(final ‖ layer))
+
+The attention frame keeps the zero weights: every (step, path, layer, head) has one row per key 0..position,
+so a sliding window shows as zeros rather than as a gap a chart cannot tell from "not recorded", and two paths
+or two traces join row for row (dropping zeros would drop a different set wherever a tiny weight underflows
+on one side and not the other). It is layers × heads × (position + 1) rows a step.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ import math
 import numbers
 import platform
 import stat
-from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import repeat
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import polars as pl
@@ -59,6 +67,18 @@ class Recorder:
             raise ValueError(f"`{frame}` rows need the columns {list(SCHEMAS[frame])} in order, not {names}.")
         first = tuple(leading.values())
         getattr(self, frame).extend((*first, *row) for row in rows)
+
+    def extend_columns(self, frame: str, columns: dict[str, list], **leading: Any) -> None:
+        """Many rows given as columns (the columns after the `leading` ones, by name, as lists of one length):
+        for frames of tens of thousands of rows a step (attention), zipped into rows without a Python loop."""
+        names = [*leading, *columns]
+        if names != list(SCHEMAS[frame]):
+            raise ValueError(f"`{frame}` columns need to be {list(SCHEMAS[frame])} in order, not {names}.")
+        lengths = {len(values) for values in columns.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"`{frame}` columns of different lengths: {sorted(lengths)}.")
+        n = lengths.pop() if lengths else 0
+        getattr(self, frame).extend(zip(*(repeat(value, n) for value in leading.values()), *columns.values()))
 
 
 @dataclass
@@ -117,7 +137,7 @@ class Trace:
         if stacked.schema.get("frame") != pl.String:
             raise InputError(f"{label} has no `frame` column of frame names, so it is not a workbench trace.")
         frames = {}
-        for frame, schema in SCHEMAS.items():
+        for frame in SCHEMAS:
             part = stacked.filter(pl.col("frame") == frame) if frame in listed else stacked.clear()
             frames[frame] = _cast(part, frame, label) if part.height else empty(frame)
         return cls(frames, meta)
