@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from workbench.cli import main
+from workbench.gguf_file import GGUFFile
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -110,6 +111,11 @@ def test_trace_and_diff(tiny_paths, capsys, tmp_path):
     assert run(capsys, *base, "--break", "cache-off-by-one", "--out", str(tmp_path / "b.parquet"))[0] == 0
     trace = Trace.read(tmp_path / "a.parquet")
     assert trace.tokens.height == 12 and trace.equiv.height == 6 and trace.routing.height > 0
+    assert trace.frames["attention"].height == 0 and trace.frames["lens"].height == 0  # opt-in
+    assert run(capsys, *base, "--attention", "--lens", "--out", str(tmp_path / "c.parquet"))[0] == 0
+    frames = Trace.read(tmp_path / "c.parquet").frames
+    n_layers = GGUFFile(tiny_paths["qwen3moe"]).metadata["qwen3moe.block_count"]
+    assert frames["lens"].height == 12 * n_layers and frames["attention"].height > 0
     code, out, _ = run(capsys, "diff", str(tmp_path / "a.parquet"), str(tmp_path / "a2.parquet"))
     assert code == 0 and "first differs" not in out  # two runs of the same engine agree (timings aside)
     code, out, _ = run(capsys, "diff", str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"), "--json")

@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     _session_args(p)
     _path_arg(p, both=True)
     p.add_argument("--out", required=True, help="FILE.parquet")
+    p.add_argument("--attention", action="store_true",
+                   help="also the attention frame: the newest token's pattern per layer and head (a second attention per layer)")
+    p.add_argument("--lens", action="store_true",
+                   help="also the logit lens: every layer through the final norm and head (a vocabulary matmul per layer)")
 
     p = sub.add_parser("bench", help="cached vs uncached tokens/s, llama-bench style")
     _model_arg(p)
@@ -236,7 +240,7 @@ def _prompt_ids(model, prompt: str) -> list[int]:
     return ids
 
 
-def _session(args: argparse.Namespace, probes: bool = False):
+def _session(args: argparse.Namespace, probes: bool = False, **frames: bool):
     from workbench.session import Sampling, Session
 
     if args.steps < 1:
@@ -249,7 +253,7 @@ def _session(args: argparse.Namespace, probes: bool = False):
     prompt_ids = _prompt_ids(model, args.prompt)
     context = min(model.config.context_length, len(prompt_ids) + args.steps)
     return Session(model, prompt_ids, path=args.path, sampling=sampling, context=context, probes=probes,
-                   breaks=frozenset(args.breaks), reference=args.reference, compile=args.compile)
+                   breaks=frozenset(args.breaks), reference=args.reference, compile=args.compile, **frames)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -324,7 +328,7 @@ def _check_lines(session) -> list[str]:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    session = _session(args, probes=True)
+    session = _session(args, probes=True, attention=args.attention, lens=args.lens)
     for _ in session.generate(args.steps):
         pass
     trace = session.trace({"prompt": args.prompt})

@@ -241,13 +241,13 @@ def _stats_error(stats: torch.Tensor, ours: torch.Tensor) -> float:
     difference of the mean and of the RMS (each relative to our RMS), over the statistics they give."""
     count, total, squares = (float(v) for v in stats)
     x = ours.double().flatten()
-    n = int(count) if count == count and 0 < count <= x.numel() else x.numel()
+    n = int(count) if not math.isnan(count) and 0 < count <= x.numel() else x.numel()
     x = x[-n:]
     rms = float(x.pow(2).mean().sqrt()) or 1e-30
     errs = []
-    if total == total:
+    if not math.isnan(total):
         errs.append(abs(total / n - float(x.mean())) / rms)
-    if squares == squares:
+    if not math.isnan(squares):
         errs.append(abs(math.sqrt(max(squares, 0.0) / n) - rms) / rms)
     return max(errs) if errs else math.nan
 

@@ -361,8 +361,16 @@ class Model:
             x = seen(probe, f"blocks.{i}.resid_post", x + f)
         if last_only:
             x = x[-1:]
-        x = seen(probe, "final_norm", rms_norm(x, w.output_norm, c.rms_eps))  # [T, hidden] (the last row only with last_only)
-        return seen(probe, "logits", matmul(x, w.output).float())  # [T, vocab]
+        x = seen(probe, "final_norm", self.final_norm(x))  # [T, hidden] (the last row only with last_only)
+        return seen(probe, "logits", self.unembed(x))  # [T, vocab]
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The RMSNorm after the last block (the logit lens puts every layer's residual through it too)."""
+        return rms_norm(x, self.weights.output_norm, self.config.rms_eps)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """Normed rows [n, hidden] → logits [n, vocab], float32: the output head."""
+        return matmul(x, self.weights.output).float()
 
     def attention(self, x: torch.Tensor, i: int, layer: LayerWeights, span: Span, probe: Probe | None) -> torch.Tensor:
         """One block's attention over x [T, hidden]: Q, K, V → QK-norm → RoPE → the cache → GQA → output."""

@@ -29,9 +29,7 @@ import torch
 
 from workbench.errors import ResourceError
 from workbench.frames import row_type
-from workbench.model import Model, rms_norm
-from workbench.qmatmul import matmul
-
+from workbench.model import Model
 
 QK_POINTS = ("attn.q", "attn.k", "attn.q_normed", "attn.k_normed")
 REDUCED_POINTS = frozenset({*QK_POINTS, "resid_post", "moe.router_logits", "moe.topk_ids", "moe.topk_weights"})
@@ -47,8 +45,7 @@ LensRow = row_type("lens")  # layer, token_id, prob, entropy (nats), kl_to_final
 def unembed(model: Model) -> Callable[[torch.Tensor], torch.Tensor]:
     """What Model.compute does after the last block, as a function of residual rows [n, hidden] → logits
     [n, vocab] float32: the final RMSNorm, then the output head (the logit lens reads every layer through it)."""
-    w, eps = model.weights, model.config.rms_eps
-    return lambda x: matmul(rms_norm(x, w.output_norm, eps), w.output).float()
+    return lambda x: model.unembed(model.final_norm(x))
 
 
 @dataclass
