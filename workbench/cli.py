@@ -500,7 +500,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     print(f"{Path(args.dump).name} ({dump.engine or 'engine not named'}) against our exact path on {model.gguf.path.name}: "
           f"{len(dump.tokens)} tokens ({dump.n_prompt} prompt), steps 0..{dump.n_steps - 1}, {len(result.points)} points")
-    print("thresholds of local error: " + ", ".join(f"{k} {v:.1e}" for k, v in result.thresholds.items()) + ", routing ids: any row")
+    print("thresholds of local error: " + ", ".join(f"{k} {v:.1e}" for k, v in result.thresholds.items())
+          + (", routing ids: any row" if model.config.is_moe else ""))
     fd = result.first_divergence
     if fd is None:
         print("first divergence: none — every local error is within what its kind of operation introduces here.")
