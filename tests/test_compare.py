@@ -178,3 +178,15 @@ def test_cli_dump_and_compare(tiny_paths, tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
     assert main(["compare", str(tiny_paths["llama"]), str(out), "--device", "cpu"]) == 1
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_their_nan_and_impossible_expert_ids_are_named_not_run(tiny_paths):
+    m = load_model(tiny_paths["qwen3moe"])
+    d = ours(m, TOKENS, N_PROMPT)
+    d.tensors[(1, "blocks.1.moe.topk_ids")] = torch.full_like(d.tensors[(1, "blocks.1.moe.topk_ids")], m.config.n_experts + 3)
+    fd = compare(m, d).first_divergence
+    assert (fd.step, fd.capture, fd.local_error) == (1, "blocks.1.moe.topk_ids", 1.0)
+    d = ours(m, TOKENS, N_PROMPT)
+    d.tensors[(2, "blocks.0.attn.v")][0, 1, 3] = float("nan")
+    fd = compare(m, d, suspects=False).first_divergence
+    assert (fd.step, fd.capture, fd.head) == (2, "blocks.0.attn.v", 1) and fd.local_error == float("inf")

@@ -184,12 +184,28 @@ def run(model: Model, dump: Dump, keep: set[str], theirs: dict[tuple[int, str], 
     cache = model.new_cache(len(dump.tokens))
     out: dict[tuple[int, str], torch.Tensor] = {}
     for step in range(dump.n_steps):
-        forced = None if theirs is None else {c: t for (s, c), t in theirs.items() if s == step}
+        forced = None if theirs is None else {c: t for (s, c), t in theirs.items() if s == step and _forceable(t, model)}
         probe = _Run(keep, forced)
         ids = torch.tensor(dump.step_tokens(step), device=model.device)
         model.forward(ids, dump.first_position(step), cache, probe, breaks=breaks)
         out |= {(step, name): t.cpu() for name, t in probe.ours.items()}
     return out
+
+
+def _forceable(t: torch.Tensor, model: Model) -> bool:
+    """Whether the forward can go on with their tensor: expert ids outside the model's experts are measured,
+    not run (they would index past the stack)."""
+    return t.is_floating_point() or not t.numel() or (int(t.min()) >= 0 and int(t.max()) < model.config.n_experts)
+
+
+def _ids_behind(key: tuple[int, str], theirs: dict, run: dict, model: Model) -> tuple:
+    """For a topk_weights point: (their expert ids, the ids our weights in `run` belong to — theirs where the
+    forward went on with them, else the ones our router chose)."""
+    ids_key = (key[0], key[1].replace("topk_weights", "topk_ids"))
+    their_ids, our_ids = theirs.get(ids_key), run.get(ids_key)
+    if their_ids is not None and _forceable(their_ids, model):
+        our_ids = their_ids
+    return (their_ids if their_ids is not None else our_ids), our_ids
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -294,20 +310,20 @@ def compare(model: Model, dump: Dump, suspects: bool = True) -> Comparison:
         ids_key = (step, capture.replace("topk_weights", "topk_ids"))
         their_ids = theirs.get(ids_key, clean.get(ids_key))
         e2e, cos, max_abs, _, _ = _errors(point, theirs[key], clean[key], their_ids, clean.get(ids_key), *sizes)
-        local, _, _, head, row = _errors(point, theirs[key], forced[key], their_ids, their_ids, *sizes)
+        local, _, _, head, row = _errors(point, theirs[key], forced[key], *_ids_behind(key, theirs, forced, model), *sizes)
         first_row = dump.first_position(step) + dump.rows(step) - theirs[key].shape[0]
         points.append(Point(step, capture, layer, KINDS[point], local, e2e, cos, max_abs, head, first_row + row))
 
     thresholds = calibrate(points, unit_roundoff(dump))
     _mark(points, thresholds)
     if unit_roundoff(dump) > ROUNDOFF[torch.float32]:
-        _raise_to_rounding(model, dump, points, theirs, clean, keep, sizes)
+        _raise_to_rounding(model, dump, points, theirs, clean, keep)
     first = next((p for p in points if p.stands_out), None)
     result = Comparison(points, first, [], thresholds, dump.engine, {"": excess(points)})
     if suspects and first is not None:
         for name in applicable_breaks(model, dump):
             broken = run(model, dump, keep, theirs, frozenset({name}))
-            trial = [_local_only(p, theirs, broken, sizes) for p in points]
+            trial = [_local_only(p, theirs, broken, model) for p in points]
             result.excess[name] = excess(trial)
         clean_excess = result.excess[""]
         ranked = sorted((e, list(BREAKS).index(n), n) for n, e in result.excess.items() if n and e <= 0.5 * clean_excess)
@@ -315,7 +331,7 @@ def compare(model: Model, dump: Dump, suspects: bool = True) -> Comparison:
     return result
 
 
-def _raise_to_rounding(model, dump, points, theirs, clean, keep, sizes) -> None:
+def _raise_to_rounding(model, dump, points, theirs, clean, keep) -> None:
     """A dump in float16 or bfloat16: at every point, the local error that rounding our own tensors to the dump's
     dtypes alone makes there (our clean run, rounded, teacher-forcing our engine); a point's threshold is at least
     ROUNDING_FACTOR × that. A softmax turns its inputs' absolute rounding into relative error in its outputs,
@@ -326,20 +342,20 @@ def _raise_to_rounding(model, dump, points, theirs, clean, keep, sizes) -> None:
     for p in points:
         if p.local_error is None or p.capture.endswith("topk_ids"):
             continue
-        noise = _local_only(p, rounded, again, sizes).local_error
+        noise = _local_only(p, rounded, again, model).local_error
         if math.isfinite(noise) and ROUNDING_FACTOR * noise > p.threshold:
             p.threshold = ROUNDING_FACTOR * noise
             p.stands_out = not p.local_error <= p.threshold
 
 
-def _local_only(p: Point, theirs, ours, sizes: tuple[int, int]) -> Point:
+def _local_only(p: Point, theirs, ours, model: Model) -> Point:
+    """p's local error against another teacher-forced run `ours` (with a break; of rounded tensors)."""
     if p.local_error is None:
         return p
     key = (p.step, p.capture)
     point = split_capture(p.capture)[1]
-    ids_key = (p.step, p.capture.replace("topk_weights", "topk_ids"))
-    their_ids = theirs.get(ids_key, ours.get(ids_key))
-    local = _errors(point, theirs[key], ours[key], their_ids, their_ids, *sizes)[0]
+    sizes = (model.config.n_experts, model.config.n_heads)
+    local = _errors(point, theirs[key], ours[key], *_ids_behind(key, theirs, ours, model), *sizes)[0]
     return Point(p.step, p.capture, p.layer, p.kind, local, p.end_to_end_error, threshold=p.threshold,
                  stands_out=local > p.threshold)
 

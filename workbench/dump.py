@@ -243,6 +243,6 @@ def ours(
         ids = torch.tensor(dump.step_tokens(step), device=model.device)
         model.forward(ids, dump.first_position(step), cache, cap, breaks=frozenset(breaks))
         budget -= cap.bytes
-        for name, t in cap.tensors.items():
-            dump.tensors[(step, name)] = t
+        for name, t in cap.tensors.items():  # cloned out of inference mode: a dump's tensors are ordinary ones
+            dump.tensors[(step, name)] = t.clone()
     return dump
