@@ -1,7 +1,7 @@
 import marimo
 
 __generated_with = "0.25.2"
-app = marimo.App(width="full", app_title="GGUF decode workbench")
+app = marimo.App(width="full", app_title="GGUF decode workbench", css_file="workbench.css")
 
 
 @app.cell
@@ -22,31 +22,28 @@ def _():
 
     from workbench import app_state, charts
     from workbench.loading import default_threads, describe_weights, set_threads
-    from workbench.model import BREAKS, Model
-    from workbench.models import DEFAULT_MODEL, bundled_names
+    from workbench.model import BREAKS, Model, breaks_that_apply
+    from workbench.models import DEFAULT_MODEL, REAL_MODELS, bundled_names
     from workbench.session import Sampling, Session
     from workbench.trace import Trace
-    return (BREAKS, DEFAULT_MODEL, Model, Sampling, Session, Trace, alt, app_state, bundled_names, charts,
-            default_threads, describe_weights, html, io, mo, os, set_threads, torch)
+    return (BREAKS, DEFAULT_MODEL, Model, REAL_MODELS, Sampling, Session, Trace, alt, app_state, breaks_that_apply,
+            bundled_names, charts, default_threads, describe_weights, html, io, mo, os, pl, set_threads, torch)
 
 
 @app.cell
-def _(mo):
-    mo.md("""
-    # GGUF decode workbench
-    Load a GGUF model, step decoding one token at a time, and watch the KV cache grow, the per-head
-    query/key statistics before and after QK-norm, which experts the router picks, and the tokens/s of the
-    KV-cached path beside the uncached path that recomputes the whole sequence every step.
-    """)
-    return
-
-
-@app.cell
-def _(DEFAULT_MODEL, bundled_names, default_threads, mo, os, torch):
+def _(DEFAULT_MODEL, REAL_MODELS, bundled_names, default_threads, mo, os, torch):
     FILE = "a GGUF file…"
-    model_choice = mo.ui.dropdown(options=[*bundled_names(), FILE], value=DEFAULT_MODEL, label="model")
-    model_path = mo.ui.text(placeholder="/path/to/model.gguf", label="file", full_width=True)
-    load_button = mo.ui.run_button(label="Load file")
+
+    def _label(name):  # the random tiny models decode noise: say so where they are picked
+        if name == DEFAULT_MODEL:
+            return f"{name} (trained here, 17 MB)"
+        return name if name in REAL_MODELS else f"{name} (random weights)"
+
+    model_choice = mo.ui.dropdown(options={**{_label(n): n for n in bundled_names()}, FILE: FILE},
+                                  value=_label(DEFAULT_MODEL), label="model")
+    # A form: Enter or its button loads; an empty path is answered (load_model), not ignored.
+    model_path = mo.ui.text(placeholder="/path/to/model.gguf", full_width=True).form(
+        submit_button_label="Load file", clear_on_submit=False, bordered=False)
     _devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
         ["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else [])
     device = mo.ui.dropdown(options=_devices, value="auto", label="device")
@@ -54,19 +51,31 @@ def _(DEFAULT_MODEL, bundled_names, default_threads, mo, os, torch):
     weights = mo.ui.dropdown(options=["auto", "dequantized", "quantized"], value="auto", label="weights")
     threads = mo.ui.number(start=1, stop=max(os.cpu_count() or 1, default_threads()), step=1, value=default_threads(),
                            label="CPU threads")
-    return FILE, device, dtype, load_button, model_choice, model_path, threads, weights
+    return FILE, device, dtype, model_choice, model_path, threads, weights
 
 
 @app.cell
 def helpers(html, mo):
     def error_callout(title, message, kind="danger"):
-        """A callout: a bold title and one sentence, both as plain text (a message may hold `<`, `_` or `*`)."""
+        """A callout: a bold title and one sentence, both as plain text (a message may hold `<`, `_` or `*`).
+        The sentence starts with a capital, as a sentence after a title should (not when it starts with a name:
+        a file, an identifier)."""
+        _first = message.split(" ", 1)[0] if message else ""
+        if _first.isalpha() and _first.islower():
+            message = message[:1].upper() + message[1:]
         return mo.callout(mo.Html(f"<p><strong>{html.escape(title)}</strong> {html.escape(message)}</p>"), kind=kind)
+
+    def small(chart, width=260, height=110):
+        """A chart sized for the first screen's two-by-two grid."""
+        try:
+            return chart.properties(width=width, height=height)
+        except Exception:  # a concatenated chart has no single size
+            return chart
 
     # This tab's model: the models themselves live in app_state.MODELS, one copy per server process for every
     # tab; this keeps the one the tab shows, so that a failed load keeps it.
     get_model, set_model = mo.state(None)
-    return error_callout, get_model, set_model
+    return error_callout, get_model, set_model, small
 
 
 @app.cell
@@ -78,11 +87,17 @@ def _(default_threads, threads):
 
 
 @app.cell
-def load_model(FILE, Model, app_state, device, dtype, get_model, load_button, mo, model_choice, model_path, set_model,
+def load_model(FILE, Model, app_state, device, dtype, get_model, mo, model_choice, model_path, set_model,
                set_threads, thread_count, weights):
-    _source = model_path.value.strip() if model_choice.value == FILE else model_choice.value
-    model, load_error = get_model(), None  # with "a GGUF file…": wait for a path and a click on "Load file"
-    if model_choice.value != FILE or (load_button.value and _source):
+    model, load_error = get_model(), None  # with "a GGUF file…": wait for a path and Enter / "Load file"
+    _source = None
+    if model_choice.value != FILE:
+        _source = model_choice.value
+    elif model_path.value is not None:  # submitted
+        _source = model_path.value.strip()
+        if not _source:
+            load_error = "the path is empty: type the path of a .gguf file, then press Enter."
+    if _source:
         try:
             set_threads(thread_count)
             with mo.status.progress_bar(total=1, title=f"Loading {_source}", remove_on_exit=True) as _bar:
@@ -101,7 +116,7 @@ def load_model(FILE, Model, app_state, device, dtype, get_model, load_button, mo
 
 
 @app.cell
-def model_card(FILE, app_state, describe_weights, device, dtype, error_callout, load_button, load_error, mo, model, model_choice,
+def model_card(FILE, app_state, describe_weights, device, dtype, error_callout, load_error, mo, model, model_choice,
                model_path, thread_count, threads, weights):
     def _card(m):
         c, info = m.config, m.info
@@ -123,14 +138,19 @@ def model_card(FILE, app_state, describe_weights, device, dtype, error_callout, 
 
         return mo.md("| | |\n|---|---|\n" + "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows.items()))
 
-    _controls = mo.hstack([model_choice, device, dtype, weights, threads], justify="start")
-    _file_row = mo.hstack([model_path, load_button], justify="start") if model_choice.value == FILE else None
     _notes = []
     if load_error:
         _notes.append(error_callout("Could not load the model.", f"{load_error} The model loaded before is kept."))
-    _card_view = _card(model) if model is not None else mo.md("_No model loaded yet._")
-    mo.vstack([v for v in (_controls, _file_row, *_notes, mo.accordion({"Model card": _card_view}, lazy=False)) if v is not None])
-    return
+    card_view = _card(model) if model is not None else mo.md("_No model loaded yet._")
+    _summary = (f"**{model.gguf.path.name}** · {model.config.arch} · {model.n_params / 1e6:.0f} M · "
+                f"{str(model.info.dtype).removeprefix('torch.')} {model.info.weights}" if model is not None else "")
+    mo.sidebar([
+        mo.md("### GGUF decode workbench"),
+        model_choice, *([model_path] if model_choice.value == FILE else []),
+        mo.hstack([device, dtype], justify="start"), weights, threads,
+        *_notes, mo.md(_summary),
+    ], width="360px")
+    return (card_view,)
 
 
 @app.cell
@@ -147,28 +167,49 @@ def _(BREAKS, mo):
     step_button = mo.ui.run_button(label="Step")
     step8_button = mo.ui.run_button(label="Step ×8")
     run_button = mo.ui.run_button(label="Run")
+    stop_button = mo.ui.run_button(label="Stop", kind="danger")
     reset_button = mo.ui.run_button(label="Reset")
-    mo.vstack([
+    return (breaks, max_steps, path, prompt, reset_button, run_button, seed, step8_button, step_button,
+            stop_button, temperature, top_k, top_p, use_reference)
+
+
+@app.cell
+def _(BREAKS, breaks, breaks_that_apply, max_steps, mo, model, path, prompt, reset_button, run_button, seed,
+      step8_button, step_button, stop_button, temperature, top_k, top_p, use_reference):
+    _notes = []
+    if model is not None and breaks.value != "none" and breaks.value not in breaks_that_apply(model.config):
+        _notes.append(mo.callout(mo.md(f"`{breaks.value}` changes nothing on {model.config.arch}: "
+                                       f"{BREAKS[breaks.value]}, which this model does not have or do."), kind="warn"))
+    mo.sidebar([
         prompt,
-        mo.hstack([temperature, top_k, top_p, seed], justify="start"),
-        mo.hstack([path, breaks, use_reference], justify="start"),
-        mo.hstack([step_button, step8_button, run_button, max_steps, reset_button], justify="start"),
-    ])
-    return (breaks, max_steps, path, prompt, reset_button, run_button, seed, step8_button, step_button, temperature,
-            top_k, top_p, use_reference)
+        mo.hstack([temperature, seed], justify="start"), mo.hstack([top_k, top_p], justify="start"),
+        path, breaks, use_reference, *_notes,
+        mo.hstack([step_button, step8_button, run_button, stop_button, reset_button], justify="start", wrap=True),
+        max_steps,
+    ], width="360px")
+    return
 
 
 @app.cell
 def _(mo):
-    # The one piece of state that must outlive a cell run: the session being stepped.
+    # The one piece of state that must outlive a cell run: the session being stepped. `runner` decodes Step ×8
+    # and Run in a thread of its own (app_state.Runner) while this tab's kernel stays free for Stop and redraws.
     get_session, set_session = mo.state(None)
-    return get_session, set_session
+    get_running, set_running = mo.state(False)
+    return get_running, get_session, set_running, set_session
+
+
+@app.cell
+def _(app_state):
+    runner = app_state.Runner()
+    return (runner,)
 
 
 @app.cell
 def new_session(Sampling, Session, app_state, breaks, error_callout, get_session, model, path, prompt, reset_button,
-                seed, set_session, temperature, top_k, top_p, use_reference):
+                runner, seed, set_session, temperature, top_k, top_p, use_reference):
     # A new session whenever what defines it changes (or Reset is clicked); anything that fails keeps the old one.
+    # A run of the old session is stopped first (Reset works while Run goes).
     session_error = None
     if model is not None:
         _key = (id(model), prompt.value, temperature.value, top_k.value, top_p.value, seed.value, path.value,
@@ -176,13 +217,15 @@ def new_session(Sampling, Session, app_state, breaks, error_callout, get_session
         _old = get_session()
         if _old is None or _old[0] != _key or reset_button.value:
             try:
+                runner.stop()
                 _ids = model.tokenizer.encode(prompt.value)
                 with app_state.device_turn(model.device):  # the KV cache is allocated on the device
                     _session = Session(
                         model, _ids, path=path.value,
                         sampling=Sampling(float(temperature.value), int(top_k.value), float(top_p.value), int(seed.value)),
                         context=min(model.config.context_length, len(_ids) + 512),
-                        probes=True, breaks=frozenset() if breaks.value == "none" else frozenset({breaks.value}),
+                        probes=True, attention=True, lens=True,
+                        breaks=frozenset() if breaks.value == "none" else frozenset({breaks.value}),
                         reference=None if use_reference.value == "off" else use_reference.value,
                     )
                 set_session((_key, _session))
@@ -193,34 +236,53 @@ def new_session(Sampling, Session, app_state, breaks, error_callout, get_session
 
 
 @app.cell
-def advance(app_state, error_callout, get_session, max_steps, mo, run_button, step8_button, step_button,
-            thread_count):
-    # Step, Step ×8 or Run: advance the session, then hand its trace to the panels. A failed step is a callout;
-    # the session, its trace and the panels stay as they were, and the next Step goes on from there.
+def _(get_running, mo):
+    # While a run goes, this ticks: every tick redraws the panels from the steps landed so far.
+    ticker = mo.ui.refresh(options=["1s"], default_interval="1s") if get_running() else None
+    mo.sidebar([mo.md("_decoding…_"), ticker]) if ticker is not None else None
+    return (ticker,)
+
+
+@app.cell
+def advance(app_state, error_callout, get_running, get_session, max_steps, mo, run_button, runner, set_running,
+            step8_button, step_button, stop_button, thread_count, ticker, upload):
+    # Step runs here, at once; Step ×8 and Run start the runner's thread, and the ticker redraws while it goes;
+    # Stop ends a run after the step it is in. A failed step is a callout; the session, its trace and the panels
+    # stay as they were, and the next Step goes on from there.
     _entry = get_session()
     session = _entry[1] if _entry else None
+    _ = ticker.value if ticker is not None else None  # a tick: redraw
     _note = None
     _n = 1 if step_button.value else 8 if step8_button.value else max_steps.value if run_button.value else 0
-    if session is not None and _n:
-        # Step ×8 and Run show a progress bar, with the newest text streaming in its subtitle.
-        with mo.status.progress_bar(total=_n, title="Decoding", remove_on_exit=True, disabled=_n == 1) as _bar:
-            def _progress(s):
-                _tail = s.model.tokenizer.decode(s.ids[len(s.prompt_ids):])[-60:]
-                _bar.update(subtitle=f"{s.n_generated} tokens · …{_tail!r}")
-
-            _stop, _failed = app_state.advance(session, _n, thread_count, _progress)
-        if _failed:
-            _note = error_callout("The step failed and did not happen.", f"{_failed} The session keeps its "
-                                  f"{session.n_generated} generated token(s); Step goes on from there.")
-        elif _stop:
-            _note = mo.callout(mo.md(("The model produced an end-of-generation token." if _stop == "eos"
-                                      else "The context is full.") + " Reset to start again."), kind="warn")
+    if stop_button.value:
+        runner.stop()
+    elif session is not None and _n and upload.value:
+        _note = mo.callout(mo.md("A saved trace is shown: remove the file (under the panels) to go on stepping the "
+                                 "live session."), kind="warn")
+    elif session is not None and _n and runner.running:
+        _note = mo.callout(mo.md("A run is going: Stop it first."), kind="warn")
+    elif session is not None and _n == 1:
+        runner.outcome = app_state.advance(session, 1, thread_count, lambda s: None, lock=runner.lock)
+        runner.session = session
+    elif session is not None and _n:
+        runner.start(session, _n, thread_count)
+    if runner.running != get_running():
+        set_running(runner.running)
+    _stop, _failed = runner.outcome if runner.session is session else (None, None)
+    if _failed:
+        _note = error_callout("The step failed and did not happen.", f"{_failed} The session keeps its "
+                              f"{session.n_generated} generated token(s); Step goes on from there.")
+    elif _stop in ("eos", "context"):
+        _note = mo.callout(mo.md(("The model produced an end-of-generation token." if _stop == "eos"
+                                  else "The context is full.") + " Reset to start again."), kind="warn")
+    elif runner.running and runner.session is session:
+        _note = mo.md(f"_Decoding: step {runner.done} of {runner.goal}. Stop ends it after the step in progress._")
     if session is not None and session.reference_error and _note is None:  # it refused the file or crashed
         _note = error_callout(f"The {session.reference} reference is off.", session.reference_error, kind="warn")
     trace = None
     if session is not None:
         try:
-            trace = session.trace()
+            trace = runner.trace(session)
         except Exception as _exc:
             _note = error_callout("The trace could not be built.", app_state.describe_error(_exc))
     _note
@@ -230,7 +292,6 @@ def advance(app_state, error_callout, get_session, max_steps, mo, run_button, st
 @app.cell
 def _(mo):
     upload = mo.ui.file(filetypes=[".parquet"], label="Show a saved trace")
-    upload
     return (upload,)
 
 
@@ -238,16 +299,17 @@ def _(mo):
 def show_upload(Trace, app_state, error_callout, html, io, mo, trace, upload):
     # The panels show the live trace, or a saved one when a file was dropped in (no model needed).
     shown = trace
-    _note = None
+    upload_note = None
     if upload.value:
         try:
             shown = Trace.read(io.BytesIO(upload.contents()), name=upload.name())
-            _note = mo.callout(mo.md(f"Showing the saved trace **{html.escape(upload.name())}** ({shown.meta.get('arch')}, "
-                                     f"{shown.tokens['step'].n_unique()} steps). Remove the file to go back."), kind="info")
+            upload_note = mo.callout(mo.md(f"Showing the saved trace **{html.escape(upload.name())}** "
+                                           f"({shown.meta.get('arch')}, {shown.tokens['step'].n_unique()} steps). "
+                                           "Remove the file to go back to the live session."), kind="info")
         except Exception as _exc:  # Trace.read names the file (`name`); anything else is shown the same way
-            _note = error_callout("Not a workbench trace.", app_state.describe_error(_exc))
-    _note
-    return (shown,)
+            upload_note = error_callout("Not a workbench trace.", app_state.describe_error(_exc))
+    upload_note
+    return shown, upload_note
 
 
 @app.cell
@@ -255,26 +317,29 @@ def _(charts, mo, shown):
     mo.stop(shown is None, mo.md("_Load a model to begin._"))
     _tokens = shown.tokens
     _n = _tokens["step"].n_unique() if _tokens.height else 0
-    mo.vstack([
+    _view = charts.token_html(shown.meta["prompt_pieces"], shown.meta["prompt_ids"], _tokens, charts.primary_path(shown.meta, _tokens))
+    text_panel = mo.vstack([
         mo.md(f"## Generated text\n{_n} generated token(s) after a {len(shown.meta['prompt_ids'])}-token prompt; "
               "hover a token for its id, position, probability and the top-k alternatives."),
-        mo.Html(charts.token_html(shown.meta["prompt_pieces"], shown.meta["prompt_ids"], _tokens,
-                                  charts.primary_path(shown.meta, _tokens))),
+        mo.Html(f"<div style='max-height:5.8em;overflow-y:auto'>{_view}</div>"),
     ])
-    return
+    return (text_panel,)
 
 
 @app.cell
-def _(charts, mo, shown):
+def _(charts, mo, shown, small):
     mo.stop(shown is None)
     _kv = shown.kv
     _path = charts.primary_path(shown.meta, _kv)
     _length = int(_kv.filter(_kv["path"] == _path)["length"].max() or 0) if _kv.height else 0
-    mo.vstack([
-        mo.md("## KV cache\n" + charts.kv_arithmetic(shown.meta, _length)),
-        mo.hstack([mo.ui.altair_chart(charts.kv_growth(_kv, _path)), mo.ui.altair_chart(charts.kv_positions(_kv, _path))], justify="start"),
+    _uncached = (" _Path uncached: no cache outlives a step — each step fills a fresh cache with the whole "
+                 "sequence, which is what these bytes are._" if _path == "uncached" else "")
+    kv_panel = mo.vstack([
+        mo.md("## KV cache\n" + charts.kv_arithmetic(shown.meta, _length) + _uncached),
+        mo.hstack([mo.ui.altair_chart(small(charts.kv_growth(_kv, _path))),
+                   mo.ui.altair_chart(small(charts.kv_positions(_kv, _path), width=170))], justify="start"),
     ])
-    return
+    return (kv_panel,)
 
 
 @app.cell
@@ -287,26 +352,27 @@ def _(mo, shown):
 
 
 @app.cell
-def _(alt, charts, mo, qk_step, qk_tensor, shown):
+def _(alt, charts, mo, qk_step, qk_tensor, shown, small):
     _selection = alt.selection_point(fields=["layer", "head"], name="cell")
-    qk_chart = mo.ui.altair_chart(charts.qk_heatmap(shown.qk, qk_step.value, qk_tensor.value, _selection,
-                                                   charts.primary_path(shown.meta, shown.qk)))
+    qk_chart = mo.ui.altair_chart(small(charts.qk_heatmap(shown.qk, qk_step.value, qk_tensor.value, _selection,
+                                                         charts.primary_path(shown.meta, shown.qk)), width=130))
     return (qk_chart,)
 
 
 @app.cell
-def _(charts, mo, qk_chart, qk_step, qk_tensor, shown):
+def _(charts, mo, qk_chart, qk_step, qk_tensor, shown, small):
     _picked = qk_chart.value
     _layer, _head = (int(_picked["layer"][0]), int(_picked["head"][0])) if _picked is not None and len(_picked) else (0, 0)
-    _stages = ", ".join(sorted(shown.qk["stage"].unique().to_list())) if shown.qk.height else ""
-    _note = "" if "post" in _stages else " This model has no QK-norm: only the pre-RoPE statistics (stage `pre`) exist."
-    mo.vstack([
-        mo.md(f"## QK norm\nRMS of each head's query and key vectors before (`pre`) and after (`post`) the per-head "
-              f"RMSNorm.{_note}"),
-        mo.hstack([qk_tensor, qk_step], justify="start"),
-        mo.hstack([qk_chart, mo.ui.altair_chart(charts.qk_over_steps(shown.qk, _layer, _head, charts.primary_path(shown.meta, shown.qk)))], justify="start"),
+    _has_norm = bool(shown.meta.get("config", {}).get("qk_norm"))  # the model's config, not what has been recorded
+    _note = "" if _has_norm else " This model has no QK-norm: only the pre-RoPE statistics (stage `pre`) exist."
+    qk_panel = mo.vstack([
+        mo.hstack([mo.md("## QK norm"), qk_tensor, qk_step], justify="start", align="center"),
+        mo.md(f"RMS of each head's q and k before (`pre`) and after (`post`) the per-head RMSNorm; click a cell.{_note}"),
+        mo.hstack([qk_chart, mo.ui.altair_chart(small(charts.qk_over_steps(shown.qk, _layer, _head,
+                                                                            charts.primary_path(shown.meta, shown.qk)), width=120))],
+                  justify="start"),
     ])
-    return
+    return (qk_panel,)
 
 
 @app.cell
@@ -318,37 +384,48 @@ def _(mo, shown):
 
 
 @app.cell
-def _(charts, mo, route_layer, shown):
+def _(charts, mo, route_layer, shown, small):
     _cfg = shown.meta["config"]
     _path = charts.primary_path(shown.meta, shown.routing)
+    _dense_break = "moe-as-dense" in (shown.meta.get("breaks") or [])
     if _cfg["n_experts"] == 0:
         _body = mo.md(f"This model ({shown.meta['arch']}) has no experts: every token goes through the same dense FFN.")
     elif shown.routing.is_empty():
         _body = mo.md("_Step once to see the router's choices._")
     else:
-        _body = mo.vstack([
-            route_layer,
-            mo.hstack([mo.ui.altair_chart(charts.routing_histogram(shown.routing, route_layer.value, _cfg["n_experts"], _path)),
-                       mo.ui.altair_chart(charts.routing_heatmap(shown.routing, _path)),
-                       mo.ui.altair_chart(charts.routing_last_token(shown.routing, _path))], justify="start", wrap=True),
-        ])
-    mo.vstack([mo.md(f"## Expert routing\n{_cfg['n_experts_used']} of {_cfg['n_experts']} experts per token."
-                     if _cfg["n_experts"] else "## Expert routing"), _body])
-    return
+        _body = mo.hstack([mo.vstack([route_layer, mo.ui.altair_chart(small(charts.routing_histogram(
+                               shown.routing, route_layer.value, _cfg["n_experts"], _path), width=220))]),
+                           mo.ui.altair_chart(small(charts.routing_heatmap(shown.routing, _path), width=220))], justify="start")
+    if not _cfg["n_experts"]:
+        _head = "## Expert routing"
+    elif _dense_break:
+        _head = f"## Expert routing\nBroken on purpose (moe-as-dense): expert 0 alone, where the model picks {_cfg['n_experts_used']} of {_cfg['n_experts']}."
+    else:
+        _head = f"## Expert routing\n{_cfg['n_experts_used']} of {_cfg['n_experts']} experts per token."
+    routing_panel = mo.vstack([mo.md(_head), _body])
+    return (routing_panel,)
 
 
 @app.cell
-def _(charts, mo, shown):
+def _(charts, mo, shown, small):
     mo.stop(shown is None)
     _speed = charts.speedup(shown.tokens)
-    mo.vstack([
-        mo.md("## Tokens/s\nLatency of each step for the KV-cached path (one token through the model) and the uncached "
-              "path (the whole sequence again), over position; the prefill is drawn apart."),
+    speed_panel = mo.vstack([
+        mo.md("## Tokens/s\nEach step's latency: the KV-cached path (one token) and the uncached one (the whole sequence)."),
         mo.hstack([
-            mo.stat(value=charts.fmt_speedup(_speed), label="cached / uncached speedup", caption="last 8 steps", bordered=True),
-            mo.ui.altair_chart(charts.step_latency(shown.tokens)), mo.ui.altair_chart(charts.tokens_per_s(shown.tokens)),
-        ], justify="start", wrap=True),
+            mo.stat(value=charts.fmt_speedup(_speed), label="cached / uncached", caption="last 8 steps", bordered=True),
+            mo.ui.altair_chart(small(charts.step_latency(shown.tokens), width=320)),
+        ], justify="start"),
     ])
+    return (speed_panel,)
+
+
+@app.cell
+def _(kv_panel, mo, qk_panel, routing_panel, speed_panel, text_panel):
+    # The first screen: the generated text, then the four panels the workbench is for, two by two.
+    mo.vstack([text_panel,
+               mo.hstack([kv_panel, qk_panel], justify="start", gap=1.5, widths="equal"),
+               mo.hstack([routing_panel, speed_panel], justify="start", gap=1.5, widths="equal")], gap=0.4)
     return
 
 
@@ -357,14 +434,14 @@ def _(charts, mo, shown):
     mo.stop(shown is None)
     _tol = shown.meta.get("equiv_tolerance")  # None: a trace written before the session recorded it
     _bound = "the recorded tolerance (not recorded in this trace)" if _tol is None else f"{_tol:g}"
-    mo.vstack([
-        mo.md("## Equivalence\nThe uncached path is run on the tokens the cached path chose; their logits must agree to "
+    equiv_panel = mo.vstack([
+        mo.md("The uncached path is run on the tokens the cached path chose; their logits must agree to "
               f"{_bound} × max |logit| (dashed) with the same argmax. That bound is 1e-4 in float32 with dequantized weights; "
               "quantized weights (their matmuls take bf16 activations) loosen it to 4e-2 and a bf16/fp16 dtype to 1e-1: "
               "load with weights 'dequantized' and dtype float32 for the tight check."),
         mo.ui.altair_chart(charts.equivalence(shown.equiv, _tol)),
     ])
-    return
+    return (equiv_panel,)
 
 
 @app.cell
@@ -373,22 +450,37 @@ def _(charts, mo, shown):
     _bad = shown.first_bad_layer()
     _msg = (f"First non-finite value: step {_bad['step'][0]}, layer {_bad['first_bad_layer'][0]}." if _bad.height
             else "No NaN or Inf so far.")
-    mo.vstack([mo.md(f"## Layer health\n{_msg}"), mo.ui.altair_chart(charts.layer_health(shown.layers, charts.primary_path(shown.meta, shown.layers)))])
-    return
+    health_panel = mo.vstack([mo.md(_msg), mo.ui.altair_chart(charts.layer_health(shown.layers, charts.primary_path(shown.meta, shown.layers)))])
+    return (health_panel,)
+
+
+@app.cell
+def _(charts, mo, session, shown):
+    mo.stop(shown is None)
+    _off = (session.reference_error if session is not None and shown is not None and session.reference_error else None)
+    _state = (f"**The reference is off:** {_off}" if _off else
+              "Choose llama.cpp or llama.cpp-f32 under *reference* in the sidebar (needs llama-cpp-python).")
+    reference_panel = mo.vstack([mo.md("llama.cpp on the same tokens: **llama.cpp** runs the file as it is, with 8-bit "
+                                       "activations (cosine 0.99–0.9999 is normal); **llama.cpp-f32** runs an F32 copy with "
+                                       f"an F32 KV cache, the exact reference (≥ 0.999999 against dequantized float32 weights). {_state}"),
+                                 mo.ui.altair_chart(charts.reference(shown.reference))])
+    return (reference_panel,)
 
 
 @app.cell
 def _(charts, mo, shown):
     mo.stop(shown is None)
-    mo.vstack([mo.md("## Reference\nllama.cpp on the same tokens (choose it above; needs llama-cpp-python): "
-                     "**llama.cpp** runs the file as it is, with 8-bit activations (cosine 0.99–0.9999 is normal); "
-                     "**llama.cpp-f32** runs an F32 copy with an F32 KV cache, the exact reference (≥ 0.999999 against "
-                     "dequantized float32 weights)."), mo.ui.altair_chart(charts.reference(shown.reference))])
-    return
+    detail_panel = mo.vstack([
+        mo.md("The mission panels' other views: tokens/s per decode step, the newest token's top-k expert weights."),
+        mo.hstack([mo.ui.altair_chart(charts.tokens_per_s(shown.tokens)),
+                   mo.ui.altair_chart(charts.routing_last_token(shown.routing, charts.primary_path(shown.meta, shown.routing)))
+                   if shown.meta["config"]["n_experts"] else mo.md("")], justify="start"),
+    ])
+    return (detail_panel,)
 
 
 @app.cell
-def _(io, mo, shown):
+def _(io, mo, shown, upload, upload_note):
     mo.stop(shown is None)
 
     def _parquet():
@@ -396,7 +488,27 @@ def _(io, mo, shown):
         shown.write(_buffer)
         return _buffer.getvalue()
 
-    mo.download(data=_parquet, filename="workbench-trace.parquet", label="Download the trace (Parquet)")
+    trace_panel = mo.vstack([
+        mo.md("Every frame of this run (tokens, kv, qk, routing, layers, equiv, reference, attention, lens) with its "
+              "metadata in one Parquet file; drop one here to look at a saved run instead of the live one."),
+        mo.download(data=_parquet, filename="workbench-trace.parquet", label="Download the trace (Parquet)"),
+        upload, *([upload_note] if upload_note is not None else []),
+    ])
+    return (trace_panel,)
+
+
+@app.cell
+def _(mo):
+    get_tab, set_tab = mo.state("Equivalence")
+    return get_tab, set_tab
+
+
+@app.cell
+def _(card_view, detail_panel, equiv_panel, get_tab, health_panel, mo, reference_panel, set_tab, trace_panel):
+    # The supporting panels, one tab each; the tab shown survives the redraw after every step.
+    _tabs = {"Equivalence": equiv_panel, "Layer health": health_panel, "Reference": reference_panel,
+             "More charts": detail_panel, "Model card": card_view, "Trace": trace_panel}
+    mo.ui.tabs(_tabs, value=get_tab() if get_tab() in _tabs else "Equivalence", on_change=set_tab)
     return
 
 

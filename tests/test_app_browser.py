@@ -109,9 +109,19 @@ def advance(nb, error_callout, session, n: int = 1):
     """The app's step cell as Step (n=1) or Step ×8 (n=8) runs it: (output, its text, the trace)."""
     import marimo as mo
 
+    runner = app_state.Runner()
     output, defs = nb.advance.run(
-        app_state=app_state, error_callout=error_callout, get_session=lambda: ("key", session), mo=mo,
-        max_steps=ui(32), run_button=ui(False), step8_button=ui(n == 8), step_button=ui(n == 1), thread_count=1)
+        app_state=app_state, error_callout=error_callout, get_running=lambda: False, get_session=lambda: ("key", session),
+        max_steps=ui(32), mo=mo, run_button=ui(False), runner=runner, set_running=lambda v: None,
+        step8_button=ui(n == 8), step_button=ui(n == 1), stop_button=ui(False), thread_count=1, ticker=None,
+        upload=ui(None))
+    if n > 1:  # Step ×8 decodes in the runner's thread; the app redraws on the ticker, the test waits
+        runner._thread.join()
+        output, defs = nb.advance.run(
+            app_state=app_state, error_callout=error_callout, get_running=lambda: True, get_session=lambda: ("key", session),
+            max_steps=ui(32), mo=mo, run_button=ui(False), runner=runner, set_running=lambda v: None,
+            step8_button=ui(False), step_button=ui(False), stop_button=ui(False), thread_count=1, ticker=None,
+            upload=ui(None))
     return output, plain(output), defs["trace"]
 
 
@@ -154,7 +164,7 @@ def test_a_workbench_error_is_its_own_sentence(nb, error_callout, tiny_model, mo
     failing_sampling(monkeypatch, InputError("the sampling settings leave no token to choose."))
     output, text, _ = advance(nb, error_callout, session)
     assert callout_kinds(output) == ["danger"]
-    assert "the sampling settings leave no token to choose." in text and "InputError" not in text, text
+    assert "The sampling settings leave no token to choose." in text and "InputError" not in text, text
     assert session.n_generated == 0
 
 
@@ -179,7 +189,7 @@ def test_a_session_that_cannot_start_keeps_the_old_one(nb, error_callout, tiny_m
     output, defs = nb.new_session.run(
         Sampling=Sampling, Session=refuse, app_state=app_state, breaks=ui("none"), error_callout=error_callout,
         get_session=lambda: old, model=tiny_model, path=ui("both"), prompt=ui("def f():"), reset_button=ui(True),
-        seed=ui(0), set_session=applied.append, temperature=ui(0), top_k=ui(0), top_p=ui(1), use_reference=ui("off"))
+        runner=app_state.Runner(), seed=ui(0), set_session=applied.append, temperature=ui(0), top_k=ui(0), top_p=ui(1), use_reference=ui("off"))
     assert applied == [] and defs["session_error"] == "ValueError: no session today"
     assert callout_kinds(output) == ["danger"] and "The session so far is kept." in plain(output)
 
@@ -197,8 +207,7 @@ def test_a_failed_load_keeps_the_model(nb, tiny_model):
                             describe_error=app_state.describe_error, device_turn=app_state.device_turn)
     _, defs = nb.load_model.run(
         FILE="a GGUF file…", Model=SimpleNamespace(load=broken), app_state=shelf, device=ui("cpu"), dtype=ui("auto"),
-        get_model=lambda: tiny_model, load_button=ui(False), mo=mo, model_choice=ui("tiny-qwen3moe"),
-        model_path=ui(""), set_model=kept.append, set_threads=set_threads, thread_count=1, weights=ui("auto"))
+        get_model=lambda: tiny_model, mo=mo, model_choice=ui("tiny-qwen3moe"), model_path=ui(None), set_model=kept.append, set_threads=set_threads, thread_count=1, weights=ui("auto"))
     assert defs["model"] is tiny_model and kept == []
     assert defs["load_error"] == "OSError: the disk went away"
 
@@ -212,10 +221,10 @@ def test_the_model_card_says_what_the_weights_are_and_the_threads(nb, tiny_paths
 
     model = load_model(tiny_paths["qwen3moe"], weights=weights)
     assert model.info.weights == weights
-    output, _ = nb.model_card.run(model=model, load_error=None, thread_count=3)
-    text = plain(output)
+    output, defs = nb.model_card.run(model=model, load_error=None, thread_count=3)
+    text = plain(defs["card_view"])
     assert f"weights {says} CPU threads 3 (this tab's loads and steps)" in text, text  # card rows, in order
-    assert "CPU threads" in text.split("Model card")[0], text  # the control beside device and dtype
+    assert "CPU threads" in plain(output), plain(output)  # the control in the sidebar, beside device and dtype
 
 
 def test_an_upload_that_is_not_a_trace_is_named(nb, error_callout):
@@ -229,6 +238,45 @@ def test_an_upload_that_is_not_a_trace_is_named(nb, error_callout):
     text = plain(output)
     assert callout_kinds(output) == ["danger"] and "notes_v2.parquet" in text, text
     assert "BytesIO" not in text and defs["shown"] is None
+
+
+def test_an_empty_path_is_answered_not_ignored(nb, tiny_model):
+    import marimo as mo
+
+    from workbench.loading import set_threads
+
+    _, defs = nb.load_model.run(
+        FILE="a GGUF file…", Model=None, app_state=app_state, device=ui("cpu"), dtype=ui("auto"),
+        get_model=lambda: tiny_model, mo=mo, model_choice=ui("a GGUF file…"), model_path=ui("   "),
+        set_model=lambda m: None, set_threads=set_threads, thread_count=1, weights=ui("auto"))
+    assert defs["model"] is tiny_model and "the path is empty" in defs["load_error"]
+
+
+def test_run_goes_on_in_the_background_and_stop_ends_it(nb, error_callout, tiny_model):
+    """Run hands its steps to the runner's thread: the cell returns at once, the trace grows while it goes,
+    Stop (the same cell with stop_button set) ends it after the step in progress, and the session survives."""
+    import marimo as mo
+
+    session = Session(tiny_model, tiny_model.tokenizer.encode("def add(a, b):"), path="both", probes=True, context=500)
+    runner = app_state.Runner()
+    common = dict(app_state=app_state, error_callout=error_callout, get_session=lambda: ("key", session), mo=mo,
+                  max_steps=ui(400), runner=runner, set_running=lambda v: None, step8_button=ui(False),
+                  step_button=ui(False), thread_count=1, ticker=None, upload=ui(None))
+    t0 = time.monotonic()
+    nb.advance.run(get_running=lambda: False, run_button=ui(True), stop_button=ui(False), **common)
+    assert time.monotonic() - t0 < 5 and runner.running
+    deadline = time.monotonic() + 30
+    while runner.done < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    output, defs = nb.advance.run(get_running=lambda: True, run_button=ui(False), stop_button=ui(False), **common)
+    assert defs["trace"].tokens.height >= 3 and "Decoding: step" in plain(output)
+    t0 = time.monotonic()
+    nb.advance.run(get_running=lambda: True, run_button=ui(False), stop_button=ui(True), **common)
+    assert not runner.running and time.monotonic() - t0 < 2 and runner.outcome == ("stopped", None)
+    n = session.n_generated
+    assert 3 <= n < 400
+    session.step()  # the session survives and goes on
+    assert session.n_generated == n + 1
 
 
 def test_describe_error():

@@ -101,14 +101,18 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-def advance(session, n: int, threads: int, progress: Callable[[object], None]) -> tuple[str | None, str | None]:
+def advance(session, n: int, threads: int, progress: Callable[[object], None], lock: AbstractContextManager | None = None,
+            stop: threading.Event | None = None) -> tuple[str | None, str | None]:
     """Up to `n` steps of one tab's session, `progress(session)` after each: (why it stopped early, "eos" or
     "context", else None; what failed, as one sentence, else None). A failed step leaves the session as it
-    was before it (Session.step), so the steps before it stay and the next one goes on from there."""
+    was before it (Session.step), so the steps before it stay and the next one goes on from there. Each step
+    runs under `lock` when given; a set `stop` event ends the loop before the next step."""
     set_threads(threads)  # torch keeps the count per OS thread: each tab's kernel thread sets its own
     try:
         for _ in range(n):
-            with device_turn(session.model.device):  # on a GPU one tab's step at a time
+            if stop is not None and stop.is_set():
+                return None, None
+            with lock or nullcontext(), device_turn(session.model.device):  # on a GPU one tab's step at a time
                 result = session.step()
             progress(session)
             if result.stop:
@@ -116,3 +120,59 @@ def advance(session, n: int, threads: int, progress: Callable[[object], None]) -
     except Exception as exc:  # anything at all, not only WorkbenchError
         return None, describe_error(exc)
     return None, None
+
+
+class Runner:
+    """One tab's decoding in the background. Step ×8 and Run hand their steps to a thread of their own, so the
+    tab's kernel stays free while it decodes: Stop and Reset are clicks it can take, and the panels redraw
+    from `trace()` as the steps land (the app polls with mo.ui.refresh). A plain thread, not mo.Thread: the
+    cell that starts it re-runs on every redraw, and a mo.Thread is told to exit when its cell re-runs.
+
+    Each step runs under `lock`, and `trace()` takes the same lock, so a redraw never reads a step half done.
+    A failed step leaves the session as it was (Session.step) and ends the run; `outcome` then says why it
+    ended: (stop reason — "eos", "context" or "stopped" — or None, failure sentence or None).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.session = None
+        self.outcome: tuple[str | None, str | None] = (None, None)
+        self.goal = 0  # steps asked for by the current (or last) run
+        self.done = 0  # of those, steps taken
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, session, n: int, threads: int) -> bool:
+        """Decode up to `n` steps of `session` in the background; False (and nothing started) while a run is on."""
+        if self.running:
+            return False
+        self._stop.clear()
+        self.session, self.goal, self.done, self.outcome = session, n, 0, (None, None)
+
+        def work() -> None:
+            set_threads(threads)  # torch keeps the count per OS thread
+
+            def progress(_session) -> None:
+                self.done += 1
+
+            outcome = advance(session, n, threads, progress, lock=self.lock, stop=self._stop)
+            self.outcome = ("stopped", None) if self._stop.is_set() and outcome == (None, None) else outcome
+
+        self._thread = threading.Thread(target=work, name="workbench-run", daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the run to end after the step it is in, and wait for that (at most `timeout` s)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def trace(self, session, **meta):
+        """session.trace(), never in the middle of one of this runner's steps."""
+        with self.lock:
+            return session.trace(meta or None)

@@ -35,7 +35,7 @@ import polars as pl
 import torch
 
 from workbench.dump import ID_POINTS, Dump, DumpError, split_capture
-from workbench.model import BREAKS, Model
+from workbench.model import BREAKS, Model, breaks_that_apply
 
 KINDS = {
     "attn_norm": "norm", "attn.q": "matmul", "attn.k": "matmul", "attn.v": "matmul",
@@ -269,24 +269,9 @@ def _stats_error(stats: torch.Tensor, ours: torch.Tensor) -> float:
 
 
 def applicable_breaks(model: Model, dump: Dump) -> list[str]:
-    """The break switches that change something on this model and this run."""
-    c = model.config
-    out = []
-    for name in BREAKS:
-        if name == "skip-qk-norm" and not c.qk_norm:
-            continue
-        if name in ("no-topk-renorm", "moe-as-dense") and not c.is_moe:
-            continue
-        if name == "no-topk-renorm" and not c.norm_topk:
-            continue
-        if name == "cache-off-by-one" and dump.n_steps < 2:
-            continue
-        if name == "head-dim-from-hidden" and c.head_dim == c.hidden // c.n_heads:
-            continue
-        if name == "rope-base-10k" and c.rope_base == 10000.0 and c.rope_base_local in (None, 10000.0):
-            continue
-        out.append(name)
-    return out
+    """The break switches that change something on this model and this run (cache-off-by-one needs a step
+    after the prompt)."""
+    return [b for b in breaks_that_apply(model.config) if b != "cache-off-by-one" or dump.n_steps >= 2]
 
 
 def compare(model: Model, dump: Dump, suspects: bool = True) -> Comparison:

@@ -47,6 +47,27 @@ BREAKS = {
 }
 
 
+def breaks_that_apply(config: ModelConfig) -> list[str]:
+    """The break switches that change something on a model of this config (the others are no-ops on it:
+    skip-qk-norm without QK-norm, the routing ones on a dense model, head-dim-from-hidden where head_dim is
+    hidden / heads, rope-base-10k where the base is 10000 already). cache-off-by-one acts from the first decode
+    step on."""
+    c, out = config, []
+    for name in BREAKS:
+        if name == "skip-qk-norm" and not c.qk_norm:
+            continue
+        if name in ("no-topk-renorm", "moe-as-dense") and not c.is_moe:
+            continue
+        if name == "no-topk-renorm" and not c.norm_topk:
+            continue
+        if name == "head-dim-from-hidden" and c.head_dim == c.hidden // c.n_heads:
+            continue
+        if name == "rope-base-10k" and c.rope_base == 10000.0 and c.rope_base_local in (None, 10000.0):
+            continue
+        out.append(name)
+    return out
+
+
 def break_config(config: ModelConfig, breaks: frozenset[str]) -> ModelConfig:
     """The config a forward with `breaks` runs on: the correct one with the config-shaped bugs written in. Two
     breaks are not a hyperparameter and stay named hooks in the forward pass: cache-off-by-one (Span.mask) and
