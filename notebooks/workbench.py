@@ -26,6 +26,11 @@ def _():
     from workbench.models import DEFAULT_MODEL, REAL_MODELS, bundled_names
     from workbench.session import Sampling, Session
     from workbench.trace import Trace
+
+    # Chart data inline in the spec, not as marimo virtual files: a redraw deletes the old chart's file while the
+    # browser may still fetch it (a 404 and a server traceback per chart per step).
+    if "marimo_inline_csv" in alt.data_transformers.names():  # registered by marimo's kernel (not in a bare import)
+        alt.data_transformers.enable("marimo_inline_csv")
     return (BREAKS, DEFAULT_MODEL, Model, REAL_MODELS, Sampling, Session, Trace, alt, app_state, breaks_that_apply,
             bundled_names, charts, default_threads, describe_weights, html, io, mo, os, pl, set_threads, torch)
 
@@ -72,10 +77,15 @@ def helpers(html, mo):
         except Exception:  # a concatenated chart has no single size
             return chart
 
+    def view(chart):
+        """A chart on the page without marimo's own selections (none of these charts is read back), which would
+        also make vega log "Unrecognized signal name" for every layered chart."""
+        return mo.ui.altair_chart(chart, chart_selection=False, legend_selection=False)
+
     # This tab's model: the models themselves live in app_state.MODELS, one copy per server process for every
     # tab; this keeps the one the tab shows, so that a failed load keeps it.
     get_model, set_model = mo.state(None)
-    return error_callout, get_model, set_model, small
+    return error_callout, get_model, set_model, small, view
 
 
 @app.cell
@@ -164,10 +174,12 @@ def _(BREAKS, mo):
     breaks = mo.ui.dropdown(options=["none", *BREAKS], value="none", label="break it")
     use_reference = mo.ui.dropdown(options=["off", "llama.cpp", "llama.cpp-f32"], value="off", label="reference")
     max_steps = mo.ui.slider(start=1, stop=256, value=32, label="Run: max steps", show_value=True)
-    step_button = mo.ui.run_button(label="Step")
-    step8_button = mo.ui.run_button(label="Step ×8")
-    run_button = mo.ui.run_button(label="Run")
-    stop_button = mo.ui.run_button(label="Stop", kind="danger")
+    # Click counters, not run buttons: the cell they drive re-runs on every redraw of a run, and a run button
+    # can still read True then; a counter says exactly how many clicks there have been (app_state.Runner.clicked).
+    step_button = mo.ui.button(value=0, on_click=lambda n: n + 1, label="Step")
+    step8_button = mo.ui.button(value=0, on_click=lambda n: n + 1, label="Step ×8")
+    run_button = mo.ui.button(value=0, on_click=lambda n: n + 1, label="Run")
+    stop_button = mo.ui.button(value=0, on_click=lambda n: n + 1, label="Stop", kind="danger")
     reset_button = mo.ui.run_button(label="Reset")
     return (breaks, max_steps, path, prompt, reset_button, run_button, seed, step8_button, step_button,
             stop_button, temperature, top_k, top_p, use_reference)
@@ -253,8 +265,9 @@ def advance(app_state, error_callout, get_running, get_session, max_steps, mo, r
     session = _entry[1] if _entry else None
     _ = ticker.value if ticker is not None else None  # a tick: redraw
     _note = None
-    _n = 1 if step_button.value else 8 if step8_button.value else max_steps.value if run_button.value else 0
-    if stop_button.value:
+    _new = runner.clicked(step=step_button.value, step8=step8_button.value, run=run_button.value, stop=stop_button.value)
+    _n = 1 if "step" in _new else 8 if "step8" in _new else max_steps.value if "run" in _new else 0
+    if "stop" in _new:
         runner.stop()
     elif session is not None and _n and upload.value:
         _note = mo.callout(mo.md("A saved trace is shown: remove the file (under the panels) to go on stepping the "
@@ -327,7 +340,7 @@ def _(charts, mo, shown):
 
 
 @app.cell
-def _(charts, mo, shown, small):
+def _(charts, mo, shown, small, view):
     mo.stop(shown is None)
     _kv = shown.kv
     _path = charts.primary_path(shown.meta, _kv)
@@ -336,8 +349,8 @@ def _(charts, mo, shown, small):
                  "sequence, which is what these bytes are._" if _path == "uncached" else "")
     kv_panel = mo.vstack([
         mo.md("## KV cache\n" + charts.kv_arithmetic(shown.meta, _length) + _uncached),
-        mo.hstack([mo.ui.altair_chart(small(charts.kv_growth(_kv, _path))),
-                   mo.ui.altair_chart(small(charts.kv_positions(_kv, _path), width=170))], justify="start"),
+        mo.hstack([view(small(charts.kv_growth(_kv, _path))),
+                   view(small(charts.kv_positions(_kv, _path), width=170))], justify="start"),
     ])
     return (kv_panel,)
 
@@ -354,13 +367,13 @@ def _(mo, shown):
 @app.cell
 def _(alt, charts, mo, qk_step, qk_tensor, shown, small):
     _selection = alt.selection_point(fields=["layer", "head"], name="cell")
-    qk_chart = mo.ui.altair_chart(small(charts.qk_heatmap(shown.qk, qk_step.value, qk_tensor.value, _selection,
+    qk_chart = mo.ui.altair_chart(legend_selection=False, chart=small(charts.qk_heatmap(shown.qk, qk_step.value, qk_tensor.value, _selection,
                                                          charts.primary_path(shown.meta, shown.qk)), width=130))
     return (qk_chart,)
 
 
 @app.cell
-def _(charts, mo, qk_chart, qk_step, qk_tensor, shown, small):
+def _(charts, mo, qk_chart, qk_step, qk_tensor, shown, small, view):
     _picked = qk_chart.value
     _layer, _head = (int(_picked["layer"][0]), int(_picked["head"][0])) if _picked is not None and len(_picked) else (0, 0)
     _has_norm = bool(shown.meta.get("config", {}).get("qk_norm"))  # the model's config, not what has been recorded
@@ -368,7 +381,7 @@ def _(charts, mo, qk_chart, qk_step, qk_tensor, shown, small):
     qk_panel = mo.vstack([
         mo.hstack([mo.md("## QK norm"), qk_tensor, qk_step], justify="start", align="center"),
         mo.md(f"RMS of each head's q and k before (`pre`) and after (`post`) the per-head RMSNorm; click a cell.{_note}"),
-        mo.hstack([qk_chart, mo.ui.altair_chart(small(charts.qk_over_steps(shown.qk, _layer, _head,
+        mo.hstack([qk_chart, view(small(charts.qk_over_steps(shown.qk, _layer, _head,
                                                                             charts.primary_path(shown.meta, shown.qk)), width=120))],
                   justify="start"),
     ])
@@ -384,7 +397,7 @@ def _(mo, shown):
 
 
 @app.cell
-def _(charts, mo, route_layer, shown, small):
+def _(charts, mo, route_layer, shown, small, view):
     _cfg = shown.meta["config"]
     _path = charts.primary_path(shown.meta, shown.routing)
     _dense_break = "moe-as-dense" in (shown.meta.get("breaks") or [])
@@ -393,9 +406,9 @@ def _(charts, mo, route_layer, shown, small):
     elif shown.routing.is_empty():
         _body = mo.md("_Step once to see the router's choices._")
     else:
-        _body = mo.hstack([mo.vstack([route_layer, mo.ui.altair_chart(small(charts.routing_histogram(
+        _body = mo.hstack([mo.vstack([route_layer, view(small(charts.routing_histogram(
                                shown.routing, route_layer.value, _cfg["n_experts"], _path), width=220))]),
-                           mo.ui.altair_chart(small(charts.routing_heatmap(shown.routing, _path), width=220))], justify="start")
+                           view(small(charts.routing_heatmap(shown.routing, _path), width=220))], justify="start")
     if not _cfg["n_experts"]:
         _head = "## Expert routing"
     elif _dense_break:
@@ -407,14 +420,14 @@ def _(charts, mo, route_layer, shown, small):
 
 
 @app.cell
-def _(charts, mo, shown, small):
+def _(charts, mo, shown, small, view):
     mo.stop(shown is None)
     _speed = charts.speedup(shown.tokens)
     speed_panel = mo.vstack([
         mo.md("## Tokens/s\nEach step's latency: the KV-cached path (one token) and the uncached one (the whole sequence)."),
         mo.hstack([
             mo.stat(value=charts.fmt_speedup(_speed), label="cached / uncached", caption="last 8 steps", bordered=True),
-            mo.ui.altair_chart(small(charts.step_latency(shown.tokens), width=320)),
+            view(small(charts.step_latency(shown.tokens), width=320)),
         ], justify="start"),
     ])
     return (speed_panel,)
@@ -430,7 +443,7 @@ def _(kv_panel, mo, qk_panel, routing_panel, speed_panel, text_panel):
 
 
 @app.cell
-def _(charts, mo, shown):
+def _(charts, mo, shown, view):
     mo.stop(shown is None)
     _tol = shown.meta.get("equiv_tolerance")  # None: a trace written before the session recorded it
     _bound = "the recorded tolerance (not recorded in this trace)" if _tol is None else f"{_tol:g}"
@@ -439,23 +452,23 @@ def _(charts, mo, shown):
               f"{_bound} × max |logit| (dashed) with the same argmax. That bound is 1e-4 in float32 with dequantized weights; "
               "quantized weights (their matmuls take bf16 activations) loosen it to 4e-2 and a bf16/fp16 dtype to 1e-1: "
               "load with weights 'dequantized' and dtype float32 for the tight check."),
-        mo.ui.altair_chart(charts.equivalence(shown.equiv, _tol)),
+        view(charts.equivalence(shown.equiv, _tol)),
     ])
     return (equiv_panel,)
 
 
 @app.cell
-def _(charts, mo, shown):
+def _(charts, mo, shown, view):
     mo.stop(shown is None)
     _bad = shown.first_bad_layer()
     _msg = (f"First non-finite value: step {_bad['step'][0]}, layer {_bad['first_bad_layer'][0]}." if _bad.height
             else "No NaN or Inf so far.")
-    health_panel = mo.vstack([mo.md(_msg), mo.ui.altair_chart(charts.layer_health(shown.layers, charts.primary_path(shown.meta, shown.layers)))])
+    health_panel = mo.vstack([mo.md(_msg), view(charts.layer_health(shown.layers, charts.primary_path(shown.meta, shown.layers)))])
     return (health_panel,)
 
 
 @app.cell
-def _(charts, mo, session, shown):
+def _(charts, mo, session, shown, view):
     mo.stop(shown is None)
     _off = (session.reference_error if session is not None and shown is not None and session.reference_error else None)
     _state = (f"**The reference is off:** {_off}" if _off else
@@ -463,17 +476,17 @@ def _(charts, mo, session, shown):
     reference_panel = mo.vstack([mo.md("llama.cpp on the same tokens: **llama.cpp** runs the file as it is, with 8-bit "
                                        "activations (cosine 0.99–0.9999 is normal); **llama.cpp-f32** runs an F32 copy with "
                                        f"an F32 KV cache, the exact reference (≥ 0.999999 against dequantized float32 weights). {_state}"),
-                                 mo.ui.altair_chart(charts.reference(shown.reference))])
+                                 view(charts.reference(shown.reference))])
     return (reference_panel,)
 
 
 @app.cell
-def _(charts, mo, shown):
+def _(charts, mo, shown, view):
     mo.stop(shown is None)
     detail_panel = mo.vstack([
         mo.md("The mission panels' other views: tokens/s per decode step, the newest token's top-k expert weights."),
-        mo.hstack([mo.ui.altair_chart(charts.tokens_per_s(shown.tokens)),
-                   mo.ui.altair_chart(charts.routing_last_token(shown.routing, charts.primary_path(shown.meta, shown.routing)))
+        mo.hstack([view(charts.tokens_per_s(shown.tokens)),
+                   view(charts.routing_last_token(shown.routing, charts.primary_path(shown.meta, shown.routing)))
                    if shown.meta["config"]["n_experts"] else mo.md("")], justify="start"),
     ])
     return (detail_panel,)

@@ -269,7 +269,9 @@ _JS_CHARTS = """
   walk(document, el => {
     if (el.tagName === 'H2') heading = norm(el.textContent);
     if (!(el.classList && el.classList.contains('vega-embed'))) return;
-    const info = {heading, kind: null, width: 0, height: 0, coloredPixels: 0, inkPixels: 0, markItems: 0};
+    const r = el.getBoundingClientRect();  // where it sits in the viewport (the page scrolled to its top)
+    const info = {heading, kind: null, width: 0, height: 0, coloredPixels: 0, inkPixels: 0, markItems: 0,
+                  top: r.top, bottom: r.bottom, left: r.left, right: r.right};
     const canvas = el.querySelector('canvas.marks') || el.querySelector('canvas');
     const svg = el.querySelector('svg.marks');
     if (canvas) {

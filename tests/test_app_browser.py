@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = Path(os.environ.get("WORKBENCH_APP_NOTEBOOK", ROOT / "notebooks" / "workbench.py"))
 SCREENSHOT = Path(os.environ.get("WORKBENCH_APP_SCREENSHOT", ROOT / "docs" / "screenshot.png"))
 PANELS = ("KV cache", "QK norm", "Expert routing", "Tokens/s")
+VIEWPORT = (1600, 1000)  # the issue's screen: the four mission panels must fit in it
 
 SERVER_START_S = 120  # until marimo answers HTTP
 APP_READY_S = 120  # until the initial run (model load, first cells) is done
@@ -440,7 +441,7 @@ def app(server, request):
         pytest.skip(f"{CHROMIUM} is missing (.ci/install-browser installs it)")
     pw = sync_api.sync_playwright().start()
     request.addfinalizer(pw.stop)
-    ctx, profile = launch_chromium(pw)
+    ctx, profile = launch_chromium(pw, viewport=VIEWPORT)
     request.addfinalizer(lambda: shutil.rmtree(profile, ignore_errors=True))
     request.addfinalizer(ctx.close)
     page = ctx.new_page()
@@ -487,6 +488,49 @@ def test_mission_panels_show_charts_with_data(app):
         f"panels without a drawn chart with data: {missing}\nh2 headings on the page: {headings}\n"
         + "\n".join(f"  chart under {c['heading']!r}: {c}" for c in charts)
     )
+
+
+def test_the_mission_panels_fit_the_first_screen(app):
+    """At 1600×1000, scrolled to the top, each mission panel has a chart with data wholly inside the viewport."""
+    app.page.evaluate("() => window.scrollTo(0, 0)")
+    width, height = VIEWPORT
+    charts = app.charts()
+    inside = {p: [c for c in charts if c["heading"] and p.lower() in c["heading"].lower() and chart_has_data(c)
+                  and c["top"] >= 0 and c["bottom"] <= height and c["right"] <= width] for p in PANELS}
+    missing = [p for p, cs in inside.items() if not cs]
+    assert not missing, (missing, [(c["heading"], round(c["top"]), round(c["bottom"]), round(c["right"])) for c in charts])
+
+
+def test_run_streams_and_stop_ends_it(app):
+    """Run with 256 steps: the token count grows while it goes (redrawn every second), Stop ends it within a
+    couple of seconds, and the session goes on with Step."""
+    slider = app.page.locator('[role="slider"][aria-valuemax="256"]:visible')
+    slider.focus()
+    slider.press("End")
+    app.wait_idle(CLICK_S)
+    start = app.token_count()
+    app.button("Run").click()
+    seen = [start]
+    deadline = time.monotonic() + CLICK_S
+    while len(set(seen)) < 3 and time.monotonic() < deadline:  # two redraws with more tokens, mid-run
+        app.page.wait_for_timeout(250)
+        seen.append(app.token_count())
+    assert len(set(seen)) >= 3, f"the text did not stream: counts {seen}\n{app.diagnostics()}"
+    app.button("Stop").click()
+    t0 = time.monotonic()
+    app.wait_until(lambda: not app.shows("Decoding: step"), 5, "the run to end after Stop")
+    stopped_in = time.monotonic() - t0
+    app.wait_idle(CLICK_S)
+    after = app.token_count()
+    app.page.wait_for_timeout(2500)
+    assert app.token_count() == after < start + 256, (start, after, app.token_count())
+    assert stopped_in < 3, stopped_in
+    assert app.click_and_wait("Step", timeout=CLICK_S) == after + 1
+    slider.focus()
+    slider.press("Home")  # back to a short Run for the tests after this one
+    app.button("Reset").click()
+    app.wait_until(lambda: app.tokens()["generated"] == 0, CLICK_S, "Reset")
+    app.wait_idle(CLICK_S)
 
 
 def test_a_second_tab_shares_the_model_but_not_the_session(app, server):
@@ -540,3 +584,9 @@ def test_screenshot(app):
     app.wait_idle(CLICK_S)
     app.full_page_screenshot(SCREENSHOT)
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_the_server_log_has_no_traceback(app, server):
+    """Last of the browser tests: nothing the tests did above left a traceback in the server's log."""
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log, server.log_tail()

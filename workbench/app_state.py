@@ -141,6 +141,14 @@ class Runner:
         self.outcome: tuple[str | None, str | None] = (None, None)
         self.goal = 0  # steps asked for by the current (or last) run
         self.done = 0  # of those, steps taken
+        self._clicks: dict[str, int] = {}
+
+    def clicked(self, **counts: int) -> set[str]:
+        """The buttons clicked since the last call, from their click counters (a True counts as one click):
+        the app's step cell re-runs on every redraw, and only a new click may start anything."""
+        new = {name for name, n in counts.items() if int(n or 0) > self._clicks.get(name, 0)}
+        self._clicks.update({name: int(n or 0) for name, n in counts.items()})
+        return new
 
     @property
     def running(self) -> bool:
