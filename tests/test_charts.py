@@ -1,20 +1,33 @@
-"""Every chart builder on a real trace: it returns an Altair chart whose data has rows, and the app's notebook
+"""Every chart builder on a real trace or compare result (tiny models): it returns an Altair chart whose spec holds
+the data and encodings it claims (zeros kept, forward order, formats on axes and legends), and the app's notebook
 runs headless as a script."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import altair as alt
+import numpy as np
+import polars as pl
 import pytest
-
 from conftest import load_model
+
 from workbench import charts
+from workbench.compare import compare
+from workbench.dump import BLOCK_CHAIN, FINAL_CHAIN, ours
+from workbench.errors import InputError
 from workbench.session import Session
+from workbench.trace import empty
 
 ROOT = Path(__file__).resolve().parent.parent
+GEMMA_PROMPT = "def add(a, b): return a + b"  # 13 tokens: past the tiny gemma3's sliding window of 8
+# Columns that hold whole numbers: a tooltip may print them as they are.
+COUNTS = {"step", "layer", "head", "position", "key", "index", "length", "n_tokens", "picks", "expert", "rank",
+          "token_id", "nan", "inf", "row"}
 
 
 @pytest.fixture(scope="module")
@@ -26,35 +39,284 @@ def trace(tiny_paths):
     return session.trace()
 
 
+@pytest.fixture(scope="module")
+def gemma(tiny_paths):
+    return load_model(tiny_paths["gemma3"])
+
+
+@pytest.fixture(scope="module")
+def gemma_trace(gemma):
+    session = Session(gemma, gemma.tokenizer.encode(GEMMA_PROMPT), path="cached", probes=True, attention=True,
+                      lens=True, context=64)
+    for _ in range(3):
+        session.step()
+    return session.trace()
+
+
+@pytest.fixture(scope="module")
+def comparison(gemma):
+    """Our engine against a dump of itself with the RoPE base planted wrong: it acts only in the global layer
+    (5; the sliding ones have their own base), so most local errors are exactly 0 and two stand out."""
+    ids = gemma.tokenizer.encode(GEMMA_PROMPT)
+    dump = ours(gemma, ids, len(ids) - 1, breaks=frozenset({"rope-base-10k"}))
+    return dump, compare(gemma, dump, suspects=False)
+
+
 def _rows(chart) -> int:
     spec = chart.to_dict()
     datasets = spec.get("datasets", {})
     return sum(len(v) for v in datasets.values())
 
 
-def test_every_chart_has_data(trace):
+def _views(spec: dict) -> list[dict]:
+    """Every single view of a spec (layers and concatenations opened), each with its rows under "rows"."""
+    datasets = spec.get("datasets", {})
+    found = []
+
+    def walk(node: dict, data: dict | None) -> None:
+        data = node.get("data", data)
+        for key in ("layer", "hconcat", "vconcat"):
+            for child in node.get(key, []):
+                walk(child, data)
+        if "spec" in node:
+            walk(node["spec"], data)
+        if "mark" in node:
+            found.append({**node, "rows": datasets.get((data or {}).get("name"), [])})
+
+    walk(spec, None)
+    return found
+
+
+def _titles(spec: dict) -> str:
+    title = spec.get("title", "")
+    if isinstance(title, dict):
+        sub = title.get("subtitle", [])
+        return " ".join([title.get("text", ""), *([sub] if isinstance(sub, str) else sub)])
+    return title
+
+
+def _tooltips(view: dict) -> list[dict]:
+    tips = view.get("encoding", {}).get("tooltip", [])
+    return tips if isinstance(tips, list) else [tips]
+
+
+# --- every chart ----------------------------------------------------------------------------------------------
+
+def _every_chart(trace, gemma_trace, comparison):
     n_experts = trace.meta["config"]["n_experts"]
-    built = [
+    pieces = charts.sequence_pieces(gemma_trace.meta, gemma_trace.tokens)
+    dump, result = comparison
+    key = (0, "blocks.5.attn.q_rope")
+    return [
         charts.kv_growth(trace.kv), charts.kv_positions(trace.kv),
         charts.qk_heatmap(trace.qk, 5, "q", alt.selection_point(fields=["layer", "head"])), charts.qk_over_steps(trace.qk, 1, 2),
         charts.routing_histogram(trace.routing, 1, n_experts), charts.routing_heatmap(trace.routing),
         charts.routing_last_token(trace.routing), charts.step_latency(trace.tokens), charts.tokens_per_s(trace.tokens),
         charts.equivalence(trace.equiv, trace.meta["equiv_tolerance"]), charts.layer_health(trace.layers),
+        charts.attention_over_keys(gemma_trace.attention, 2, 0, 0, pieces), charts.attention_heads(gemma_trace.attention, 2, 0),
+        charts.lens_grid(gemma_trace.lens, "prob"), charts.compare_heatmap(result.table(), 0, "local_error"),
+        charts.compare_values(dump.tensors[key], dump.tensors[key] * 1.01),
     ]
-    for chart in built:
+
+
+def test_every_chart_has_data(trace, gemma_trace, comparison):
+    for chart in _every_chart(trace, gemma_trace, comparison):
         assert _rows(chart) > 0, chart
+
+
+def test_numbers_are_formatted_in_tooltips_and_legends(trace, gemma_trace, comparison):
+    """No legend or tooltip prints a raw float (2.98359417915): quantitative colour legends and tooltips of
+    measured (non-count) fields carry a format."""
+    for chart in _every_chart(trace, gemma_trace, comparison):
+        for view in _views(chart.to_dict()):
+            for tip in _tooltips(view):
+                if tip.get("type") == "quantitative" and tip["field"] not in COUNTS:
+                    assert "format" in tip, (view.get("title"), tip)
+            color = view.get("encoding", {}).get("color", {})
+            color = color.get("condition", color) if "field" not in color else color
+            if color.get("type") == "quantitative" and color.get("legend", {}) is not None:
+                assert "format" in color.get("legend", {}) or "labelExpr" in color.get("legend", {}), color
 
 
 def test_empty_frames_give_a_message_not_an_error(trace):
     assert _rows(charts.reference(trace.reference)) == 1  # the "switch it on" message
     assert _rows(charts.equivalence(trace.equiv.clear(), trace.meta["equiv_tolerance"])) == 1
+    assert _rows(charts.attention_over_keys(empty("attention"), 0, 0, 0, [])) == 1
+    assert _rows(charts.attention_heads(empty("attention"), 0, 0)) == 1
+    assert _rows(charts.lens_grid(empty("lens"), "entropy")) == 1
 
+
+# --- the new panels -------------------------------------------------------------------------------------------
+
+def test_attention_over_keys_keeps_the_sliding_windows_zeros(gemma_trace):
+    """At step 2 the newest token sits at position 14: a sliding layer (0) sees keys 7..14 only, the global
+    layer (5) every key. Masked keys are in the data (as a grey column each), labelled with visible pieces."""
+    pieces = charts.sequence_pieces(gemma_trace.meta, gemma_trace.tokens)
+    n_prompt = len(gemma_trace.meta["prompt_ids"])
+    newest = n_prompt + 2 - 1
+    assert len(pieces) >= newest + 1
+    spec = charts.attention_over_keys(gemma_trace.attention, 2, 0, 0, pieces).to_dict()
+    masked, bars = _views(spec)
+    assert [r["key"] for r in bars["rows"]] == list(range(newest + 1))
+    window = gemma_trace.meta["config"]["sliding_window"]
+    zeros = [r["key"] for r in bars["rows"] if r["weight"] == 0]
+    assert zeros == list(range(newest + 1 - window))
+    assert [r["key"] for r in masked["rows"]] == zeros and masked["mark"]["color"] == charts.ZERO_FILL
+    assert {r["weight_text"] for r in masked["rows"]} == {"0 (masked)"}
+    labels = bars["encoding"]["x"]["sort"]
+    assert labels[0] == "0 def" and pieces[1].startswith(" ") and labels[1].startswith("1 ·")  # the space made visible
+    assert {t["field"] for t in _tooltips(bars)} >= {"key", "piece", "weight_text"}
+    assert "exactly 0" in spec["title"]
+
+    (bars,) = _views(charts.attention_over_keys(gemma_trace.attention, 2, 5, 0, pieces).to_dict())
+    weights = [r["weight"] for r in bars["rows"]]
+    assert len(weights) == newest + 1 and min(weights) > 0 and math.isclose(sum(weights), 1.0, rel_tol=1e-4)
+
+
+def test_attention_heads_is_heads_by_keys_with_zeros_grey(gemma_trace):
+    cfg = gemma_trace.meta["config"]
+    spec = charts.attention_heads(gemma_trace.attention, 2, 0).to_dict()
+    (view,) = _views(spec)
+    n_keys = len(gemma_trace.meta["prompt_ids"]) + 2
+    assert len(view["rows"]) == cfg["n_heads"] * n_keys
+    assert any(r["weight"] == 0 for r in view["rows"])
+    enc = view["encoding"]
+    assert enc["x"]["field"] == "key" and enc["y"]["field"] == "head"
+    assert enc["color"]["value"] == charts.ZERO_FILL and enc["color"]["condition"]["test"] == "datum.weight > 0"
+
+
+def test_lens_grid_draws_the_top_token_and_each_value_on_its_scale(gemma, gemma_trace):
+    cfg = gemma_trace.meta["config"]
+    for value, kind in [("prob", "linear"), ("entropy", "linear"), ("kl_to_final", "symlog")]:
+        spec = charts.lens_grid(gemma_trace.lens, value, gemma.tokenizer.piece).to_dict()
+        cells, text = _views(spec)
+        assert len(cells["rows"]) == 3 * cfg["n_layers"]
+        color = cells["encoding"]["color"]
+        assert color["field"] == value and color["scale"]["type"] == kind and color["scale"]["domain"][0] == 0
+        assert {t["field"] for t in _tooltips(cells)} >= {"prob", "entropy", "kl_to_final", "piece", "token_id"}
+        row = text["rows"][0]
+        assert row["cell"] == charts.chart_piece(gemma.tokenizer.piece(row["token_id"]), 6)
+    assert _views(charts.lens_grid(gemma_trace.lens, "prob").to_dict())[0]["encoding"]["color"]["scale"]["domain"] == [0, 1.0]
+    by_dict = _views(charts.lens_grid(gemma_trace.lens, "prob", {101: "hi"}).to_dict())[1]["rows"]
+    assert {r["cell"] for r in by_dict if r["token_id"] == 101} <= {"hi"}
+    with pytest.raises(InputError):
+        charts.lens_grid(gemma_trace.lens, "logit")
+
+
+def test_compare_heatmap_keeps_zeros_in_forward_order(comparison):
+    _, result = comparison
+    table = result.table()
+    for error in ("local_error", "end_to_end_error"):
+        spec = charts.compare_heatmap(table, 0, error).to_dict()
+        (view,) = _views(spec)
+        rows = view["rows"]
+        assert len(rows) == table.filter(pl.col("step") == 0).height  # nothing dropped
+        enc = view["encoding"]
+        held = {r["point"] for r in rows}
+        assert enc["x"]["sort"] == [p for p in (*BLOCK_CHAIN, *FINAL_CHAIN) if p in held]
+        assert enc["x"]["sort"][:2] == ["attn_norm", "attn.q"] and enc["x"]["sort"][-2:] == ["final_norm", "logits"]
+        assert enc["y"]["sort"][0] == "0" and enc["y"]["sort"][-1] == "final"
+        floor = enc["color"]["condition"]["scale"]["domain"][0]
+        zeros = [r for r in rows if r[error] == 0]
+        assert zeros and all(r["log10"] == floor for r in zeros)
+        assert all(r["local" if error == "local_error" else "end to end"] == "0" for r in zeros)
+        assert "'0'" in enc["color"]["condition"]["legend"]["labelExpr"]
+        out = [r["capture"] for r in rows if r["stands_out"]]
+        assert sorted(out) == ["blocks.5.attn.k_rope", "blocks.5.attn.q_rope"] and rows[-len(out):] == [r for r in rows if r["stands_out"]]
+        assert enc["stroke"]["condition"]["test"] == "datum.stands_out"
+        assert {t["field"] for t in _tooltips(view)} >= {"local", "end to end", "cosine", "max_abs", "head", "row",
+                                                          "local threshold", "stands_out", "kind"}
+        (param,) = spec["params"]
+        assert param["name"] == charts.COMPARE_SELECTION and param["select"] == {"type": "point", "fields": ["capture"]}
+    mine = alt.selection_point(name="mine", fields=["capture"])
+    assert charts.compare_heatmap(table, 1, "end_to_end", mine).to_dict()["params"][0]["name"] == "mine"
+    with pytest.raises(InputError):
+        charts.compare_heatmap(table, 0, "cosine")
+
+
+def test_compare_values_shows_both_and_keeps_the_worst(comparison):
+    dump, _ = comparison
+    theirs = dump.tensors[(0, "blocks.5.attn.q_rope")].flatten()
+    ours_values = theirs.clone()
+    ours_values[123] += 5.0
+    spec = charts.compare_values(theirs, ours_values, max_points=200).to_dict()
+    diagonal, scatter, difference = _views(spec)
+    assert len(scatter["rows"]) == 200 and 123 in {r["index"] for r in scatter["rows"]}
+    assert scatter["encoding"]["x"]["field"] == "theirs" and scatter["encoding"]["y"]["field"] == "ours"
+    assert diagonal["rows"][0]["theirs"] == diagonal["rows"][0]["ours"]  # the y = x line
+    assert difference["encoding"]["y"]["field"] == "ours − theirs"
+    assert f"200 of {theirs.numel():,}" in _titles(spec)
+    small = charts.compare_values(np.arange(5.0), np.arange(5.0))
+    assert len(_views(small.to_dict())[1]["rows"]) == 5
+    with pytest.raises(InputError):
+        charts.compare_values(np.zeros(3), np.zeros(4))
+
+
+# --- polish of the existing charts ------------------------------------------------------------------------------
+
+def test_prefill_is_off_the_decode_axes(trace):
+    for chart in (charts.step_latency(trace.tokens), charts.tokens_per_s(trace.tokens)):
+        spec = chart.to_dict()
+        assert all(not r["prefill"] for v in _views(spec) for r in v["rows"])
+        assert "prefill (cached)" in _titles(spec) and "not on this axis" in _titles(spec)
+
+
+def test_equivalence_log_axis_is_one_style_and_labels_exact_zeros(trace):
+    equiv = trace.equiv.with_columns(pl.when(pl.col("step") == 0).then(0.0).otherwise(pl.col("max_abs_diff")).alias("max_abs_diff"))
+    spec = charts.equivalence(equiv, trace.meta["equiv_tolerance"]).to_dict()
+    line = _views(spec)[0]
+    axis = line["encoding"]["y"]["axis"]
+    assert axis["format"] == "~e" and "'0'" in axis["labelExpr"]
+    values = axis["values"]
+    assert all(math.isclose(math.log10(v), round(math.log10(v))) for v in values)  # decades only: no crowding
+    zero = next(r for r in line["rows"] if r["step"] == 0)
+    assert zero["exact"] and zero["relative difference"] == "0" and zero["plotted"] == values[0]
+    assert line["encoding"]["y"]["scale"]["domain"][0] < values[0]  # the zero's mark sits inside the plot
+
+
+def test_step_axes_thin_their_labels_past_40_steps(trace):
+    layers = pl.concat([trace.layers.with_columns(pl.col("step") + 6 * k) for k in range(10)])  # 60 steps
+    heat = _views(charts.layer_health(layers).to_dict())[0]
+    values = heat["encoding"]["x"]["axis"]["values"]
+    assert len(values) <= 12 and values[:2] == [0, 5]
+    assert charts._thinned(range(8)) == list(range(8))
+
+
+def test_expert_colours_differ_between_neighbours(trace):
+    n = trace.meta["config"]["n_experts"]
+    scale = _views(charts.routing_last_token(trace.routing, n_experts=n).to_dict())[0]["encoding"]["color"]["scale"]
+    assert scale["domain"] == list(range(n))
+
+    def rgb(c: str) -> np.ndarray:
+        return np.array([int(c[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)
+
+    colours = charts.EXPERT_COLORS
+    assert len(set(colours)) == 20
+    assert min(np.linalg.norm(rgb(a) - rgb(b)) for a, b in itertools.pairwise(colours)) > 90
+
+
+def test_layer_health_scales_colour_on_decode_steps(trace):
+    spec = charts.layer_health(trace.layers, "cached").to_dict()
+    heat = _views(spec)[0]
+    scale = heat["encoding"]["color"]["scale"]
+    decode = trace.layers.filter((pl.col("path") == "cached") & (pl.col("step") > 0))["resid_rms"]
+    assert scale["domain"] == [decode.min(), decode.max()] and scale["clamp"] is True
+    assert "decode steps" in _titles(spec)
+    assert {r["colour"] for r in heat["rows"] if r["step"] == 0} <= {"prompt: within the decode scale", "prompt: clamped to the decode scale"}
+
+
+# --- text -----------------------------------------------------------------------------------------------------
 
 def test_token_html_shows_every_token_with_its_alternatives(trace):
     html = charts.token_html(trace.meta["prompt_pieces"], trace.meta["prompt_ids"], trace.tokens)
     assert html.count('class="tok"') == len(trace.meta["prompt_ids"])
     assert html.count('class="tok gen"') == 6
     assert "top-k:" in html
+
+
+def test_chart_piece_makes_whitespace_visible():
+    assert charts.chart_piece(" a\n\t") == "·a↵⇥" and charts.chart_piece("") == "∅" and charts.chart_piece("\x01") == "\\x01"
+    assert charts.chart_piece("abcdefghij", 6) == "abcde…"
 
 
 def test_speedup_and_kv_arithmetic(trace):
@@ -66,6 +328,6 @@ def test_speedup_and_kv_arithmetic(trace):
 
 
 def test_notebook_runs_headless():
-    proc = subprocess.run([sys.executable, str(ROOT / "notebooks" / "workbench.py")], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(ROOT / "notebooks" / "workbench.py")], capture_output=True, text=True, check=False,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
