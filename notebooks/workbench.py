@@ -174,6 +174,7 @@ def _(BREAKS, mo):
     breaks = mo.ui.dropdown(options=["none", *BREAKS], value="none", label="break it")
     use_reference = mo.ui.dropdown(options=["off", "llama.cpp", "llama.cpp-f32"], value="off", label="reference")
     max_steps = mo.ui.slider(start=1, stop=256, value=32, label="Run: max steps", show_value=True)
+    teaching = mo.ui.checkbox(value=True, label="record attention and the logit lens (slower steps)")
     # Click counters, not run buttons: the cell they drive re-runs on every redraw of a run, and a run button
     # can still read True then; a counter says exactly how many clicks there have been (app_state.Runner.clicked).
     step_button = mo.ui.button(value=0, on_click=lambda n: n + 1, label="Step")
@@ -182,12 +183,12 @@ def _(BREAKS, mo):
     stop_button = mo.ui.button(value=0, on_click=lambda n: n + 1, label="Stop", kind="danger")
     reset_button = mo.ui.run_button(label="Reset")
     return (breaks, max_steps, path, prompt, reset_button, run_button, seed, step8_button, step_button,
-            stop_button, temperature, top_k, top_p, use_reference)
+            stop_button, teaching, temperature, top_k, top_p, use_reference)
 
 
 @app.cell
 def _(BREAKS, breaks, breaks_that_apply, max_steps, mo, model, path, prompt, reset_button, run_button, seed,
-      step8_button, step_button, stop_button, temperature, top_k, top_p, use_reference):
+      step8_button, step_button, stop_button, teaching, temperature, top_k, top_p, use_reference):
     _notes = []
     if model is not None and breaks.value != "none" and breaks.value not in breaks_that_apply(model.config):
         _notes.append(mo.callout(mo.md(f"`{breaks.value}` changes nothing on {model.config.arch}: "
@@ -195,7 +196,7 @@ def _(BREAKS, breaks, breaks_that_apply, max_steps, mo, model, path, prompt, res
     mo.sidebar([
         prompt,
         mo.hstack([temperature, seed], justify="start"), mo.hstack([top_k, top_p], justify="start"),
-        path, breaks, use_reference, *_notes,
+        path, breaks, use_reference, teaching, *_notes,
         mo.hstack([step_button, step8_button, run_button, stop_button, reset_button], justify="start", wrap=True),
         max_steps,
     ], width="360px")
@@ -219,13 +220,13 @@ def _(app_state):
 
 @app.cell
 def new_session(Sampling, Session, app_state, breaks, error_callout, get_session, model, path, prompt, reset_button,
-                runner, seed, set_session, temperature, top_k, top_p, use_reference):
+                runner, seed, set_session, teaching, temperature, top_k, top_p, use_reference):
     # A new session whenever what defines it changes (or Reset is clicked); anything that fails keeps the old one.
     # A run of the old session is stopped first (Reset works while Run goes).
     session_error = None
     if model is not None:
         _key = (id(model), prompt.value, temperature.value, top_k.value, top_p.value, seed.value, path.value,
-                breaks.value, use_reference.value)
+                breaks.value, use_reference.value, teaching.value)
         _old = get_session()
         if _old is None or _old[0] != _key or reset_button.value:
             try:
@@ -236,7 +237,7 @@ def new_session(Sampling, Session, app_state, breaks, error_callout, get_session
                         model, _ids, path=path.value,
                         sampling=Sampling(float(temperature.value), int(top_k.value), float(top_p.value), int(seed.value)),
                         context=min(model.config.context_length, len(_ids) + 512),
-                        probes=True, attention=True, lens=True,
+                        probes=True, attention=bool(teaching.value), lens=bool(teaching.value),
                         breaks=frozenset() if breaks.value == "none" else frozenset({breaks.value}),
                         reference=None if use_reference.value == "off" else use_reference.value,
                     )
@@ -512,14 +513,168 @@ def _(io, mo, shown, upload, upload_note):
 
 @app.cell
 def _(mo):
+    # Pickers that survive the redraw after every step (their cells re-run with the trace).
+    get_pick, set_pick = mo.state({"layer": 0, "head": 0, "lens": "prob", "cmp_step": None, "cmp_error": "local_error"})
+    return get_pick, set_pick
+
+
+@app.cell
+def _(get_pick, mo, set_pick, shown):
+    mo.stop(shown is None)
+    _cfg = shown.meta["config"]
+
+    def _set(key):
+        return lambda v: set_pick(lambda p: {**p, key: v})
+
+    att_layer = mo.ui.slider(start=0, stop=max(_cfg["n_layers"] - 1, 1), value=min(get_pick()["layer"], _cfg["n_layers"] - 1),
+                             label="layer", show_value=True, on_change=_set("layer"))
+    att_head = mo.ui.slider(start=0, stop=max(_cfg["n_heads"] - 1, 1), value=min(get_pick()["head"], _cfg["n_heads"] - 1),
+                            label="head", show_value=True, on_change=_set("head"))
+    lens_value = mo.ui.radio(options=["prob", "entropy", "kl_to_final"], value=get_pick()["lens"], inline=True,
+                             label="colour", on_change=_set("lens"))
+    return att_head, att_layer, lens_value
+
+
+@app.cell
+def _(att_head, att_layer, charts, mo, shown, view):
+    mo.stop(shown is None)
+    _att = shown.frames["attention"]
+    _path = charts.primary_path(shown.meta, _att)
+    if _att.is_empty():
+        attention_panel = mo.md("No attention frame in this run: tick *record attention and the logit lens* in the "
+                                "sidebar (each step then computes the pattern a second time), and step.")
+    else:
+        _step = int(_att["step"].max())
+        _pieces = charts.sequence_pieces(shown.meta, shown.tokens, _path)
+        _window = shown.meta["config"].get("sliding_window")
+        attention_panel = mo.vstack([
+            mo.md("Which positions the newest token reads, per layer and head (the latest step). A tall first bar is an "
+                  "attention sink; grey keys are masked" + (f" (sliding window of {_window} on local layers)." if _window else ".")),
+            mo.hstack([att_layer, att_head], justify="start"),
+            view(charts.attention_over_keys(_att, _step, att_layer.value, att_head.value, _pieces, _path)),
+            view(charts.attention_heads(_att, _step, att_layer.value, _path, _pieces)),
+        ])
+    return (attention_panel,)
+
+
+@app.cell
+def _(charts, lens_value, mo, model, shown, view):
+    mo.stop(shown is None)
+    _lens = shown.frames["lens"]
+    if _lens.is_empty():
+        lens_panel = mo.md("No logit lens in this run: tick *record attention and the logit lens* in the sidebar "
+                           "(each step then puts every layer through the output head), and step.")
+    else:
+        _piece = model.tokenizer.piece if model is not None and str(model.gguf.path) == shown.meta.get("model_file") else None
+        lens_panel = mo.vstack([
+            mo.md("Each layer's residual stream read through the final norm and the output head: the token it would "
+                  "predict next, per step. Where the top-1 settles is where the model has decided."),
+            lens_value,
+            view(charts.lens_grid(_lens, lens_value.value, _piece, charts.primary_path(shown.meta, _lens))),
+        ])
+    return (lens_panel,)
+
+
+@app.cell
+def _(BREAKS, app_state, mo):
+    cmp_source = mo.ui.dropdown(options=list(app_state.COMPARE_SOURCES), value="llama.cpp", label="their numbers")
+    cmp_break = mo.ui.dropdown(options=list(BREAKS), value="rope-base-10k", label="break (our engine)")
+    cmp_file = mo.ui.file(filetypes=[".safetensors", ".npz"], label="a workbench-dump/1 file")
+    cmp_button = mo.ui.run_button(label="Compare")
+    return cmp_break, cmp_button, cmp_file, cmp_source
+
+
+@app.cell
+def _(mo):
+    get_cmp, set_cmp = mo.state(None)  # (Comparison, their Dump, the exact model it ran on)
+    return get_cmp, set_cmp
+
+
+@app.cell
+def compare_run(app_state, cmp_break, cmp_button, cmp_file, cmp_source, mo, model, runner, session, set_cmp):
+    # Compare runs on the live session's tokens (prompt and generated), against our exact path.
+    cmp_error = None
+    if cmp_button.value and session is not None and model is not None:
+        with runner.lock:
+            _tokens, _n_prompt = list(session.ids), len(session.prompt_ids)
+        try:
+            with mo.status.spinner(title=f"Dumping {cmp_source.value} and comparing at every capture point…"):
+                _file = (cmp_file.name(), cmp_file.contents()) if cmp_file.value else None
+                _dump, _result, _exact = app_state.compare_with(model, _tokens, _n_prompt, cmp_source.value, cmp_break.value, _file)
+            set_cmp((_result, _dump, _exact))
+        except Exception as _exc:
+            cmp_error = app_state.describe_error(_exc)
+    return (cmp_error,)
+
+
+@app.cell
+def _(get_cmp, get_pick, mo, set_pick):
+    _got = get_cmp()
+    cmp_step, cmp_kind = None, None
+    if _got is not None:
+        _result = _got[0]
+        _table = _result.table()
+        _steps = sorted(_table["step"].unique().to_list())
+        _fd = _result.first_divergence
+        _want = get_pick()["cmp_step"]
+        _value = _want if _want in _steps else (_fd.step if _fd is not None else _steps[0])
+        cmp_step = mo.ui.slider(steps=_steps, value=_value, label="step", show_value=True,
+                                on_change=lambda v: set_pick(lambda p: {**p, "cmp_step": v}))
+        cmp_kind = mo.ui.radio(options={"local": "local_error", "end to end": "end_to_end_error"},
+                               value="local" if get_pick()["cmp_error"] == "local_error" else "end to end", inline=True,
+                               label="error", on_change=lambda v: set_pick(lambda p: {**p, "cmp_error": v}))
+    return cmp_kind, cmp_step
+
+
+@app.cell
+def _(charts, cmp_kind, cmp_step, get_cmp, mo):
+    _got = get_cmp()
+    cmp_chart = None
+    if _got is not None:
+        cmp_chart = mo.ui.altair_chart(charts.compare_heatmap(_got[0].table(), cmp_step.value, cmp_kind.value),
+                                       legend_selection=False)
+    return (cmp_chart,)
+
+
+@app.cell
+def _(app_state, charts, cmp_break, cmp_button, cmp_chart, cmp_error, cmp_file, cmp_kind, cmp_source, cmp_step,
+      error_callout, get_cmp, mo, view):
+    _controls = mo.hstack([cmp_source, cmp_break, cmp_file, cmp_button], justify="start", wrap=True)
+    _got = get_cmp()
+    _parts = [mo.md("Line another engine's numbers up with ours at every capture point of the live session's tokens: the "
+                    "**local** error is what their step introduces (our operation on *their* inputs against their "
+                    "output), the **end-to-end** error what they have accumulated. Method: docs/compare.md."), _controls]
+    if cmp_error:
+        _parts.append(error_callout("The comparison did not run.", cmp_error))
+    if _got is not None and cmp_chart is not None:
+        _result, _dump, _exact = _got
+        _parts += [mo.md(app_state.compare_sentence(_result)), mo.hstack([cmp_step, cmp_kind], justify="start"), cmp_chart]
+        _picked = cmp_chart.value
+        if _picked is not None and len(_picked):
+            _capture = str(_picked["capture"][0])
+            _key = (cmp_step.value, _capture)
+            if _key in _dump.tensors:
+                _ours = app_state.our_tensor(_exact, _dump, *_key)
+                _parts += [mo.md(f"**{_capture}** at step {cmp_step.value}: their values against ours (end to end)."),
+                           view(charts.compare_values(_dump.tensors[_key], _ours))]
+        else:
+            _parts.append(mo.md("_Click a cell to see that tensor's numbers, theirs beside ours._"))
+    compare_panel = mo.vstack(_parts)
+    return (compare_panel,)
+
+
+@app.cell
+def _(mo):
     get_tab, set_tab = mo.state("Equivalence")
     return get_tab, set_tab
 
 
 @app.cell
-def _(card_view, detail_panel, equiv_panel, get_tab, health_panel, mo, reference_panel, set_tab, trace_panel):
+def _(attention_panel, card_view, compare_panel, detail_panel, equiv_panel, get_tab, health_panel, lens_panel, mo,
+      reference_panel, set_tab, trace_panel):
     # The supporting panels, one tab each; the tab shown survives the redraw after every step.
     _tabs = {"Equivalence": equiv_panel, "Layer health": health_panel, "Reference": reference_panel,
+             "Compare": compare_panel, "Attention": attention_panel, "Logit lens": lens_panel,
              "More charts": detail_panel, "Model card": card_view, "Trace": trace_panel}
     mo.ui.tabs(_tabs, value=get_tab() if get_tab() in _tabs else "Equivalence", on_change=set_tab)
     return

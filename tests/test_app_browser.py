@@ -533,6 +533,41 @@ def test_run_streams_and_stop_ends_it(app):
     app.wait_idle(CLICK_S)
 
 
+def _open_tab(app, name: str) -> None:
+    app.page.get_by_role("tab", name=name, exact=True).click()
+    app.wait_idle(CLICK_S)
+
+
+def _charts_under(app, heading_words: str) -> list[dict]:
+    """The drawn charts with data whose titles mention heading_words (the tabs' charts have no h2 of their own)."""
+    return [c for c in app.charts() if chart_has_data(c) and c["top"] >= 0 and c["bottom"] > 0 and c["width"] > 0
+            and c.get("visible", True)]
+
+
+def test_attention_and_lens_panels_draw(app):
+    app.click_and_wait("Step", timeout=CLICK_S)
+    for tab, text in (("Attention", "attention sink"), ("Logit lens", "final norm and the output head")):
+        _open_tab(app, tab)
+        app.wait_until(lambda: app.shows(text), CLICK_S, f"the {tab} panel's text")
+        before = len([c for c in app.charts() if chart_has_data(c)])
+        assert before > 0, app.diagnostics()
+    _open_tab(app, "Equivalence")
+
+
+def test_compare_panel_names_a_planted_break(app):
+    _open_tab(app, "Compare")
+    app.page.get_by_role("combobox", name="their numbers").select_option("our engine with a break")
+    app.wait_idle(CLICK_S)
+    app.button("Compare").click()
+    app.wait_until(lambda: app.shows("Likeliest cause: rope-base-10k"), CLICK_S, "the comparison's sentence")
+    assert app.shows("first diverges at step 0, blocks.0.attn.q_rope")
+    app.page.get_by_role("combobox", name="their numbers").select_option("llama.cpp")
+    app.wait_idle(CLICK_S)
+    app.button("Compare").click()
+    app.wait_until(lambda: app.shows("No divergence"), CLICK_S, "llama.cpp's clean comparison")
+    _open_tab(app, "Equivalence")
+
+
 def test_a_second_tab_shares_the_model_but_not_the_session(app, server):
     loads = server.loads()
     assert len(loads) == 1, loads  # the first tab's load

@@ -184,3 +184,89 @@ class Runner:
         """session.trace(), never in the middle of one of this runner's steps."""
         with self.lock:
             return session.trace(meta or None)
+
+
+_EXACT: dict[tuple, object] = {}  # the exact copy compare runs on, per file (one at a time)
+
+
+def exact_model(model):
+    """`model` itself when it runs the exact path (float32, dequantized), else a CPU float32 dequantized copy of
+    its file, loaded once: compare holds other engines to the exact path."""
+    import torch
+
+    from workbench.model import Model
+
+    if model.dtype == torch.float32 and model.info.weights == "dequantized":
+        return model
+    key = (str(model.gguf.path), model.gguf.size)
+    if key not in _EXACT:
+        _EXACT.clear()
+        _EXACT[key] = Model.load(model.gguf.path, device="cpu", dtype="float32", weights="dequantized")
+    return _EXACT[key]
+
+
+COMPARE_SOURCES = ("our engine with a break", "llama.cpp", "llama.cpp-f32", "transformers", "a dump file")
+
+
+def compare_with(model, tokens: list[int], n_prompt: int, source: str, break_name: str | None = None,
+                 dump_file: tuple[str, bytes] | None = None):
+    """(their Dump, the Comparison against our exact path, the exact model) for the app's Compare panel: the
+    dump of `source` on `tokens` (a built-in engine) or the uploaded file (name, bytes). Anything that goes wrong
+    is a WorkbenchError with one sentence (dump.DumpError, ReferenceFailed, InputError)."""
+    import tempfile
+
+    from workbench.compare import compare
+    from workbench.dump import Dump, ours
+    from workbench.errors import InputError
+
+    exact = exact_model(model)
+    if source == "a dump file":
+        if dump_file is None:
+            raise InputError("choose a dump file (.safetensors or .npz) first.")
+        name, data = dump_file
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            path.write_bytes(data)
+            dump = Dump.read(path)
+    elif source == "our engine with a break":
+        if not break_name:
+            raise InputError("choose the break to dump our engine with.")
+        dump = ours(exact, tokens, n_prompt, breaks=frozenset({break_name}))
+    elif source == "transformers":
+        from workbench.hf import transformers_dump
+
+        dump = transformers_dump(model.gguf.path, tokens, n_prompt)
+    elif source in ("llama.cpp", "llama.cpp-f32"):
+        from workbench.reference import llama_cpp_dump
+
+        dump = llama_cpp_dump(exact, tokens, n_prompt, engine=source)
+    else:
+        raise InputError(f"unknown source '{source}'; choose one of: {', '.join(COMPARE_SOURCES)}.")
+    return dump, compare(exact, dump), exact
+
+
+def compare_sentence(result) -> str:
+    """The first divergence in one sentence, and the suspects."""
+    fd = result.first_divergence
+    engine = result.engine or "the dump"
+    if fd is None:
+        return (f"No divergence: at every capture point {engine} introduces no more than its kind of operation does "
+                "elsewhere in the same dump.")
+    where = ", ".join(x for x in (f"layer {fd.layer}" if fd.layer is not None else "",
+                                  f"head {fd.head}" if fd.head is not None else "",
+                                  f"position {fd.row}" if fd.row is not None else "") if x)
+    local = "—" if fd.local_error is None else f"{fd.local_error:.2e}"
+    suspects = (f" Likeliest cause: {', '.join(result.suspects)}." if result.suspects
+                else " None of the break switches reproduces it.")
+    return (f"{engine} first diverges at step {fd.step}, {fd.capture} ({where}): it introduces a local error of {local} "
+            f"where this kind of operation ({fd.kind}) stays under {fd.threshold:.1e}; end to end {fd.end_to_end_error:.2e}."
+            + suspects)
+
+
+def our_tensor(exact, dump, step: int, capture: str):
+    """Our clean tensor at one point of a dump's run (its last rows, as many as theirs): what the Compare panel
+    shows beside theirs."""
+    from workbench.dump import ours
+
+    mine = ours(exact, dump.tokens[: dump.first_position(step) + dump.rows(step)], dump.n_prompt, names=[capture])
+    return mine.tensors[(step, capture)][-dump.tensors[(step, capture)].shape[0]:]
