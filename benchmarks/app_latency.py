@@ -34,7 +34,7 @@ def main() -> int:
     try:
         server.wait_ready(120)
         with sync_playwright() as pw:
-            context, profile = launch_chromium(pw)
+            context, profile = launch_chromium(pw, viewport=(1600, 1000))
             page = context.new_page()
             page.goto(server.url, wait_until="domcontentloaded")
             app = AppPage(page, server)

@@ -664,17 +664,89 @@ def _(app_state, charts, cmp_break, cmp_button, cmp_chart, cmp_error, cmp_file, 
 
 
 @app.cell
+def _(BREAKS, app_state, mo):
+    ab_kind = mo.ui.dropdown(options=list(app_state.AB_KINDS), value="break", label="B changes")
+    ab_break = mo.ui.dropdown(options=list(BREAKS), value="cache-off-by-one", label="break")
+    ab_weights = mo.ui.dropdown(options=["dequantized", "quantized"], value="quantized", label="weights")
+    ab_dtype = mo.ui.dropdown(options=["float32", "bfloat16", "float16"], value="bfloat16", label="dtype")
+    ab_file = mo.ui.text(placeholder="/path/to/another.gguf (e.g. another quantization)", label="file", full_width=True)
+    ab_steps = mo.ui.number(start=1, stop=256, step=1, value=16, label="steps")
+    ab_button = mo.ui.run_button(label="Run A and B")
+    return ab_break, ab_button, ab_dtype, ab_file, ab_kind, ab_steps, ab_weights
+
+
+@app.cell
+def _(mo):
+    get_ab, set_ab = mo.state(None)  # (trace A, trace B, trace.diff, what B changed)
+    return get_ab, set_ab
+
+
+@app.cell
+def ab_run(Sampling, ab_break, ab_button, ab_dtype, ab_file, ab_kind, ab_steps, ab_weights, app_state, breaks, mo,
+           model, prompt, seed, set_ab, temperature, thread_count, top_k, top_p):
+    ab_error = None
+    if ab_button.value and model is not None:
+        _value = {"break": ab_break.value, "weights": ab_weights.value, "dtype": ab_dtype.value, "file": ab_file.value}[ab_kind.value]
+        try:
+            with mo.status.spinner(title=f"Running A and B, {int(ab_steps.value)} steps each…"):
+                _sampling = Sampling(float(temperature.value), int(top_k.value), float(top_p.value), int(seed.value))
+                _a, _b, _d = app_state.ab_runs(
+                    model, model.tokenizer.encode(prompt.value), _sampling, int(ab_steps.value), ab_kind.value, _value,
+                    frozenset() if breaks.value == "none" else frozenset({breaks.value}), thread_count)
+            set_ab((_a, _b, _d, f"{ab_kind.value} {_value}"))
+        except Exception as _exc:
+            ab_error = app_state.describe_error(_exc)
+    return (ab_error,)
+
+
+@app.cell
+def _(ab_break, ab_button, ab_dtype, ab_error, ab_file, ab_kind, ab_steps, ab_weights, app_state, charts, error_callout,
+      get_ab, mo, small, view):
+    _pick = {"break": ab_break, "weights": ab_weights, "dtype": ab_dtype, "file": ab_file}[ab_kind.value]
+    _parts = [mo.md("Two runs of the sidebar's prompt and sampling, side by side: **A** as the sidebar has it, **B** with "
+                    "one thing changed — a break, the weights mode, the dtype, or another file (two quantizations of "
+                    "one model). Each frame then says where B first parts from A, and the panels show both."),
+              mo.hstack([ab_kind, _pick, ab_steps, ab_button], justify="start", wrap=True)]
+    if ab_error:
+        _parts.append(error_callout("The A/B run did not run.", ab_error))
+    _got = get_ab()
+    if _got is not None:
+        _a, _b, _diffs, _what = _got
+
+        def _text(t):
+            return mo.Html(f"<div style='max-height:5em;overflow-y:auto'>{charts.token_html(t.meta['prompt_pieces'], t.meta['prompt_ids'], t.tokens, 'cached')}</div>")
+
+        def _pair(build, title):
+            return mo.vstack([mo.md(f"**{title}**"), mo.hstack([mo.vstack([mo.md("A"), view(small(build(_a)))]),
+                                                                mo.vstack([mo.md("B"), view(small(build(_b)))])], justify="start")])
+
+        _last = lambda t: int(t.qk["step"].max()) if t.qk.height else 0  # noqa: E731
+        _parts += [
+            mo.md(f"**B: {_what}.** A: `{_a.meta.get('arithmetic', '')}`; B: `{_b.meta.get('arithmetic', '')}`."),
+            mo.hstack([mo.vstack([mo.md("**A**"), _text(_a)]), mo.vstack([mo.md("**B**"), _text(_b)])], widths="equal"),
+            mo.ui.table(app_state.ab_table(_diffs), selection=None, pagination=False, label="where B first parts from A, per frame"),
+            mo.hstack([_pair(lambda t: charts.qk_heatmap(t.qk, _last(t), "q", None, "cached"), "QK norm (q, last step)"),
+                       _pair(lambda t: charts.routing_heatmap(t.routing, "cached"), "routing")
+                       if _a.meta["config"]["n_experts"] else mo.md("")], justify="start", wrap=True),
+            mo.hstack([_pair(lambda t: charts.step_latency(t.tokens), "latency per step"),
+                       _pair(lambda t: charts.kv_growth(t.kv, "cached"), "KV cache")], justify="start", wrap=True),
+        ]
+    ab_panel = mo.vstack(_parts)
+    return (ab_panel,)
+
+
+@app.cell
 def _(mo):
     get_tab, set_tab = mo.state("Equivalence")
     return get_tab, set_tab
 
 
 @app.cell
-def _(attention_panel, card_view, compare_panel, detail_panel, equiv_panel, get_tab, health_panel, lens_panel, mo,
-      reference_panel, set_tab, trace_panel):
+def _(ab_panel, attention_panel, card_view, compare_panel, detail_panel, equiv_panel, get_tab, health_panel, lens_panel,
+      mo, reference_panel, set_tab, trace_panel):
     # The supporting panels, one tab each; the tab shown survives the redraw after every step.
     _tabs = {"Equivalence": equiv_panel, "Layer health": health_panel, "Reference": reference_panel,
-             "Compare": compare_panel, "Attention": attention_panel, "Logit lens": lens_panel,
+             "Compare": compare_panel, "A/B": ab_panel, "Attention": attention_panel, "Logit lens": lens_panel,
              "More charts": detail_panel, "Model card": card_view, "Trace": trace_panel}
     mo.ui.tabs(_tabs, value=get_tab() if get_tab() in _tabs else "Equivalence", on_change=set_tab)
     return

@@ -568,6 +568,18 @@ def test_compare_panel_names_a_planted_break(app):
     _open_tab(app, "Equivalence")
 
 
+def test_ab_runs_two_sessions_and_says_where_they_part(app):
+    _open_tab(app, "A/B")
+    app.button("Run A and B").click()
+    app.wait_until(lambda: app.shows("where B first parts from A, per frame"), CLICK_S, "the A/B table")
+    app.wait_idle(CLICK_S)
+    assert app.shows("B: break cache-off-by-one.")
+    # a cache missing its own key shows from the first decode step (the table is in a shadow root: get_by_text)
+    assert app.shows("step=1, path=cached"), app.diagnostics()
+    assert not app.shows("step=0, path=cached: token_id")
+    _open_tab(app, "Equivalence")
+
+
 def test_a_second_tab_shares_the_model_but_not_the_session(app, server):
     loads = server.loads()
     assert len(loads) == 1, loads  # the first tab's load

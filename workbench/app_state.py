@@ -270,3 +270,78 @@ def our_tensor(exact, dump, step: int, capture: str):
 
     mine = ours(exact, dump.tokens[: dump.first_position(step) + dump.rows(step)], dump.n_prompt, names=[capture])
     return mine.tensors[(step, capture)][-dump.tensors[(step, capture)].shape[0]:]
+
+
+AB_KINDS = ("break", "weights", "dtype", "file")  # what run B changes against run A
+_B_MODELS: dict[tuple, object] = {}  # the other model of an A/B run, one at a time (A's stays on the shelf)
+
+
+def ab_runs(model, prompt_ids: list[int], sampling, steps: int, kind: str, value: str, breaks: frozenset[str] = frozenset(),
+            threads: int = 1, device: str = "auto"):
+    """Two runs of `steps` steps side by side, both paths, probes on: A as the sidebar has it, B with one thing
+    changed (`kind` in AB_KINDS: a break switched on, another weights mode, another dtype, another file: e.g. a
+    second quantization of the same model). → (trace A, trace B, trace.diff of the two). Errors are one
+    sentence (InputError, or what loading B raised)."""
+    from workbench.errors import InputError
+    from workbench.model import BREAKS, Model
+    from workbench.session import Session
+    from workbench.trace import diff
+
+    if kind not in AB_KINDS:
+        raise InputError(f"unknown A/B change '{kind}'; choose one of: {', '.join(AB_KINDS)}.")
+    if not isinstance(steps, int) or not 1 <= steps <= 256:
+        raise InputError(f"the A/B run takes 1 to 256 steps, not {steps}.")
+    model_b, breaks_b = model, set(breaks)
+    if kind == "break":
+        if value not in BREAKS:
+            raise InputError(f"unknown break '{value}'; choose from: {', '.join(BREAKS)}.")
+        breaks_b.add(value)
+    else:
+        source = value.strip() if kind == "file" else str(model.gguf.path)
+        if not source:
+            raise InputError("give the path of the other GGUF file for run B.")
+        dtype = value if kind == "dtype" else str(model.dtype).removeprefix("torch.")
+        weights = value if kind == "weights" else model.info.weights
+        key = (source, str(model.device), dtype, weights)
+        if key not in _B_MODELS:
+            _B_MODELS.clear()
+            _B_MODELS[key] = Model.load(source, device=str(model.device) if device == "auto" else device, dtype=dtype,
+                                        weights=weights)
+        model_b = _B_MODELS[key]
+    traces = []
+    set_threads(threads)
+    for m, br, label in ((model, frozenset(breaks), "A"), (model_b, frozenset(breaks_b), "B")):
+        with device_turn(m.device):
+            session = Session(m, list(prompt_ids), path="both", sampling=sampling, probes=True,
+                              context=min(m.config.context_length, len(prompt_ids) + steps + 1), breaks=br)
+            for result in session.generate(steps):
+                if result.stop:
+                    break
+        traces.append(session.trace({"ab_run": label}))
+    return traces[0], traces[1], diff(traces[0], traces[1])
+
+
+def ab_table(diffs) -> "pl.DataFrame":
+    """trace.diff's result as one row per frame: where A and B first part ways, and the largest difference."""
+    import polars as pl
+
+    rows = []
+    for d in diffs:
+        worst = d.largest.sort("max_abs_diff", descending=True).row(0, named=True) if d.largest.height else None
+        first = d.first
+        rows.append({
+            "frame": d.frame, "rows compared": d.rows_compared,
+            "first difference": "none within tolerance" if first is None else
+            ", ".join(f"{k}={v}" for k, v in first.items() if k not in ("column", "a", "b")) + f": {first['column']} "
+            f"{_short(first['a'])} (A) vs {_short(first['b'])} (B)",
+            "largest |Δ|": None if worst is None else f"{worst['max_abs_diff']:.3g} ({worst['column']} at {worst['at']})",
+        })
+    return pl.DataFrame(rows, schema={"frame": pl.String, "rows compared": pl.Int64, "first difference": pl.String,
+                                      "largest |Δ|": pl.String})
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    return text if len(text) <= 40 else text[:39] + "…"
