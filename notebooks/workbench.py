@@ -327,11 +327,13 @@ def show_upload(Trace, app_state, error_callout, html, io, mo, trace, upload):
 
 
 @app.cell
-def _(charts, mo, shown):
+def _(charts, mo, model, shown):
     mo.stop(shown is None, mo.md("_Load a model to begin._"))
     _tokens = shown.tokens
     _n = _tokens["step"].n_unique() if _tokens.height else 0
-    _view = charts.token_html(shown.meta["prompt_pieces"], shown.meta["prompt_ids"], _tokens, charts.primary_path(shown.meta, _tokens))
+    _piece = model.tokenizer.piece if model is not None and str(model.gguf.path) == shown.meta.get("model_file") else None
+    _view = charts.token_html(shown.meta["prompt_pieces"], shown.meta["prompt_ids"], _tokens,
+                              charts.primary_path(shown.meta, _tokens), piece_of=_piece)
     text_panel = mo.vstack([
         mo.md(f"## Generated text\n{_n} generated token(s) after a {len(shown.meta['prompt_ids'])}-token prompt; "
               "hover a token for its id, position, probability and the top-k alternatives."),
@@ -448,7 +450,7 @@ def _(charts, mo, shown, view):
     mo.stop(shown is None)
     _tol = shown.meta.get("equiv_tolerance")  # None: a trace written before the session recorded it
     _bound = "the recorded tolerance (not recorded in this trace)" if _tol is None else f"{_tol:g}"
-    equiv_panel = mo.vstack([
+    equiv_panel = lambda: mo.vstack([  # noqa: E731 (built when its tab is shown)
         mo.md("The uncached path is run on the tokens the cached path chose; their logits must agree to "
               f"{_bound} × max |logit| (dashed) with the same argmax. That bound is 1e-4 in float32 with dequantized weights; "
               "quantized weights (their matmuls take bf16 activations) loosen it to 4e-2 and a bf16/fp16 dtype to 1e-1: "
@@ -464,7 +466,7 @@ def _(charts, mo, shown, view):
     _bad = shown.first_bad_layer()
     _msg = (f"First non-finite value: step {_bad['step'][0]}, layer {_bad['first_bad_layer'][0]}." if _bad.height
             else "No NaN or Inf so far.")
-    health_panel = mo.vstack([mo.md(_msg), view(charts.layer_health(shown.layers, charts.primary_path(shown.meta, shown.layers)))])
+    health_panel = lambda: mo.vstack([mo.md(_msg), view(charts.layer_health(shown.layers, charts.primary_path(shown.meta, shown.layers)))])
     return (health_panel,)
 
 
@@ -474,7 +476,7 @@ def _(charts, mo, session, shown, view):
     _off = (session.reference_error if session is not None and shown is not None and session.reference_error else None)
     _state = (f"**The reference is off:** {_off}" if _off else
               "Choose llama.cpp or llama.cpp-f32 under *reference* in the sidebar (needs llama-cpp-python).")
-    reference_panel = mo.vstack([mo.md("llama.cpp on the same tokens: **llama.cpp** runs the file as it is, with 8-bit "
+    reference_panel = lambda: mo.vstack([mo.md("llama.cpp on the same tokens: **llama.cpp** runs the file as it is, with 8-bit "
                                        "activations (cosine 0.99–0.9999 is normal); **llama.cpp-f32** runs an F32 copy with "
                                        f"an F32 KV cache, the exact reference (≥ 0.999999 against dequantized float32 weights). {_state}"),
                                  view(charts.reference(shown.reference))])
@@ -484,7 +486,7 @@ def _(charts, mo, session, shown, view):
 @app.cell
 def _(charts, mo, shown, view):
     mo.stop(shown is None)
-    detail_panel = mo.vstack([
+    detail_panel = lambda: mo.vstack([  # noqa: E731 (built when its tab is shown)
         mo.md("The mission panels' other views: tokens/s per decode step, the newest token's top-k expert weights."),
         mo.hstack([view(charts.tokens_per_s(shown.tokens)),
                    view(charts.routing_last_token(shown.routing, charts.primary_path(shown.meta, shown.routing)))
@@ -502,7 +504,7 @@ def _(io, mo, shown, upload, upload_note):
         shown.write(_buffer)
         return _buffer.getvalue()
 
-    trace_panel = mo.vstack([
+    trace_panel = lambda: mo.vstack([  # noqa: E731 (built when its tab is shown)
         mo.md("Every frame of this run (tokens, kv, qk, routing, layers, equiv, reference, attention, lens) with its "
               "metadata in one Parquet file; drop one here to look at a saved run instead of the live one."),
         mo.download(data=_parquet, filename="workbench-trace.parquet", label="Download the trace (Parquet)"),
@@ -541,13 +543,13 @@ def _(att_head, att_layer, charts, mo, shown, view):
     _att = shown.frames["attention"]
     _path = charts.primary_path(shown.meta, _att)
     if _att.is_empty():
-        attention_panel = mo.md("No attention frame in this run: tick *record attention and the logit lens* in the "
+        attention_panel = lambda: mo.md("No attention frame in this run: tick *record attention and the logit lens* in the "
                                 "sidebar (each step then computes the pattern a second time), and step.")
     else:
         _step = int(_att["step"].max())
         _pieces = charts.sequence_pieces(shown.meta, shown.tokens, _path)
         _window = shown.meta["config"].get("sliding_window")
-        attention_panel = mo.vstack([
+        attention_panel = lambda: mo.vstack([  # noqa: E731 (built when its tab is shown)
             mo.md("Which positions the newest token reads, per layer and head (the latest step). A tall first bar is an "
                   "attention sink; grey keys are masked" + (f" (sliding window of {_window} on local layers)." if _window else ".")),
             mo.hstack([att_layer, att_head], justify="start"),
@@ -562,11 +564,11 @@ def _(charts, lens_value, mo, model, shown, view):
     mo.stop(shown is None)
     _lens = shown.frames["lens"]
     if _lens.is_empty():
-        lens_panel = mo.md("No logit lens in this run: tick *record attention and the logit lens* in the sidebar "
+        lens_panel = lambda: mo.md("No logit lens in this run: tick *record attention and the logit lens* in the sidebar "
                            "(each step then puts every layer through the output head), and step.")
     else:
         _piece = model.tokenizer.piece if model is not None and str(model.gguf.path) == shown.meta.get("model_file") else None
-        lens_panel = mo.vstack([
+        lens_panel = lambda: mo.vstack([  # noqa: E731 (built when its tab is shown)
             mo.md("Each layer's residual stream read through the final norm and the output head: the token it would "
                   "predict next, per step. Where the top-1 settles is where the model has decided."),
             lens_value,
@@ -659,7 +661,7 @@ def _(app_state, charts, cmp_break, cmp_button, cmp_chart, cmp_error, cmp_file, 
                            view(charts.compare_values(_dump.tensors[_key], _ours))]
         else:
             _parts.append(mo.md("_Click a cell to see that tensor's numbers, theirs beside ours._"))
-    compare_panel = mo.vstack(_parts)
+    compare_panel = lambda: mo.vstack(_parts)  # noqa: E731 (built when its tab is shown)
     return (compare_panel,)
 
 
@@ -714,7 +716,9 @@ def _(ab_break, ab_button, ab_dtype, ab_error, ab_file, ab_kind, ab_steps, ab_we
         _a, _b, _diffs, _what = _got
 
         def _text(t):
-            return mo.Html(f"<div style='max-height:5em;overflow-y:auto'>{charts.token_html(t.meta['prompt_pieces'], t.meta['prompt_ids'], t.tokens, 'cached')}</div>")
+            _html = charts.token_html(t.meta["prompt_pieces"], t.meta["prompt_ids"], t.tokens, "cached",
+                                      element_id=f"ab-tokens-{t.meta['ab_run']}")
+            return mo.Html(f"<div style='max-height:5em;overflow-y:auto'>{_html}</div>")
 
         def _pair(build, title):
             return mo.vstack([mo.md(f"**{title}**"), mo.hstack([mo.vstack([mo.md("A"), view(small(build(_a)))]),
@@ -731,24 +735,27 @@ def _(ab_break, ab_button, ab_dtype, ab_error, ab_file, ab_kind, ab_steps, ab_we
             mo.hstack([_pair(lambda t: charts.step_latency(t.tokens), "latency per step"),
                        _pair(lambda t: charts.kv_growth(t.kv, "cached"), "KV cache")], justify="start", wrap=True),
         ]
-    ab_panel = mo.vstack(_parts)
+    ab_panel = lambda: mo.vstack(_parts)  # noqa: E731 (built when its tab is shown)
     return (ab_panel,)
 
 
 @app.cell
 def _(mo):
-    get_tab, set_tab = mo.state("Equivalence")
+    get_tab, set_tab = mo.state("Equivalence", allow_self_loops=True)  # the tabs cell rebuilds the tab it opens
     return get_tab, set_tab
 
 
 @app.cell
 def _(ab_panel, attention_panel, card_view, compare_panel, detail_panel, equiv_panel, get_tab, health_panel, lens_panel,
       mo, reference_panel, set_tab, trace_panel):
-    # The supporting panels, one tab each; the tab shown survives the redraw after every step.
-    _tabs = {"Equivalence": equiv_panel, "Layer health": health_panel, "Reference": reference_panel,
-             "Compare": compare_panel, "A/B": ab_panel, "Attention": attention_panel, "Logit lens": lens_panel,
-             "More charts": detail_panel, "Model card": card_view, "Trace": trace_panel}
-    mo.ui.tabs(_tabs, value=get_tab() if get_tab() in _tabs else "Equivalence", on_change=set_tab)
+    # The supporting panels, one tab each; the tab shown survives the redraw after every step. A panel given as a
+    # function is built only while its tab is shown: the others cost nothing per step, in Python or the browser.
+    _views = {"Equivalence": equiv_panel, "Layer health": health_panel, "Reference": reference_panel,
+              "Compare": compare_panel, "A/B": ab_panel, "Attention": attention_panel, "Logit lens": lens_panel,
+              "More charts": detail_panel, "Model card": card_view, "Trace": trace_panel}
+    _shown_tab = get_tab() if get_tab() in _views else "Equivalence"
+    _tabs = {_n: (_v() if _n == _shown_tab else mo.md("_…_")) if callable(_v) else _v for _n, _v in _views.items()}
+    mo.ui.tabs(_tabs, value=_shown_tab, on_change=set_tab)
     return
 
 

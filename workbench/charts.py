@@ -121,13 +121,17 @@ def empty_chart(message: str) -> alt.Chart:
 
 # --- generated text ---------------------------------------------------------------------------------------
 
-def token_html(prompt_pieces: list[str], prompt_ids: list[int], tokens: pl.DataFrame, path: str | None = None) -> str:
+def token_html(prompt_pieces: list[str], prompt_ids: list[int], tokens: pl.DataFrame, path: str | None = None,
+               piece_of: Callable[[int], str] | None = None, element_id: str = "token-view") -> str:
     """The prompt and the generated tokens with visible boundaries; hovering a generated token shows its id,
-    position, probability and the top-k alternatives (from the tokens frame's candidates)."""
-    style = ("<style>#token-view{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.9}"
-             "#token-view .tok{border:1px solid #bbb;border-radius:3px;padding:0 1px;margin:0 1px}"
-             "#token-view .gen{background:#e8f1fb;border-color:#7aa7d6}"
-             "#token-view .eos{background:#fde2e2}</style>")
+    position, probability and the top-k alternatives (from the tokens frame's candidates), each with its text
+    when `piece_of` (token id → piece, e.g. Tokenizer.piece) is given. `element_id` names the block (one page
+    may show several: the A/B panel's two runs beside the live text)."""
+    v = f"#{element_id}"
+    style = (f"<style>{v}{{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.9}}"
+             f"{v} .tok{{border:1px solid #bbb;border-radius:3px;padding:0 1px;margin:0 1px}}"
+             f"{v} .gen{{background:#e8f1fb;border-color:#7aa7d6}}"
+             f"{v} .eos{{background:#fde2e2}}</style>")
     spans = [f'<span class="tok" title="{html.escape(f"prompt token {i} · id {t}")}">{_visible(p)}</span>'
              for i, (p, t) in enumerate(zip(prompt_pieces, prompt_ids))]
     for row in _one_path(tokens, path).sort("step").iter_rows(named=True):
@@ -136,9 +140,10 @@ def token_html(prompt_pieces: list[str], prompt_ids: list[int], tokens: pl.DataF
             ids, probs = list(row["top_ids"]), list(row["top_probs"])
             chosen = probs[ids.index(row["token_id"])] if row["token_id"] in ids else None
             tip += f" · p = {chosen:.3f}" if chosen is not None else ""
-            tip += "\ntop-k: " + ", ".join(f"{i} ({p:.3f})" for i, p in zip(ids, probs))
+            named = (lambda i: f"{i} {chart_piece(piece_of(i), 16)!r}") if piece_of is not None else str
+            tip += "\ntop-k: " + ", ".join(f"{named(i)} ({p:.3f})" for i, p in zip(ids, probs))
         spans.append(f'<span class="tok gen" title="{html.escape(tip)}">{_visible(row["piece"])}</span>')
-    return style + '<div id="token-view">' + "".join(spans) + "</div>"
+    return style + f'<div id="{element_id}">' + "".join(spans) + "</div>"
 
 
 def _visible(piece: str) -> str:
