@@ -237,7 +237,7 @@ def new_session(Sampling, Session, app_state, breaks, error_callout, get_session
                         model, _ids, path=path.value,
                         sampling=Sampling(float(temperature.value), int(top_k.value), float(top_p.value), int(seed.value)),
                         context=min(model.config.context_length, len(_ids) + 512),
-                        probes=True, attention=bool(teaching.value), lens=bool(teaching.value),
+                        probes=True, attention=bool(teaching.value), lens=bool(teaching.value), timing_repeats=3,
                         breaks=frozenset() if breaks.value == "none" else frozenset({breaks.value}),
                         reference=None if use_reference.value == "off" else use_reference.value,
                     )
@@ -427,7 +427,8 @@ def _(charts, mo, shown, small, view):
     mo.stop(shown is None)
     _speed = charts.speedup(shown.tokens)
     speed_panel = mo.vstack([
-        mo.md("## Tokens/s\nEach step's latency: the KV-cached path (one token) and the uncached one (the whole sequence)."),
+        mo.md("## Tokens/s\nEach step's latency: the KV-cached path (one token) and the uncached one (the whole sequence); "
+              "best of up to 3 runs of the step, so a busy machine's hiccups do not swap the paths."),
         mo.hstack([
             mo.stat(value=charts.fmt_speedup(_speed), label="cached / uncached", caption="last 8 steps", bordered=True),
             view(small(charts.step_latency(shown.tokens), width=320)),

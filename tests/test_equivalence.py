@@ -98,3 +98,23 @@ def test_compile_failure_is_one_sentence(tiny_paths, monkeypatch):
         session.step()
     session.compile = False
     assert session.step().token_id >= 0  # the eager path still runs
+
+
+def test_timing_repeats_change_only_the_timing(tiny_paths):
+    """Best-of-N step timing reruns a decode step's forward: the tokens, the frames' numbers and the cache are
+    those of a session that times each step once."""
+    from conftest import load_model
+    from workbench.session import Session
+
+    m = load_model(tiny_paths["qwen3moe"])
+    runs = []
+    for repeats in (1, 3):
+        s = Session(m, [1, 17, 99, 250], path="both", probes=True, attention=True, lens=True, context=32, timing_repeats=repeats)
+        for _ in range(5):
+            s.step()
+        runs.append((s.ids, s.trace()))
+    (ids_1, t1), (ids_3, t3) = runs
+    assert ids_1 == ids_3
+    for name in ("qk", "routing", "layers", "equiv", "attention", "lens", "kv"):
+        assert t1.frames[name].equals(t3.frames[name]), name
+    assert t3.tokens.drop("seconds", "tokens_per_s").equals(t1.tokens.drop("seconds", "tokens_per_s"))
