@@ -216,3 +216,33 @@ def test_cli_diff_refuses_a_bad_file_in_one_line(session_traces, capsys, tmp_pat
         assert main(["diff", str(long), str(bad)]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and str(bad) in err, err
+
+
+def test_frames_built_step_by_step_equal_a_fresh_build(tiny_paths, monkeypatch):
+    """Session.trace() converts only the rows added since its last call (Recorder.frame): after every step, and
+    after a failed step took its rows back, its frames equal frames built from all the rows at once."""
+    from conftest import load_model
+    from workbench.frames import FRAMES
+    from workbench.session import Sampling, Session
+    from workbench.trace import Recorder, Trace
+
+    def fresh(session):
+        r = Recorder()
+        for name in FRAMES:
+            setattr(r, name, list(getattr(session.records, name)))
+        return Trace.from_records(r, {})
+
+    m = load_model(tiny_paths["qwen3moe"])
+    s = Session(m, [1, 17, 99, 250], path="both", probes=True, attention=True, lens=True, context=32)
+    for i in range(6):
+        if i == 3:  # a step that fails after both paths recorded their rows: they are taken back
+            real = Sampling.choose
+            monkeypatch.setattr(Sampling, "choose", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+            with pytest.raises(RuntimeError):
+                s.step()
+            monkeypatch.setattr(Sampling, "choose", real)
+        else:
+            s.step()
+        built, whole = s.trace(), fresh(s)
+        for name in FRAMES:
+            assert built.frames[name].equals(whole.frames[name]), (i, name)

@@ -13,18 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ARCHS
+from gguf import MODEL_TENSOR as E
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
-from gguf import MODEL_TENSOR as E
 
-from workbench import loading
-from workbench import tiny
+from workbench import loading, tiny
 from workbench.cli import main
 from workbench.errors import InputError, NumericError, ResourceError
+from workbench.frames import FRAMES
 from workbench.model import Model
 from workbench.session import Sampling, Session
-
-from conftest import ARCHS
 from workbench.tiny import copy_gguf
 
 PROMPT = "def add(a, b):\n    return"
@@ -162,7 +161,7 @@ def test_changing_the_file_after_load_changes_nothing(tiny_paths, tmp_path, weig
 # --- a step is all or nothing -----------------------------------------------------------------------------
 
 def state(session: Session) -> tuple:
-    return (list(session.ids), session.n_fed, session.n_steps, {k: len(v) for k, v in vars(session.records).items()},
+    return (list(session.ids), session.n_fed, session.n_steps, {k: len(getattr(session.records, k)) for k in FRAMES},
             list(session.cache.lengths) if session.cache else None)
 
 

@@ -25,6 +25,7 @@ import torch
 
 from workbench.cache import context_full
 from workbench.errors import GGUFError, InputError, NumericError, ReferenceFailed, ResourceError
+from workbench.frames import FRAMES
 from workbench.frames import PATHS as ROW_PATHS
 from workbench.loading import describe_weights, free_memory, out_of_memory
 from workbench.model import BREAKS, Model
@@ -279,7 +280,7 @@ class Session:
         """What a step changes: restored by _restore when the step fails (the cache's bytes past its lengths
         are rewritten by the next step, so its lengths are all that needs keeping)."""
         return {"n_ids": len(self.ids), "fed": self.n_fed, "n_steps": self.n_steps, "rng": self.generator.get_state(),
-                "records": {name: len(rows) for name, rows in vars(self.records).items()},
+                "records": {name: len(getattr(self.records, name)) for name in FRAMES},
                 "cache": list(self.cache.lengths) if self.cache is not None else None, "static_step": self.static_step}
 
     def _restore(self, saved: dict) -> None:

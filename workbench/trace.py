@@ -50,6 +50,20 @@ class Recorder:
     def __init__(self) -> None:
         for name in FRAMES:
             setattr(self, name, [])
+        self._built: dict[str, tuple[int, pl.DataFrame]] = {}  # frame → (rows built, their DataFrame)
+
+    def frame(self, name: str) -> pl.DataFrame:
+        """The frame's rows so far as a DataFrame, built incrementally: only the rows added since the last call
+        are converted (a redraw after every step then costs one step's rows, not the whole run's). Rows taken
+        back (a failed step's, Session._restore) make it build afresh."""
+        rows = getattr(self, name)
+        done, df = self._built.get(name, (0, None))
+        if df is None or done > len(rows):
+            done, df = 0, empty(name)
+        if done < len(rows):
+            df = pl.concat([df, pl.DataFrame(rows[done:], schema=SCHEMAS[name], orient="row")], rechunk=False)
+            self._built[name] = (len(rows), df)
+        return df
 
     def add(self, frame: str, **row: Any) -> None:
         """One row, as a dict of every column."""
@@ -94,9 +108,7 @@ class Trace:
     @classmethod
     def from_records(cls, records: Recorder, meta: dict[str, Any]) -> Trace:
         """The recorded rows as frames, with the run metadata the session wrote (Session.trace)."""
-        frames = {name: pl.DataFrame(getattr(records, name), schema=SCHEMAS[name], orient="row")
-                  if getattr(records, name) else empty(name) for name in FRAMES}
-        return cls(frames, meta)
+        return cls({name: records.frame(name) for name in FRAMES}, meta)
 
     def first_bad_layer(self) -> pl.DataFrame:
         """Per step and path, the first layer whose residual stream holds a NaN or Inf (none: no row)."""
