@@ -271,7 +271,7 @@ def advance(app_state, error_callout, get_running, get_session, max_steps, mo, r
     if "stop" in _new:
         runner.stop()
     elif session is not None and _n and upload.value:
-        _note = mo.callout(mo.md("A saved trace is shown: remove the file (under the panels) to go on stepping the "
+        _note = mo.callout(mo.md("A saved trace is shown: remove the file in the Trace tab to go on stepping the "
                                  "live session."), kind="warn")
     elif session is not None and _n and runner.running:
         _note = mo.callout(mo.md("A run is going: Stop it first."), kind="warn")
