@@ -208,10 +208,7 @@ class Session:
             cache = m.new_cache(len(self.ids))
             rows = slice(None) if self.n_steps == 0 else slice(-1, None)
         first_row = start if rows.start is None else len(self.ids) - 1
-        probe = None
-        if self.probes or self.attention or self.lens:
-            probe = StepProbe(rows, min(TOP_CANDIDATES, m.config.vocab_size), statistics=self.probes,
-                              attention=self.attention, lens=unembed(m) if self.lens else None)
+        probe = self._new_probe(rows)
         t0 = time.perf_counter()
         static = path == "cached" and len(new) == 1 and probe is None and not self.breaks  # probes, breaks: eager
         if static and self.static_step is None:
@@ -232,6 +229,14 @@ class Session:
         self._record_kv(path, cache)
         return PathRun(logits, seconds, len(new)), probe, first_row
 
+    def _new_probe(self, rows: slice) -> StepProbe | None:
+        """The probe one forward records through (None: a forward with nothing recorded)."""
+        if not (self.probes or self.attention or self.lens):
+            return None
+        m = self.model
+        return StepProbe(rows, min(TOP_CANDIDATES, m.config.vocab_size), statistics=self.probes,
+                         attention=self.attention, lens=unembed(m) if self.lens else None)
+
     def _repeat_timing(self, path: str, new: list[int], start: int, cache, static: bool, rows: slice, spent: float) -> float:
         """The best time of up to timing_repeats − 1 more runs of this decode step's forward, as it ran (the same
         cache position rewritten with the same K/V, or a fresh cache; a probe of the same kind, thrown away),
@@ -241,10 +246,7 @@ class Session:
         for _ in range(self.timing_repeats - 1):
             if spent > TIMING_BUDGET_S:
                 break
-            probe = None
-            if self.probes or self.attention or self.lens:
-                probe = StepProbe(rows, min(TOP_CANDIDATES, m.config.vocab_size), statistics=self.probes,
-                                  attention=self.attention, lens=unembed(m) if self.lens else None)
+            probe = self._new_probe(rows)
             fresh = cache if path == "cached" else m.new_cache(len(self.ids))
             t0 = time.perf_counter()
             if static and self.static_step is not None:
