@@ -10,13 +10,13 @@ engine) and the time each dump and comparison took.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import polars as pl
 import torch
 
+from workbench.bench import cpu_name
 from workbench.compare import compare
 from workbench.dump import ours
 from workbench.model import Model
@@ -25,14 +25,6 @@ from workbench.session import Session
 ENGINES = ("llama.cpp", "llama.cpp-f32", "transformers", "workbench-quantized")
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def dump_of(engine: str, name: str, model: Model, tokens: list[int], n_prompt: int):

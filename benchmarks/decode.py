@@ -68,7 +68,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from workbench.bench import bench_prompt  # noqa: E402  (the same prompt as `workbench bench`)
+from workbench.bench import bench_prompt, cpu_name  # noqa: E402  (the same prompt as `workbench bench`)
 from workbench.model import Model  # noqa: E402
 from workbench.session import Session  # noqa: E402
 
@@ -164,15 +164,7 @@ def first_line(exc: BaseException, limit: int = 140) -> str:
 
 
 def machine_info(threads: int) -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 
 import polars as pl
 import torch
 
+from workbench.bench import cpu_name
 from workbench.loading import describe_weights, set_threads
 from workbench.model import Model
 from workbench.reference import ReferenceEngine
@@ -32,15 +32,6 @@ from workbench.session import Session
 PROMPT = "The capital of France is Paris, and the capital of Germany is"
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def against(engine: str, model: Model, ids: list[int], ours: torch.Tensor) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import time
 import polars as pl
 import torch
 
+from workbench.bench import cpu_name
 from workbench.loading import set_threads
 from workbench.model import Model
 from workbench.session import Session
@@ -46,15 +46,6 @@ SETTINGS = {
 PROBE_FRAMES = ("qk", "routing", "layers", "attention", "lens")
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def prompt_ids(model: Model, n: int) -> list[int]:

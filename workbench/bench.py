@@ -12,6 +12,7 @@ measured seconds per token.
 
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,6 +22,18 @@ from workbench.errors import InputError
 from workbench.loading import describe_weights
 from workbench.model import Model
 from workbench.session import Session
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows: every figure names its machine."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 TEXT = (
     "The workbench decodes one token at a time. Each step reads the weights of every layer, attends over the "
