@@ -327,13 +327,21 @@ def show_upload(Trace, app_state, error_callout, html, io, mo, trace, upload):
 
 
 @app.cell
-def _(charts, mo, model, shown):
+def _(model, shown):
+    # Token id → its text, for the hovers and the lens: the loaded model's tokenizer when it is the shown trace's
+    # model (a saved trace of another file shows ids).
+    piece_of = (model.tokenizer.piece if model is not None and shown is not None
+                and str(model.gguf.path) == shown.meta.get("model_file") else None)
+    return (piece_of,)
+
+
+@app.cell
+def _(charts, mo, piece_of, shown):
     mo.stop(shown is None, mo.md("_Load a model to begin._"))
     _tokens = shown.tokens
     _n = _tokens["step"].n_unique() if _tokens.height else 0
-    _piece = model.tokenizer.piece if model is not None and str(model.gguf.path) == shown.meta.get("model_file") else None
     _view = charts.token_html(shown.meta["prompt_pieces"], shown.meta["prompt_ids"], _tokens,
-                              charts.primary_path(shown.meta, _tokens), piece_of=_piece)
+                              charts.primary_path(shown.meta, _tokens), piece_of=piece_of)
     text_panel = mo.vstack([
         mo.md(f"## Generated text\n{_n} generated token(s) after a {len(shown.meta['prompt_ids'])}-token prompt; "
               "hover a token for its id, position, probability and the top-k alternatives."),
@@ -561,19 +569,18 @@ def _(att_head, att_layer, charts, mo, shown, view):
 
 
 @app.cell
-def _(charts, lens_value, mo, model, shown, view):
+def _(charts, lens_value, mo, piece_of, shown, view):
     mo.stop(shown is None)
     _lens = shown.frames["lens"]
     if _lens.is_empty():
         lens_panel = lambda: mo.md("No logit lens in this run: tick *record attention and the logit lens* in the sidebar "
                            "(each step then puts every layer through the output head), and step.")
     else:
-        _piece = model.tokenizer.piece if model is not None and str(model.gguf.path) == shown.meta.get("model_file") else None
         lens_panel = lambda: mo.vstack([  # noqa: E731 (built when its tab is shown)
             mo.md("Each layer's residual stream read through the final norm and the output head: the token it would "
                   "predict next, per step. Where the top-1 settles is where the model has decided."),
             lens_value,
-            view(charts.lens_grid(_lens, lens_value.value, _piece, charts.primary_path(shown.meta, _lens))),
+            view(charts.lens_grid(_lens, lens_value.value, piece_of, charts.primary_path(shown.meta, _lens))),
         ])
     return (lens_panel,)
 
