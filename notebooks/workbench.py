@@ -276,8 +276,7 @@ def advance(app_state, error_callout, get_running, get_session, max_steps, mo, r
     elif session is not None and _n and runner.running:
         _note = mo.callout(mo.md("A run is going: Stop it first."), kind="warn")
     elif session is not None and _n == 1:
-        runner.outcome = app_state.advance(session, 1, thread_count, lambda s: None, lock=runner.lock)
-        runner.session = session
+        runner.step_here(session, thread_count)
     elif session is not None and _n:
         runner.start(session, _n, thread_count)
     if runner.running != get_running():

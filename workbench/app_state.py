@@ -174,6 +174,12 @@ class Runner:
         self._thread.start()
         return True
 
+    def step_here(self, session, threads: int) -> None:
+        """One step of `session` in the calling thread (Step: no thread is worth starting for it), under the
+        same lock, its outcome kept as a run's is."""
+        self.session = session
+        self.outcome = advance(session, 1, threads, lambda s: None, lock=self.lock)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the run to end after the step it is in, and wait for that (at most `timeout` s)."""
         self._stop.set()

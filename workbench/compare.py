@@ -299,9 +299,10 @@ def compare(model: Model, dump: Dump, suspects: bool = True) -> Comparison:
         first_row = dump.first_position(step) + dump.rows(step) - theirs[key].shape[0]
         points.append(Point(step, capture, layer, KINDS[point], local, e2e, cos, max_abs, head, first_row + row))
 
-    thresholds = calibrate(points, unit_roundoff(dump))
+    roundoff = unit_roundoff(dump)
+    thresholds = calibrate(points, roundoff)
     _mark(points, thresholds)
-    if unit_roundoff(dump) > ROUNDOFF[torch.float32]:
+    if roundoff > ROUNDOFF[torch.float32]:
         _raise_to_rounding(model, dump, points, theirs, clean, keep)
     first = next((p for p in points if p.stands_out), None)
     result = Comparison(points, first, [], thresholds, dump.engine, {"": excess(points)})
