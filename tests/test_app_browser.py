@@ -280,6 +280,34 @@ def test_run_goes_on_in_the_background_and_stop_ends_it(nb, error_callout, tiny_
     assert session.n_generated == n + 1
 
 
+def test_a_redraw_waits_for_one_step_at_most():
+    """A run releases and re-takes the lock after every step; a redraw that asks for it gets it after the step
+    in progress (threading.Lock alone let a run of fast steps starve the redraw until the run ended)."""
+    import threading
+
+    lock, steps, stop = app_state.StepLock(), [0], threading.Event()
+
+    def run():
+        while not stop.is_set():
+            with lock.step():
+                steps[0] += 1
+                time.sleep(0.001)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        while steps[0] < 3:
+            time.sleep(0.001)
+        for _ in range(20):
+            before = steps[0]
+            with lock:
+                assert steps[0] - before <= 1
+                time.sleep(0.002)
+    finally:
+        stop.set()
+        worker.join(5)
+
+
 def test_describe_error():
     assert app_state.describe_error(InputError("the prompt is empty.")) == "the prompt is empty."
     assert app_state.describe_error(KeyError("x")) == "KeyError: 'x'"

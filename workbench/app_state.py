@@ -12,7 +12,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
@@ -101,18 +101,18 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-def advance(session, n: int, threads: int, progress: Callable[[object], None], lock: AbstractContextManager | None = None,
-            stop: threading.Event | None = None) -> tuple[str | None, str | None]:
+def advance(session, n: int, threads: int, progress: Callable[[object], None],
+            turn: Callable[[], AbstractContextManager] | None = None, stop: threading.Event | None = None) -> tuple[str | None, str | None]:
     """Up to `n` steps of one tab's session, `progress(session)` after each: (why it stopped early, "eos" or
     "context", else None; what failed, as one sentence, else None). A failed step leaves the session as it
     was before it (Session.step), so the steps before it stay and the next one goes on from there. Each step
-    runs under `lock` when given; a set `stop` event ends the loop before the next step."""
+    runs inside `turn()` when given (a lock's turn); a set `stop` event ends the loop before the next step."""
     set_threads(threads)  # torch keeps the count per OS thread: each tab's kernel thread sets its own
     try:
         for _ in range(n):
             if stop is not None and stop.is_set():
                 return None, None
-            with lock or nullcontext(), device_turn(session.model.device):  # on a GPU one tab's step at a time
+            with turn() if turn else nullcontext(), device_turn(session.model.device):  # on a GPU one tab's step at a time
                 result = session.step()
             progress(session)
             if result.stop:
@@ -122,19 +122,50 @@ def advance(session, n: int, threads: int, progress: Callable[[object], None], l
     return None, None
 
 
+class StepLock:
+    """The lock between a run's steps and the tab's redraws. `with lock:` (a redraw reading the session) goes
+    before any step still to start: `with lock.step():` waits while a reader waits. threading.Lock is not fair,
+    and a run of fast steps that releases and re-takes it in a loop can starve a redraw until the run ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._turn = threading.Condition()
+        self._readers = 0  # waiting for or holding the lock
+
+    def __enter__(self) -> StepLock:
+        with self._turn:
+            self._readers += 1
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+        with self._turn:
+            self._readers -= 1
+            self._turn.notify_all()
+
+    @contextmanager
+    def step(self):
+        with self._turn:
+            self._turn.wait_for(lambda: self._readers == 0)
+        with self._lock:
+            yield
+
+
 class Runner:
     """One tab's decoding in the background. Step ×8 and Run hand their steps to a thread of their own, so the
     tab's kernel stays free while it decodes: Stop and Reset are clicks it can take, and the panels redraw
     from `trace()` as the steps land (the app polls with mo.ui.refresh). A plain thread, not mo.Thread: the
     cell that starts it re-runs on every redraw, and a mo.Thread is told to exit when its cell re-runs.
 
-    Each step runs under `lock`, and `trace()` takes the same lock, so a redraw never reads a step half done.
+    Each step runs under `lock` (a StepLock), and `trace()` takes the same lock, so a redraw never reads a step
+    half done, and never waits for more than the step in progress.
     A failed step leaves the session as it was (Session.step) and ends the run; `outcome` then says why it
     ended: (stop reason — "eos", "context" or "stopped" — or None, failure sentence or None).
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = StepLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.session = None
@@ -167,7 +198,7 @@ class Runner:
             def progress(_session) -> None:
                 self.done += 1
 
-            outcome = advance(session, n, threads, progress, lock=self.lock, stop=self._stop)
+            outcome = advance(session, n, threads, progress, turn=self.lock.step, stop=self._stop)
             self.outcome = ("stopped", None) if self._stop.is_set() and outcome == (None, None) else outcome
 
         self._thread = threading.Thread(target=work, name="workbench-run", daemon=True)
@@ -178,7 +209,7 @@ class Runner:
         """One step of `session` in the calling thread (Step: no thread is worth starting for it), under the
         same lock, its outcome kept as a run's is."""
         self.session = session
-        self.outcome = advance(session, 1, threads, lambda s: None, lock=self.lock)
+        self.outcome = advance(session, 1, threads, lambda s: None, turn=self.lock.step)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the run to end after the step it is in, and wait for that (at most `timeout` s)."""
