@@ -346,7 +346,8 @@ def _(charts, mo, piece_of, shown):
               "hover a token for its id, position, probability and the top-k alternatives."),
         mo.Html(f"<div style='max-height:5.8em;overflow-y:auto'>{_view}</div>"),
     ])
-    return (text_panel,)
+    text_panel  # its own output, above the panels: the new token shows before the four panels are redrawn
+    return
 
 
 @app.cell
@@ -377,8 +378,11 @@ def _(mo, shown):
 @app.cell
 def _(alt, charts, mo, qk_step, qk_tensor, shown, small):
     _selection = alt.selection_point(fields=["layer", "head"], name="cell")
-    qk_chart = mo.ui.altair_chart(legend_selection=False, chart=small(charts.qk_heatmap(shown.qk, qk_step.value, qk_tensor.value, _selection,
-                                                         charts.primary_path(shown.meta, shown.qk)), width=130))
+    # Its own selection (a click picks a layer and head), none of marimo's: not even on the "no data" chart, where
+    # marimo's would have no field to select on.
+    qk_chart = mo.ui.altair_chart(chart=small(charts.qk_heatmap(shown.qk, qk_step.value, qk_tensor.value, _selection,
+                                                                charts.primary_path(shown.meta, shown.qk)), width=260),
+                                  chart_selection=False, legend_selection=False)
     return (qk_chart,)
 
 
@@ -445,10 +449,9 @@ def _(charts, mo, shown, small, view):
 
 
 @app.cell
-def _(kv_panel, mo, qk_panel, routing_panel, speed_panel, text_panel):
-    # The first screen: the generated text, then the four panels the workbench is for, two by two.
-    mo.vstack([text_panel,
-               mo.hstack([kv_panel, qk_panel], justify="start", gap=1.5, widths="equal"),
+def _(kv_panel, mo, qk_panel, routing_panel, speed_panel):
+    # The first screen: under the generated text (the cell above), the four panels the workbench is for, two by two.
+    mo.vstack([mo.hstack([kv_panel, qk_panel], justify="start", gap=1.5, widths="equal"),
                mo.hstack([routing_panel, speed_panel], justify="start", gap=1.5, widths="equal")], gap=0.4)
     return
 

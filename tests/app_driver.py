@@ -328,6 +328,8 @@ class AppPage:
     def __init__(self, page, server: MarimoServer | None = None):
         self.page = page
         self.server = server
+        self.console_errors: list[str] = []  # what the page logged as errors from now on (vega's included)
+        page.on("console", lambda m: self.console_errors.append(m.text[:300]) if m.type == "error" else None)
 
     # ---- state -------------------------------------------------------------------------------------
     def tokens(self) -> dict:
@@ -368,7 +370,7 @@ class AppPage:
             self.page.wait_for_timeout(poll * 1000)
         raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.diagnostics()}")
 
-    def wait_idle(self, timeout: float, quiet: float = 1.0) -> None:
+    def wait_idle(self, timeout: float, quiet: float = 1.0, poll: float = 0.1) -> None:
         """The kernel has had nothing running for `quiet` seconds (the indicator shows up with a delay)."""
         state = {"since": None}
 
@@ -380,7 +382,7 @@ class AppPage:
             state["since"] = state["since"] or now
             return now - state["since"] >= quiet
 
-        self.wait_until(idle, timeout, "the kernel to go idle", poll=0.1)
+        self.wait_until(idle, timeout, "the kernel to go idle", poll=poll)
 
     def wait_ready(self, timeout: float) -> None:
         """Initial run done: Step visible, tokens rendered, kernel idle."""

@@ -474,8 +474,8 @@ def app(server, request):
     request.addfinalizer(ctx.close)
     page = ctx.new_page()
     page.set_default_timeout(30_000)
+    a = AppPage(page, server)  # listening to the console before the page loads
     page.goto(server.url, wait_until="domcontentloaded")
-    a = AppPage(page, server)
     a.wait_ready(APP_READY_S)
     return a
 
@@ -665,3 +665,9 @@ def test_the_server_log_has_no_traceback(app, server):
     """Last of the browser tests: nothing the tests did above left a traceback in the server's log."""
     log = server.log_path.read_text(errors="replace")
     assert "Traceback" not in log, server.log_tail()
+
+
+def test_the_browser_console_has_no_error(app):
+    """Last with the server log: no error in the page's console over the browser tests above (vega's
+    "Unrecognized signal name" for a chart whose selection marimo could not find, ~2,400 of them once)."""
+    assert app.console_errors == [], app.console_errors[:5]

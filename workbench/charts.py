@@ -190,18 +190,25 @@ def qk_heatmap(qk: pl.DataFrame, step: int, tensor: str, selection: alt.Paramete
                path: str | None = None) -> alt.Chart:
     """layer × head RMS of q or k, before and after the per-head norm, at one step."""
     df = _one_path(qk, path).filter((pl.col("step") == step) & (pl.col("tensor") == tensor))
-    if df.is_empty():
-        return empty_chart("no QK statistics at this step")
+    if df.is_empty():  # with the selection all the same: a chart that gains or loses a signal between redraws
+        empty = empty_chart("no QK statistics at this step")  # makes vega log "Unrecognized signal name"
+        return empty.add_params(selection) if selection is not None else empty
+    # One view, pre-norm heads then post-norm heads along x (not a facet: a selection inside a facet is a signal
+    # marimo's chart cannot find, and vega logs "Unrecognized signal name" at every redraw).
+    heads = sorted(df["head"].unique().to_list())
+    stages = [s for s in ("pre", "post") if s in set(df["stage"].to_list())]
+    df = df.with_columns((pl.col("stage") + " " + pl.col("head").cast(pl.Utf8)).alias("column"))
     chart = alt.Chart(df).mark_rect().encode(
-        x=alt.X("head:O"),
+        x=alt.X("column:O", sort=[f"{s} {h}" for s in stages for h in heads],
+                axis=alt.Axis(labelExpr="split(datum.label, ' ')[1]", labelAngle=0, labelOverlap=True),
+                title="head: " + " | ".join(f"{s}-norm" for s in stages)),
         y=_layer_y(df),
         color=alt.Color("rms:Q", scale=alt.Scale(scheme="magma", type="log"), title=f"{tensor} RMS", legend=alt.Legend(format=NUMBER)),
         tooltip=[alt.Tooltip("layer"), alt.Tooltip("head"), alt.Tooltip("stage"), alt.Tooltip("rms:Q", format=".4f"), alt.Tooltip("max_abs:Q", format=".3f")],
-    ).properties(width=WIDTH // 2, height=HEIGHT)
+    ).properties(width=WIDTH, height=HEIGHT, title=f"{tensor}: RMS per layer × head at step {step} (click a cell)")
     if selection is not None:
         chart = chart.add_params(selection).encode(opacity=alt.condition(selection, alt.value(1.0), alt.value(0.35)))
-    return chart.facet(column=alt.Column("stage:N", sort=["pre", "post"], title=None)).properties(
-        title=f"{tensor}: RMS per layer × head at step {step} (click a cell)")
+    return chart
 
 
 def qk_over_steps(qk: pl.DataFrame, layer: int, head: int, path: str | None = None) -> alt.Chart:

@@ -169,6 +169,7 @@ class GGUFFile:
         stat = self.path.stat()
         self.size = stat.st_size
         self._stamp = (stat.st_size, stat.st_mtime_ns)  # what the file was when it was read
+        self._sha256: str | None = None
         if self.size == 0:
             raise GGUFError(f"{self.path} is empty.")
         with open(self.path, "rb") as fh:
@@ -287,8 +288,10 @@ class GGUFFile:
         changed since it was opened: the hash would not be that of what was read."""
         if self.changed_on_disk():
             raise GGUFError(f"{self.path} changed on disk after it was opened; its hash would not describe the loaded model.")
-        h = hashlib.sha256()
-        with open(self.path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            self._sha256 = h.hexdigest()
+        return self._sha256
