@@ -730,20 +730,25 @@ def _(ab_break, ab_button, ab_dtype, ab_error, ab_file, ab_kind, ab_steps, ab_we
                                       element_id=f"ab-tokens-{t.meta['ab_run']}")
             return mo.Html(f"<div style='max-height:5em;overflow-y:auto'>{_html}</div>")
 
-        def _pair(build, title):
-            return mo.vstack([mo.md(f"**{title}**"), mo.hstack([mo.vstack([mo.md("A"), view(small(build(_a)))]),
-                                                                mo.vstack([mo.md("B"), view(small(build(_b)))])], justify="start")])
+        def _pair(build, title, difference):
+            # A, B, and what B changes: a ratio or a count, where "no difference" reads as 1 or 0
+            return mo.vstack([mo.md(f"**{title}**"), mo.hstack([
+                mo.vstack([mo.md("A"), view(small(build(_a), width=220))]),
+                mo.vstack([mo.md("B"), view(small(build(_b), width=220))]),
+                mo.vstack([mo.md("B against A"), view(small(difference, width=220))])], justify="start")])
 
-        _last = lambda t: int(t.qk["step"].max()) if t.qk.height else 0  # noqa: E731
+        _last = int(min(_a.qk["step"].max(), _b.qk["step"].max())) if _a.qk.height and _b.qk.height else 0
         _parts += [
             mo.md(f"**B: {_what}.** A: `{_a.meta.get('arithmetic', '')}`; B: `{_b.meta.get('arithmetic', '')}`."),
             mo.hstack([mo.vstack([mo.md("**A**"), _text(_a)]), mo.vstack([mo.md("**B**"), _text(_b)])], widths="equal"),
             mo.ui.table(app_state.ab_table(_diffs), selection=None, pagination=False, label="where B first parts from A, per frame"),
-            mo.hstack([_pair(lambda t: charts.qk_heatmap(t.qk, _last(t), "q", None, "cached"), "QK norm (q, last step)"),
-                       _pair(lambda t: charts.routing_heatmap(t.routing, "cached"), "routing")
-                       if _a.meta["config"]["n_experts"] else mo.md("")], justify="start", wrap=True),
-            mo.hstack([_pair(lambda t: charts.step_latency(t.tokens), "latency per step"),
-                       _pair(lambda t: charts.kv_growth(t.kv, "cached"), "KV cache")], justify="start", wrap=True),
+            mo.hstack([view(small(charts.ab_token_probs(_a.tokens, _b.tokens), width=420))], justify="start"),
+            _pair(lambda t: charts.qk_heatmap(t.qk, _last, "q", None, "cached"), f"QK norm (q, step {_last})",
+                  charts.ab_qk_ratio(_a.qk, _b.qk, _last, "q")),
+            _pair(lambda t: charts.routing_heatmap(t.routing, "cached"), "routing",
+                  charts.ab_routing_changes(_a.routing, _b.routing)) if _a.meta["config"]["n_experts"] else mo.md(""),
+            _pair(lambda t: charts.step_latency(t.tokens), "latency per step", charts.ab_latency_ratio(_a.tokens, _b.tokens)),
+            _pair(lambda t: charts.kv_growth(t.kv, "cached"), "KV cache", charts.ab_kv_bytes(_a.kv, _b.kv)),
         ]
     ab_panel = lambda: mo.vstack(_parts)  # noqa: E731 (built when its tab is shown)
     return (ab_panel,)

@@ -598,6 +598,9 @@ def test_compare_panel_names_a_planted_break(app):
 
 def test_ab_runs_two_sessions_and_says_where_they_part(app):
     _open_tab(app, "A/B")
+    app.wait_idle(CLICK_S)
+    drawn = lambda: sum(chart_has_data(c) for c in app.charts())  # noqa: E731
+    before = drawn()  # the first screen's (the A/B tab has none before its run)
     app.button("Run A and B").click()
     app.wait_until(lambda: app.shows("where B first parts from A, per frame"), CLICK_S, "the A/B table")
     app.wait_idle(CLICK_S)
@@ -605,6 +608,9 @@ def test_ab_runs_two_sessions_and_says_where_they_part(app):
     # a cache missing its own key shows from the first decode step (the table is in a shadow root: get_by_text)
     assert app.shows("step=1, path=cached"), app.diagnostics()
     assert not app.shows("step=0, path=cached: token_id")
+    # A, B and B against A for QK norm, routing, latency and the KV cache, and the chosen tokens' probabilities
+    assert app.page.get_by_text("B against A", exact=True).count() >= 4
+    app.wait_until(lambda: drawn() - before >= 13, CHARTS_S, "the A/B panel's charts drawn with data")
     _open_tab(app, "Equivalence")
 
 

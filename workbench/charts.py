@@ -657,3 +657,119 @@ def kv_arithmetic(meta: dict, length: int) -> str:
 
 def fmt_speedup(value: float | None) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.1f}×"
+
+
+# --- A/B: what B changes, per panel ----------------------------------------------------------------------------
+# Each takes the same frame of run A and run B (app_state.ab_runs: the same prompt and sampling, one thing changed)
+# and draws B against A on the rows both hold: a ratio or a count, so that "no difference" reads as 1 or 0.
+
+def ab_qk_ratio(qk_a: pl.DataFrame, qk_b: pl.DataFrame, step: int, tensor: str = "q", path: str = "cached") -> alt.Chart:
+    """B's q (or k) RMS over A's per layer × head, before and after the norm, at one step: 1 where B changes nothing."""
+    key = ["layer", "head", "stage"]
+
+    def one(qk, name):
+        return _one_path(qk, path).filter((pl.col("step") == step) & (pl.col("tensor") == tensor)).select(
+            *key, pl.col("rms").alias(name))
+
+    df = one(qk_a, "rms A").join(one(qk_b, "rms B"), on=key)
+    if df.is_empty():
+        return empty_chart(f"no QK statistics that both runs hold at step {step}")
+    heads = sorted(df["head"].unique().to_list())
+    stages = [s for s in ("pre", "post") if s in set(df["stage"].to_list())]
+    df = df.with_columns((pl.col("rms B") / pl.col("rms A")).alias("B / A"),
+                         (pl.col("stage") + " " + pl.col("head").cast(pl.Utf8)).alias("column"))
+    top = float(max(df["B / A"].max(), 1 / max(df["B / A"].min(), 1e-30), 1.01))  # symmetric about 1 on a log scale
+    return alt.Chart(df).mark_rect().encode(
+        x=alt.X("column:O", sort=[f"{s} {h}" for s in stages for h in heads],
+                axis=alt.Axis(labelExpr="split(datum.label, ' ')[1]", labelAngle=0, labelOverlap=True),
+                title="head: " + " | ".join(f"{s}-norm" for s in stages)),
+        y=_layer_y(df),
+        color=alt.Color("B / A:Q", scale=alt.Scale(type="log", scheme="redblue", reverse=True, domain=[1 / top, top]),
+                        legend=alt.Legend(format=NUMBER)),
+        tooltip=[alt.Tooltip("layer"), alt.Tooltip("head"), alt.Tooltip("stage"), alt.Tooltip("rms A:Q", format=".4f"),
+                 alt.Tooltip("rms B:Q", format=".4f"), alt.Tooltip("B / A:Q", format=".4f")],
+    ).properties(width=WIDTH, height=HEIGHT, title=f"B / A: {tensor} RMS at step {step} (1 = the same)")
+
+
+def ab_routing_changes(routing_a: pl.DataFrame, routing_b: pl.DataFrame, path: str = "cached") -> alt.Chart:
+    """Per step × layer, how many of the top-k experts B picks that A did not (the mean over the step's positions):
+    0 where both runs route alike."""
+    key = ["step", "position", "layer"]
+
+    def sets(routing, name):
+        return _one_path(routing, path).group_by(key).agg(pl.col("expert").alias(name))
+
+    df = sets(routing_a, "A").join(sets(routing_b, "B"), on=key)
+    if df.is_empty():
+        return empty_chart("no routing that both runs hold (a mixture-of-experts model records it)")
+    k = int(df["A"].list.len().max())
+    df = (df.with_columns(pl.col("B").list.set_difference("A").list.len().alias("changed"))
+          .group_by("step", "layer").agg(pl.col("changed").mean(), pl.len().alias("positions")))
+    return alt.Chart(df).mark_rect().encode(
+        x=alt.X("step:O", axis=_ordinal_axis(df["step"].unique().to_list(), "step")), y=_layer_y(df),
+        color=alt.Color("changed:Q", scale=alt.Scale(scheme="orangered", domain=[0, k]),
+                        title=f"experts of {k} changed", legend=alt.Legend(format=NUMBER)),
+        tooltip=[alt.Tooltip("step"), alt.Tooltip("layer"), alt.Tooltip("changed:Q", format=".2f", title=f"experts of {k} B changed"),
+                 alt.Tooltip("positions")],
+    ).properties(width=WIDTH, height=HEIGHT, title="experts B picks that A did not, per step × layer")
+
+
+def ab_latency_ratio(tokens_a: pl.DataFrame, tokens_b: pl.DataFrame) -> alt.Chart:
+    """B's time per decode step over A's, per path: below 1 where B is faster."""
+    key = ["step", "path"]
+
+    def one(tokens, name):
+        return tokens.filter(~pl.col("prefill")).select(*key, "position", pl.col("seconds").alias(name))
+
+    df = one(tokens_a, "A s").join(one(tokens_b, "B s").drop("position"), on=key)
+    if df.is_empty():
+        return empty_chart("no decode steps that both runs hold")
+    df = df.with_columns((pl.col("B s") / pl.col("A s")).alias("B / A"))
+    line = alt.Chart(df).mark_line(point=True).encode(
+        x=_count_x("position"), y=alt.Y("B / A:Q", scale=alt.Scale(type="log"), title="B / A time per step"),
+        color=alt.Color("path:N", scale=PATH_COLORS),
+        tooltip=[alt.Tooltip("step"), alt.Tooltip("path"), alt.Tooltip("A s:Q", format=".4f"), alt.Tooltip("B s:Q", format=".4f"),
+                 alt.Tooltip("B / A:Q", format=".3f")],
+    )
+    one_line = alt.Chart(pl.DataFrame({"y": [1.0]})).mark_rule(strokeDash=[4, 3], color="#666").encode(y="y:Q")
+    return (line + one_line).properties(width=WIDTH, height=HEIGHT, title="B / A: time per decode step (1 = as fast)")
+
+
+def ab_kv_bytes(kv_a: pl.DataFrame, kv_b: pl.DataFrame, path: str = "cached") -> alt.Chart:
+    """K + V bytes held per step, A and B on one axis (a dtype or a cache bug changes them)."""
+    def one(kv, run):
+        return (_one_path(kv, path).group_by("step").agg(((pl.col("k_bytes") + pl.col("v_bytes")).sum() / 2**20).alias("MiB"))
+                .with_columns(pl.lit(run).alias("run")))
+
+    df = pl.concat([one(kv_a, "A"), one(kv_b, "B")])
+    if df.is_empty():
+        return empty_chart("no KV cache recorded")
+    return alt.Chart(df).mark_line(point=True).encode(
+        x=_count_x("step"), y=alt.Y("MiB:Q", title="K + V MiB"),
+        color=alt.Color("run:N", scale=alt.Scale(domain=["A", "B"], range=["#4c78a8", "#e45756"])),
+        strokeDash=alt.StrokeDash("run:N", legend=None),
+        tooltip=[alt.Tooltip("run"), alt.Tooltip("step"), alt.Tooltip("MiB:Q", format=".4f")],
+    ).properties(width=WIDTH, height=HEIGHT, title="KV bytes held: A and B")
+
+
+def ab_token_probs(tokens_a: pl.DataFrame, tokens_b: pl.DataFrame, path: str = "cached") -> alt.Chart:
+    """The probability each run gave the token it chose, per step; a cross where B chose another token than A."""
+    def one(tokens, run):
+        df = tokens.filter((pl.col("path") == path) & ~pl.col("prefill"))
+        return df.select("step", "token_id", "piece", pl.struct("token_id", "top_ids", "top_probs").map_elements(
+            lambda r: r["top_probs"][r["top_ids"].index(r["token_id"])] if r["token_id"] in r["top_ids"] else None,
+            return_dtype=pl.Float64).alias("p"), pl.lit(run).alias("run"))
+
+    a, b = one(tokens_a, "A"), one(tokens_b, "B")
+    if a.is_empty() or b.is_empty():
+        return empty_chart("no decode steps in both runs")
+    same = a.select("step", pl.col("token_id").alias("a_id")).join(b.select("step", pl.col("token_id").alias("b_id")), on="step")
+    same = same.with_columns((pl.col("a_id") == pl.col("b_id")).alias("same token")).select("step", "same token")
+    df = pl.concat([a, b]).join(same, on="step", how="left").with_columns(
+        pl.when(pl.col("same token")).then(pl.lit("same token")).otherwise(pl.lit("B chose another")).alias("tokens"))
+    return alt.Chart(df).mark_point(filled=True, size=45).encode(
+        x=_count_x("step"), y=alt.Y("p:Q", title="p(chosen token)", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("run:N", scale=alt.Scale(domain=["A", "B"], range=["#4c78a8", "#e45756"])),
+        shape=alt.Shape("tokens:N", scale=alt.Scale(domain=["same token", "B chose another"], range=["circle", "cross"]), title=None),
+        tooltip=[alt.Tooltip("run"), alt.Tooltip("step"), alt.Tooltip("token_id"), alt.Tooltip("piece"), alt.Tooltip("p:Q", format=".3f")],
+    ).properties(width=WIDTH, height=HEIGHT, title="the chosen token's probability: A and B")
