@@ -309,9 +309,24 @@ def test_layer_health_scales_colour_on_decode_steps(trace):
 
 def test_token_html_shows_every_token_with_its_alternatives(trace):
     html = charts.token_html(trace.meta["prompt_pieces"], trace.meta["prompt_ids"], trace.tokens)
-    assert html.count('class="tok"') == len(trace.meta["prompt_ids"])
-    assert html.count('class="tok gen"') == 6
+    assert html.count('class="tok"') + html.count('class="tok byte"') == len(trace.meta["prompt_ids"])
+    assert html.count('class="tok gen') == 6  # "tok gen", or "tok gen byte" for a raw byte
     assert "top-k:" in html
+
+
+def test_raw_bytes_show_as_hex_and_say_what_they_make(trace, tiny_paths):
+    """Byte pieces (Tokenizer.piece spells a byte that is not UTF-8 alone "<0xE2>") are drawn as hex digits, and
+    the hover of each says what its run of bytes decodes to: "—" for E2 80 94, "�" for a lone FF."""
+    from workbench.model import Model
+
+    tok = Model.load(tiny_paths["qwen3moe"]).tokenizer
+    ids = [i for i in range(tok.vocab_size) if len(tok.token_bytes(i)) == 1 and tok.token_bytes(i)[0] in (0xE2, 0x80, 0x94, 0xFF)]
+    by_byte = {tok.token_bytes(i)[0]: i for i in ids}
+    pieces = [tok.piece(by_byte[b]) for b in (0xE2, 0x80, 0x94)] + ["x", tok.piece(by_byte[0xFF])]
+    assert pieces[0] == "<0xE2>" and pieces[4] == "<0xFF>"
+    html = charts.token_html(pieces, [by_byte[b] for b in (0xE2, 0x80, 0x94)] + [0, by_byte[0xFF]], trace.tokens.clear())
+    assert html.count('class="tok byte"') == 4 and ">E2</span>" in html and "&lt;0xE2&gt;</span>" not in html
+    assert html.count("beside it: &#x27;—&#x27;") == 3 and "beside it: &#x27;�&#x27;" in html
 
 
 def test_chart_piece_makes_whitespace_visible():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -126,27 +127,63 @@ def token_html(prompt_pieces: list[str], prompt_ids: list[int], tokens: pl.DataF
     """The prompt and the generated tokens with visible boundaries; hovering a generated token shows its id,
     position, probability and the top-k alternatives (from the tokens frame's candidates), each with its text
     when `piece_of` (token id → piece, e.g. Tokenizer.piece) is given. `element_id` names the block (one page
-    may show several: the A/B panel's two runs beside the live text)."""
+    may show several: the A/B panel's two runs beside the live text). A raw byte (a byte-fallback token that is
+    not UTF-8 on its own, "<0xE2>") is drawn dashed as its hex digits, and its hover says what it makes with the
+    bytes beside it: a character, or "�" where they are not UTF-8 (a random model's output is mostly that)."""
     v = f"#{element_id}"
     style = (f"<style>{v}{{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.9}}"
              f"{v} .tok{{border:1px solid #bbb;border-radius:3px;padding:0 1px;margin:0 1px}}"
              f"{v} .gen{{background:#e8f1fb;border-color:#7aa7d6}}"
+             f"{v} .byte{{border-style:dashed;color:#777;font-size:0.8em}}"
              f"{v} .eos{{background:#fde2e2}}</style>")
-    spans = [f'<span class="tok" title="{html.escape(f"prompt token {i} · id {t}")}">{_visible(p)}</span>'
-             for i, (p, t) in enumerate(zip(prompt_pieces, prompt_ids))]
-    for row in _one_path(tokens, path).sort("step").iter_rows(named=True):
-        tip = f"id {row['token_id']} · position {row['position']}"
+    rows = list(_one_path(tokens, path).sort("step").iter_rows(named=True))
+    pieces = list(prompt_pieces) + [row["piece"] for row in rows]
+    bytes_note = _byte_runs(pieces)
+    spans = []
+    for i, (p, t) in enumerate(zip(prompt_pieces, prompt_ids)):
+        tip = f"prompt token {i} · id {t}" + bytes_note.get(i, "")
+        spans.append(f'<span class="tok{" byte" if i in bytes_note else ""}" title="{html.escape(tip)}">{_visible(p)}</span>')
+    for k, row in enumerate(rows, start=len(prompt_pieces)):
+        tip = f"id {row['token_id']} · position {row['position']}" + bytes_note.get(k, "")
         if row["top_ids"]:
             ids, probs = list(row["top_ids"]), list(row["top_probs"])
             chosen = probs[ids.index(row["token_id"])] if row["token_id"] in ids else None
             tip += f" · p = {chosen:.3f}" if chosen is not None else ""
             named = (lambda i: f"{i} {chart_piece(piece_of(i), 16)!r}") if piece_of is not None else str
             tip += "\ntop-k: " + ", ".join(f"{named(i)} ({p:.3f})" for i, p in zip(ids, probs))
-        spans.append(f'<span class="tok gen" title="{html.escape(tip)}">{_visible(row["piece"])}</span>')
+        byte = " byte" if k in bytes_note else ""
+        spans.append(f'<span class="tok gen{byte}" title="{html.escape(tip)}">{_visible(row["piece"])}</span>')
     return style + f'<div id="{element_id}">' + "".join(spans) + "</div>"
 
 
+_BYTE_PIECE = re.compile(r"(?:<0x[0-9A-Fa-f]{2}>)+")
+
+
+def _byte_runs(pieces: list[str]) -> dict[int, str]:
+    """For each piece that is raw bytes ("<0xE2>", Tokenizer.piece's spelling of bytes that are not UTF-8 on
+    their own): a hover line saying what the run of byte pieces it belongs to decodes to."""
+    notes: dict[int, str] = {}
+    i = 0
+    while i < len(pieces):
+        if not _BYTE_PIECE.fullmatch(pieces[i]):
+            i += 1
+            continue
+        j = i
+        while j < len(pieces) and _BYTE_PIECE.fullmatch(pieces[j]):
+            j += 1
+        run = bytes(int(h, 16) for p in pieces[i:j] for h in re.findall(r"<0x([0-9A-Fa-f]{2})>", p))
+        text = run.decode("utf-8", errors="replace")
+        said = (f"with the byte(s) beside it: {text!r}" if "\ufffd" not in text else
+                f"with the byte(s) beside it: {text!r} (� where the bytes are not UTF-8)")
+        for k in range(i, j):
+            notes[k] = f" · raw byte(s) {pieces[k]}, {said}"
+        i = j
+    return notes
+
+
 def _visible(piece: str) -> str:
+    if _BYTE_PIECE.fullmatch(piece):  # raw bytes: their hex digits ("E2 80"), drawn dashed (token_html)
+        return " ".join(re.findall(r"<0x([0-9A-Fa-f]{2})>", piece))
     text = html.escape(piece)
     return text.replace("\n", "↵\n") if text.strip() else (text.replace(" ", "·").replace("\n", "↵\n") or "∅")
 
