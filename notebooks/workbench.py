@@ -549,8 +549,13 @@ def _(get_pick, mo, set_pick, shown):
 
 
 @app.cell
-def _(att_head, att_layer, charts, mo, shown, view):
+def _(alt, att_head, att_layer, charts, mo, set_pick, shown, view):
     mo.stop(shown is None)
+
+    def att_pick_head(rows):  # a click on a head's row of the heads × keys chart: that head in the charts above
+        if rows is not None and len(rows):
+            set_pick(lambda p: {**p, "head": int(rows["head"][0])})
+
     _att = shown.frames["attention"]
     _path = charts.primary_path(shown.meta, _att)
     if _att.is_empty():
@@ -565,9 +570,11 @@ def _(att_head, att_layer, charts, mo, shown, view):
                   "attention sink; grey keys are masked" + (f" (sliding window of {_window} on local layers)." if _window else ".")),
             mo.hstack([att_layer, att_head], justify="start"),
             view(charts.attention_over_keys(_att, _step, att_layer.value, att_head.value, _pieces, _path)),
-            view(charts.attention_heads(_att, _step, att_layer.value, _path, _pieces)),
+            mo.ui.altair_chart(charts.attention_heads(_att, _step, att_layer.value, _path, _pieces,
+                                                      alt.selection_point(fields=["head"], name="head_pick")),
+                               chart_selection=False, legend_selection=False, on_change=att_pick_head),
         ])
-    return (attention_panel,)
+    return att_pick_head, attention_panel
 
 
 @app.cell

@@ -36,8 +36,9 @@ from types import SimpleNamespace
 import pytest
 
 from app_driver import CHROMIUM, FAULT_MESSAGE, AppPage, MarimoServer, chart_has_data, launch_chromium
-from workbench import app_state
+from workbench import app_state, models
 from workbench.errors import InputError
+from workbench.model import Model
 from workbench.session import Sampling, Session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -573,12 +574,41 @@ def _charts_under(app, heading_words: str) -> list[dict]:
 
 
 def test_attention_and_lens_panels_draw(app):
+    _open_tab(app, "Equivalence")
     app.click_and_wait("Step", timeout=CLICK_S)
-    for tab, text in (("Attention", "attention sink"), ("Logit lens", "final norm and the output head")):
+    first_screen = sum(chart_has_data(c) for c in app.charts()) - 1  # less the Equivalence tab's one chart
+    for tab, text, charts in (("Attention", "attention sink", 2), ("Logit lens", "final norm and the output head", 1)):
         _open_tab(app, tab)
         app.wait_until(lambda: app.shows(text), CLICK_S, f"the {tab} panel's text")
-        before = len([c for c in app.charts() if chart_has_data(c)])
-        assert before > 0, app.diagnostics()
+        app.wait_until(lambda: sum(chart_has_data(c) for c in app.charts()) >= first_screen + charts, CHARTS_S,  # noqa: B023
+                       f"the {tab} panel's charts drawn with data")
+    _open_tab(app, "Equivalence")
+
+
+def test_a_click_on_a_head_picks_it(app):
+    """The heads × keys chart of the Attention tab: a click on a head's row sets the head picker above it."""
+    _open_tab(app, "Attention")
+    app.wait_until(lambda: app.shows("click a head") or len(app.charts()) > 7, CHARTS_S, "the heads × keys chart")
+    app.wait_idle(CLICK_S)
+    heads = app.charts()[-1]  # the last chart on the page
+    app.page.mouse.move(800, 500)
+    app.page.mouse.wheel(0, heads["bottom"] - 900)  # the chart's bottom into the viewport
+    app.wait_idle(CLICK_S)
+    heads = app.charts()[-1]
+    sliders = app.page.get_by_role("slider")
+    before = [sliders.nth(i).get_attribute("aria-valuenow") for i in range(sliders.count())]
+    # the last head's row: the plot's bottom row, above the x axis (its labels and title, ~35 px)
+    app.page.mouse.click(heads["left"] + 0.4 * (heads["right"] - heads["left"]), heads["bottom"] - 45)
+
+    def changed():
+        now = [sliders.nth(i).get_attribute("aria-valuenow") for i in range(sliders.count())]
+        return len(now) == len(before) and now != before
+
+    app.wait_until(changed, CLICK_S, "the head picker to move to the clicked head")
+    now = [sliders.nth(i).get_attribute("aria-valuenow") for i in range(sliders.count())]
+    moved = [(a, b) for a, b in zip(before, now) if a != b]
+    last = Model.load(models.resolve(models.DEFAULT_MODEL)).config.n_heads - 1
+    assert moved == [("0", str(last))], moved
     _open_tab(app, "Equivalence")
 
 

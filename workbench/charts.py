@@ -481,12 +481,14 @@ def attention_over_keys(attention: pl.DataFrame, step: int, layer: int, head: in
 
 
 def attention_heads(attention: pl.DataFrame, step: int, layer: int, path: str | None = None,
-                    pieces: Sequence[str] | None = None) -> alt.Chart:
+                    pieces: Sequence[str] | None = None, selection: alt.Parameter | None = None) -> alt.Chart:
     """heads × key positions of one layer at one step: the newest token's weight on each key (sqrt colour scale,
-    so small weights show); exact zeros (masked keys) grey. pieces adds each key's token to the tooltip."""
+    so small weights show); exact zeros (masked keys) grey. pieces adds each key's token to the tooltip;
+    `selection` (a point selection on "head") lets a click pick a head."""
     df = _attention_rows(attention, step, layer, path).sort("head", "key")
     if df.is_empty():
-        return empty_chart(f"no attention pattern at step {step}, layer {layer} (run with attention on)")
+        empty = empty_chart(f"no attention pattern at step {step}, layer {layer} (run with attention on)")
+        return empty.add_params(selection) if selection is not None else empty  # the same signals at every redraw
     keys = sorted(df["key"].unique().to_list())
     if pieces is not None:
         df = df.with_columns(pl.Series("piece", [chart_piece(pieces[k]) if k < len(pieces) else "?" for k in df["key"].to_list()]))
@@ -494,14 +496,18 @@ def attention_heads(attention: pl.DataFrame, step: int, layer: int, path: str | 
     top = float(df["weight"].max()) or 1.0
     tooltip = [alt.Tooltip("head"), alt.Tooltip("key:Q", title="key position"),
                *([alt.Tooltip("piece:N")] if pieces is not None else []), alt.Tooltip("weight_text:N", title="weight")]
-    return alt.Chart(df).mark_rect().encode(
+    chart = alt.Chart(df).mark_rect().encode(
         x=alt.X("key:O", axis=_ordinal_axis(keys, "key position")),
         y=alt.Y("head:O"),
         color=alt.condition("datum.weight > 0", alt.Color("weight:Q", scale=alt.Scale(scheme="viridis", type="sqrt", domain=[0, top]),
                                                           title="weight", legend=alt.Legend(format=".2~f")), alt.value(ZERO_FILL)),
         tooltip=tooltip,
     ).properties(width=min(MAX_WIDTH, max(WIDTH, 8 * len(keys))), height=max(60, 16 * n_heads),
-                 title=f"layer {layer} at step {step}: each head's attention over keys (grey = exactly 0: masked)")
+                 title=f"layer {layer} at step {step}: each head's attention over keys (grey = exactly 0: masked)"
+                       + ("; click a head" if selection is not None else ""))
+    if selection is not None:
+        chart = chart.add_params(selection)
+    return chart
 
 
 # What each lens value is drawn with: a scale and a title (entropy's domain ends at the largest entropy drawn).
