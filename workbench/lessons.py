@@ -224,7 +224,9 @@ def invariant_alarm(t: Trace) -> tuple[str, int, str] | None:
     sums = t.routing.group_by("step", "path", "position", "layer").agg(pl.col("weight").sum().alias("s"))
     bad = sums.filter((pl.col("s") - 1).abs() > 1e-5)
     if bad.height:
-        return ("routing", int(bad["step"].min()), f"top-k weights sum to {bad.sort('step')['s'][0]:.3f}, not 1")
+        first = bad.sort("step", "path", "position", "layer").row(0, named=True)  # group_by's order is arbitrary
+        return ("routing", first["step"], f"top-k weights sum to {first['s']:.3f}, not 1 (position {first['position']}, "
+                                          f"layer {first['layer']})")
     used = t.routing.group_by("layer").agg(pl.col("expert").n_unique().alias("n"))
     if used.height and int(used["n"].max()) == 1:
         return ("routing", 0, "one expert for every token: routing collapsed")
