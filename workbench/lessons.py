@@ -6,10 +6,14 @@ tensors and plain values, so that each can be read, tested and reused on its own
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import gguf as gguf_py
+import numpy as np
 import polars as pl
 import torch
 
@@ -76,6 +80,11 @@ def qk_rms(layer: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> pl.
     return pl.DataFrame(rows)
 
 
+def rope_pair(style: str, i: int, half: int) -> tuple[int, int]:
+    """The two dims pair i rotates in `style`: (i, i + half) for neox (split halves), (2i, 2i + 1) for normal."""
+    return (i, i + half) if style == "neox" else (2 * i, 2 * i + 1)
+
+
 def rope_turns(model: Model, vec: torch.Tensor, pos: int, base: float, scale: float,
                rope_dim: int) -> tuple[dict[str, torch.Tensor], pl.DataFrame]:
     """One head's vector [head_dim] rotated to `pos` in both RoPE styles by `apply_rope`: the rotated vectors per
@@ -87,7 +96,7 @@ def rope_turns(model: Model, vec: torch.Tensor, pos: int, base: float, scale: fl
         out = apply_rope(vec[None, None, :], cos[pos:pos + 1], sin[pos:pos + 1], style)[0, 0]  # [head_dim]
         rotated[style] = out
         for i in range(half):
-            a, b = (i, i + half) if style == "neox" else (2 * i, 2 * i + 1)
+            a, b = rope_pair(style, i, half)
             before, after = (float(vec[a]), float(vec[b])), (float(out[a]), float(out[b]))
             turn = (math.atan2(after[1], after[0]) - math.atan2(before[1], before[0])) % (2 * math.pi)
             rows.append({"style": style, "pair": i, "dims": f"{a}, {b}", "x0": before[0], "y0": before[1],
@@ -109,6 +118,69 @@ def angle_error(turns: pl.DataFrame) -> float:
     """The largest gap between a measured turn and the formula's, the short way round the circle (rad)."""
     return float((turns["measured turn"] - turns["formula"]).abs()
                  .map_elements(lambda d: min(d, 2 * math.pi - d), return_dtype=pl.Float64).max())
+
+
+def qk_norm_across_positions(model: Model, ids: list[int]) -> pl.DataFrame:
+    """One uncached forward over `ids` (positions 0..n-1): per layer, head, tensor (q | k), stage (pre | post
+    QK-norm) and position, the RMS of that head's vector."""
+    stages = {"attn.q": ("q", "pre"), "attn.k": ("k", "pre"), "attn.q_normed": ("q", "post"),
+              "attn.k_normed": ("k", "post")}
+    frames = []
+
+    def probe(name: str, x: torch.Tensor) -> None:
+        layer, _, point = name.removeprefix("blocks.").partition(".")
+        if point in stages:
+            tensor, stage = stages[point]
+            rms = x.float().pow(2).mean(-1).sqrt()  # [T, heads]
+            positions, heads = rms.shape
+            frames.append(pl.DataFrame({
+                "layer": [int(layer)] * rms.numel(), "head": list(range(heads)) * positions,
+                "tensor": [tensor] * rms.numel(), "stage": [stage] * rms.numel(),
+                "position": [p for p in range(positions) for _ in range(heads)], "rms": rms.flatten().tolist(),
+            }))
+
+    model.forward(torch.tensor(ids, device=model.device), 0, model.new_cache(len(ids)), probe)
+    return pl.concat(frames).sort("layer", "tensor", "stage", "head", "position", descending=[False, True, True, False, False])
+
+
+def qk_norm_spread(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per tensor and stage of a `qk_norm_across_positions` frame: the smallest (min) and largest (max) head RMS over
+    every layer, head and position, and their ratio (spread = max / min)."""
+    return frame.group_by("tensor", "stage").agg(
+        pl.col("rms").min().alias("min"), pl.col("rms").max().alias("max"),
+    ).with_columns((pl.col("max") / pl.col("min")).alias("spread")).sort(
+        "tensor", "stage", descending=True)  # q before k, pre before post
+
+
+def rope_unwrapped(model: Model, vec: torch.Tensor, pos: int, base: float, scale: float, rope_dim: int,
+                   style: str) -> pl.DataFrame:
+    """Per pair of one head's vector [head_dim]: the total angle it has turned at `pos`, measured from `apply_rope`'s
+    output at every position 0..pos and unwrapped along them (a fast pair's full turns count), and the formula's
+    pos × scale × base^(−2i/rope_dim)."""
+    half = rope_dim // 2
+    cos, sin = model.rope_table(base, scale, pos + 1, style, rope_dim)
+    out = apply_rope(vec[None, None, :].expand(pos + 1, 1, -1), cos[: pos + 1], sin[: pos + 1], style)[:, 0]
+    before, after = vec.double().cpu().numpy(), out.double().cpu().numpy()  # [head_dim], [pos + 1, head_dim]
+    rows = []
+    for i in range(half):
+        a, b = rope_pair(style, i, half)
+        turns = np.arctan2(after[:, b], after[:, a]) - math.atan2(before[b], before[a])  # [pos + 1], mod 2π
+        rows.append({"pair": i, "measured": float(np.unwrap(turns)[-1]),  # turns[0] = 0: position 0 does not turn
+                     "formula": pos * scale * base ** (-2 * i / rope_dim)})
+    return pl.DataFrame(rows)
+
+
+def rope_relative_check(model: Model, q: torch.Tensor, k: torch.Tensor, base: float, scale: float, style: str,
+                        offsets: tuple[int, ...] = (0, 1, 5), starts: tuple[int, ...] = (0, 7, 30)) -> pl.DataFrame:
+    """Per offset d and start m: the dot product of q [head_dim] rotated to position m + d with k rotated to m
+    (`apply_rope`). RoPE makes it depend on d only: the same at every start."""
+    cos, sin = model.rope_table(base, scale, max(offsets) + max(starts) + 1, style)
+
+    def at(v: torch.Tensor, p: int) -> torch.Tensor:
+        return apply_rope(v[None, None, :], cos[p:p + 1], sin[p:p + 1], style)[0, 0].double()
+
+    return pl.DataFrame([{"offset": d, "start": m, "dot": float(at(q, m + d) @ at(k, m))}
+                         for d in offsets for m in starts])
 
 
 def attention_pattern(layer: dict[str, torch.Tensor], group: int, attn_scale: float,
@@ -203,6 +275,82 @@ def largest_load_gap(load: pl.DataFrame) -> dict | None:
     return gap.sort("gap", descending=True).row(0, named=True) if gap.height else None
 
 
+# Default prompts for `specialisation`: the bundled model was trained on Python standard-library code and docstrings.
+CODE_PROMPTS = [
+    ('import os\n\n\ndef read_lines(path):\n    """Return the lines of the file at path, without their newlines."""\n'
+     '    with open(path) as f:\n        return [line.rstrip("\\n") for line in f]\n'),
+    ('def count_words(text):\n    """Return a dict mapping each word of text to how often it occurs."""\n'
+     '    counts = {}\n    for word in text.split():\n        counts[word] = counts.get(word, 0) + 1\n    return counts\n'),
+    ('class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n        self._items = []\n\n'
+     '    def push(self, item):\n        self._items.append(item)\n\n    def pop(self):\n        return self._items.pop()\n'),
+]
+PROSE_PROMPTS = [
+    ("The history of the city begins with a small village on the river. Over the centuries it grew into a market "
+     "town, and later into a busy port where ships from many countries came to trade."),
+    ("Every morning the old baker opened his shop before sunrise. The smell of fresh bread filled the street, and "
+     "the children stopped at his window on their way to school."),
+    ("The mountains to the north are covered with snow for most of the year. In the short summer, farmers bring "
+     "their sheep up to the high meadows, where the grass is green and the air is cool."),
+]
+
+
+def expert_usage(model: Model, ids: list[int], steps: int = 0) -> pl.DataFrame:
+    """Per layer and expert: the picks and their share of all (position, rank) top-k picks at that layer, over the
+    prompt's positions and `steps` generated tokens (a cached Session's routing frame)."""
+    routing = decode(model, ids, steps + 1, path="cached", probes=True).trace().routing  # step 0: the prefill
+    return routing.group_by("layer", "expert").len("picks").with_columns(
+        (pl.col("picks") / pl.col("picks").sum().over("layer")).alias("share")).sort("layer", "expert")
+
+
+def usage_distance(a: pl.DataFrame, b: pl.DataFrame) -> pl.DataFrame:
+    """Per layer: the total-variation distance between two `expert_usage` frames, 0.5 × Σ_e |share_a − share_b|
+    (an expert one of them never picked has share 0 there): 0 for the same usage, 1 for disjoint experts."""
+    joined = a.select("layer", "expert", pl.col("share").alias("a")).join(
+        b.select("layer", "expert", pl.col("share").alias("b")), on=["layer", "expert"], how="full", coalesce=True)
+    return joined.fill_null(0).group_by("layer").agg(
+        (0.5 * (pl.col("a") - pl.col("b")).abs().sum()).alias("distance")).sort("layer")
+
+
+@contextmanager
+def random_router(model: Model, seed: int) -> Iterator[None]:
+    """While active, every MoE layer's router is a random Gaussian matrix (seeded; same shape, dtype and device,
+    scaled to the original's std); the original tensors are put back on exit, even on an error."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = [layer for layer in model.weights.layers if layer.router is not None]
+    originals = [layer.router for layer in layers]
+    try:
+        for layer, router in zip(layers, originals):
+            noise = torch.randn(router.shape, generator=generator, dtype=torch.float64)
+            layer.router = (noise * router.double().std().cpu()).to(router.device, router.dtype)
+        yield
+    finally:
+        for layer, router in zip(layers, originals):
+            layer.router = router
+
+
+def specialisation(model: Model, prompts: dict[str, list[list[int]]], seed: int = 0) -> pl.DataFrame:
+    """Per layer: the mean `usage_distance` between prompts of different kinds, between prompts of the same kind,
+    and between different kinds again with `random_router(model, seed)`: how much of the across-kind gap the
+    trained router adds over the tokens' own differences."""
+    kinds = [(kind, ids) for kind, many in prompts.items() for ids in many]
+
+    def mean_distances(usages: list[pl.DataFrame], same_kind: bool) -> pl.DataFrame:
+        pairs = [(i, j) for i, j in itertools.combinations(range(len(kinds)), 2)
+                 if (kinds[i][0] == kinds[j][0]) == same_kind]
+        return pl.concat([usage_distance(usages[i], usages[j]) for i, j in pairs]).group_by("layer").agg(
+            pl.col("distance").mean())
+
+    trained = [expert_usage(model, ids) for _, ids in kinds]
+    with random_router(model, seed):
+        untrained = [expert_usage(model, ids) for _, ids in kinds]
+    columns = {"across kinds": (trained, False), "within a kind": (trained, True),
+               "across kinds, random router": (untrained, False)}
+    frame = pl.DataFrame({"layer": range(model.config.n_layers)}, schema={"layer": pl.Int32})
+    for name, (usages, same_kind) in columns.items():
+        frame = frame.join(mean_distances(usages, same_kind).rename({"distance": name}), on="layer", how="left")
+    return frame.sort("layer")
+
+
 # ---- 7 · break it on purpose ------------------------------------------------------------------------------
 
 def first_difference(broken: Trace, clean: Trace, n_layers: int) -> dict | None:
@@ -259,3 +407,17 @@ def break_row(name: str, what: str, broken: tuple[Session, Trace], clean: tuple[
         "invariant that fires": f"{alarm[0]} at step {alarm[1]}: {alarm[2]}" if alarm else "none — needs a reference",
         "alarm frame": alarm[0] if alarm else None, "alarm step": alarm[1] if alarm else None,
     }
+
+
+def cost_growth(tokens: pl.DataFrame, warmup: int) -> pl.DataFrame:
+    """Per path, a decode step's cost early and late in a run: the median ms (and position) of the first 4 decode
+    steps after the first `warmup` ones, and of the last 4, and late / early. The section 5 claim in numbers."""
+    rows = []
+    for path in ("cached", "uncached"):
+        steps = tokens.filter((pl.col("path") == path) & ~pl.col("prefill")).sort("step").slice(warmup)
+        early, late = steps.head(4), steps.tail(4)
+        ms_early, ms_late = float(early["seconds"].median()) * 1000, float(late["seconds"].median()) * 1000
+        rows.append({"path": path, "position early": int(early["position"].median()), "ms early": round(ms_early, 2),
+                     "position late": int(late["position"].median()), "ms late": round(ms_late, 2),
+                     "ratio": round(ms_late / ms_early, 2)})
+    return pl.DataFrame(rows)

@@ -1,0 +1,204 @@
+"""workbench/lessons.py's walkthrough helpers, each held to an independent computation or an invariant: QK-norm
+across positions, expert usage and specialisation (with a random-router control), and the RoPE facts."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from conftest import load_model
+
+from workbench import lessons
+
+GGUF = Path(__file__).resolve().parent.parent / "data" / "tiny-qwen3moe.gguf"  # the bundled trained model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread while these tests run, as the notebook sets: on the tiny model a second thread costs more in
+    synchronisation than it saves, and on a busy 2-core machine it made each forward ~50× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    if not GGUF.exists():
+        pytest.skip(f"{GGUF} is absent")
+    return load_model(GGUF)
+
+
+@pytest.fixture(scope="module")
+def prompts(model) -> dict[str, list[list[int]]]:
+    tok = model.tokenizer
+    return {"code": [tok.encode(t) for t in lessons.CODE_PROMPTS], "prose": [tok.encode(t) for t in lessons.PROSE_PROMPTS]}
+
+
+def _captured(model, ids: list[int], points: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors at the given capture points (name suffixes) of one uncached forward, copied."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def probe(name: str, x: torch.Tensor) -> None:
+        if name.endswith(points):
+            seen[name] = x.detach().clone()
+
+    model.forward(torch.tensor(ids), 0, model.new_cache(len(ids)), probe)
+    return seen
+
+
+# ---- QK-norm across positions -----------------------------------------------------------------------------
+
+def test_default_prompts_are_short(prompts):
+    for many in prompts.values():
+        assert 2 <= len(many) <= 3
+        assert all(40 <= len(ids) <= 80 for ids in many)
+
+
+def test_post_norm_rms_is_the_weight_times_the_unit_vector(model, prompts):
+    """Recompute post from pre with torch (x / rms(x) × weight, in float64) and compare per layer, head, position."""
+    ids = prompts["prose"][0]
+    frame = lessons.qk_norm_across_positions(model, ids)
+    c = model.config
+    assert frame.height == c.n_layers * (c.n_heads + c.n_kv_heads) * 2 * len(ids)
+    pre = _captured(model, ids, (".attn.q", ".attn.k"))
+    rows = []
+    for i, layer in enumerate(model.weights.layers):
+        for tensor, weight in (("q", layer.q_norm), ("k", layer.k_norm)):
+            x = pre[f"blocks.{i}.attn.{tensor}"].double()  # [T, heads, head_dim]
+            unit = x / (x.pow(2).mean(-1, keepdim=True) + c.rms_eps).sqrt()
+            for stage, t in (("pre", x), ("post", unit * weight.double())):
+                rms = t.pow(2).mean(-1).sqrt()  # [T, heads]
+                rows += [{"layer": i, "head": h, "tensor": tensor, "stage": stage, "position": p, "expected": float(rms[p, h])}
+                         for p in range(rms.shape[0]) for h in range(rms.shape[1])]
+    joined = frame.join(pl.DataFrame(rows), on=["layer", "head", "tensor", "stage", "position"], how="full")
+    assert joined.height == frame.height and joined["rms"].null_count() == 0 and joined["expected"].null_count() == 0
+    assert float(((joined["rms"] - joined["expected"]).abs() / joined["expected"]).max()) < 1e-5
+
+
+def test_the_norm_narrows_the_spread(model, prompts):
+    frame = lessons.qk_norm_across_positions(model, prompts["code"][0])
+    spread = lessons.qk_norm_spread(frame)
+    assert spread.columns == ["tensor", "stage", "min", "max", "spread"]
+    assert spread.select("tensor", "stage").rows() == [("q", "pre"), ("q", "post"), ("k", "pre"), ("k", "post")]
+    for tensor in ("q", "k"):
+        part = frame.filter(pl.col("tensor") == tensor)
+        by_stage = {r["stage"]: r for r in spread.filter(pl.col("tensor") == tensor).iter_rows(named=True)}
+        for stage, r in by_stage.items():
+            rms = part.filter(pl.col("stage") == stage)["rms"]
+            assert (r["min"], r["max"]) == (rms.min(), rms.max())
+            assert r["spread"] == pytest.approx(r["max"] / r["min"])
+        assert by_stage["post"]["spread"] < by_stage["pre"]["spread"]
+
+
+# ---- expert usage and specialisation ----------------------------------------------------------------------
+
+def test_usage_counts_the_top_k_picks(model, prompts):
+    """Shares sum to 1 per layer and equal an independent count of the engine's top-k ids."""
+    ids = prompts["code"][1]
+    usage = lessons.expert_usage(model, ids)
+    sums = usage.group_by("layer").agg(pl.col("share").sum(), pl.col("picks").sum())
+    assert sums.height == model.config.n_layers
+    assert all(abs(s - 1) < 1e-12 for s in sums["share"])
+    assert set(sums["picks"]) == {len(ids) * model.config.n_experts_used}
+    picked = _captured(model, ids, (".moe.topk_ids",))
+    for i in range(model.config.n_layers):
+        counts = torch.bincount(picked[f"blocks.{i}.moe.topk_ids"].flatten(), minlength=model.config.n_experts)
+        mine = dict(usage.filter(pl.col("layer") == i).select("expert", "share").iter_rows())
+        expected = (counts.double() / counts.sum()).tolist()
+        assert all(math.isclose(mine.get(e, 0.0), expected[e], abs_tol=1e-12) for e in range(model.config.n_experts))
+
+
+def test_usage_distance_is_total_variation(model, prompts):
+    a, b = lessons.expert_usage(model, prompts["code"][0]), lessons.expert_usage(model, prompts["prose"][0])
+    assert lessons.usage_distance(a, a)["distance"].to_list() == [0.0] * model.config.n_layers
+    ab, ba = lessons.usage_distance(a, b), lessons.usage_distance(b, a)
+    assert ab["distance"].to_list() == pytest.approx(ba["distance"].to_list())
+    n = model.config.n_experts
+    for layer, d in ab.iter_rows():  # numpy over dense share vectors, an expert one usage lacks at 0
+        dense = [np.zeros(n), np.zeros(n)]
+        for vec, usage in zip(dense, (a, b)):
+            for e, share in usage.filter(pl.col("layer") == layer).select("expert", "share").iter_rows():
+                vec[e] = share
+        assert d == pytest.approx(0.5 * np.abs(dense[0] - dense[1]).sum())
+        assert 0 <= d <= 1
+    disjoint = pl.DataFrame({"layer": [0, 0], "expert": [1, 2], "share": [0.5, 0.5]})
+    other = pl.DataFrame({"layer": [0], "expert": [3], "share": [1.0]})
+    assert lessons.usage_distance(disjoint, other)["distance"].to_list() == [pytest.approx(1.0)]
+
+
+def test_random_router_is_temporary(model, prompts):
+    ids = prompts["prose"][1]
+    layers = model.weights.layers
+    before = [layer.router.clone() for layer in layers]
+    objects = [layer.router for layer in layers]
+    trained = lessons.expert_usage(model, ids)
+    with lessons.random_router(model, seed=3):
+        for layer, orig in zip(layers, before):
+            r = layer.router
+            assert r.shape == orig.shape and r.dtype == orig.dtype and r.device == orig.device
+            assert not torch.equal(r, orig)
+            assert float(r.std()) == pytest.approx(float(orig.std()), rel=0.1)
+        assert max(lessons.usage_distance(trained, lessons.expert_usage(model, ids))["distance"]) > 0
+    assert all(layer.router is o and torch.equal(layer.router, b) for layer, o, b in zip(layers, objects, before))
+    with pytest.raises(RuntimeError, match="inside"), lessons.random_router(model, seed=3):
+        raise RuntimeError("an error inside")
+    assert all(layer.router is o and torch.equal(layer.router, b) for layer, o, b in zip(layers, objects, before))
+    with lessons.random_router(model, seed=3):
+        again = [layer.router.clone() for layer in layers]
+    with lessons.random_router(model, seed=3):  # seeded: the same matrices each time
+        assert all(torch.equal(layer.router, g) for layer, g in zip(layers, again))
+
+
+def test_specialisation(model, prompts):
+    small = prompts  # the default prompts, three of each kind
+    frame = lessons.specialisation(model, small, seed=0)
+    columns = ["across kinds", "within a kind", "across kinds, random router"]
+    assert frame.columns == ["layer", *columns]
+    assert frame["layer"].to_list() == list(range(model.config.n_layers))
+    values = frame.select(columns)
+    assert values.null_count().sum_horizontal().item() == 0
+    assert all(0 <= v <= 1 for col in values.iter_columns() for v in col)
+    # the across and within columns from usage_distance on each pair, independently averaged
+    usage = {(kind, j): lessons.expert_usage(model, ids) for kind, many in small.items() for j, ids in enumerate(many)}
+    across = [lessons.usage_distance(usage[x], usage[y])["distance"].to_numpy()
+              for x, y in itertools.combinations(usage, 2) if x[0] != y[0]]
+    within = [lessons.usage_distance(usage[x], usage[y])["distance"].to_numpy()
+              for x, y in itertools.combinations(usage, 2) if x[0] == y[0]]
+    assert frame["across kinds"].to_numpy() == pytest.approx(np.mean(across, axis=0))
+    assert frame["within a kind"].to_numpy() == pytest.approx(np.mean(within, axis=0))
+
+
+# ---- RoPE -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("style", ["neox", "normal"])
+def test_unwrapped_angle_is_the_formula(model, style):
+    c = model.config
+    vec = torch.randn(c.head_dim, generator=torch.Generator().manual_seed(1))
+    pos = 200
+    frame = lessons.rope_unwrapped(model, vec, pos, c.rope_base, c.rope_scale, c.rope_dim, style)
+    assert frame.columns == ["pair", "measured", "formula"] and frame.height == c.rope_dim // 2
+    expected = [pos * c.rope_scale * c.rope_base ** (-2 * i / c.rope_dim) for i in range(c.rope_dim // 2)]
+    assert frame["formula"].to_list() == pytest.approx(expected)
+    assert sum(f > 2 * math.pi for f in expected) >= 3  # pairs that went round more than once
+    assert float((frame["measured"] - frame["formula"]).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("style", ["neox", "normal"])
+def test_dot_depends_on_the_offset_only(model, style):
+    c = model.config
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(c.head_dim, generator=g), torch.randn(c.head_dim, generator=g)
+    frame = lessons.rope_relative_check(model, q, k, c.rope_base, c.rope_scale, style)
+    assert frame.columns == ["offset", "start", "dot"] and frame.height == 9
+    assert frame.filter((pl.col("offset") == 0) & (pl.col("start") == 0))["dot"].item() == pytest.approx(float(q.double() @ k.double()), rel=1e-5)
+    per_offset = frame.group_by("offset").agg(pl.col("dot").min().alias("lo"), pl.col("dot").max().alias("hi"))
+    for _, lo, hi in per_offset.iter_rows():
+        assert hi - lo <= 1e-4 * max(abs(lo), abs(hi))
+    assert per_offset["lo"].n_unique() == 3  # and the offset does change it
