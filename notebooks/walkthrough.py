@@ -46,13 +46,60 @@ def _(mo):
     that each number you see is one the engine computes.
 
     The model is `tiny-qwen3moe`: the same architecture as Qwen3-30B-A3B (per-head QK-norm, grouped-query
-    attention, a head width that is *not* hidden size ÷ heads, a mixture of experts), shrunk to a few
-    megabytes so that everything below runs in seconds on a CPU. Whether the bundled copy holds random or
-    trained weights, the machinery is identical; only the text it writes changes.
+    attention, a head width that is *not* hidden size ÷ heads, a mixture of experts), shrunk to 16 M
+    parameters (17 MB) so that everything below runs in seconds on a CPU. It was **trained here**, from
+    scratch, on the Python standard library: every module's docstrings (pydoc-style), the source of the
+    top-level modules and the `help()` topics — 1.9 M tokens, 23 minutes on two CPU cores (`data/README.md`
+    says how). Its validation loss is 4.0 nats per token, so it writes Python-*looking* code and
+    docstring-*like* English: `def`, `return`, `self.`, argument lists, closing brackets in the right places,
+    plausible identifiers — rarely a program that does anything. That is what good output looks like here;
+    a broken engine (section 7) writes visibly worse, or subtly different, text.
 
     Sections: **1** what is in a GGUF file · **2** tokens · **3** one decode step by hand · **4** the KV cache ·
     **5** cached vs uncached decoding · **6** the mixture of experts · **7** breaking it on purpose.
-    Sliders and text boxes along the way change what is shown; every cell below them follows.
+    Sliders and text boxes along the way change what is shown; every cell below them follows. Reading it
+    through takes about 20 minutes; the buttons (sweeps, the breaks) are optional.
+    """)
+    return
+
+
+@app.cell(hide_code=True)
+def _(mo):
+    mo.accordion({"Glossary (the terms used below)": mo.md(r"""
+    * **token, piece, id** — the unit the model reads and writes: a piece of text from a fixed vocabulary, and its
+      number. **BPE merges** — how a byte-level BPE tokenizer is built: start from the 256 bytes, repeatedly
+      merge the most frequent adjacent pair into a new token; the file lists the merges in order (section 2).
+    * **logits** — one score per vocabulary entry; softmax turns them into the next token's probabilities.
+    * **residual stream** — the vector per position that every block reads from and adds its output to.
+    * **RMSNorm** — divide a vector by its root-mean-square, times a learned weight. **QK-norm** — the same,
+      applied to each query and key head on its own (Qwen3, Gemma3).
+    * **RoPE** — rotary position embedding: q and k are rotated by angles proportional to the position.
+    * **GQA** — grouped-query attention: several query heads share one key/value head.
+    * **KV cache** — every earlier position's keys and values, kept so a decode step runs only the new token.
+    * **prefill / decode** — the prompt's positions in one batched forward, then one token per step.
+    * **MoE, router, experts, top-k** — a feed-forward layer made of many small networks (experts); a linear
+      router scores them and only the best k run for each token.
+    * **SwiGLU** — the feed-forward network used by each expert: down(silu(gate(x)) × up(x)).
+    * **quant types, Q8_0, K-quants** — how GGUF stores weights in small blocks of low-bit integers with a
+      scale per block; the K-quants (Q2_K … Q6_K) use 256-weight super-blocks with per-sub-block scales.
+    * **probe, capture point** — a function the forward pass calls with its intermediate tensors by name
+      (`blocks.0.attn.q_normed`, …). **trace frames** — the tables a session records from probes at every step:
+      `tokens` (each step's token and timing), `kv` (cache bytes per layer), `qk` (q/k RMS per head before and
+      after the norm), `routing` (experts and weights), `layers` (residual statistics), `equiv` (cached vs
+      uncached logits).
+    * **aprender** — a Rust inference engine whose KV-cache bugs this workbench grew out of (section 5 tells
+      the story).
+    """)})
+    return
+
+
+@app.cell(hide_code=True)
+def _(mo):
+    mo.md(r"""
+    **Try this** as you go: in section 2, a prompt of prose (`The history of the city`) and one of code
+    (`def read_lines(path):`) — the token boxes show which strings the tokenizer learnt as one piece; in
+    section 3, slide the position to 0 and watch the attention have only one key to read; in section 7, pick
+    `rope-style-swap` and compare its text with the clean run's.
     """)
     return
 
@@ -195,18 +242,23 @@ def _(mo):
 
 
 @app.cell
-def _(mo):
-    prompt = mo.ui.text_area(
-        value='def area(width, height):\n    """Return the area of a rectangle."""\n    return',
-        label="prompt", full_width=True, rows=3)
+def _():
+    # Constants of their own: a cell that used them from the prompt's cell would re-run with every edit of it.
+    DEFAULT_PROMPT = 'def area(width, height):\n    """Return the area of a rectangle."""\n    return'
+    MAX_PROMPT = 200  # positions; keeps every section below fast and inside the context
+    KINDS = {1: "normal", 2: "unknown", 3: "control", 4: "user-defined", 5: "unused", 6: "byte"}
+    return DEFAULT_PROMPT, KINDS, MAX_PROMPT
+
+
+@app.cell
+def _(DEFAULT_PROMPT, mo):
+    prompt = mo.ui.text_area(value=DEFAULT_PROMPT, label="prompt", full_width=True, rows=3)
     prompt
     return (prompt,)
 
 
 @app.cell
-def _(charts, gguf, mo, pl, prompt, tok, visible, wtrace):
-    DEFAULT_PROMPT = 'def area(width, height):\n    """Return the area of a rectangle."""\n    return'
-    MAX_PROMPT = 200  # positions; keeps every section below fast and inside the context
+def _(DEFAULT_PROMPT, KINDS, MAX_PROMPT, charts, gguf, mo, pl, prompt, tok, visible, wtrace):
     _notes = []
     ids = tok.encode(prompt.value)
     if not ids:
@@ -218,7 +270,6 @@ def _(charts, gguf, mo, pl, prompt, tok, visible, wtrace):
                                        f"{MAX_PROMPT}."), kind="warn"))
         ids = ids[:MAX_PROMPT]
     pieces = [tok.piece(i) for i in ids]
-    KINDS = {1: "normal", 2: "unknown", 3: "control", 4: "user-defined", 5: "unused", 6: "byte"}
     token_types = gguf.metadata.get("tokenizer.ggml.token_type") or [1] * tok.vocab_size
     prompt_tokens = pl.DataFrame({
         "position": list(range(len(ids))), "id": ids, "piece": [visible(p) for p in pieces],
@@ -233,7 +284,7 @@ def _(charts, gguf, mo, pl, prompt, tok, visible, wtrace):
         mo.md(f"**{len(ids)} tokens** for {len(prompt.value)} characters. {_bos}. Hover a box for its id:"),
         mo.Html(charts.token_html(pieces, ids, wtrace.empty("tokens"))),
     ])
-    return DEFAULT_PROMPT, KINDS, MAX_PROMPT, ids, pieces, prompt_tokens, token_types
+    return ids, pieces, prompt_tokens, token_types
 
 
 @app.cell
@@ -422,8 +473,39 @@ def _(alt, cfg, hand, hand_layer, lessons, mo, pl):
 
 
 @app.cell
-def _(cfg, hand, ids, mo, pos):
-    rope_pos = mo.ui.slider(start=0, stop=cfg.context_length - 1, value=max(pos, 1), label="RoPE position", show_value=True)
+def _(alt, hand_layer, ids, lessons, mo, model, pl):
+    # The claim above needs a view across positions: one forward over the whole prompt, q and k captured before
+    # and after the norm at every position.
+    qk_positions = lessons.qk_norm_across_positions(model, ids)
+    qk_spread = lessons.qk_norm_spread(qk_positions)
+    _layer = qk_positions.filter(pl.col("layer") == hand_layer.value)
+    _dots = alt.Chart(_layer).mark_tick(thickness=1.5, opacity=0.6).encode(
+        x=alt.X("head:O"), y=alt.Y("rms:Q", title="RMS of the head's vector", scale=alt.Scale(type="log")),
+        color=alt.Color("stage:N", sort=["pre", "post"], scale=alt.Scale(domain=["pre", "post"], range=["#bbbbbb", "#4c78a8"])),
+        xOffset=alt.XOffset("stage:N", sort=["pre", "post"]),
+        tooltip=["tensor", "stage", "head", "position", alt.Tooltip("rms:Q", format=".4f")],
+    ).properties(width=300, height=200).facet(column=alt.Column("tensor:N", sort=["q", "k"], title=None)).properties(
+        title=f"layer {hand_layer.value}: each head's size at each of the {len(ids)} prompt positions (one tick each)")
+    _row = {(r["tensor"], r["stage"]): r for r in qk_spread.iter_rows(named=True)}
+    mo.vstack([
+        mo.md(f"""
+        **Across positions.** One token cannot show that the norm makes a head's size independent of the input:
+        here are all {len(ids)} prompt positions at once (one forward, the engine's probe). Before the norm, q's
+        head sizes range over **{_row[('q', 'pre')]['min']:.2f}–{_row[('q', 'pre')]['max']:.2f}** (×{_row[('q', 'pre')]['spread']:.1f})
+        across positions, heads and layers; after it, **{_row[('q', 'post')]['min']:.2f}–{_row[('q', 'post')]['max']:.2f}**
+        (×{_row[('q', 'post')]['spread']:.1f}) — what is left is the learned weight, the same at every position.
+        For k: {_row[('k', 'pre')]['min']:.2f}–{_row[('k', 'pre')]['max']:.2f} before,
+        {_row[('k', 'post')]['min']:.2f}–{_row[('k', 'post')]['max']:.2f} after.
+        """),
+        _dots,
+    ])
+    return qk_positions, qk_spread
+
+
+@app.cell
+def _(cfg, mo):
+    # Of their own (no position, no layer): moving the sliders of section 3 leaves these where they are.
+    rope_pos = mo.ui.slider(start=0, stop=cfg.context_length - 1, value=12, label="RoPE position", show_value=True)
     rope_pairs = mo.ui.slider(start=2, stop=max(cfg.rope_dim // 2, 3), value=min(4, cfg.rope_dim // 2), label="pairs drawn", show_value=True)
     mo.vstack([
         mo.md(f"""
@@ -468,27 +550,42 @@ def _(alt, rope_pairs, rope_pos, rope_rows):
 
 
 @app.cell
-def _(alt, cfg, lessons, mo, pl, rope_angles, rope_planes, rope_pos, rope_vec, rotated):
-    _angles = alt.Chart(rope_angles).mark_point(filled=True).encode(
-        x=alt.X("pair:Q", title="pair i"), y=alt.Y("measured turn:Q", title="angle turned (rad, mod 2π)"),
-        color=alt.Color("style:N"), shape=alt.Shape("style:N"),
-        tooltip=["style", "pair", alt.Tooltip("measured turn:Q", format=".4f"), alt.Tooltip("formula:Q", format=".4f")],
-    ) + alt.Chart(rope_angles.filter(pl.col("style") == "neox")).mark_line(color="#999", strokeDash=[3, 3]).encode(
-        x="pair:Q", y="formula:Q")
+def _(alt, cfg, hand, hand_head, hand_layer, lessons, mo, model, pl, rope_angles, rope_planes, rope_pos, rope_vec, rotated):
+    # The angles unwrapped: measured at every position 0 … p and followed round, so a fast pair that has turned
+    # several times shows its whole angle (mod 2π it would look like a slow one).
+    _base, _scale = cfg.layer_rope_base(hand_layer.value), cfg.layer_rope_scale(hand_layer.value)
+    rope_total = lessons.rope_unwrapped(model, rope_vec, rope_pos.value, _base, _scale, cfg.rope_dim, cfg.rope_style)
+    _angles = alt.Chart(rope_total).mark_point(filled=True).encode(
+        x=alt.X("pair:Q", title="pair i"), y=alt.Y("measured:Q", title="angle turned so far (rad, unwrapped)"),
+        tooltip=["pair", alt.Tooltip("measured:Q", format=".4f"), alt.Tooltip("formula:Q", format=".4f")],
+    ) + alt.Chart(rope_total).mark_line(color="#999", strokeDash=[3, 3]).encode(x="pair:Q", y="formula:Q")
     _p = rope_pos.value
     _style_gap = float((rotated["neox"] - rotated["normal"]).abs().max())
     _norm_kept = float((rotated[cfg.rope_style].norm() - rope_vec.norm()).abs())
+    _unwrap_error = float((rope_total["measured"] - rope_total["formula"]).abs().max())
+    # relative position: q at m + d against k at m gives the same score whatever m is
+    rope_relative = lessons.rope_relative_check(model, rope_vec, hand[hand_layer.value]["k_normed"][0, hand_head.value // (cfg.n_heads // cfg.n_kv_heads)],
+                                                _base, _scale, cfg.rope_style)
+    _rel = rope_relative.group_by("offset").agg(pl.col("dot").min().alias("lo"), pl.col("dot").max().alias("hi")).sort("offset")
+    _rel_text = "; ".join(f"offset {r['offset']}: {r['lo']:.4f} … {r['hi']:.4f}" for r in _rel.iter_rows(named=True))
     mo.vstack([
         rope_planes,
-        _angles.properties(width=480, height=180, title="angle each pair turned: measured from apply_rope's output (points) vs the formula (dashed)"),
+        _angles.properties(width=480, height=180, title=f"angle each pair has turned at position {_p}: measured from apply_rope (points) vs the formula (dashed)"),
         mo.md(f"""
-        Both styles turn pair i by the same angle (largest disagreement with the formula: {lessons.angle_error(rope_angles):.1e} rad)
-        and keep the vector's length (|Δ norm| = {_norm_kept:.1e}). What differs is *which dims* are paired, so
-        the two results differ as vectors: max |neox − normal| = **{_style_gap:.4f}** at position {_p}
+        Pair 0 turns by 1 radian per position, so at position {_p} it has gone round {_p / 6.283:.1f} times; the last
+        pairs have barely moved. Measured from `apply_rope`'s output position by position and followed round,
+        every pair's angle is the formula's to {_unwrap_error:.1e} rad. Both styles turn pair i by the same angle
+        (mod 2π: {lessons.angle_error(rope_angles):.1e} rad) and keep the vector's length (|Δ norm| = {_norm_kept:.1e}).
+        What differs is *which dims* are paired, so the two results differ as vectors: max |neox − normal| =
+        **{_style_gap:.4f}** at position {_p}
         {"(position 0 is not rotated at all, so the styles agree there — a style bug hides at position 0)" if _p == 0 else "(move the slider to 0: there the styles agree, which is why a style bug hides in a one-token test)"}.
+
+        **Only the distance counts.** The score of this query head against its key head, q rotated to position
+        m + d and k to position m, for three starts m: {_rel_text}. The same number for a given offset d, whatever
+        m is (to rounding): attention sees how far apart two tokens are, not where they are.
         """),
     ])
-    return
+    return rope_relative, rope_total
 
 
 @app.cell
@@ -497,13 +594,18 @@ def _(alt, cfg, hand, hand_head, hand_layer, lessons, mo, pieces, pl, pos):
     # The pattern grouped_attention does not return, recomputed from the same tensors; _check: how well it
     # reproduces grouped_attention's output.
     attention_pattern, _check = lessons.attention_pattern(hand[hand_layer.value], _group, cfg.attn_scale, pieces)
-    _heat = alt.Chart(attention_pattern).mark_rect().encode(
-        x=alt.X("key position:O"), y=alt.Y("head:O"), color=alt.Color("weight:Q", scale=alt.Scale(scheme="blues")),
+    # each key labelled with its position and token
+    _labelled = attention_pattern.with_columns(
+        (pl.col("key position").cast(pl.Utf8) + " " + pl.col("piece").str.slice(0, 10)).alias("key"))
+    _order = _labelled.sort("key position")["key"].unique(maintain_order=True).to_list()
+    _key_x = alt.X("key:O", sort=_order, title="key: position and token", axis=alt.Axis(labelAngle=-60, labelFontSize=9))
+    _heat = alt.Chart(_labelled).mark_rect().encode(
+        x=_key_x, y=alt.Y("head:O"), color=alt.Color("weight:Q", scale=alt.Scale(scheme="blues")),
         tooltip=["head", "key position", "piece", alt.Tooltip("weight:Q", format=".3f")],
     ).properties(width=min(24 * (pos + 1), 640), height=22 * cfg.n_heads,
                  title=f"layer {hand_layer.value}: how much each query head reads from each cached position")
-    _sel = alt.Chart(attention_pattern.filter(pl.col("head") == hand_head.value)).mark_bar().encode(
-        x=alt.X("key position:O"), y=alt.Y("weight:Q"), tooltip=["key position", "piece", alt.Tooltip("weight:Q", format=".3f")],
+    _sel = alt.Chart(_labelled.filter(pl.col("head") == hand_head.value)).mark_bar().encode(
+        x=_key_x, y=alt.Y("weight:Q"), tooltip=["key position", "piece", alt.Tooltip("weight:Q", format=".3f")],
     ).properties(width=min(24 * (pos + 1), 640), height=120, title=f"head {hand_head.value} (reads KV head {hand_head.value // _group})")
     mo.vstack([
         mo.md(f"""
@@ -597,22 +699,26 @@ def _(hand, hand_logits, ids, lessons, model, pos, torch):
 
 @app.cell
 def _(by_hand_max_diff, by_hand_vs_cached, by_hand_vs_uncached, engine_logits, mo, probe_check, same_next_token):
+    by_hand_relative = by_hand_max_diff / float(engine_logits.abs().max())
     mo.vstack([
         mo.md(f"""
         **Check against the engine.** The engine runs the same step with `model.forward(token, pos, cache,
         probe=capture)` on a cache it prefilled itself, and once more uncached (the whole sequence from
         position 0, one batched forward). Largest difference between our logits and the engine's:
-        **max |Δ| = {by_hand_max_diff:.2e}** (cached step: {by_hand_vs_cached:.1e}, uncached: {by_hand_vs_uncached:.1e};
-        max |logit| = {float(engine_logits.abs().max()):.3f}); same next token: **{same_next_token}**.
-        A difference of ~1e-6 is float32 rounding — a batched forward adds the same numbers in another
-        order — not a different computation.
+        **max |Δ| = {by_hand_max_diff:.2e}** (cached step: {by_hand_vs_cached:.1e}, uncached: {by_hand_vs_uncached:.1e})
+        against max |logit| = {float(engine_logits.abs().max()):.3f}: **{by_hand_relative:.1e} of the largest
+        logit**; same next token: **{same_next_token}**. That is float32 rounding, not a different computation:
+        a float32 number carries about 7 significant digits (its relative step is 1.2e-7), every logit is the
+        end of a chain of sums of hundreds of products, and a batched forward adds the same products in
+        another order — differences of a few 1e-7 to 1e-6 *relative* to the numbers involved, which is what
+        is measured here. A real bug shows as 1e-2 or more (section 7).
 
         The probe hands us the engine's tensors at its named capture points (TransformerLens-style names, the
         ones the app's panels and the Parquet traces are built from), so each stage can be compared on its own:
         """),
         mo.ui.table(probe_check, selection=None, page_size=probe_check.height),
     ])
-    return
+    return (by_hand_relative,)
 
 
 @app.cell(hide_code=True)
@@ -632,35 +738,57 @@ def _(mo):
 
 
 @app.cell
-def _(Session, cfg, charts, ids, mo, model, pl):
-    KV_STEPS = 24
+def _(Session, cfg, ids, mo, model, pl):
+    KV_STEPS = 24  # decoded on open; Step and Step ×8 below add more, up to KV_MORE
+    KV_MORE = 200
     _element = model.weights.layers[0].wqkv.element_size()  # bytes per number in the cache: the compute dtype
     kv_bytes_per_token = cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * _element
     assert kv_bytes_per_token == cfg.kv_bytes_per_token(_element)
-    kv_session = Session(model, ids, path="cached", context=len(ids) + KV_STEPS + 1)
-    _rows = []
-    for _ in range(KV_STEPS):
+    kv_session = Session(model, ids, path="cached", context=min(cfg.context_length, len(ids) + KV_STEPS + KV_MORE))
+    kv_rows = []  # one per step: positions held, bytes used, the formula's bytes
+
+    def kv_step():
         kv_session.step()
-        _rows.append({"positions": kv_session.cache.length, "bytes used": kv_session.cache.used_bytes,
-                      "formula": kv_session.cache.length * kv_bytes_per_token})
-    kv_growth = pl.DataFrame(_rows)
+        kv_rows.append({"positions": kv_session.cache.length, "bytes used": kv_session.cache.used_bytes,
+                        "formula": kv_session.cache.length * kv_bytes_per_token})
+
+    for _ in range(KV_STEPS):
+        kv_step()
+    kv_growth = pl.DataFrame(kv_rows)
     kv_formula_holds = bool((kv_growth["bytes used"] == kv_growth["formula"]).all())
+    kv_one, kv_eight = mo.ui.run_button(label="Step"), mo.ui.run_button(label="Step ×8")
+    return KV_STEPS, kv_bytes_per_token, kv_eight, kv_formula_holds, kv_growth, kv_one, kv_rows, kv_session, kv_step
+
+
+@app.cell
+def _(charts, ids, kv_eight, kv_one, kv_rows, kv_session, kv_step, mo, pl):
+    # Step and Step ×8: the same session goes on, one token (one position per layer) at a time.
+    _want = 1 if kv_one.value else 8 if kv_eight.value else 0
+    _room = kv_session.capacity - len(kv_session.ids)
+    for _ in range(min(_want, _room)):
+        kv_step()
+    _rows = pl.DataFrame(kv_rows)
+    _holds = bool((_rows["bytes used"] == _rows["formula"]).all())
     _trace = kv_session.trace()
+    _cache = kv_session.cache
     mo.vstack([
         mo.md(f"""
-        {charts.kv_arithmetic(_trace.meta, kv_session.cache.length)}
+        {charts.kv_arithmetic(_trace.meta, _cache.length)}
 
         That is the arithmetic; the cache of a real run agrees. The prompt's {len(ids)} positions arrive at once
-        (the prefill), then one per step: after {KV_STEPS} steps the cache holds {kv_session.cache.length}
-        positions = {kv_session.cache.used_bytes:,} bytes (formula holds at every step: **{kv_formula_holds}**)
-        of the {kv_session.cache.capacity_bytes:,} bytes preallocated for its capacity of
-        {kv_session.cache.capacity} positions. Layer 0's keys are a tensor of shape
-        {list(kv_session.cache.keys[0].shape)}.
+        (the prefill), then one per step: after {len(kv_rows)} steps the cache holds {_cache.length}
+        positions = {_cache.used_bytes:,} bytes (formula holds at every step: **{_holds}**)
+        of the {_cache.capacity_bytes:,} bytes preallocated for its capacity of {_cache.capacity} positions.
+        Layer 0's keys are a tensor of shape {list(_cache.keys[0].shape)} (KV heads × capacity × head_dim), of
+        which the first {_cache.length} positions are written. Press **Step**: the newest token's K and V go in at
+        position {_cache.length}, one row per layer and KV head; nothing before it is recomputed.
         """),
+        mo.hstack([kv_one, kv_eight], justify="start"),
         mo.hstack([charts.kv_growth(_trace.kv, _trace.meta["primary_path"]), charts.kv_positions(_trace.kv, _trace.meta["primary_path"])],
                   justify="start", wrap=True),
+        mo.md(f"_The cache is full ({_cache.capacity} positions): edit the prompt to start again._") if _room <= 0 else mo.md(""),
     ])
-    return KV_STEPS, kv_bytes_per_token, kv_formula_holds, kv_growth, kv_session
+    return
 
 
 @app.cell
@@ -724,35 +852,68 @@ def _(mo):
 
 @app.cell
 def _(cfg, mo):
-    speed_prompt = mo.ui.slider(start=8, stop=min(384, cfg.context_length - 64), step=8, value=24,
+    speed_prompt = mo.ui.slider(start=8, stop=min(384, cfg.context_length - 64), step=8, value=16,
                                 label="prompt tokens", show_value=True)
-    speed_steps = mo.ui.slider(start=8, stop=40, step=1, value=40, label="decode steps", show_value=True)
+    speed_steps = mo.ui.slider(start=32, stop=256, step=16, value=128, label="decode steps", show_value=True)
     mo.hstack([speed_prompt, speed_steps], justify="start")
     return speed_prompt, speed_steps
 
 
 @app.cell
-def _(Session, bench, charts, lessons, mo, model, speed_prompt, speed_steps):
+def _(Session, bench, cfg, mo, model, speed_prompt, speed_steps):
+    SPEED_WARMUP = 2  # decode steps left out of the comparison: the first ones pay one-off costs (allocation, caches)
+    SPEED_MORE = 64  # how far Step ×16 may go past the slider's steps
     speed_ids = bench.bench_prompt(model, speed_prompt.value)  # fixed English text, exactly this many tokens
-    speed_session = Session(model, speed_ids, path="both", context=len(speed_ids) + speed_steps.value + 1)
+    speed_session = Session(model, speed_ids, path="both", timing_repeats=3,
+                            context=min(cfg.context_length, len(speed_ids) + speed_steps.value + SPEED_MORE + 1))
     with mo.status.progress_bar(total=speed_steps.value, title="Decoding on both paths", remove_on_exit=True) as _bar:
         for _ in range(speed_steps.value):  # end-of-text does not stop us here: equal lengths, comparable timings
             speed_session.step()
             _bar.update()
-    speed_trace = speed_session.trace()
+    speed_trace = speed_session.trace()  # as decoded on open: what the claims below are measured on
+    speed_more = mo.ui.run_button(label="Step ×16")
+    return SPEED_WARMUP, speed_ids, speed_more, speed_session, speed_trace
+
+
+@app.cell
+def _(SPEED_WARMUP, charts, lessons, speed_trace):
     speedup_measured = charts.speedup(speed_trace.tokens)
     equiv_worst = float((speed_trace.equiv["max_abs_diff"] / speed_trace.equiv["max_abs_logit"]).max())
     equiv_argmax_all = bool(speed_trace.equiv["argmax_equal"].all())
+    speed_growth = lessons.cost_growth(speed_trace.tokens, SPEED_WARMUP)  # per path: ms early, ms late, their ratio
+    return equiv_argmax_all, equiv_worst, speed_growth, speedup_measured
+
+
+@app.cell
+def _(SPEED_WARMUP, charts, equiv_argmax_all, equiv_worst, lessons, mo, pl, speed_growth, speed_more, speed_session,
+      speed_trace, speedup_measured):
+    # Step ×16: the same session goes on (the curves grow to the right); the claims were measured on open.
+    _shown = speed_trace
+    if speed_more.value:
+        for _ in range(min(16, speed_session.capacity - len(speed_session.ids))):
+            speed_session.step()
+        _shown = speed_session.trace()
+    _g = {r["path"]: r for r in speed_growth.iter_rows(named=True)}
+    _u, _c = _g["uncached"], _g["cached"]
     mo.vstack([
-        mo.hstack([charts.step_latency(speed_trace.tokens), charts.equivalence(speed_trace.equiv, speed_trace.meta["equiv_tolerance"])], justify="start", wrap=True),
+        mo.md(f"""
+        Measured on open, steps {SPEED_WARMUP + 1}… (the first {SPEED_WARMUP} decode steps pay one-off costs and are
+        left out): an **uncached** step cost {_u['ms early']:.1f} ms at position {_u['position early']} and
+        {_u['ms late']:.1f} ms at position {_u['position late']} — **{_u['ratio']:.1f}×** for
+        {_u['position late'] / _u['position early']:.1f}× the tokens; a **cached** step {_c['ms early']:.1f} →
+        {_c['ms late']:.1f} ms (**{_c['ratio']:.1f}×**). (Each figure is the median of 4 steps, each step the best
+        of up to 3 runs.) Press **Step ×16** to watch both curves go on.
+        """),
+        speed_more,
+        mo.hstack([charts.step_latency(_shown.tokens), charts.equivalence(_shown.equiv, _shown.meta["equiv_tolerance"])], justify="start", wrap=True),
         mo.hstack([
             mo.stat(value=charts.fmt_speedup(speedup_measured), label="cached / uncached", caption="tokens/s, last 8 steps", bordered=True),
             mo.stat(value=f"{equiv_worst:.1e}", label="worst max|Δlogit| / max|logit|", caption=f"threshold {speed_trace.meta['equiv_tolerance']:g}", bordered=True),
             mo.stat(value="yes" if equiv_argmax_all else "no", label="same argmax at every step", bordered=True),
-            lessons.step_ms(speed_trace.tokens),
+            speed_growth.select("path", pl.col("position early"), pl.col("ms early"), pl.col("position late"), pl.col("ms late"), "ratio"),
         ], justify="start", wrap=True),
     ])
-    return equiv_argmax_all, equiv_worst, speed_ids, speed_session, speed_trace, speedup_measured
+    return
 
 
 @app.cell
@@ -865,8 +1026,10 @@ def _(alt, cfg, expert_load, lessons, mo, moe_layer, moe_sessions, moe_traces, p
     _t, _s = moe_traces["code"], moe_sessions["code"]
     _per_token = _t.routing.filter(pl.col("layer") == _layer).with_columns(
         pl.col("position").map_elements(lambda p: visible(tok.piece(_s.ids[p])), return_dtype=pl.String).alias("piece"))
+    _per_token = _per_token.with_columns((pl.col("position").cast(pl.Utf8) + " " + pl.col("piece").str.slice(0, 8)).alias("token"))
     _heat = alt.Chart(_per_token).mark_rect().encode(
-        x=alt.X("position:O", axis=alt.Axis(labels=False, ticks=False)), y=alt.Y("expert:O"),
+        x=alt.X("token:O", sort=_per_token.sort("position")["token"].unique(maintain_order=True).to_list(),
+                title="position and token", axis=alt.Axis(labelAngle=-70, labelFontSize=8)), y=alt.Y("expert:O"),
         color=alt.Color("weight:Q", scale=alt.Scale(scheme="oranges"), title="weight"),
         tooltip=["position", "piece", "expert", "rank", alt.Tooltip("weight:Q", format=".3f"),
                  alt.Tooltip("router_entropy:Q", format=".3f")],
@@ -888,22 +1051,65 @@ def _(alt, cfg, expert_load, lessons, mo, moe_layer, moe_sessions, moe_traces, p
 
 
 @app.cell
-def _(cfg, charts, expert_load, lessons, mo, moe_traces):
+def _(alt, cfg, expert_load, lessons, mo):
     _uniform = 1 / cfg.n_experts
     _top_gap = lessons.largest_load_gap(expert_load)
+    _shares = alt.Chart(expert_load).mark_rect().encode(
+        x=alt.X("expert:O"), y=alt.Y("layer:O", sort="descending"),
+        color=alt.Color("share:Q", scale=alt.Scale(scheme="blues", domain=[0, float(expert_load["share"].max())]),
+                        title="share of picks", legend=alt.Legend(format=".2f")),
+        tooltip=["prompt", "layer", "expert", "picks", alt.Tooltip("share:Q", format=".3f")],
+    ).properties(width=300, height=120).facet(column=alt.Column("prompt:N", title=None)).properties(
+        title="share of each layer's picks per expert, both prompts on one scale")
     mo.vstack([
         mo.md(f"""
         With perfectly even routing every expert would get {_uniform:.3f} of the picks. The largest difference
         between the two prompts is at layer {_top_gap['layer']}, expert {_top_gap['expert']}: {_top_gap['code']:.3f} of
-        the code picks vs {_top_gap['prose']:.3f} of the prose picks. In a trained MoE, such differences are the
-        experts' specialisations (and a training-time balancing loss keeps any one expert from taking
-        everything); in a random one, they reflect nothing but the random router. Either way, this is how you
-        check what a model's router does rather than guess.
+        the code picks vs {_top_gap['prose']:.3f} of the prose picks.
         """) if _top_gap else mo.md(""),
-        mo.hstack([charts.routing_heatmap(_tr.routing).properties(title=f"{_n}: picks per layer × expert (all steps)")
-                   for _n, _tr in moe_traces.items()], justify="start", wrap=True),
+        _shares,
     ])
     return
+
+
+@app.cell
+def _(alt, lessons, mo, model, pl, tok):
+    # Do experts specialise? Usage of two kinds of text compared with a baseline of the same kind, and with a
+    # control: the same prompts through a random router (which can only tell texts apart by chance).
+    _prompts = {"code": [tok.encode(t) for t in lessons.CODE_PROMPTS], "prose": [tok.encode(t) for t in lessons.PROSE_PROMPTS]}
+    specialisation = lessons.specialisation(model, _prompts)  # the random router: the mean over 5 seeds
+    _long = specialisation.unpivot(index="layer", variable_name="comparison", value_name="distance")
+    _order = ["within a kind", "across kinds", "within a kind, random router", "across kinds, random router"]
+    _bars = alt.Chart(_long).mark_bar().encode(
+        x=alt.X("layer:O"), xOffset=alt.XOffset("comparison:N", sort=_order),
+        y=alt.Y("distance:Q", scale=alt.Scale(domain=[0, 1]), title="usage distance (total variation, 0 … 1)"),
+        color=alt.Color("comparison:N", sort=_order, scale=alt.Scale(domain=_order, range=["#9ecae9", "#4c78a8", "#ffbf79", "#f58518"])),
+        tooltip=["layer", "comparison", alt.Tooltip("distance:Q", format=".3f")],
+    ).properties(width=420, height=200, title="how differently two texts use the experts, per layer")
+    _mean = {c: float(specialisation[c].mean()) for c in _order}
+    specialisation_gap = {"trained": _mean["across kinds"] - _mean["within a kind"],
+                          "random": _mean["across kinds, random router"] - _mean["within a kind, random router"]}
+    mo.vstack([
+        mo.md(f"""
+        **Do the experts specialise?** A difference between one code and one prose prompt means little on its
+        own: two code prompts differ too, and even a router of random numbers sends different texts to different
+        experts. So: {len(lessons.CODE_PROMPTS)} code and {len(lessons.PROSE_PROMPTS)} prose prompts (standard-library code;
+        English prose), each prompt's share of picks per expert and layer, and the distance between two
+        prompts' shares (total variation: 0 = the same experts in the same proportions, 1 = no expert in common).
+        Averaged over layers, with the trained router: **{_mean['within a kind']:.2f}** between prompts of the same
+        kind, **{_mean['across kinds']:.2f}** between code and prose — a gap of **{specialisation_gap['trained']:.2f}**.
+        With the router swapped for random matrices of the same size (`lessons.random_router`, the mean of 5):
+        {_mean['within a kind, random router']:.2f} within, {_mean['across kinds, random router']:.2f} across — a gap
+        of {specialisation_gap['random']:.2f}. So even a random router sends code and prose to different experts:
+        the two kinds of text reach the router as different vectors, and any linear scoring splits them. The
+        trained router splits them {"more" if specialisation_gap['trained'] > specialisation_gap['random'] else "less"} than that,
+        by {abs(specialisation_gap['trained'] - specialisation_gap['random']):.2f}{": that extra is what training taught it, the experts' specialisation" if specialisation_gap['trained'] > specialisation_gap['random'] else ""}.
+        Without the control, all of the {specialisation_gap['trained']:.2f} would have been credited to training —
+        which is why a claim about routing needs a baseline of the same kind and a random-router control.
+        """),
+        mo.hstack([_bars, specialisation.with_columns(pl.exclude("layer").round(3))], justify="start", wrap=True),
+    ])
+    return specialisation, specialisation_gap
 
 
 @app.cell(hide_code=True)
@@ -1000,8 +1206,11 @@ def _(alt, break_pick, break_report, break_runs, charts, clean_trace, mo, pl):
     if _row["alarm frame"] == "routing" or break_pick.value in ("moe-as-dense", "no-topk-renorm"):
         _panels += [charts.routing_heatmap(_t.routing, _t.meta["primary_path"]), charts.routing_last_token(_t.routing, _t.meta["primary_path"])]
     if break_pick.value == "skip-qk-norm" or _row["alarm frame"] == "qk":
-        _panels += [charts.qk_heatmap(_t.qk, 0, "q", path=_t.meta["primary_path"]),
-                    charts.qk_heatmap(clean_trace.qk, 0, "q", path=clean_trace.meta["primary_path"]).properties(title="clean run, for comparison")]
+        # one colour scale for both: equal values look equal
+        _panels.append(alt.hconcat(
+            charts.qk_heatmap(_t.qk, 0, "q", path=_t.meta["primary_path"]).properties(title=f"{break_pick.value}: q RMS at step 0"),
+            charts.qk_heatmap(clean_trace.qk, 0, "q", path=clean_trace.meta["primary_path"]).properties(title="clean run, for comparison"),
+        ).resolve_scale(color="shared"))
     mo.vstack([
         mo.md(f"""
         **{break_pick.value}** — {_row['what it does']}. First difference from the clean run:
@@ -1029,13 +1238,15 @@ def _(mo):
 
 
 @app.cell
-def _(by_hand_max_diff, break_report, equiv_worst, mo, qwen3_30b_kv_bytes_32k, speedup_measured):
+def _(by_hand_max_diff, break_report, equiv_worst, mo, qwen3_30b_kv_bytes_32k, speed_growth, speedup_measured):
     # A one-line summary for headless runs (`python notebooks/walkthrough.py`); silent in the editor.
     if not mo.running_in_notebook():
         _alarms = ", ".join(f"{r['break']}→{r['alarm frame'] or r['first frame']}@{r['alarm step'] if r['alarm frame'] else r['first step']}"
                             for r in break_report.iter_rows(named=True))
         print(f"walkthrough: by-hand vs engine max|Δlogit| = {by_hand_max_diff:.2e}; "
               f"cached/uncached = {speedup_measured or float('nan'):.1f}x, worst relative Δ = {equiv_worst:.1e}; "
+              f"step cost late/early: " + ", ".join(f"{r['path']} {r['ratio']:.1f}x" for r in speed_growth.iter_rows(named=True))
+              + "; "
               f"Qwen3-30B-A3B KV @32k = {qwen3_30b_kv_bytes_32k / 2**30:.2f} GiB; breaks: {_alarms}")
     return
 

@@ -158,8 +158,8 @@ def test_random_router_is_temporary(model, prompts):
 
 def test_specialisation(model, prompts):
     small = prompts  # the default prompts, three of each kind
-    frame = lessons.specialisation(model, small, seed=0)
-    columns = ["across kinds", "within a kind", "across kinds, random router"]
+    frame = lessons.specialisation(model, small, seeds=(0, 1))
+    columns = ["across kinds", "within a kind", "across kinds, random router", "within a kind, random router"]
     assert frame.columns == ["layer", *columns]
     assert frame["layer"].to_list() == list(range(model.config.n_layers))
     values = frame.select(columns)

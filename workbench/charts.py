@@ -242,7 +242,8 @@ def qk_heatmap(qk: pl.DataFrame, step: int, tensor: str, selection: alt.Paramete
         y=_layer_y(df),
         color=alt.Color("rms:Q", scale=alt.Scale(scheme="magma", type="log"), title=f"{tensor} RMS", legend=alt.Legend(format=NUMBER)),
         tooltip=[alt.Tooltip("layer"), alt.Tooltip("head"), alt.Tooltip("stage"), alt.Tooltip("rms:Q", format=".4f"), alt.Tooltip("max_abs:Q", format=".3f")],
-    ).properties(width=WIDTH, height=HEIGHT, title=f"{tensor}: RMS per layer × head at step {step} (click a cell)")
+    ).properties(width=WIDTH, height=HEIGHT, title=f"{tensor}: RMS per layer × head at step {step}"
+                                                   + (" (click a cell)" if selection is not None else ""))
     if selection is not None:
         chart = chart.add_params(selection).encode(opacity=alt.condition(selection, alt.value(1.0), alt.value(0.35)))
     return chart

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -222,16 +222,6 @@ def probe_check(model: Model, hand: list[dict[str, torch.Tensor]], captured: dic
 
 # ---- 5 · cached vs uncached -------------------------------------------------------------------------------
 
-def step_ms(tokens: pl.DataFrame) -> pl.DataFrame:
-    """Per path, the median ms of the first 4 and of the last 4 decode steps of a `tokens` frame."""
-    decode_steps = tokens.filter(~pl.col("prefill"))
-    return decode_steps.group_by("path").agg(
-        (pl.col("seconds").filter(pl.col("step") <= 4).median() * 1000).round(2).alias("ms, first 4 steps (median)"),
-        (pl.col("seconds").filter(pl.col("step") > pl.col("step").max() - 4).median() * 1000).round(2)
-        .alias("ms, last 4 steps (median)"),
-    ).sort("path")
-
-
 def speed_sweep(model: Model, sizes: list[int], steps: int, on_size: Callable[[], None] = lambda: None) -> pl.DataFrame:
     """`workbench.bench.run` at each prompt length, best of two runs per path (a busy machine only ever makes a run
     slower): one row per (prompt tokens, path) with ms per token, tokens/s, and the measured and expected speedup."""
@@ -328,10 +318,11 @@ def random_router(model: Model, seed: int) -> Iterator[None]:
             layer.router = router
 
 
-def specialisation(model: Model, prompts: dict[str, list[list[int]]], seed: int = 0) -> pl.DataFrame:
-    """Per layer: the mean `usage_distance` between prompts of different kinds, between prompts of the same kind,
-    and between different kinds again with `random_router(model, seed)`: how much of the across-kind gap the
-    trained router adds over the tokens' own differences."""
+def specialisation(model: Model, prompts: dict[str, list[list[int]]], seeds: Sequence[int] = (0, 1, 2, 3, 4)) -> pl.DataFrame:
+    """Per layer: the mean `usage_distance` between prompts of different kinds and between prompts of the same
+    kind, with the trained router and with `random_router` (the mean over `seeds`: one random router is a noisy
+    control). Specialisation is the across-kind distance standing above the within-kind one — by more than a
+    random router's does, which separates texts only by their tokens."""
     kinds = [(kind, ids) for kind, many in prompts.items() for ids in many]
 
     def mean_distances(usages: list[pl.DataFrame], same_kind: bool) -> pl.DataFrame:
@@ -341,13 +332,18 @@ def specialisation(model: Model, prompts: dict[str, list[list[int]]], seed: int 
             pl.col("distance").mean())
 
     trained = [expert_usage(model, ids) for _, ids in kinds]
-    with random_router(model, seed):
-        untrained = [expert_usage(model, ids) for _, ids in kinds]
-    columns = {"across kinds": (trained, False), "within a kind": (trained, True),
-               "across kinds, random router": (untrained, False)}
+    frames = {"across kinds": mean_distances(trained, False), "within a kind": mean_distances(trained, True)}
+    random_runs = {"across kinds, random router": [], "within a kind, random router": []}
+    for seed in seeds:
+        with random_router(model, seed):
+            untrained = [expert_usage(model, ids) for _, ids in kinds]
+        random_runs["across kinds, random router"].append(mean_distances(untrained, False))
+        random_runs["within a kind, random router"].append(mean_distances(untrained, True))
+    for name, runs in random_runs.items():
+        frames[name] = pl.concat(runs).group_by("layer").agg(pl.col("distance").mean())
     frame = pl.DataFrame({"layer": range(model.config.n_layers)}, schema={"layer": pl.Int32})
-    for name, (usages, same_kind) in columns.items():
-        frame = frame.join(mean_distances(usages, same_kind).rename({"distance": name}), on="layer", how="left")
+    for name, distances in frames.items():
+        frame = frame.join(distances.rename({"distance": name}), on="layer", how="left")
     return frame.sort("layer")
 
 
