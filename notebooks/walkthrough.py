@@ -53,10 +53,10 @@ def _(mo):
     says how). Its validation loss is 4.0 nats per token, so it writes Python-*looking* code and
     docstring-*like* English: `def`, `return`, `self.`, argument lists, closing brackets in the right places,
     plausible identifiers — rarely a program that does anything. That is what good output looks like here;
-    a broken engine (section 7) writes visibly worse, or subtly different, text.
+    a broken engine (section 8) writes visibly worse, or subtly different, text.
 
     Sections: **1** what is in a GGUF file · **2** tokens · **3** one decode step by hand · **4** the KV cache ·
-    **5** cached vs uncached decoding · **6** the mixture of experts · **7** breaking it on purpose.
+    **5** cached vs uncached decoding · **6** the mixture of experts · **7** what the heads read, and when the answer appears · **8** breaking it on purpose.
     Sliders and text boxes along the way change what is shown; every cell below them follows. Reading it
     through takes about 20 minutes; the buttons (sweeps, the breaks) are optional.
     """)
@@ -98,7 +98,7 @@ def _(mo):
     mo.md(r"""
     **Try this** as you go: in section 2, a prompt of prose (`The history of the city`) and one of code
     (`def read_lines(path):`) — the token boxes show which strings the tokenizer learnt as one piece; in
-    section 3, slide the position to 0 and watch the attention have only one key to read; in section 7, pick
+    section 3, slide the position to 0 and watch the attention have only one key to read; in section 8, pick
     `rope-style-swap` and compare its text with the clean run's.
     """)
     return
@@ -157,7 +157,7 @@ def _(cfg, gguf, mo, pl):
 
         Note `{_arch}.attention.key_length` = **{cfg.head_dim}**: each attention head is {cfg.head_dim} wide,
         although hidden ÷ heads = {cfg.hidden} ÷ {cfg.n_heads} = {cfg.hidden // cfg.n_heads}. An engine that
-        derives head_dim from the hidden size gets this architecture wrong (section 7 does it on purpose).
+        derives head_dim from the hidden size gets this architecture wrong (section 8 does it on purpose).
         Keys the file leaves out get llama.cpp's default for the architecture; here:
         {", ".join(f"`{k}`" for k in cfg.defaulted) or "none"}.
         """),
@@ -465,7 +465,7 @@ def _(alt, cfg, hand, hand_layer, lessons, mo, pl):
         a time) before RoPE. Before the norm, head sizes vary with the input; after it, every head has been
         scaled to RMS 1 and multiplied by the learned per-dim weight, so its size no longer depends on how large
         the input was — which keeps the attention scores q·k in a bounded range. An engine that forgets it
-        still runs, and writes different text (section 7).
+        still runs, and writes different text (section 8).
         """),
         _chart,
     ])
@@ -711,7 +711,7 @@ def _(by_hand_max_diff, by_hand_vs_cached, by_hand_vs_uncached, engine_logits, m
         a float32 number carries about 7 significant digits (its relative step is 1.2e-7), every logit is the
         end of a chain of sums of hundreds of products, and a batched forward adds the same products in
         another order — differences of a few 1e-7 to 1e-6 *relative* to the numbers involved, which is what
-        is measured here. A real bug shows as 1e-2 or more (section 7).
+        is measured here. A real bug shows as 1e-2 or more (section 8).
 
         The probe hands us the engine's tensors at its named capture points (TransformerLens-style names, the
         ones the app's panels and the Parquet traces are built from), so each stage can be compared on its own:
@@ -1115,7 +1115,81 @@ def _(alt, lessons, mo, model, pl, tok):
 @app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
-    ## 7 · Break it on purpose
+    ## 7 · What the heads read, and when the answer appears
+
+    Section 3 drew one step's attention, recomputed by hand. Over a run the engine can record it itself:
+    `Session(..., attention=True)` keeps, at every step, the newest token's weights over every key, per layer
+    and head (the `attention` frame), and `lens=True` reads each layer's residual stream through the final
+    norm and the output matrix — the **logit lens**: the token each layer would predict if the model stopped
+    there (the `lens` frame). Below, the prompt of section 2, decoded for a few steps with both on.
+    """)
+    return
+
+
+@app.cell
+def _(cfg, ids, lessons, mo, model):
+    LOOK_STEPS = 12
+    look_session = lessons.decode(model, ids, LOOK_STEPS, path="cached", attention=True, lens=True)
+    look_trace = look_session.trace()
+    look_layer = mo.ui.slider(start=0, stop=max(cfg.n_layers - 1, 1), value=0, label="layer", show_value=True)
+    look_head = mo.ui.slider(start=0, stop=max(cfg.n_heads - 1, 1), value=0, label="head", show_value=True)
+    return LOOK_STEPS, look_head, look_layer, look_session, look_trace
+
+
+@app.cell
+def _(cfg, charts, lessons, look_head, look_layer, look_trace, mo):
+    _att = look_trace.frames["attention"]
+    _step = int(_att["step"].max())
+    _pieces = charts.sequence_pieces(look_trace.meta, look_trace.tokens, "cached")
+    attention_shares = lessons.attention_shares(_att, _step)
+    _l0 = attention_shares.row(0, named=True)
+    _sink = max(attention_shares.iter_rows(named=True), key=lambda r: r["on key 0"])
+    _window = cfg.sliding_window if getattr(cfg, "sliding_window", None) else None
+    mo.vstack([
+        mo.md(f"""
+        **Which positions each head reads.** At the last step (position {len(_pieces) - 1}), each head of a layer
+        spreads its weight over the {len(_pieces)} keys. Two habits show on almost any model: a head that puts most
+        of its weight on **key 0** — an *attention sink*, a place to park attention when nothing in particular
+        is needed (here layer {_sink['layer']}: {_sink['on key 0']:.2f} of the weight on key 0, averaged over heads;
+        {_sink['heads reading key 0 most']} of {cfg.n_heads} heads read it most) — and heads that read the
+        **previous token** (layer 0: {_l0['on the previous token']:.2f} of the weight on it on average,
+        {_l0['heads reading the previous token most']} heads read it most), which is how a model copies and
+        continues. {"Gemma3's local layers add a third: keys beyond their sliding window get exactly 0 (grey in these charts)." if _window is None else f"This model's local layers see only the last {_window} keys: the rest are exactly 0 (grey)."}
+        Pick a layer and head:
+        """),
+        mo.hstack([look_layer, look_head], justify="start"),
+        charts.attention_over_keys(_att, _step, look_layer.value, look_head.value, _pieces, "cached"),
+        charts.attention_heads(_att, _step, look_layer.value, "cached", _pieces),
+        attention_shares,
+    ])
+    return (attention_shares,)
+
+
+@app.cell
+def _(cfg, charts, lessons, look_trace, mo, tok, visible):
+    _lens = look_trace.frames["lens"]
+    answer_layers = lessons.answer_layer(_lens)
+    _decode = answer_layers.filter(answer_layers["step"] > 0)
+    _early = int((_decode["from layer"] < cfg.n_layers - 1).sum())
+    mo.vstack([
+        mo.md(f"""
+        **When does the answer appear?** Each cell is the token one layer would predict next, coloured by its
+        probability; the top row is the model's real output. Read a column from the bottom up: early layers
+        guess common tokens, and from some layer on the guess is the final answer. Over the {_decode.height} decode
+        steps here the final token was already the top guess before the last layer at **{_early}** of them
+        (the layer where it appears, per step: {", ".join(f"`{visible(tok.piece(r['token_id']))}` from layer {r['from layer']}" for r in _decode.head(6).iter_rows(named=True))}{", …" if _decode.height > 6 else ""}).
+        With {cfg.n_layers} layers there is not much depth to watch; the same chart on a 30-layer model
+        (the app's Logit lens tab) shows the answer forming over many.
+        """),
+        charts.lens_grid(_lens, "prob", tok.piece, "cached"),
+    ])
+    return (answer_layers,)
+
+
+@app.cell(hide_code=True)
+def _(mo):
+    mo.md(r"""
+    ## 8 · Break it on purpose
 
     Every switch in `workbench.model.BREAKS` puts one known bug into the forward pass — each one a bug class
     that real engines shipped. They all still produce text, and none raises an error: that is what makes them
@@ -1230,7 +1304,7 @@ def _(mo):
       token and watch every panel of this notebook update live, on this model or any GGUF file, with any
       break switched on.
     * `workbench trace tiny-qwen3moe --prompt "…" --steps 32 --out run.parquet`, then `workbench diff a.parquet
-      b.parquet`: the traces and the diff of section 7, from the command line.
+      b.parquet`: the traces and the diff of section 8, from the command line.
     * `workbench bench smollm2-135m`: section 5 on a real 135 M-parameter model.
     * `workbench/model.py` is the forward pass of section 3 in one file; read it next.
     """)

@@ -202,3 +202,28 @@ def test_dot_depends_on_the_offset_only(model, style):
     for _, lo, hi in per_offset.iter_rows():
         assert hi - lo <= 1e-4 * max(abs(lo), abs(hi))
     assert per_offset["lo"].n_unique() == 3  # and the offset does change it
+
+
+# ---- attention shares and the logit lens's answer layer ---------------------------------------------------
+
+def test_attention_shares_on_a_pattern_written_out():
+    import polars as pl
+
+    # one layer, two heads, keys 0..3 at step 5: head 0 reads key 0 most, head 1 the previous token (key 2)
+    weights = {0: [0.7, 0.1, 0.1, 0.1], 1: [0.1, 0.1, 0.6, 0.2]}
+    frame = pl.DataFrame([{"step": 5, "path": "cached", "layer": 0, "head": h, "key": k, "weight": w}
+                          for h, ws in weights.items() for k, w in enumerate(ws)])
+    row = lessons.attention_shares(frame, 5).row(0, named=True)
+    assert row["on key 0"] == pytest.approx(0.4) and row["on itself"] == pytest.approx(0.15)
+    assert row["on the previous token"] == pytest.approx(0.35)
+    assert row["heads reading key 0 most"] == 1 and row["heads reading the previous token most"] == 1
+
+
+def test_answer_layer_is_where_the_final_top1_appears_and_stays():
+    import polars as pl
+
+    ids = {0: [5, 7, 7, 7], 1: [7, 5, 9, 9], 2: [1, 2, 3, 4]}  # per step, the top-1 of layers 0..3
+    frame = pl.DataFrame([{"step": s, "path": "cached", "layer": n, "token_id": t, "prob": 0.5, "entropy": 1.0,
+                           "kl_to_final": 0.0} for s, ts in ids.items() for n, t in enumerate(ts)])
+    got = {r["step"]: (r["token_id"], r["from layer"]) for r in lessons.answer_layer(frame).iter_rows(named=True)}
+    assert got == {0: (7, 1), 1: (9, 2), 2: (4, 3)}  # step 1: 7 at layer 0 does not count, it does not stay

@@ -417,3 +417,35 @@ def cost_growth(tokens: pl.DataFrame, warmup: int) -> pl.DataFrame:
                      "position late": int(late["position"].median()), "ms late": round(ms_late, 2),
                      "ratio": round(ms_late / ms_early, 2)})
     return pl.DataFrame(rows)
+
+
+# ---- 7 · attention heads and the logit lens ---------------------------------------------------------------
+
+def attention_shares(attention: pl.DataFrame, step: int) -> pl.DataFrame:
+    """Per layer at one step of an `attention` frame (the newest token's weights over keys 0..its own): the mean
+    over heads of the weight on key 0 (a sink), on the newest token itself and on the one before it, and how
+    many heads put their largest weight on each of those."""
+    df = attention.filter(pl.col("step") == step)
+    newest = int(df["key"].max())
+    top = df.sort("weight", descending=True).group_by("layer", "head", maintain_order=True).first()
+    return df.group_by("layer").agg(
+        pl.col("weight").filter(pl.col("key") == 0).mean().alias("on key 0"),
+        pl.col("weight").filter(pl.col("key") == newest).mean().alias("on itself"),
+        pl.col("weight").filter(pl.col("key") == newest - 1).mean().alias("on the previous token"),
+    ).join(top.group_by("layer").agg(
+        (pl.col("key") == 0).sum().alias("heads reading key 0 most"),
+        (pl.col("key") == newest - 1).sum().alias("heads reading the previous token most"),
+    ), on="layer").sort("layer")
+
+
+def answer_layer(lens: pl.DataFrame) -> pl.DataFrame:
+    """Per step of a `lens` frame: the final layer's top-1 token and the first layer from which every layer's
+    top-1 is that token (where the answer appears and stays)."""
+    rows = []
+    for step, df in lens.sort("step", "layer").group_by("step", maintain_order=True):
+        ids = df["token_id"].to_list()
+        first = len(ids) - 1
+        while first > 0 and ids[first - 1] == ids[-1]:
+            first -= 1
+        rows.append({"step": step[0], "token_id": ids[-1], "from layer": int(df["layer"][first])})
+    return pl.DataFrame(rows, schema={"step": pl.Int32, "token_id": pl.Int64, "from layer": pl.Int32})
