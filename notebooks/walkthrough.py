@@ -20,7 +20,7 @@ def _():
     from workbench import bench, charts, lessons
     from workbench import trace as wtrace
     from workbench.lessons import visible
-    from workbench.model import BREAKS, Model, apply_rope, grouped_attention, rms_norm
+    from workbench.model import BREAKS, Model, apply_rope, break_config, grouped_attention, rms_norm
     from workbench.quants import dequantize
     from workbench.session import Session
 
@@ -30,8 +30,8 @@ def _():
 
     # Heavy runs wait for their button in the editor; headless (`python notebooks/walkthrough.py`) they just run.
     headless = not mo.running_in_notebook()
-    return (BREAKS, F, Model, Session, alt, apply_rope, bench, charts, dequantize, grouped_attention, headless,
-            lessons, mo, pl, rms_norm, torch, visible, wtrace)
+    return (BREAKS, F, Model, Session, alt, apply_rope, bench, break_config, charts, dequantize, grouped_attention,
+            headless, lessons, mo, pl, rms_norm, torch, visible, wtrace)
 
 
 @app.cell(hide_code=True)
@@ -362,65 +362,90 @@ def _(mo):
 
 
 @app.cell
-def _(cfg, ids, mo):
+def _(BREAKS, cfg, ids, mo):
+    hand_break = mo.ui.dropdown(options=["none", *BREAKS], value="none", label="put a bug into this step")
     hand_pos = mo.ui.slider(start=0, stop=max(len(ids) - 1, 1), value=len(ids) - 1, label="position decoded by hand", show_value=True)
     hand_layer = mo.ui.slider(start=0, stop=max(cfg.n_layers - 1, 1), value=0, label="layer", show_value=True)
     hand_head = mo.ui.slider(start=0, stop=max(cfg.n_heads - 1, 1), value=0, label="query head", show_value=True)
-    mo.hstack([hand_pos, hand_layer, hand_head], justify="start", wrap=True)
-    return hand_head, hand_layer, hand_pos
+    mo.vstack([
+        mo.hstack([hand_pos, hand_layer, hand_head], justify="start", wrap=True),
+        mo.hstack([hand_break, mo.md("— one of section 8's bugs, written into the step below: the attention "
+                                     "pattern and the next-token chart then show what it does, beside the clean step.")],
+                  justify="start"),
+    ])
+    return hand_break, hand_head, hand_layer, hand_pos
 
 
 @app.cell
-def _(F, apply_rope, cfg, grouped_attention, hand_pos, ids, model, rms_norm, torch):
+def _(F, apply_rope, break_config, cfg, grouped_attention, hand_break, hand_pos, ids, model, rms_norm, torch):
     # --- the decode step, by hand -------------------------------------------------------------------------
+    def decode_by_hand(pos, breaks=frozenset()):
+        """The next-token logits after position `pos`, one op at a time, with the engine's KV cache of the
+        positions before it. `breaks`: the bugs of section 8 written in (as the engine's own switches do)."""
+        c = break_config(cfg, breaks)  # the config with the config-shaped bugs in it (QK-norm off, RoPE, scale…)
+        W, eps = model.weights, c.rms_eps
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        layers = []  # per layer: the intermediate tensors, for the charts below
+        with torch.inference_mode():
+            cache = model.new_cache(pos + 1)
+            if pos > 0:  # prefill: the engine writes K and V of positions 0 … pos-1 into the cache
+                model.forward(torch.tensor(ids[:pos]), 0, cache, last_only=True, breaks=breaks)
+            x = W.embed(torch.tensor([ids[pos]])) * c.embed_scale  # [1, hidden]
+            embedding = x
+            for i, layer in enumerate(W.layers):
+                r = {"resid_in": x}
+                # attention: norm → one fused matmul for Q, K and V → split into heads
+                h = rms_norm(x, layer.attn_norm, eps)
+                qkv = h @ layer.wqkv
+                if layer.bqkv is not None:
+                    qkv = qkv + layer.bqkv
+                q = qkv[:, :q_dim].view(1, c.n_heads, c.head_dim)
+                k = qkv[:, q_dim:q_dim + kv_dim].view(1, c.n_kv_heads, c.head_dim)
+                v = qkv[:, q_dim + kv_dim:].view(1, c.n_kv_heads, c.head_dim)
+                # per-head QK-norm: each head's vector is RMS-normalised on its own, with a learned weight
+                q_n, k_n = (rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)) if c.qk_norm else (q, k)
+                # RoPE: rotate pairs of dims by angles that depend on the position
+                cos, sin = model.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), pos + 1, c.rope_style, c.rope_dim)
+                q_r = apply_rope(q_n, cos[pos:pos + 1], sin[pos:pos + 1], c.rope_style)
+                k_r = apply_rope(k_n, cos[pos:pos + 1], sin[pos:pos + 1], c.rope_style)
+                # the cache: store this position's K, V; get back every position's
+                keys, values = cache.write(i, pos, k_r, v)  # [kv_heads, pos+1, head_dim]
+                if "cache-off-by-one" in breaks and pos > 0:  # the bug: the step does not see its own key
+                    keys, values = keys[:, :pos], values[:, :pos]
+                att = grouped_attention(q_r, keys, values, None, c.attn_scale)  # [1, heads, head_dim]
+                x = x + att.reshape(1, q_dim) @ layer.wo
+                # mixture of experts: norm → router → softmax → top-k → renormalise → weighted experts
+                h2 = rms_norm(x, layer.ffn_norm, eps)
+                router_logits = (h2 @ layer.router).float()[0]  # [n_experts]
+                router_probs = torch.softmax(router_logits, -1)
+                top_p, top_e = router_probs.topk(c.n_experts_used)
+                top_w = top_p / top_p.sum() if c.norm_topk else top_p
+                if "moe-as-dense" in breaks:  # the bug: no router, expert 0 alone
+                    top_e, top_w = torch.tensor([0]), torch.tensor([1.0])
+                moe_out = torch.zeros_like(h2)
+                for e, wt in zip(top_e.tolist(), top_w.tolist()):
+                    gate, up = (h2 @ layer.experts.gate_up[e]).chunk(2, dim=-1)  # SwiGLU expert e
+                    moe_out = moe_out + wt * ((F.silu(gate) * up) @ layer.experts.down[e])
+                x = x + moe_out
+                r.update(h=h, q=q, k=k, v=v, q_normed=q_n, k_normed=k_n, q_rope=q_r, k_rope=k_r, keys=keys, values=values,
+                         att=att, h2=h2, router_logits=router_logits, router_probs=router_probs, top_e=top_e, top_p=top_p,
+                         top_w=top_w, moe_out=moe_out, resid_post=x)
+                layers.append(r)
+            logits = (rms_norm(x, W.output_norm, eps) @ W.output).float()[0]  # [vocab]
+        return layers, embedding, logits, c
+
     pos = min(hand_pos.value, len(ids) - 1)  # the position whose next token we compute
-    W, eps = model.weights, cfg.rms_eps
-    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    hand = []  # per layer: the intermediate tensors, for the charts below
-    with torch.inference_mode():
-        hand_cache = model.new_cache(pos + 1)
-        if pos > 0:  # prefill: the engine writes K and V of positions 0 … pos-1 into the cache
-            model.forward(torch.tensor(ids[:pos]), 0, hand_cache, last_only=True)
-        x = W.embed(torch.tensor([ids[pos]])) * cfg.embed_scale  # [1, hidden]
-        embedding = x
-        for i, layer in enumerate(W.layers):
-            r = {"resid_in": x}
-            # attention: norm → one fused matmul for Q, K and V → split into heads
-            h = rms_norm(x, layer.attn_norm, eps)
-            qkv = h @ layer.wqkv
-            if layer.bqkv is not None:
-                qkv = qkv + layer.bqkv
-            q = qkv[:, :q_dim].view(1, cfg.n_heads, cfg.head_dim)
-            k = qkv[:, q_dim:q_dim + kv_dim].view(1, cfg.n_kv_heads, cfg.head_dim)
-            v = qkv[:, q_dim + kv_dim:].view(1, cfg.n_kv_heads, cfg.head_dim)
-            # per-head QK-norm: each head's vector is RMS-normalised on its own, with a learned weight
-            q_n, k_n = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
-            # RoPE: rotate pairs of dims by angles that depend on the position
-            cos, sin = model.rope_table(cfg.layer_rope_base(i), cfg.layer_rope_scale(i), pos + 1, cfg.rope_style)
-            q_r = apply_rope(q_n, cos[pos:pos + 1], sin[pos:pos + 1], cfg.rope_style)
-            k_r = apply_rope(k_n, cos[pos:pos + 1], sin[pos:pos + 1], cfg.rope_style)
-            # the cache: store this position's K, V; get back every position's
-            keys, values = hand_cache.write(i, pos, k_r, v)  # [kv_heads, pos+1, head_dim]
-            att = grouped_attention(q_r, keys, values, None, cfg.attn_scale)  # [1, heads, head_dim]
-            x = x + att.reshape(1, q_dim) @ layer.wo
-            # mixture of experts: norm → router → softmax → top-k → renormalise → weighted experts
-            h2 = rms_norm(x, layer.ffn_norm, eps)
-            router_logits = (h2 @ layer.router).float()[0]  # [n_experts]
-            router_probs = torch.softmax(router_logits, -1)
-            top_p, top_e = router_probs.topk(cfg.n_experts_used)
-            top_w = top_p / top_p.sum() if cfg.norm_topk else top_p
-            moe_out = torch.zeros_like(h2)
-            for e, wt in zip(top_e.tolist(), top_w.tolist()):
-                gate, up = (h2 @ layer.experts.gate_up[e]).chunk(2, dim=-1)  # SwiGLU expert e
-                moe_out = moe_out + wt * ((F.silu(gate) * up) @ layer.experts.down[e])
-            x = x + moe_out
-            r.update(h=h, q=q, k=k, v=v, q_normed=q_n, k_normed=k_n, q_rope=q_r, k_rope=k_r, keys=keys, values=values,
-                     att=att, h2=h2, router_logits=router_logits, router_probs=router_probs, top_e=top_e, top_p=top_p,
-                     top_w=top_w, moe_out=moe_out, resid_post=x)
-            hand.append(r)
-        hand_logits = (rms_norm(x, W.output_norm, eps) @ W.output).float()[0]  # [vocab]
+    hand_breaks = frozenset() if hand_break.value == "none" else frozenset({hand_break.value})
+    hand, embedding, hand_logits, hand_cfg = decode_by_hand(pos, hand_breaks)
     hand_next = int(hand_logits.argmax())
-    return embedding, hand, hand_logits, hand_next, pos
+    return decode_by_hand, embedding, hand, hand_breaks, hand_cfg, hand_logits, hand_next, pos
+
+
+@app.cell
+def _(decode_by_hand, hand, hand_breaks, hand_logits, pos):
+    # The clean step, beside a broken one (the very same step when no bug is on).
+    clean_hand, _, clean_logits, _ = decode_by_hand(pos) if hand_breaks else (hand, None, hand_logits, None)
+    return clean_hand, clean_logits
 
 
 @app.cell
@@ -589,11 +614,18 @@ def _(alt, cfg, hand, hand_head, hand_layer, lessons, mo, model, pl, rope_angles
 
 
 @app.cell
-def _(alt, cfg, hand, hand_head, hand_layer, lessons, mo, pieces, pl, pos):
+def _(alt, cfg, clean_hand, hand, hand_breaks, hand_cfg, hand_head, hand_layer, lessons, mo, pieces, pl, pos):
     _group = cfg.n_heads // cfg.n_kv_heads
     # The pattern grouped_attention does not return, recomputed from the same tensors; _check: how well it
     # reproduces grouped_attention's output.
-    attention_pattern, _check = lessons.attention_pattern(hand[hand_layer.value], _group, cfg.attn_scale, pieces)
+    attention_pattern, _check = lessons.attention_pattern(hand[hand_layer.value], _group, hand_cfg.attn_scale, pieces)
+    _n_keys = int(hand[hand_layer.value]["keys"].shape[1])
+    if hand_breaks:  # the clean step's weights beside the broken step's, for the picked head
+        _clean, _ = lessons.attention_pattern(clean_hand[hand_layer.value], _group, cfg.attn_scale, pieces)
+        _both = pl.concat([attention_pattern.with_columns(pl.lit(f"with {next(iter(hand_breaks))}").alias("step")),
+                           _clean.with_columns(pl.lit("clean").alias("step"))])
+    else:
+        _both = attention_pattern.with_columns(pl.lit("clean").alias("step"))
     # each key labelled with its position and token
     _labelled = attention_pattern.with_columns(
         (pl.col("key position").cast(pl.Utf8) + " " + pl.col("piece").str.slice(0, 10)).alias("key"))
@@ -604,14 +636,18 @@ def _(alt, cfg, hand, hand_head, hand_layer, lessons, mo, pieces, pl, pos):
         tooltip=["head", "key position", "piece", alt.Tooltip("weight:Q", format=".3f")],
     ).properties(width=min(24 * (pos + 1), 640), height=22 * cfg.n_heads,
                  title=f"layer {hand_layer.value}: how much each query head reads from each cached position")
-    _sel = alt.Chart(_labelled.filter(pl.col("head") == hand_head.value)).mark_bar().encode(
-        x=_key_x, y=alt.Y("weight:Q"), tooltip=["key position", "piece", alt.Tooltip("weight:Q", format=".3f")],
+    _both = _both.with_columns((pl.col("key position").cast(pl.Utf8) + " " + pl.col("piece").str.slice(0, 10)).alias("key"))
+    _sel = alt.Chart(_both.filter(pl.col("head") == hand_head.value)).mark_bar().encode(
+        x=_key_x, xOffset=alt.XOffset("step:N", sort="descending"), y=alt.Y("weight:Q"),
+        color=alt.Color("step:N", sort="descending", scale=alt.Scale(range=["#4c78a8", "#e45756"]), title=None),
+        tooltip=["step", "key position", "piece", alt.Tooltip("weight:Q", format=".3f")],
     ).properties(width=min(24 * (pos + 1), 640), height=120, title=f"head {hand_head.value} (reads KV head {hand_head.value // _group})")
     mo.vstack([
         mo.md(f"""
         **Attention over the cache.** The new query (one row per head) is compared with the {pos + 1} keys in the
         cache — {pos} written by the prefill, plus the one just written for position {pos} — scaled by
         {cfg.attn_scale:.4f} (= 1/√head_dim), softmaxed into weights, and used to average the cached values.
+        {f"With the bug on, this step read {_n_keys} keys with a scale of {hand_cfg.attn_scale:.4f}: the red bars below are its weights, the blue ones the clean step's." if hand_breaks else ""}
         `grouped_attention` does it for all heads at once, each group of {_group} query heads against its shared KV
         head without copying it. The weights drawn here, recomputed from the same tensors, reproduce its output to
         {_check:.1e}.
@@ -652,15 +688,23 @@ def _(alt, cfg, hand, hand_layer, mo, pl):
 
 
 @app.cell
-def _(alt, hand_logits, hand_next, mo, pl, pos, tok, torch, visible):
+def _(alt, clean_logits, hand_breaks, hand_logits, hand_next, mo, pl, pos, tok, torch, visible):
     _probs = torch.softmax(hand_logits, -1)
     _p, _i = _probs.topk(10)
     next_candidates = pl.DataFrame({"id": _i.tolist(), "piece": [visible(tok.piece(t)) for t in _i.tolist()],
                                     "logit": hand_logits[_i].tolist(), "probability": _p.tolist()})
-    _chart = alt.Chart(next_candidates).mark_bar().encode(
-        y=alt.Y("piece:N", sort=None, title=None), x=alt.X("probability:Q"),
-        tooltip=["id", "piece", alt.Tooltip("logit:Q", format=".3f"), alt.Tooltip("probability:Q", format=".4f")],
-    ).properties(width=380, height=220, title=f"the 10 most likely tokens after position {pos}")
+    _rows = next_candidates.with_columns(pl.lit(f"with {next(iter(hand_breaks))}" if hand_breaks else "clean").alias("step"))
+    if hand_breaks:  # the same tokens' probabilities in the clean step
+        _clean = torch.softmax(clean_logits, -1)
+        _rows = pl.concat([_rows, next_candidates.with_columns(pl.Series("probability", _clean[_i].tolist()),
+                                                               pl.Series("logit", clean_logits[_i].tolist()),
+                                                               pl.lit("clean").alias("step"))])
+    _chart = alt.Chart(_rows).mark_bar().encode(
+        y=alt.Y("piece:N", sort=None, title=None), x=alt.X("probability:Q"), yOffset=alt.YOffset("step:N", sort="descending"),
+        color=alt.Color("step:N", sort="descending", scale=alt.Scale(range=["#4c78a8", "#e45756"]), title=None),
+        tooltip=["step", "id", "piece", alt.Tooltip("logit:Q", format=".3f"), alt.Tooltip("probability:Q", format=".4f")],
+    ).properties(width=380, height=260, title=f"the 10 most likely tokens after position {pos}"
+                 + (" (with the bug; blue: the clean step's probability for the same tokens)" if hand_breaks else ""))
     mo.vstack([
         mo.md(f"""
         **Logits → the next token.** After the last block, a final RMSNorm and the output matrix
@@ -674,33 +718,43 @@ def _(alt, hand_logits, hand_next, mo, pl, pos, tok, torch, visible):
 
 
 @app.cell
-def _(hand, hand_logits, ids, lessons, model, pos, torch):
+def _(hand, hand_breaks, hand_logits, ids, lessons, model, pos, torch):
     # --- the same step through the engine ----------------------------------------------------------------
     captured = {}
 
     def capture(name, tensor):  # a probe: model.forward calls it at every named capture point
         captured[name] = tensor.clone()
 
-    _cache = model.new_cache(pos + 1)
+    _cache = model.new_cache(pos + 1)  # the engine with the same bug switched on (section 8), if one is
     if pos > 0:
-        model.forward(torch.tensor(ids[:pos]), 0, _cache, last_only=True)
-    engine_logits = model.forward(torch.tensor(ids[pos:pos + 1]), pos, _cache, probe=capture)[-1]
+        model.forward(torch.tensor(ids[:pos]), 0, _cache, last_only=True, breaks=hand_breaks)
+    engine_logits = model.forward(torch.tensor(ids[pos:pos + 1]), pos, _cache, probe=capture, breaks=hand_breaks)[-1]
     # ... and the uncached way: the whole sequence from scratch, its last row
-    full_logits = model.forward(torch.tensor(ids[:pos + 1]), 0, model.new_cache(pos + 1), last_only=True)[-1]
+    full_logits = model.forward(torch.tensor(ids[:pos + 1]), 0, model.new_cache(pos + 1), last_only=True, breaks=hand_breaks)[-1]
     by_hand_vs_cached = float((hand_logits - engine_logits).abs().max())
     by_hand_vs_uncached = float((hand_logits - full_logits).abs().max())
     by_hand_max_diff = max(by_hand_vs_cached, by_hand_vs_uncached)
     same_next_token = int(hand_logits.argmax()) == int(engine_logits.argmax()) == int(full_logits.argmax())
 
-    probe_check = lessons.probe_check(model, hand, captured)  # every capture point, and Model.moe on our input
+    probe_check = lessons.probe_check(model, hand, captured, hand_breaks)  # every capture point, Model.moe on our input
     return (by_hand_max_diff, by_hand_vs_cached, by_hand_vs_uncached, captured, engine_logits, full_logits, probe_check,
             same_next_token)
 
 
 @app.cell
-def _(by_hand_max_diff, by_hand_vs_cached, by_hand_vs_uncached, engine_logits, mo, probe_check, same_next_token):
+def _(by_hand_max_diff, by_hand_vs_cached, by_hand_vs_uncached, engine_logits, hand_breaks, mo, pos, probe_check,
+      same_next_token):
     by_hand_relative = by_hand_max_diff / float(engine_logits.abs().max())
+    _bug = next(iter(hand_breaks)) if hand_breaks else None
     mo.vstack([
+        mo.callout(mo.md(
+            f"**`{_bug}` is on**, here and in the engine: the by-hand step and the engine's cached step, both with the "
+            f"bug, agree to {by_hand_vs_cached:.1e}." + (
+                f" The uncached path differs by {by_hand_vs_uncached:.2f}: this bug lives only in a cached decode step "
+                "(an uncached forward sees every key), which is why cached ≢ uncached catches it."
+                if _bug == "cache-off-by-one" and pos > 0 else
+                " So does the uncached path: the bug is in both, and no comparison of the two can see it.")), kind="warn")
+        if _bug else mo.md(""),
         mo.md(f"""
         **Check against the engine.** The engine runs the same step with `model.forward(token, pos, cache,
         probe=capture)` on a cache it prefilled itself, and once more uncached (the whole sequence from

@@ -72,6 +72,19 @@ _FACTS = textwrap.dedent('''
     spec.loader.exec_module(module)
     outputs, defs = module.app.run()
     cfg = defs["cfg"]
+    import torch
+    from workbench.model import breaks_that_apply
+    model, ids, by_hand = defs["model"], defs["ids"], defs["decode_by_hand"]
+    pos = len(ids) - 1
+    broken_steps = {}
+    clean = by_hand(pos)[2]
+    for name in defs["BREAKS"]:
+        hand = by_hand(pos, frozenset({name}))[2]
+        cache = model.new_cache(pos + 1)
+        model.forward(torch.tensor(ids[:pos]), 0, cache, last_only=True, breaks=frozenset({name}))
+        engine = model.forward(torch.tensor(ids[pos:]), pos, cache, breaks=frozenset({name}))[-1]
+        broken_steps[name] = {"vs engine": float((hand - engine).abs().max()), "vs clean": float((hand - clean).abs().max()),
+                              "applies": name in breaks_that_apply(cfg)}
     report = {r["break"]: r for r in defs["break_report"].iter_rows(named=True)}
     print("FACTS " + json.dumps({
         "by_hand_max_diff": defs["by_hand_max_diff"],
@@ -97,6 +110,7 @@ _FACTS = textwrap.dedent('''
         "attention_shares": defs["attention_shares"].to_dicts(),
         "answer_layers": defs["answer_layers"].to_dicts(),
         "n_heads": cfg.n_heads, "n_layers": cfg.n_layers,
+        "broken_steps": broken_steps,
         "breaks": {name: {k: r[k] for k in ("alarm frame", "alarm step", "first frame", "first step", "invariant that fires")}
                    for name, r in report.items()},
         "all_breaks": sorted(defs["BREAKS"]),
@@ -207,3 +221,13 @@ def test_attention_and_lens_sections_state_their_own_numbers(facts):
         assert all(0 <= row[k] <= 1 for k in ("on key 0", "on itself", "on the previous token"))
         assert 0 <= row["heads reading key 0 most"] + row["heads reading the previous token most"] <= facts["n_heads"]
     assert facts["answer_layers"] and all(0 <= r["from layer"] < facts["n_layers"] for r in facts["answer_layers"])
+
+
+def test_each_bug_written_into_the_hand_step_is_the_engines(facts):
+    """Section 3's "put a bug into this step": with each break on, the step written out by hand equals the
+    engine's cached step with the same switch (so what the page shows is that bug), and differs from the clean
+    step wherever the break applies to this model."""
+    for name, row in facts["broken_steps"].items():
+        assert row["vs engine"] < 1e-4, (name, row)
+        if row["applies"]:
+            assert row["vs clean"] > 1e-3, (name, row)

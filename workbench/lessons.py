@@ -203,8 +203,10 @@ PROBED = {"attn.q": "q", "attn.k": "k", "attn.q_normed": "q_normed", "attn.k_nor
           "moe.router_logits": "router_logits", "resid_post": "resid_post"}
 
 
-def probe_check(model: Model, hand: list[dict[str, torch.Tensor]], captured: dict[str, torch.Tensor]) -> pl.DataFrame:
-    """Per capture point (and Model.moe run on the by-hand input of each layer): max |by hand − engine|."""
+def probe_check(model: Model, hand: list[dict[str, torch.Tensor]], captured: dict[str, torch.Tensor],
+                breaks: frozenset[str] = frozenset()) -> pl.DataFrame:
+    """Per capture point (and Model.moe run on the by-hand input of each layer, with the same `breaks`):
+    max |by hand − engine|."""
     rows = []
     with torch.inference_mode():
         for i, r in enumerate(hand):
@@ -214,7 +216,7 @@ def probe_check(model: Model, hand: list[dict[str, torch.Tensor]], captured: dic
                     mine, theirs = r[key].float(), captured[name].float().reshape(r[key].shape)
                     rows.append({"capture point": name, "shape": "×".join(map(str, captured[name].shape)),
                                  "max |by hand − engine|": float((mine - theirs).abs().max())})
-            moe = model.moe(r["h2"], i, model.weights.layers[i], None)  # the engine's MoE on our input
+            moe = model.moe(r["h2"], i, model.weights.layers[i], None, breaks)  # the engine's MoE on our input
             rows.append({"capture point": f"Model.moe (layer {i})", "shape": "×".join(map(str, moe.shape)),
                          "max |by hand − engine|": float((moe - r["moe_out"]).abs().max())})
     return pl.DataFrame(rows)
