@@ -1349,6 +1349,59 @@ def _(alt, break_pick, break_report, break_runs, charts, clean_trace, mo, pl):
     return
 
 
+@app.cell
+def _(alt, break_pick, cfg, decode_by_hand, ids, lessons, mo, model, pieces, pl):
+    # Each break's own signature: what to look for when an engine is suspected of it. The three that no internal
+    # invariant catches (both paths share them) get a chart of their own.
+    _name = break_pick.value
+    _group = cfg.n_heads // cfg.n_kv_heads
+    break_signature = None
+    if _name in ("rope-style-swap", "rope-base-10k"):
+        break_signature = lessons.rope_difference_by_position(model, ids, frozenset({_name}))
+        _chart = alt.Chart(break_signature).mark_line(point=True).encode(
+            x=alt.X("position:Q", axis=alt.Axis(tickMinStep=1, format="d")), y=alt.Y("relative difference:Q"),
+            tooltip=["position", alt.Tooltip("relative difference:Q", format=".4f")],
+        ).properties(width=420, height=180, title=f"layer 0: |q after RoPE, {_name} − clean| / |clean|, per position")
+        _v = break_signature["relative difference"].to_list()
+        _text = (f"Exactly **{_v[0]:.0e}** at position 0 (never rotated), then {_v[1]:.2f} at position 1 and "
+                 f"{_v[-1]:.2f} at position {len(_v) - 1}. " + (
+                     "The wrong pairs are rotated from the first turn on: the difference is large at once — any test "
+                     "with two or more tokens against a reference shows it; a one-token test never does."
+                     if _name == "rope-style-swap" else
+                     f"The fast pairs turn the same with either base (pair 0 turns 1 rad per position whatever the "
+                     f"base), only the slow ones differ, by position × (10000^(−2i/d) − {cfg.rope_base:g}^(−2i/d)): the "
+                     "error starts small and grows with the position — a short test against a reference may pass."))
+    elif _name == "head-dim-from-hidden":
+        _pos = len(ids) - 1
+        _broken, _, _, _c = decode_by_hand(_pos, frozenset({_name}))
+        _clean, _, _, _ = decode_by_hand(_pos)
+        _ent = [lessons.attention_entropy(lessons.attention_pattern(layers[0], _group, c.attn_scale, pieces)[0])
+                .with_columns(pl.lit(label).alias("step")) for layers, c, label in ((_clean, cfg, "clean"), (_broken, _c, _name))]
+        break_signature = pl.concat(_ent)
+        _chart = alt.Chart(break_signature).mark_bar().encode(
+            x=alt.X("head:O"), xOffset=alt.XOffset("step:N"), y=alt.Y("entropy:Q", title="attention entropy (nats)"),
+            color=alt.Color("step:N", scale=alt.Scale(range=["#4c78a8", "#e45756"]), title=None),
+            tooltip=["step", "head", alt.Tooltip("entropy:Q", format=".3f")],
+        ).properties(width=420, height=180, title=f"layer 0, position {_pos}: how spread each head's attention is")
+        _means = break_signature.group_by("step").agg(pl.col("entropy").mean()).sort("step")
+        _m = dict(zip(_means["step"].to_list(), _means["entropy"].to_list()))
+        _text = (f"head_dim taken as hidden ÷ heads = {cfg.hidden // cfg.n_heads} instead of the file's {cfg.head_dim}: the "
+                 f"scores are scaled by 1/√{cfg.hidden // cfg.n_heads} = {_c.attn_scale:.3f} instead of {cfg.attn_scale:.3f}, "
+                 f"and RoPE turns only the first {_c.rope_dim} of each head's {cfg.head_dim} dims. Larger scores make a sharper "
+                 f"softmax: the mean attention entropy over layer 0's heads falls from {_m['clean']:.2f} to {_m[_name]:.2f} nats. "
+                 "The tensors keep their shapes, so nothing crashes.")
+    else:
+        _chart, _text = None, {
+            "skip-qk-norm": "Its signature is the QK panel above: post-norm RMS equal to pre-norm RMS, head by head.",
+            "no-topk-renorm": "Its signature is in the routing frame: the chosen experts' weights sum to less than 1.",
+            "moe-as-dense": "Its signature is the routing heat map above: one expert for every token, at every layer.",
+            "cache-off-by-one": "Its signature is the equivalence chart above: cached ≠ uncached from the first decode step "
+                                "(step 1), never at the prefill.",
+        }.get(_name, "")
+    mo.vstack([mo.md(f"**Its signature.** {_text}"), _chart if _chart is not None else mo.md("")])
+    return (break_signature,)
+
+
 @app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""

@@ -85,6 +85,15 @@ _FACTS = textwrap.dedent('''
         engine = model.forward(torch.tensor(ids[pos:]), pos, cache, breaks=frozenset({name}))[-1]
         broken_steps[name] = {"vs engine": float((hand - engine).abs().max()), "vs clean": float((hand - clean).abs().max()),
                               "applies": name in breaks_that_apply(cfg)}
+    from workbench import lessons
+    signatures = {name: lessons.rope_difference_by_position(model, ids, frozenset({name}))["relative difference"].to_list()
+                  for name in ("rope-style-swap", "rope-base-10k")}
+    group = cfg.n_heads // cfg.n_kv_heads
+    entropy = {}
+    for label, breaks in (("clean", frozenset()), ("broken", frozenset({"head-dim-from-hidden"}))):
+        layers, _, _, c = by_hand(pos, breaks)
+        pattern = lessons.attention_pattern(layers[0], group, c.attn_scale, defs["pieces"])[0]
+        entropy[label] = float(lessons.attention_entropy(pattern)["entropy"].mean())
     report = {r["break"]: r for r in defs["break_report"].iter_rows(named=True)}
     print("FACTS " + json.dumps({
         "by_hand_max_diff": defs["by_hand_max_diff"],
@@ -111,6 +120,7 @@ _FACTS = textwrap.dedent('''
         "answer_layers": defs["answer_layers"].to_dicts(),
         "n_heads": cfg.n_heads, "n_layers": cfg.n_layers,
         "broken_steps": broken_steps,
+        "rope_signatures": signatures, "head_dim_entropy": entropy,
         "breaks": {name: {k: r[k] for k in ("alarm frame", "alarm step", "first frame", "first step", "invariant that fires")}
                    for name, r in report.items()},
         "all_breaks": sorted(defs["BREAKS"]),
@@ -231,3 +241,13 @@ def test_each_bug_written_into_the_hand_step_is_the_engines(facts):
         assert row["vs engine"] < 1e-4, (name, row)
         if row["applies"]:
             assert row["vs clean"] > 1e-3, (name, row)
+
+
+def test_the_bugs_no_invariant_catches_have_their_own_signature(facts):
+    """Section 8: a RoPE bug is exactly 0 at position 0; the style swap is large from position 1 on, the base
+    bug starts small and grows; head-dim-from-hidden sharpens attention (a larger score scale)."""
+    swap, base = facts["rope_signatures"]["rope-style-swap"], facts["rope_signatures"]["rope-base-10k"]
+    assert swap[0] < 1e-6 and base[0] < 1e-6
+    assert swap[1] > 0.1 and base[1] < 0.5 * swap[1]
+    assert base[-1] > 3 * base[1]
+    assert facts["head_dim_entropy"]["broken"] < facts["head_dim_entropy"]["clean"]

@@ -451,3 +451,30 @@ def answer_layer(lens: pl.DataFrame) -> pl.DataFrame:
             first -= 1
         rows.append({"step": step[0], "token_id": ids[-1], "from layer": int(df["layer"][first])})
     return pl.DataFrame(rows, schema={"step": pl.Int32, "token_id": pl.Int64, "from layer": pl.Int32})
+
+
+# ---- 8 · each break's own signature -------------------------------------------------------------------------
+
+def rope_difference_by_position(model: Model, ids: list[int], breaks: frozenset[str], layer: int = 0) -> pl.DataFrame:
+    """Per prompt position: |q after RoPE with `breaks` − without| / |q without| at `layer` (all heads; one
+    uncached forward each, so the inputs of that layer are the same when layer = 0). A RoPE bug's signature:
+    exactly 0 at position 0, which is never rotated."""
+    def q_rope(b: frozenset[str]) -> torch.Tensor:
+        got = {}
+
+        def probe(name: str, x: torch.Tensor) -> None:
+            if name == f"blocks.{layer}.attn.q_rope":
+                got["q"] = x.float().clone()
+
+        model.forward(torch.tensor(ids, device=model.device), 0, model.new_cache(len(ids)), probe, breaks=b)
+        return got["q"]  # [T, heads, head_dim]
+
+    clean, broken = q_rope(frozenset()), q_rope(breaks)
+    rel = (broken - clean).flatten(1).norm(dim=-1) / clean.flatten(1).norm(dim=-1)
+    return pl.DataFrame({"position": list(range(len(ids))), "relative difference": rel.tolist()})
+
+
+def attention_entropy(pattern: pl.DataFrame) -> pl.DataFrame:
+    """Per head of an `attention_pattern` frame: the entropy (nats) of its weights over the keys: low = sharp."""
+    return pattern.group_by("head").agg(
+        (-(pl.col("weight") * pl.col("weight").clip(1e-30).log()).sum()).alias("entropy")).sort("head")
