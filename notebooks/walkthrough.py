@@ -505,11 +505,12 @@ def _(alt, hand_layer, ids, lessons, mo, model, pl):
     qk_spread = lessons.qk_norm_spread(qk_positions)
     _layer = qk_positions.filter(pl.col("layer") == hand_layer.value)
     _dots = alt.Chart(_layer).mark_tick(thickness=1.5, opacity=0.6).encode(
-        x=alt.X("head:O"), y=alt.Y("rms:Q", title="RMS of the head's vector", scale=alt.Scale(type="log")),
+        x=alt.X("head:O"), y=alt.Y("rms:Q", title="RMS of the head's vector"),
         color=alt.Color("stage:N", sort=["pre", "post"], scale=alt.Scale(domain=["pre", "post"], range=["#bbbbbb", "#4c78a8"])),
         xOffset=alt.XOffset("stage:N", sort=["pre", "post"]),
         tooltip=["tensor", "stage", "head", "position", alt.Tooltip("rms:Q", format=".4f")],
-    ).properties(width=300, height=200).facet(column=alt.Column("tensor:N", sort=["q", "k"], title=None)).properties(
+    ).properties(width=300, height=200).facet(column=alt.Column("tensor:N", sort=["q", "k"], title=None)).resolve_scale(
+        x="independent").properties(
         title=f"layer {hand_layer.value}: each head's size at each of the {len(ids)} prompt positions (one tick each)")
     _row = {(r["tensor"], r["stage"]): r for r in qk_spread.iter_rows(named=True)}
     mo.vstack([
@@ -637,9 +638,10 @@ def _(alt, cfg, clean_hand, hand, hand_breaks, hand_cfg, hand_head, hand_layer, 
     ).properties(width=min(24 * (pos + 1), 640), height=22 * cfg.n_heads,
                  title=f"layer {hand_layer.value}: how much each query head reads from each cached position")
     _both = _both.with_columns((pl.col("key position").cast(pl.Utf8) + " " + pl.col("piece").str.slice(0, 10)).alias("key"))
+    _steps = ["clean", *(f"with {b}" for b in hand_breaks)]  # clean blue, the bug red
     _sel = alt.Chart(_both.filter(pl.col("head") == hand_head.value)).mark_bar().encode(
-        x=_key_x, xOffset=alt.XOffset("step:N", sort="descending"), y=alt.Y("weight:Q"),
-        color=alt.Color("step:N", sort="descending", scale=alt.Scale(range=["#4c78a8", "#e45756"]), title=None),
+        x=_key_x, xOffset=alt.XOffset("step:N", sort=_steps), y=alt.Y("weight:Q"),
+        color=alt.Color("step:N", scale=alt.Scale(domain=_steps, range=["#4c78a8", "#e45756"]), title=None),
         tooltip=["step", "key position", "piece", alt.Tooltip("weight:Q", format=".3f")],
     ).properties(width=min(24 * (pos + 1), 640), height=120, title=f"head {hand_head.value} (reads KV head {hand_head.value // _group})")
     mo.vstack([
@@ -693,18 +695,20 @@ def _(alt, clean_logits, hand_breaks, hand_logits, hand_next, mo, pl, pos, tok, 
     _p, _i = _probs.topk(10)
     next_candidates = pl.DataFrame({"id": _i.tolist(), "piece": [visible(tok.piece(t)) for t in _i.tolist()],
                                     "logit": hand_logits[_i].tolist(), "probability": _p.tolist()})
-    _rows = next_candidates.with_columns(pl.lit(f"with {next(iter(hand_breaks))}" if hand_breaks else "clean").alias("step"))
+    _steps = ["clean", *(f"with {b}" for b in hand_breaks)]  # clean blue, the bug red
+    _rows = next_candidates.with_columns(pl.lit(_steps[-1]).alias("step"))
     if hand_breaks:  # the same tokens' probabilities in the clean step
         _clean = torch.softmax(clean_logits, -1)
         _rows = pl.concat([_rows, next_candidates.with_columns(pl.Series("probability", _clean[_i].tolist()),
                                                                pl.Series("logit", clean_logits[_i].tolist()),
                                                                pl.lit("clean").alias("step"))])
     _chart = alt.Chart(_rows).mark_bar().encode(
-        y=alt.Y("piece:N", sort=None, title=None), x=alt.X("probability:Q"), yOffset=alt.YOffset("step:N", sort="descending"),
-        color=alt.Color("step:N", sort="descending", scale=alt.Scale(range=["#4c78a8", "#e45756"]), title=None),
+        y=alt.Y("piece:N", sort=None, title=None), x=alt.X("probability:Q"), yOffset=alt.YOffset("step:N", sort=_steps),
+        color=alt.Color("step:N", scale=alt.Scale(domain=_steps, range=["#4c78a8", "#e45756"]) if hand_breaks else
+                        alt.Scale(domain=_steps, range=["#4c78a8"]), title=None),
         tooltip=["step", "id", "piece", alt.Tooltip("logit:Q", format=".3f"), alt.Tooltip("probability:Q", format=".4f")],
     ).properties(width=380, height=260, title=f"the 10 most likely tokens after position {pos}"
-                 + (" (with the bug; blue: the clean step's probability for the same tokens)" if hand_breaks else ""))
+                 + (" with the bug (red); blue: the clean step's probability for the same tokens" if hand_breaks else ""))
     mo.vstack([
         mo.md(f"""
         **Logits → the next token.** After the last block, a final RMSNorm and the output matrix
@@ -956,7 +960,10 @@ def _(SPEED_WARMUP, charts, equiv_argmax_all, equiv_worst, lessons, mo, pl, spee
         {_u['ms late']:.1f} ms at position {_u['position late']} — **{_u['ratio']:.1f}×** for
         {_u['position late'] / _u['position early']:.1f}× the tokens; a **cached** step {_c['ms early']:.1f} →
         {_c['ms late']:.1f} ms (**{_c['ratio']:.1f}×**). (Each figure is the median of 4 steps, each step the best
-        of up to 3 runs.) Press **Step ×16** to watch both curves go on.
+        of up to 3 runs.) The uncached cost grows less than the tokens do because every step also pays a fixed
+        cost — Python around each layer, one small matmul per chosen expert — that does not grow with the
+        sequence; on a model this small it is a large share. The part that grows is what the cache removes.
+        Press **Step ×16** to watch both curves go on.
         """),
         speed_more,
         mo.hstack([charts.step_latency(_shown.tokens), charts.equivalence(_shown.equiv, _shown.meta["equiv_tolerance"])], justify="start", wrap=True),
@@ -1196,19 +1203,23 @@ def _(cfg, charts, lessons, look_head, look_layer, look_trace, mo):
     _step = int(_att["step"].max())
     _pieces = charts.sequence_pieces(look_trace.meta, look_trace.tokens, "cached")
     attention_shares = lessons.attention_shares(_att, _step)
-    _l0 = attention_shares.row(0, named=True)
     _sink = max(attention_shares.iter_rows(named=True), key=lambda r: r["on key 0"])
+    _n_prev = int(attention_shares["heads reading the previous token most"].sum())
+    _n_self = int(attention_shares["heads reading itself most"].sum())
+    _n_all = cfg.n_heads * cfg.n_layers
     _window = cfg.sliding_window if getattr(cfg, "sliding_window", None) else None
     mo.vstack([
         mo.md(f"""
         **Which positions each head reads.** At the last step (position {len(_pieces) - 1}), each head of a layer
-        spreads its weight over the {len(_pieces)} keys. Two habits show on almost any model: a head that puts most
-        of its weight on **key 0** — an *attention sink*, a place to park attention when nothing in particular
-        is needed (here layer {_sink['layer']}: {_sink['on key 0']:.2f} of the weight on key 0, averaged over heads;
-        {_sink['heads reading key 0 most']} of {cfg.n_heads} heads read it most) — and heads that read the
-        **previous token** (layer 0: {_l0['on the previous token']:.2f} of the weight on it on average,
-        {_l0['heads reading the previous token most']} heads read it most), which is how a model copies and
-        continues. {"Gemma3's local layers add a third: keys beyond their sliding window get exactly 0 (grey in these charts)." if _window is None else f"This model's local layers see only the last {_window} keys: the rest are exactly 0 (grey)."}
+        spreads its weight over the {len(_pieces)} keys. Two habits are common in large trained models: heads that
+        put most of their weight on **key 0** — an *attention sink*, a place to park attention when nothing in
+        particular is needed — and heads that read the **previous token**, which is how a model copies and
+        continues. Measured here, at the last step: the strongest pull of key 0 is at layer {_sink['layer']},
+        **{_sink['on key 0']:.2f}** of the weight on average ({_sink['heads reading key 0 most']} of {cfg.n_heads} heads read
+        it most); **{_n_prev}** of the {_n_all} heads read the previous token most, and **{_n_self}** the newest token
+        itself. {"So this small model, trained on 256-token windows, has no strong sink: its heads spread over the content instead." if _sink['on key 0'] < 0.2 else "This model has a sink."}
+        {"Gemma3's local layers would add a third pattern: keys beyond their sliding window get exactly 0 (grey in the heads chart)." if _window is None else f"This model's local layers see only the last {_window} keys: the rest are exactly 0 (grey)."}
+        The charts are the engine's own record (`attention` frame), not a recomputation.
         Pick a layer and head:
         """),
         mo.hstack([look_layer, look_head], justify="start"),

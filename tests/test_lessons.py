@@ -217,6 +217,7 @@ def test_attention_shares_on_a_pattern_written_out():
     assert row["on key 0"] == pytest.approx(0.4) and row["on itself"] == pytest.approx(0.15)
     assert row["on the previous token"] == pytest.approx(0.35)
     assert row["heads reading key 0 most"] == 1 and row["heads reading the previous token most"] == 1
+    assert row["heads reading itself most"] == 0
 
 
 def test_answer_layer_is_where_the_final_top1_appears_and_stays():

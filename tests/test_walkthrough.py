@@ -229,7 +229,8 @@ def test_attention_and_lens_sections_state_their_own_numbers(facts):
     the logit lens's "answer from layer L" is a layer of the model, the last one's top-1 being the output."""
     for row in facts["attention_shares"]:
         assert all(0 <= row[k] <= 1 for k in ("on key 0", "on itself", "on the previous token"))
-        assert 0 <= row["heads reading key 0 most"] + row["heads reading the previous token most"] <= facts["n_heads"]
+        counted = row["heads reading key 0 most"] + row["heads reading the previous token most"] + row["heads reading itself most"]
+        assert 0 <= counted <= facts["n_heads"]
     assert facts["answer_layers"] and all(0 <= r["from layer"] < facts["n_layers"] for r in facts["answer_layers"])
 
 

@@ -437,6 +437,7 @@ def attention_shares(attention: pl.DataFrame, step: int) -> pl.DataFrame:
     ).join(top.group_by("layer").agg(
         (pl.col("key") == 0).sum().alias("heads reading key 0 most"),
         (pl.col("key") == newest - 1).sum().alias("heads reading the previous token most"),
+        (pl.col("key") == newest).sum().alias("heads reading itself most"),
     ), on="layer").sort("layer")
 
 
