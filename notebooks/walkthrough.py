@@ -1198,7 +1198,7 @@ def _(cfg, ids, lessons, mo, model):
 
 
 @app.cell
-def _(cfg, charts, lessons, look_head, look_layer, look_trace, mo):
+def _(cfg, charts, lessons, look_head, look_layer, look_trace, mo, pl):
     _att = look_trace.frames["attention"]
     _step = int(_att["step"].max())
     _pieces = charts.sequence_pieces(look_trace.meta, look_trace.tokens, "cached")
@@ -1210,8 +1210,8 @@ def _(cfg, charts, lessons, look_head, look_layer, look_trace, mo):
     _window = cfg.sliding_window if getattr(cfg, "sliding_window", None) else None
     mo.vstack([
         mo.md(f"""
-        **Which positions each head reads.** At the last step (position {len(_pieces) - 1}), each head of a layer
-        spreads its weight over the {len(_pieces)} keys. Two habits are common in large trained models: heads that
+        **Which positions each head reads.** At the last step (position {int(_att["key"].max())}), each head of a layer
+        spreads its weight over the {int(_att["key"].max()) + 1} keys. Two habits are common in large trained models: heads that
         put most of their weight on **key 0** — an *attention sink*, a place to park attention when nothing in
         particular is needed — and heads that read the **previous token**, which is how a model copies and
         continues. Measured here, at the last step: the strongest pull of key 0 is at layer {_sink['layer']},
@@ -1225,9 +1225,46 @@ def _(cfg, charts, lessons, look_head, look_layer, look_trace, mo):
         mo.hstack([look_layer, look_head], justify="start"),
         charts.attention_over_keys(_att, _step, look_layer.value, look_head.value, _pieces, "cached"),
         charts.attention_heads(_att, _step, look_layer.value, "cached", _pieces),
-        attention_shares,
+        attention_shares.with_columns(pl.col("on key 0", "on itself", "on the previous token").round(3)),
     ])
     return (attention_shares,)
+
+
+@app.cell
+def _(Model, alt, charts, lessons, mo, pl):
+    # Gemma3's sliding window, on the bundled random tiny gemma3 (its weights are noise; its mask is the
+    # architecture's): local layers read only the last `sliding_window` positions, the global ones all.
+    gemma = Model.load("tiny-gemma3", device="cpu", weights="dequantized")
+    _gc = gemma.config
+    _ids = gemma.tokenizer.encode("The history of the city begins with a small village on the river.")[:12]
+    _trace = lessons.decode(gemma, _ids, 8, path="cached", attention=True).trace()
+    _att = _trace.frames["attention"]
+    _step = int(_att["step"].max())
+    _local = next(i for i in range(_gc.n_layers) if _gc.is_local_layer(i))
+    _global = next(i for i in range(_gc.n_layers) if not _gc.is_local_layer(i))
+    _pieces = charts.sequence_pieces(_trace.meta, _trace.tokens, "cached")
+    _last = _att.filter(pl.col("step") == _step)
+    window_zeros = {layer: int(_last.filter((pl.col("layer") == layer) & (pl.col("weight") == 0)).select("key").n_unique())
+                    for layer in (_local, _global)}
+    _n_keys = int(_last["key"].max()) + 1  # the newest token's position + 1 (the last generated one is not fed yet)
+    window_facts = {"window": _gc.sliding_window, "keys": _n_keys, "local": _local, "global": _global, "zeros": window_zeros}
+    mo.vstack([
+        mo.md(f"""
+        **A sliding window** (Gemma3, gpt-oss, Mistral): some layers see only the most recent positions. Here the
+        bundled *random* tiny gemma3 ({_gc.n_layers} layers, window {_gc.sliding_window}; layers
+        {", ".join(str(i) for i in range(_gc.n_layers) if _gc.is_local_layer(i))} local, {_global} global), decoded to
+        position {_n_keys - 1}: on local layer {_local} the newest token's weight on the
+        **{window_zeros[_local]}** oldest keys is exactly 0 — it sees the last {_gc.sliding_window} positions, itself
+        included — while global layer {_global} reads all {_n_keys} ({window_zeros[_global]} zeros). Its weights are
+        random, so *which* keys it prefers means nothing; the grey is the architecture. An engine that forgets the
+        window (or is off by one at its edge) gives a local layer keys it should not see — invisible until the
+        sequence is longer than the window.
+        """),
+        mo.hstack([charts.attention_heads(_att, _step, _local, "cached", _pieces).properties(title=f"local layer {_local}"),
+                   charts.attention_heads(_att, _step, _global, "cached", _pieces).properties(title=f"global layer {_global}")],
+                  justify="start", wrap=True),
+    ])
+    return (window_facts,)
 
 
 @app.cell

@@ -120,6 +120,7 @@ _FACTS = textwrap.dedent('''
         "answer_layers": defs["answer_layers"].to_dicts(),
         "n_heads": cfg.n_heads, "n_layers": cfg.n_layers,
         "broken_steps": broken_steps,
+        "window_facts": defs["window_facts"],
         "rope_signatures": signatures, "head_dim_entropy": entropy,
         "breaks": {name: {k: r[k] for k in ("alarm frame", "alarm step", "first frame", "first step", "invariant that fires")}
                    for name, r in report.items()},
@@ -252,3 +253,12 @@ def test_the_bugs_no_invariant_catches_have_their_own_signature(facts):
     assert swap[1] > 0.1 and base[1] < 0.5 * swap[1]
     assert base[-1] > 3 * base[1]
     assert facts["head_dim_entropy"]["broken"] < facts["head_dim_entropy"]["clean"]
+
+
+def test_the_sliding_window_section_counts_the_masked_keys(facts):
+    """Section 7 on tiny-gemma3: a local layer's newest token sees exactly the last `window` positions (itself
+    included: llama.cpp masks a key once query − key ≥ window), a global layer sees them all."""
+    w = facts["window_facts"]
+    assert w["keys"] > w["window"]  # long enough for the window to bite
+    assert w["zeros"][str(w["local"])] == w["keys"] - w["window"]
+    assert w["zeros"][str(w["global"])] == 0
