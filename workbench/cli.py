@@ -16,13 +16,14 @@ import numpy as np
 import polars as pl
 import torch
 
-from workbench.config import SUPPORTED_ARCHS, ModelConfig
+from workbench.config import ModelConfig
 from workbench.errors import InputError, WorkbenchError
 from workbench.gguf_file import GGUFFile
 from workbench.loading import describe_weights, set_threads
 from workbench.model import BREAKS, Model
 from workbench.models import bundled_names, resolve
 from workbench.reference import ENGINES
+from workbench.tiny import TINY_KINDS
 
 DUMP_ENGINES = ("workbench", *ENGINES, "transformers")
 
@@ -148,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu) | cpu | cuda | mps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one fewer than the cores)")
 
-    p = sub.add_parser("make-tiny", help="write a tiny random GGUF of an architecture (mixed quant types)")
-    p.add_argument("--arch", required=True, choices=SUPPORTED_ARCHS)
+    p = sub.add_parser("make-tiny", help="write a tiny random GGUF of an architecture or family (mixed quant types)")
+    p.add_argument("--arch", required=True, choices=TINY_KINDS, help="an architecture, or a family: mixtral (llama with experts)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
 

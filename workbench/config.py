@@ -189,18 +189,23 @@ class _Reader:
         rope_scale = self._rope_scale()
         n_experts = self.count("expert_count", 4096)
         n_experts_used = self.count("expert_used_count", 4096)
-        moe = arch == "qwen3moe"
+        # Mixture of experts: qwen3moe always; llama when the file has experts (Mixtral's layout: every layer's FFN
+        # is routed experts, softmax → top-k → renormalise, as llama.cpp's llm_build_llama calls build_moe_ffn).
+        moe = arch == "qwen3moe" or (arch == "llama" and n_experts > 0)
         if moe:
             if not (0 < n_experts_used <= n_experts <= 4096):
                 raise ModelError(f"{gguf.path.name}: expert_used_count {n_experts_used} / expert_count {n_experts} are invalid.")
         elif n_experts:
-            raise UnsupportedError(f"{gguf.path.name}: {arch} with experts is not supported (only qwen3moe is a MoE architecture here).")
-        ffn_hidden = self.count("feed_forward_length", 1 << 24) if moe else self.positive("feed_forward_length")
+            raise UnsupportedError(f"{gguf.path.name}: {arch} with experts is not supported (qwen3moe and llama "
+                                   "(Mixtral) are the MoE architectures here).")
+        ffn_hidden = self.count("feed_forward_length", 1 << 24) if arch == "qwen3moe" else self.positive("feed_forward_length")
         expert_ffn_hidden = 0
-        if moe:
+        if arch == "qwen3moe":
             # llama.cpp: n_ff_exp = expert_feed_forward_length, else feed_forward_length / expert_used_count.
             fallback = ffn_hidden // n_experts_used if ffn_hidden else _MISSING
             expert_ffn_hidden = self.positive("expert_feed_forward_length", fallback)
+        elif moe:  # llama (Mixtral): each expert is a feed_forward_length-wide SwiGLU (llama.cpp's n_ff)
+            expert_ffn_hidden = ffn_hidden
         gemma = arch == "gemma3"
         sliding_window = swa_pattern = rope_base_local = None
         if gemma:

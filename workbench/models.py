@@ -2,7 +2,7 @@
 
 - `smollm2-135m`, `gemma3-270m`: real models from PyPI packages (the `models` extra).
 - `tiny-qwen3moe`: a small Qwen3-MoE trained here (data/train_tiny_moe.py), committed as data/tiny-qwen3moe.gguf.
-- `tiny-llama`, `tiny-qwen2`, `tiny-qwen3`, `tiny-gemma3`, `tiny-random-qwen3moe`: random tiny models
+- `tiny-llama`, `tiny-qwen2`, `tiny-qwen3`, `tiny-gemma3`, `tiny-random-qwen3moe`, `tiny-mixtral`: random tiny models
   (tiny.py), generated on first use into a cache folder.
 
 What goes into the cache is written under a temporary name, checked (sha256 for gemma3, a GGUFFile parse for
@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from workbench.config import SUPPORTED_ARCHS
 from workbench.errors import InputError, WorkbenchError
 
 REAL_MODELS = {
@@ -31,7 +30,7 @@ DEFAULT_MODEL = "tiny-qwen3moe"  # the app's default: a MoE with QK-norm, so eve
 
 
 def _random_name(arch: str) -> str:
-    """The random tiny model's name: `tiny-<arch>`, except the MoE, whose plain name is the trained model."""
+    """The random tiny model's name: `tiny-<arch or family>`, except qwen3moe, whose plain name is the trained model."""
     return "tiny-random-qwen3moe" if arch == "qwen3moe" else f"tiny-{arch}"
 
 
@@ -43,8 +42,15 @@ def cache_dir() -> Path:
     return path
 
 
+def _tiny_kinds() -> tuple[str, ...]:
+    """Every arch, then the families (mixtral) that workbench.tiny writes a random tiny model of."""
+    from workbench.tiny import TINY_KINDS
+
+    return TINY_KINDS
+
+
 def bundled_names() -> list[str]:
-    return ["tiny-qwen3moe", *REAL_MODELS, *(_random_name(arch) for arch in SUPPORTED_ARCHS)]
+    return ["tiny-qwen3moe", *REAL_MODELS, *(_random_name(kind) for kind in _tiny_kinds())]
 
 
 def resolve(model: str | os.PathLike[str]) -> Path:
@@ -71,7 +77,7 @@ def resolve(model: str | os.PathLike[str]) -> Path:
         if not TRAINED_TINY.exists():
             raise InputError(f"the trained tiny model {TRAINED_TINY} is missing from this checkout (it is committed in data/).")
         return TRAINED_TINY
-    random_names = {_random_name(arch): arch for arch in SUPPORTED_ARCHS}
+    random_names = {_random_name(kind): kind for kind in _tiny_kinds()}
     if name.startswith("tiny-") and not (name.endswith(".gguf") or os.sep in name):  # else a path, like tiny-x.gguf
         arch = random_names.get(name)
         if arch is None:

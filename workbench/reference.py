@@ -150,12 +150,24 @@ LLAMA_CPP_NODES: dict[str, dict[str, tuple[str, str]]] = {
         "moe.topk_weights": ("ffn_moe_weights_norm", "last"),
         "ffn_out": ("ffn_moe_out", "last"),
     },
+    # llama with experts (Mixtral): llm_build_llama's build_moe_ffn renormalises too (norm_w), the same nodes.
+    "llama-moe": _DENSE | {
+        "moe.router_logits": ("ffn_moe_logits", "last"),
+        "moe.topk_ids": ("ffn_moe_topk", "last"),
+        "moe.topk_weights": ("ffn_moe_weights_norm", "last"),
+        "ffn_out": ("ffn_moe_out", "last"),
+    },
     # Post norms: kqv_out-L → attn_out MUL_MAT → attn_post_norm-L → sa_out-L (the residual after attention:
     # there is no ffn_inp-L); ffn_out-L is the down projection BEFORE ffn_post_norm-L, as ours is; l_out-L
     # after the post norm and the residual. Q is scaled by 1/sqrt(query_pre_attn_scalar) after the ROPE node
     # (an unnamed SCALE), so q_rope is unscaled as ours is. Its CPU GELU reads a float16 table.
     "gemma3": _DENSE | _QK_NORM | {"resid_mid": ("sa_out", "last")},
 }
+
+def node_table(config) -> str:
+    """The LLAMA_CPP_NODES key of a model: its arch, or "llama-moe" for a llama file with experts (Mixtral)."""
+    return "llama-moe" if config.arch == "llama" and config.is_moe else config.arch
+
 
 # ggml.h's enum ggml_type → numpy, for the types a graph node we map can have (bf16 is read as its bits)
 _GGML_NUMPY = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64,
@@ -456,12 +468,13 @@ class ReferenceEngine:
         if self._failure is not None:
             raise ReferenceFailed(self._failure)
         dump = Dump(list(tokens), n_prompt)  # DumpError for a run that is not one
-        if self.config.arch not in LLAMA_CPP_NODES:
+        nodes = node_table(self.config)
+        if nodes not in LLAMA_CPP_NODES:
             raise ReferenceFailed(f"llama.cpp dumps know no graph nodes for architecture '{self.config.arch}'.")
         if any(not 0 <= t < self.n_vocab for t in dump.tokens):
             raise InputError(f"token ids must be in 0..{self.n_vocab - 1} for {self.path.name}.")
         patterns = None if names is None else [str(n) for n in names]
-        request = ("dump", dump.tokens, dump.n_prompt, self.config.arch, patterns, int(max_bytes))
+        request = ("dump", dump.tokens, dump.n_prompt, nodes, patterns, int(max_bytes))
         try:
             self._conn.send(request)
         except ConnectionError:  # the worker is already gone: _reply says how

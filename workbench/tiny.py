@@ -6,7 +6,7 @@
 llama.cpp (llama-cpp-python) and, where its GGUF loader allows, by transformers, and the outputs compared.
 Names and keys come from gguf-py (`TENSOR_NAMES`, `GGUFWriter.add_*`), not from string literals here.
 
-Sizes, per architecture (TINY_SPECS, one for every arch in config.SUPPORTED_ARCHS): every model has hidden 256,
+Sizes, per architecture (TINY_SPECS, one for every arch in config.SUPPORTED_ARCHS, then the families): every model has hidden 256,
 vocabulary 512, context 512, dense FFN 512, rms eps 1e-6 and rope base 1e6 unless noted.
 
     arch      layers heads kv head_dim  notes
@@ -15,6 +15,8 @@ vocabulary 512, context 512, dense FFN 512, rms eps 1e-6 and rope base 1e6 unles
     qwen3        3     4    2    96     head_dim != hidden/heads (q: 256 -> 384); q/k norms; tied output
     qwen3moe     2     4    2    96     8 experts, top-2, expert FFN 128; router in F32
     gemma3       6     4    1    64     sliding window 8 (layers 0-4 local, 5 global); post norms; tied output
+    mixtral      2     4    2    64     a llama file with experts (TINY_FAMILIES): 8 experts, top-2, each
+                                        feed_forward_length 128 wide, no expert_feed_forward_length; rope base 1e6
 
 Weights are random and deterministic given `seed`. They are stored in a mix of GGML types (QUANT_TYPES below)
 so that every type the engine dequantizes appears in at least one model; row lengths that are not a multiple
@@ -65,7 +67,6 @@ from gguf import (
 )
 from gguf.quants import dequantize, quantize
 
-from workbench.config import SUPPORTED_ARCHS
 from workbench.errors import InputError
 from workbench.tokenizer import bytes_to_unicode
 
@@ -102,7 +103,19 @@ TINY_SPECS: dict[str, TinySpec] = {
                          n_experts=8, n_experts_used=2, expert_ffn=128),
     # 6 layers so that llama.cpp's fixed gemma3 pattern (every 6th layer global) has one global layer.
     "gemma3": TinySpec(6, 4, 1, 64, rope_base=1e6, rms_eps=1e-6, tied_output=True, sliding_window=8),
+    # Mixtral's layout: a llama file whose every FFN is routed experts (top-2 of 8); feed_forward_length is each
+    # expert's width, and there is no expert_feed_forward_length key (convert_hf_to_gguf writes none for it).
+    "mixtral": TinySpec(2, 4, 2, 64, rope_base=1e6, rms_eps=1e-5, tied_output=False,
+                        n_experts=8, n_experts_used=2, expert_ffn=128, ffn=128),
 }
+# Tiny models of a family that is not an architecture of its own: family → the GGUF architecture it writes.
+TINY_FAMILIES = {"mixtral": "llama"}
+TINY_KINDS = tuple(TINY_SPECS)  # what write_tiny and `make-tiny --arch` take: every arch, then the families
+
+
+def tiny_arch(kind: str) -> str:
+    """The GGUF architecture a tiny model of `kind` (an arch or a family) is written as."""
+    return TINY_FAMILIES.get(kind, kind)
 
 T = GGMLQuantizationType
 E = MODEL_TENSOR
@@ -142,6 +155,13 @@ QUANT_TYPES: dict[str, dict[MODEL_TENSOR, tuple[GGMLQuantizationType, ...]]] = {
         E.ATTN_Q: (T.Q5_0, T.Q4_K, T.Q8_0), E.ATTN_K: (T.Q5_0, T.Q6_K), E.ATTN_V: (T.Q8_0, T.Q3_K, T.BF16),
         E.ATTN_OUT: (T.Q4_K, T.Q5_1, T.Q2_K),
         E.FFN_GATE: (T.Q5_0, T.Q4_1, T.Q5_K), E.FFN_UP: (T.Q5_0, T.F16), E.FFN_DOWN: (T.Q6_K, T.Q4_0),
+    },
+    "mixtral": {
+        E.TOKEN_EMBD: (T.Q8_0,), E.OUTPUT: (T.Q6_K,),
+        E.ATTN_Q: (T.Q4_K, T.Q5_0), E.ATTN_K: (T.Q6_K, T.Q8_0), E.ATTN_V: (T.Q8_0, T.Q4_1),
+        E.ATTN_OUT: (T.Q5_K, T.F16),
+        E.FFN_GATE_EXP: (T.Q4_K, T.Q3_K), E.FFN_UP_EXP: (T.Q5_K, T.Q2_K),
+        E.FFN_DOWN_EXP: (T.Q8_0, T.Q4_0),  # rows of 128
     },
 }
 
@@ -411,7 +431,8 @@ def write_metadata(w: GGUFWriter, arch: str, spec: TinySpec, vocab: Vocab, name:
     if spec.n_experts:
         w.add_expert_count(spec.n_experts)
         w.add_expert_used_count(spec.n_experts_used)
-        w.add_expert_feed_forward_length(spec.expert_ffn)
+        if arch == "qwen3moe":  # a llama MoE (Mixtral) states its experts' width as feed_forward_length
+            w.add_expert_feed_forward_length(spec.expert_ffn)
     if spec.sliding_window is not None:
         w.add_sliding_window(spec.sliding_window)
     w.add_file_type(file_type)
@@ -431,23 +452,24 @@ def write_metadata(w: GGUFWriter, arch: str, spec: TinySpec, vocab: Vocab, name:
         w.add_chat_template(vocab.chat_template)
 
 
-def write_tiny(arch: str, path: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write a tiny random `arch` model to `path` (same seed → byte-identical file) and return the path."""
-    if arch not in TINY_SPECS:
-        raise InputError(f"no tiny model for architecture '{arch}'; choose one of: {', '.join(SUPPORTED_ARCHS)}.")
+def write_tiny(kind: str, path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write a tiny random model of `kind` (an arch, or a family of TINY_FAMILIES such as "mixtral") to `path`
+    (same seed → byte-identical file) and return the path."""
+    if kind not in TINY_SPECS:
+        raise InputError(f"no tiny model for architecture '{kind}'; choose one of: {', '.join(TINY_KINDS)}.")
     # numpy refuses negative seeds with a ValueError; the bound keeps seeds the uint64 that torch's generators take.
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise InputError(f"the seed must be an integer from 0 to 2**64 - 1, not {seed!r}.")
-    spec = TINY_SPECS[arch]
+    spec, arch = TINY_SPECS[kind], tiny_arch(kind)
     path = Path(path)
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(path, arch)
     pre = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2"}.get(arch, "default")
     # A mix of types, like llama-quantize's own mixed recipes, which label the file Q4_K_M.
-    write_metadata(writer, arch, spec, tiny_vocab(pre), f"tiny-{arch}", LlamaFileType.MOSTLY_Q4_K_M)
-    for name, shape, kind, layer in tensor_plan(arch, spec):
+    write_metadata(writer, arch, spec, tiny_vocab(pre), f"tiny-{kind}", LlamaFileType.MOSTLY_Q4_K_M)
+    for name, shape, tensor_kind, layer in tensor_plan(arch, spec):
         # Quantized data is [rows, bytes per row] uint8; GGUFWriter derives the element shape from raw_dtype.
-        data, qtype = _data(rng, arch, name, shape, kind, layer)
+        data, qtype = _data(rng, kind, name, shape, tensor_kind, layer)
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
