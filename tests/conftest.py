@@ -15,17 +15,19 @@ from workbench.config import SUPPORTED_ARCHS as ARCHS
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workbench.tiny import write_tiny
+    from workbench.tiny import TINY_KINDS, write_tiny
 
     d = tmp_path_factory.mktemp("tiny")
-    for arch in ARCHS:
-        write_tiny(arch, d / f"tiny-{arch}.gguf", seed=0)
+    for kind in TINY_KINDS:  # every arch, then the families (mixtral: a llama file with experts)
+        write_tiny(kind, d / f"tiny-{kind}.gguf", seed=0)
     return d
 
 
 @pytest.fixture(scope="session")
 def tiny_paths(tiny_dir: Path) -> dict[str, Path]:
-    return {arch: tiny_dir / f"tiny-{arch}.gguf" for arch in ARCHS}
+    from workbench.tiny import TINY_KINDS
+
+    return {kind: tiny_dir / f"tiny-{kind}.gguf" for kind in TINY_KINDS}
 
 
 def _bundled(name: str) -> Path:

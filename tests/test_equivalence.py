@@ -49,7 +49,7 @@ def test_real_cached_equals_uncached(name, smollm2_path, gemma3_path):
     _check(model, model.tokenizer.encode("Once upon a time, in a small village by the sea,"))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "mixtral"])
 def test_static_step_equals_eager_step(arch, tiny_paths):
     """The static-shape decode step (position as a tensor, attention over the whole cache under a mask: what
     a CUDA graph captures) gives the eager step's logits and writes the same cache, here on the CPU."""
