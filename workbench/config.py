@@ -14,11 +14,11 @@ from typing import Any
 from workbench.errors import ModelError, UnsupportedError
 from workbench.gguf_file import GGUFFile
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe")
 
 # RoPE styles as llama.cpp names them. GGUF llama files were converted with Q/K rows permuted so that
 # rotation pairs are adjacent (x[2i], x[2i+1]): "normal". The others rotate x[i] with x[i + d/2]: "neox".
-ROPE_STYLE = {"llama": "normal", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox", "gemma3": "neox"}
+ROPE_STYLE = {"llama": "normal", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox", "gemma3": "neox", "qwen2moe": "neox"}
 
 _MISSING = object()
 # The keys llama.cpp reads with get_key_or_arr (one value per layer allowed); every other key is a scalar.
@@ -63,6 +63,7 @@ class ModelConfig:
     n_experts_used: int = 0
     expert_ffn_hidden: int = 0
     norm_topk: bool = False  # renormalise the top-k router weights to sum to 1
+    shared_ffn_hidden: int = 0  # qwen2moe: the shared expert's width (0: no shared expert)
     sliding_window: int | None = None  # gemma3 local layers attend to the last `sliding_window` positions
     swa_pattern: int | None = None  # every swa_pattern-th layer is global, the rest are local
     rope_base_local: float | None = None
@@ -191,21 +192,24 @@ class _Reader:
         n_experts_used = self.count("expert_used_count", 4096)
         # Mixture of experts: qwen3moe always; llama when the file has experts (Mixtral's layout: every layer's FFN
         # is routed experts, softmax → top-k → renormalise, as llama.cpp's llm_build_llama calls build_moe_ffn).
-        moe = arch == "qwen3moe" or (arch == "llama" and n_experts > 0)
+        moe = arch in ("qwen3moe", "qwen2moe") or (arch == "llama" and n_experts > 0)
         if moe:
             if not (0 < n_experts_used <= n_experts <= 4096):
                 raise ModelError(f"{gguf.path.name}: expert_used_count {n_experts_used} / expert_count {n_experts} are invalid.")
         elif n_experts:
-            raise UnsupportedError(f"{gguf.path.name}: {arch} with experts is not supported (qwen3moe and llama "
-                                   "(Mixtral) are the MoE architectures here).")
-        ffn_hidden = self.count("feed_forward_length", 1 << 24) if arch == "qwen3moe" else self.positive("feed_forward_length")
-        expert_ffn_hidden = 0
-        if arch == "qwen3moe":
+            raise UnsupportedError(f"{gguf.path.name}: {arch} with experts is not supported (qwen3moe, qwen2moe and "
+                                   "llama (Mixtral) are the MoE architectures here).")
+        routed_only = arch in ("qwen3moe", "qwen2moe")  # their feed_forward_length is no dense FFN's
+        ffn_hidden = self.count("feed_forward_length", 1 << 24) if routed_only else self.positive("feed_forward_length")
+        expert_ffn_hidden = shared_ffn_hidden = 0
+        if routed_only:
             # llama.cpp: n_ff_exp = expert_feed_forward_length, else feed_forward_length / expert_used_count.
             fallback = ffn_hidden // n_experts_used if ffn_hidden else _MISSING
             expert_ffn_hidden = self.positive("expert_feed_forward_length", fallback)
         elif moe:  # llama (Mixtral): each expert is a feed_forward_length-wide SwiGLU (llama.cpp's n_ff)
             expert_ffn_hidden = ffn_hidden
+        if arch == "qwen2moe":  # llama.cpp: n_ff_shexp = expert_shared_feed_forward_length, else feed_forward_length
+            shared_ffn_hidden = self.positive("expert_shared_feed_forward_length", ffn_hidden or _MISSING)
         gemma = arch == "gemma3"
         sliding_window = swa_pattern = rope_base_local = None
         if gemma:
@@ -239,7 +243,8 @@ class _Reader:
             n_experts=n_experts if moe else 0,
             n_experts_used=n_experts_used if moe else 0,
             expert_ffn_hidden=expert_ffn_hidden,
-            norm_topk=moe,
+            norm_topk=moe and arch != "qwen2moe",  # qwen2moe's build_moe_ffn: norm_w false
+            shared_ffn_hidden=shared_ffn_hidden,
             sliding_window=sliding_window,
             swa_pattern=swa_pattern,
             rope_base_local=rope_base_local,

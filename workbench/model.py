@@ -452,6 +452,10 @@ class Model:
         if c.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = seen(probe, f"blocks.{i}.moe.topk_weights", weights)
-        return layer.experts(x, ids, weights, self._activation, self.grouped_mm)  # Σ weight × expert(x)
+        out = layer.experts(x, ids, weights, self._activation, self.grouped_mm)  # Σ weight × expert(x)
+        if layer.shared_gate_up is not None:  # qwen2moe: + sigmoid(x·g) × the shared expert's SwiGLU, every token
+            gate = torch.sigmoid((x @ layer.shared_gate[:, None]).float()).to(x.dtype)  # [T, 1]
+            out = out + gate * gated(x, layer.shared_gate_up, layer.shared_down, self._activation)
+        return out
 
 

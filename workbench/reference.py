@@ -150,6 +150,14 @@ LLAMA_CPP_NODES: dict[str, dict[str, tuple[str, str]]] = {
         "moe.topk_weights": ("ffn_moe_weights_norm", "last"),
         "ffn_out": ("ffn_moe_out", "last"),
     },
+    # qwen2moe: no renormalisation (norm_w false), so the weights are ffn_moe_weights-L; the shared expert is
+    # added to ffn_moe_out-L, and that sum is ffn_out-L (ours: the FFN's whole output). Q/K/V biases as qwen2.
+    "qwen2moe": _DENSE | {
+        "moe.router_logits": ("ffn_moe_logits", "last"),
+        "moe.topk_ids": ("ffn_moe_topk", "last"),
+        "moe.topk_weights": ("ffn_moe_weights", "last"),
+        "ffn_out": ("ffn_out", "last"),
+    },
     # llama with experts (Mixtral): llm_build_llama's build_moe_ffn renormalises too (norm_w), the same nodes.
     "llama-moe": _DENSE | {
         "moe.router_logits": ("ffn_moe_logits", "last"),

@@ -88,6 +88,7 @@ class TinySpec:
     n_experts: int = 0
     n_experts_used: int = 0
     expert_ffn: int = 0
+    shared_ffn: int = 0  # qwen2moe: the shared expert's width (expert_shared_feed_forward_length)
     sliding_window: int | None = None
     hidden: int = HIDDEN
     ffn: int = FFN  # feed_forward_length: the dense FFN (a MoE states its HF intermediate_size, unused)
@@ -103,6 +104,10 @@ TINY_SPECS: dict[str, TinySpec] = {
                          n_experts=8, n_experts_used=2, expert_ffn=128),
     # 6 layers so that llama.cpp's fixed gemma3 pattern (every 6th layer global) has one global layer.
     "gemma3": TinySpec(6, 4, 1, 64, rope_base=1e6, rms_eps=1e-6, tied_output=True, sliding_window=8),
+    # Qwen2-MoE: Q/K/V biases, routed experts whose top-k weights are not renormalised, and a shared expert that
+    # every token also goes through, gated by sigmoid(x · ffn_gate_inp_shexp).
+    "qwen2moe": TinySpec(2, 4, 2, 64, rope_base=1e6, rms_eps=1e-6, tied_output=False,
+                         n_experts=8, n_experts_used=2, expert_ffn=128, shared_ffn=256),
     # Mixtral's layout: a llama file whose every FFN is routed experts (top-2 of 8); feed_forward_length is each
     # expert's width, and there is no expert_feed_forward_length key (convert_hf_to_gguf writes none for it).
     "mixtral": TinySpec(2, 4, 2, 64, rope_base=1e6, rms_eps=1e-5, tied_output=False,
@@ -155,6 +160,14 @@ QUANT_TYPES: dict[str, dict[MODEL_TENSOR, tuple[GGMLQuantizationType, ...]]] = {
         E.ATTN_Q: (T.Q5_0, T.Q4_K, T.Q8_0), E.ATTN_K: (T.Q5_0, T.Q6_K), E.ATTN_V: (T.Q8_0, T.Q3_K, T.BF16),
         E.ATTN_OUT: (T.Q4_K, T.Q5_1, T.Q2_K),
         E.FFN_GATE: (T.Q5_0, T.Q4_1, T.Q5_K), E.FFN_UP: (T.Q5_0, T.F16), E.FFN_DOWN: (T.Q6_K, T.Q4_0),
+    },
+    "qwen2moe": {
+        E.TOKEN_EMBD: (T.Q8_0,), E.OUTPUT: (T.Q5_K,),
+        E.ATTN_Q: (T.Q8_0, T.Q6_K), E.ATTN_K: (T.Q4_K, T.Q5_0), E.ATTN_V: (T.Q5_1, T.Q8_0),
+        E.ATTN_OUT: (T.Q3_K, T.Q4_1),
+        E.FFN_GATE_EXP: (T.Q5_K, T.Q4_K), E.FFN_UP_EXP: (T.Q6_K, T.Q2_K),
+        E.FFN_DOWN_EXP: (T.Q5_0, T.Q8_0),  # rows of 128
+        E.FFN_GATE_SHEXP: (T.Q4_K, T.Q8_0), E.FFN_UP_SHEXP: (T.Q3_K, T.F16), E.FFN_DOWN_SHEXP: (T.Q6_K, T.Q5_K),
     },
     "mixtral": {
         E.TOKEN_EMBD: (T.Q8_0,), E.OUTPUT: (T.Q6_K,),
@@ -339,7 +352,7 @@ def tensor_plan(arch: str, spec: TinySpec) -> list[tuple[str, tuple[int, ...], M
             (E.ATTN_K, "weight", (kv_dim, hidden)),
             (E.ATTN_V, "weight", (kv_dim, hidden)),
         ]
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2moe"):
             layer += [(E.ATTN_Q, "bias", (q_dim,)), (E.ATTN_K, "bias", (kv_dim,)), (E.ATTN_V, "bias", (kv_dim,))]
         if arch in ("qwen3", "qwen3moe", "gemma3"):
             layer += [(E.ATTN_Q_NORM, "weight", (spec.head_dim,)), (E.ATTN_K_NORM, "weight", (spec.head_dim,))]
@@ -356,6 +369,10 @@ def tensor_plan(arch: str, spec: TinySpec) -> list[tuple[str, tuple[int, ...], M
                 (E.FFN_UP_EXP, "weight", (n, f, hidden)),
                 (E.FFN_DOWN_EXP, "weight", (n, hidden, f)),
             ]
+            if spec.shared_ffn:
+                sf = spec.shared_ffn
+                layer += [(E.FFN_GATE_INP_SHEXP, "weight", (hidden,)), (E.FFN_GATE_SHEXP, "weight", (sf, hidden)),
+                          (E.FFN_UP_SHEXP, "weight", (sf, hidden)), (E.FFN_DOWN_SHEXP, "weight", (hidden, sf))]
         else:
             layer += [(E.FFN_GATE, "weight", (ffn, hidden)), (E.FFN_UP, "weight", (ffn, hidden)), (E.FFN_DOWN, "weight", (hidden, ffn))]
         if arch == "gemma3":
@@ -373,7 +390,9 @@ def _data(
     """The tensor's stored array and GGML type."""
     if name.endswith(".bias"):
         return rng.normal(0.0, BIAS_STD, size=shape).astype(np.float32), T.F32
-    if len(shape) == 1:  # every 1-D weight is a norm
+    if kind == E.FFN_GATE_INP_SHEXP:  # the shared expert's gate vector: x·g with std ~1.6, sigmoid well spread
+        return rng.normal(0.0, 0.1, size=shape).astype(np.float32), T.F32
+    if len(shape) == 1:  # every other 1-D weight is a norm
         return (1.0 + rng.normal(0.0, NORM_NOISE, size=shape)).astype(np.float32), T.F32
     if kind == E.FFN_GATE_INP:
         return rng.normal(0.0, ROUTER_STD, size=shape).astype(np.float32), T.F32
@@ -431,8 +450,10 @@ def write_metadata(w: GGUFWriter, arch: str, spec: TinySpec, vocab: Vocab, name:
     if spec.n_experts:
         w.add_expert_count(spec.n_experts)
         w.add_expert_used_count(spec.n_experts_used)
-        if arch == "qwen3moe":  # a llama MoE (Mixtral) states its experts' width as feed_forward_length
+        if arch in ("qwen3moe", "qwen2moe"):  # a llama MoE (Mixtral) states its experts' width as feed_forward_length
             w.add_expert_feed_forward_length(spec.expert_ffn)
+        if spec.shared_ffn:
+            w.add_expert_shared_feed_forward_length(spec.shared_ffn)
     if spec.sliding_window is not None:
         w.add_sliding_window(spec.sliding_window)
     w.add_file_type(file_type)
@@ -464,7 +485,7 @@ def write_tiny(kind: str, path: str | os.PathLike[str], seed: int = 0) -> Path:
     path = Path(path)
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(path, arch)
-    pre = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2"}.get(arch, "default")
+    pre = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "qwen2moe": "qwen2"}.get(arch, "default")
     # A mix of types, like llama-quantize's own mixed recipes, which label the file Q4_K_M.
     write_metadata(writer, arch, spec, tiny_vocab(pre), f"tiny-{kind}", LlamaFileType.MOSTLY_Q4_K_M)
     for name, shape, tensor_kind, layer in tensor_plan(arch, spec):

@@ -51,6 +51,9 @@ class LayerWeights:
     w_down: Matrix | None = None  # [ffn, hidden]
     router: torch.Tensor | None = None  # MoE [hidden, n_experts]
     experts: ExpertStacks | None = None  # MoE: the expert stacks, and how the chosen experts run
+    shared_gate: torch.Tensor | None = None  # qwen2moe's shared expert: its gate vector [hidden] (sigmoid(x·g))
+    shared_gate_up: Matrix | None = None  # [hidden, 2·shared ffn]
+    shared_down: Matrix | None = None  # [shared ffn, hidden]
 
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -245,6 +248,11 @@ def load_weights(
                 gate_up=ld.matrix([_name(E.FFN_GATE_EXP, i), _name(E.FFN_UP_EXP, i)], [(e, f, c.hidden)] * 2),
                 down=ld.matrix([_name(E.FFN_DOWN_EXP, i)], [(e, c.hidden, f)]),
             )
+            if c.shared_ffn_hidden:
+                sf = c.shared_ffn_hidden
+                layer.shared_gate = ld.tensor(_name(E.FFN_GATE_INP_SHEXP, i), (c.hidden,))
+                layer.shared_gate_up = ld.matrix([_name(E.FFN_GATE_SHEXP, i), _name(E.FFN_UP_SHEXP, i)], [(sf, c.hidden)] * 2)
+                layer.shared_down = ld.matrix([_name(E.FFN_DOWN_SHEXP, i)], [(c.hidden, sf)])
         else:
             layer.w_gate_up = ld.matrix([_name(E.FFN_GATE, i), _name(E.FFN_UP, i)], [(c.ffn_hidden, c.hidden)] * 2)
             layer.w_down = ld.matrix([_name(E.FFN_DOWN, i)], [(c.hidden, c.ffn_hidden)])
