@@ -38,8 +38,11 @@ OMITTED_BY_REAL_FILES = {
     "qwen3moe": {"vocab_size", "rope.dimension_count", "rope.scaling.type"},
     "gemma3": {"vocab_size", "rope.dimension_count", "rope.scaling.type", "expert_count", "expert_used_count",
                "attention.sliding_window_pattern", "rope.freq_base_swa"},
+    "qwen2moe": {"attention.key_length", "attention.value_length", "vocab_size", "rope.dimension_count",
+                 "rope.scaling.type"},
 }
-PRE_TOKENIZER = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "gemma3": "default"}
+PRE_TOKENIZER = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "gemma3": "default",
+                 "qwen2moe": "qwen2"}
 PROMPT = b"def forward(self, tokens):\n    return the model of the tokens"
 
 
@@ -76,7 +79,8 @@ def test_config_has_the_intended_values(tiny_dir: Path, arch: str) -> None:
 def test_arch_specific_values() -> None:
     assert TINY_SPECS["qwen3"].head_dim == TINY_SPECS["qwen3moe"].head_dim == 96 != HIDDEN // 4
     assert (TINY_SPECS["qwen3moe"].n_experts, TINY_SPECS["qwen3moe"].n_experts_used) == (8, 2)
-    assert [TINY_SPECS[a].tied_output for a in SUPPORTED_ARCHS] == [False, False, True, False, True]
+    assert [TINY_SPECS[a].tied_output for a in SUPPORTED_ARCHS] == [False, False, True, False, True, False]
+    assert (TINY_SPECS["qwen2moe"].n_experts, TINY_SPECS["qwen2moe"].shared_ffn) == (8, 256)
 
 
 def test_gemma3_has_local_and_global_layers(tiny_dir: Path) -> None:
@@ -111,16 +115,23 @@ def test_tensor_table_matches_gguf_reader_and_llama_cpp_names(tiny_dir: Path, ar
     assert has_qk_norm == ("blk.0.attn_q_norm.weight" in shapes)
     if has_qk_norm:
         assert shapes["blk.0.attn_q_norm.weight"] == shapes["blk.0.attn_k_norm.weight"] == (spec.head_dim,)
-    assert (arch == "qwen2") == ("blk.0.attn_q.bias" in shapes)
-    if arch == "qwen2":
+    has_bias = arch in ("qwen2", "qwen2moe")
+    assert has_bias == ("blk.0.attn_q.bias" in shapes)
+    if has_bias:
         assert (shapes["blk.1.attn_q.bias"], shapes["blk.1.attn_k.bias"], shapes["blk.1.attn_v.bias"]) == ((q_dim,), (kv_dim,), (kv_dim,))
     assert (arch == "gemma3") == ("blk.0.post_attention_norm.weight" in shapes) == ("blk.0.post_ffw_norm.weight" in shapes)
-    if arch == "qwen3moe":
+    if arch in ("qwen3moe", "qwen2moe"):
         n, f = spec.n_experts, spec.expert_ffn
         assert shapes["blk.0.ffn_gate_inp.weight"] == (n, HIDDEN)
         assert shapes["blk.0.ffn_gate_exps.weight"] == shapes["blk.0.ffn_up_exps.weight"] == (n, f, HIDDEN)
         assert shapes["blk.0.ffn_down_exps.weight"] == (n, HIDDEN, f)
         assert "blk.0.ffn_gate.weight" not in shapes
+        assert (arch == "qwen2moe") == ("blk.0.ffn_gate_inp_shexp.weight" in shapes)
+        if arch == "qwen2moe":  # the shared expert: a gate vector and a SwiGLU of its own width
+            sf = spec.shared_ffn
+            assert shapes["blk.0.ffn_gate_inp_shexp.weight"] == (HIDDEN,)
+            assert shapes["blk.0.ffn_gate_shexp.weight"] == shapes["blk.0.ffn_up_shexp.weight"] == (sf, HIDDEN)
+            assert shapes["blk.0.ffn_down_shexp.weight"] == (HIDDEN, sf)
     else:
         assert shapes["blk.0.ffn_gate.weight"] == shapes["blk.0.ffn_up.weight"] == (FFN, HIDDEN)
         assert shapes["blk.0.ffn_down.weight"] == (HIDDEN, FFN)
@@ -141,7 +152,7 @@ def test_weights_have_sane_scales(tiny_dir: Path, arch: str) -> None:
     for name, info in gguf.tensors.items():
         values = dequantize(gguf.raw(name).numpy(), info.ggml_type)
         assert np.isfinite(values).all(), name
-        if len(info.shape) == 1 and name.endswith(".weight"):
+        if len(info.shape) == 1 and name.endswith(".weight") and "ffn_gate_inp_shexp" not in name:  # norms
             assert abs(values.mean() - 1) < 0.05, name
         elif len(info.shape) > 1 and "ffn_gate_inp" not in name:
             std = EMBED_STD if name.startswith(("token_embd", "output")) else PROJ_STD

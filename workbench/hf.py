@@ -63,7 +63,8 @@ from workbench.dump import Dump
 from workbench.errors import ReferenceFailed, WorkbenchError
 
 # Our architecture names → transformers' (the GGUF loader maps one to the other itself; this is for messages).
-HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "gemma3": "gemma3"}
+HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "gemma3": "gemma3",
+            "qwen2moe": "qwen2_moe"}
 
 
 def config_overrides(config) -> dict:
@@ -73,6 +74,9 @@ def config_overrides(config) -> dict:
         return {"head_dim": config.head_dim}
     if config.arch == "qwen3moe":
         return {"head_dim": config.head_dim, "moe_intermediate_size": config.expert_ffn_hidden}
+    if config.arch == "qwen2moe":  # its GGUF mapping reads neither expert width
+        return {"moe_intermediate_size": config.expert_ffn_hidden,
+                "shared_expert_intermediate_size": config.shared_ffn_hidden}
     if config.arch == "gemma3":
         scalar = config.attn_scale**-2
         return {"query_pre_attn_scalar": round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar}
