@@ -78,7 +78,7 @@ PLANTS = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe"])
 def test_clean_llama_cpp_dumps_give_no_divergence(arch, tiny_paths):
     m = load_model(tiny_paths[arch])
     for engine in ("llama.cpp", "llama.cpp-f32"):

@@ -70,7 +70,7 @@ def test_real_model_matches_transformers(name, smollm2_path, gemma3_path):
     _compare(_ours(path, ids), _transformers(path, ids), 0.9999)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "qwen2moe"])
 def test_tiny_model_matches_transformers(arch, tiny_paths):
     """Transformers loads tiny files whose head_dim = hidden/heads (its GGUF loader ignores key_length, so
     qwen3/qwen3moe tiny files, head_dim 96, are refused). It also has no GGUF key for Gemma3's
@@ -79,10 +79,14 @@ def test_tiny_model_matches_transformers(arch, tiny_paths):
     differ and llama.cpp sides with us (test_tiny_model_matches_llama_cpp)."""
     ids = [1, 17, 99, 250, 3, 411, 42, 7, 300, 12, 5, 6]
     config = {"query_pre_attn_scalar": 64} if arch == "gemma3" else {}
+    if arch == "qwen2moe":  # its GGUF mapping reads neither expert width (hf.config_overrides)
+        from workbench.hf import config_overrides
+
+        config = config_overrides(load_model(tiny_paths[arch]).config)
     _compare(_ours(tiny_paths[arch], ids), _transformers(tiny_paths[arch], ids, **config), 0.9999)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe"])
 def test_tiny_model_matches_llama_cpp(arch, tiny_paths):
     """llama.cpp covers what transformers cannot: head_dim != hidden/heads (qwen3, qwen3moe)."""
     ids = [1, 17, 99, 250, 3, 411, 42, 7, 300, 12, 5, 6]
@@ -186,7 +190,7 @@ def test_worker_rewinds_to_the_common_prefix(tiny_paths):
 
 # --- the exact reference: llama.cpp on an F32 copy with an F32 KV cache -----------------------------------
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe"])
 def test_tiny_model_equals_llama_cpp_on_an_f32_copy(arch, tiny_paths, tmp_path, monkeypatch):
     """Both engines do float32 arithmetic on the same (gguf-py dequantized) weights: only the order of
     summation differs, so the logits agree to a cosine of ≥ 0.999999 and the argmax is the same everywhere."""

@@ -15,6 +15,8 @@ vocabulary 512, context 512, dense FFN 512, rms eps 1e-6 and rope base 1e6 unles
     qwen3        3     4    2    96     head_dim != hidden/heads (q: 256 -> 384); q/k norms; tied output
     qwen3moe     2     4    2    96     8 experts, top-2, expert FFN 128; router in F32
     gemma3       6     4    1    64     sliding window 8 (layers 0-4 local, 5 global); post norms; tied output
+    qwen2moe     2     4    2    64     Q/K/V biases; 8 experts, top-2, not renormalised, expert FFN 128; a shared
+                                        expert 256 wide, gated by sigmoid(x · ffn_gate_inp_shexp)
     mixtral      2     4    2    64     a llama file with experts (TINY_FAMILIES): 8 experts, top-2, each
                                         feed_forward_length 128 wide, no expert_feed_forward_length; rope base 1e6
 
