@@ -190,8 +190,9 @@ class _Reader:
         rope_scale = self._rope_scale()
         n_experts = self.count("expert_count", 4096)
         n_experts_used = self.count("expert_used_count", 4096)
-        # Mixture of experts: qwen3moe always; llama when the file has experts (Mixtral's layout: every layer's FFN
-        # is routed experts, softmax → top-k → renormalise, as llama.cpp's llm_build_llama calls build_moe_ffn).
+        # Mixture of experts: qwen3moe and qwen2moe always; llama when the file has experts (Mixtral's layout: every
+        # layer's FFN is routed experts, softmax → top-k → renormalise, as llama.cpp's llm_build_llama calls
+        # build_moe_ffn). qwen2moe does not renormalise, and adds a shared expert (Model.moe).
         moe = arch in ("qwen3moe", "qwen2moe") or (arch == "llama" and n_experts > 0)
         if moe:
             if not (0 < n_experts_used <= n_experts <= 4096):
