@@ -223,6 +223,19 @@ def kv_positions(kv: pl.DataFrame, path: str | None = None) -> alt.Chart:
 
 # --- QK norm --------------------------------------------------------------------------------------------------
 
+def _heads_by_stage(df: pl.DataFrame) -> tuple[pl.DataFrame, alt.X]:
+    """`df` (rows per layer, head and stage) with a "column" of "stage head", and the x axis that lays the
+    pre-norm heads out, then the post-norm ones, labelled by head: one view, where a facet per stage would hide
+    a selection from marimo (vega logs "Unrecognized signal name" at every redraw)."""
+    heads = sorted(df["head"].unique().to_list())
+    stages = [s for s in ("pre", "post") if s in set(df["stage"].to_list())]
+    df = df.with_columns((pl.col("stage") + " " + pl.col("head").cast(pl.Utf8)).alias("column"))
+    x = alt.X("column:O", sort=[f"{s} {h}" for s in stages for h in heads],
+              axis=alt.Axis(labelExpr="split(datum.label, ' ')[1]", labelAngle=0, labelOverlap=True),
+              title="head: " + " | ".join(f"{s}-norm" for s in stages))
+    return df, x
+
+
 def qk_heatmap(qk: pl.DataFrame, step: int, tensor: str, selection: alt.Parameter | None = None,
                path: str | None = None) -> alt.Chart:
     """layer × head RMS of q or k, before and after the per-head norm, at one step."""
@@ -230,15 +243,9 @@ def qk_heatmap(qk: pl.DataFrame, step: int, tensor: str, selection: alt.Paramete
     if df.is_empty():  # with the selection all the same: a chart that gains or loses a signal between redraws
         empty = empty_chart("no QK statistics at this step")  # makes vega log "Unrecognized signal name"
         return empty.add_params(selection) if selection is not None else empty
-    # One view, pre-norm heads then post-norm heads along x (not a facet: a selection inside a facet is a signal
-    # marimo's chart cannot find, and vega logs "Unrecognized signal name" at every redraw).
-    heads = sorted(df["head"].unique().to_list())
-    stages = [s for s in ("pre", "post") if s in set(df["stage"].to_list())]
-    df = df.with_columns((pl.col("stage") + " " + pl.col("head").cast(pl.Utf8)).alias("column"))
+    df, x = _heads_by_stage(df)
     chart = alt.Chart(df).mark_rect().encode(
-        x=alt.X("column:O", sort=[f"{s} {h}" for s in stages for h in heads],
-                axis=alt.Axis(labelExpr="split(datum.label, ' ')[1]", labelAngle=0, labelOverlap=True),
-                title="head: " + " | ".join(f"{s}-norm" for s in stages)),
+        x=x,
         y=_layer_y(df),
         color=alt.Color("rms:Q", scale=alt.Scale(scheme="magma", type="log"), title=f"{tensor} RMS", legend=alt.Legend(format=NUMBER)),
         tooltip=[alt.Tooltip("layer"), alt.Tooltip("head"), alt.Tooltip("stage"), alt.Tooltip("rms:Q", format=".4f"), alt.Tooltip("max_abs:Q", format=".3f")],
@@ -718,15 +725,10 @@ def ab_qk_ratio(qk_a: pl.DataFrame, qk_b: pl.DataFrame, step: int, tensor: str =
     df = one(qk_a, "rms A").join(one(qk_b, "rms B"), on=key)
     if df.is_empty():
         return empty_chart(f"no QK statistics that both runs hold at step {step}")
-    heads = sorted(df["head"].unique().to_list())
-    stages = [s for s in ("pre", "post") if s in set(df["stage"].to_list())]
-    df = df.with_columns((pl.col("rms B") / pl.col("rms A")).alias("B / A"),
-                         (pl.col("stage") + " " + pl.col("head").cast(pl.Utf8)).alias("column"))
+    df, x = _heads_by_stage(df.with_columns((pl.col("rms B") / pl.col("rms A")).alias("B / A")))
     top = float(max(df["B / A"].max(), 1 / max(df["B / A"].min(), 1e-30), 1.01))  # symmetric about 1 on a log scale
     return alt.Chart(df).mark_rect().encode(
-        x=alt.X("column:O", sort=[f"{s} {h}" for s in stages for h in heads],
-                axis=alt.Axis(labelExpr="split(datum.label, ' ')[1]", labelAngle=0, labelOverlap=True),
-                title="head: " + " | ".join(f"{s}-norm" for s in stages)),
+        x=x,
         y=_layer_y(df),
         color=alt.Color("B / A:Q", scale=alt.Scale(type="log", scheme="redblue", reverse=True, domain=[1 / top, top]),
                         legend=alt.Legend(format=NUMBER)),
