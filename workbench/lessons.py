@@ -20,6 +20,7 @@ import torch
 from workbench import trace as wtrace
 from workbench.bench import run as bench_run
 from workbench.bench import speedup as bench_speedup
+from workbench.dump import ours, split_capture
 from workbench.model import Model, apply_rope
 from workbench.session import Session
 from workbench.trace import Trace
@@ -126,20 +127,17 @@ def qk_norm_across_positions(model: Model, ids: list[int]) -> pl.DataFrame:
     stages = {"attn.q": ("q", "pre"), "attn.k": ("k", "pre"), "attn.q_normed": ("q", "post"),
               "attn.k_normed": ("k", "post")}
     frames = []
-
-    def probe(name: str, x: torch.Tensor) -> None:
-        layer, _, point = name.removeprefix("blocks.").partition(".")
-        if point in stages:
-            tensor, stage = stages[point]
-            rms = x.float().pow(2).mean(-1).sqrt()  # [T, heads]
-            positions, heads = rms.shape
-            frames.append(pl.DataFrame({
-                "layer": [int(layer)] * rms.numel(), "head": list(range(heads)) * positions,
-                "tensor": [tensor] * rms.numel(), "stage": [stage] * rms.numel(),
-                "position": [p for p in range(positions) for _ in range(heads)], "rms": rms.flatten().tolist(),
-            }))
-
-    model.forward(torch.tensor(ids, device=model.device), 0, model.new_cache(len(ids)), probe)
+    dump = ours(model, ids, len(ids), names=[f"blocks.*.{point}" for point in stages])  # the prompt: one step
+    for (_, name), x in dump.tensors.items():
+        layer, point = split_capture(name)
+        tensor, stage = stages[point]
+        rms = x.float().pow(2).mean(-1).sqrt()  # [T, heads]
+        positions, heads = rms.shape
+        frames.append(pl.DataFrame({
+            "layer": [layer] * rms.numel(), "head": list(range(heads)) * positions,
+            "tensor": [tensor] * rms.numel(), "stage": [stage] * rms.numel(),
+            "position": [p for p in range(positions) for _ in range(heads)], "rms": rms.flatten().tolist(),
+        }))
     return pl.concat(frames).sort("layer", "tensor", "stage", "head", "position", descending=[False, True, True, False, False])
 
 
@@ -460,15 +458,10 @@ def rope_difference_by_position(model: Model, ids: list[int], breaks: frozenset[
     """Per prompt position: |q after RoPE with `breaks` − without| / |q without| at `layer` (all heads; one
     uncached forward each, so the inputs of that layer are the same when layer = 0). A RoPE bug's signature:
     exactly 0 at position 0, which is never rotated."""
-    def q_rope(b: frozenset[str]) -> torch.Tensor:
-        got = {}
+    name = f"blocks.{layer}.attn.q_rope"
 
-        def probe(name: str, x: torch.Tensor) -> None:
-            if name == f"blocks.{layer}.attn.q_rope":
-                got["q"] = x.float().clone()
-
-        model.forward(torch.tensor(ids, device=model.device), 0, model.new_cache(len(ids)), probe, breaks=b)
-        return got["q"]  # [T, heads, head_dim]
+    def q_rope(b: frozenset[str]) -> torch.Tensor:  # [T, heads, head_dim]
+        return ours(model, ids, len(ids), names=[name], breaks=b).tensors[(0, name)].float()
 
     clean, broken = q_rope(frozenset()), q_rope(breaks)
     rel = (broken - clean).flatten(1).norm(dim=-1) / clean.flatten(1).norm(dim=-1)
