@@ -190,7 +190,7 @@ def test_worker_rewinds_to_the_common_prefix(tiny_paths):
 
 # --- the exact reference: llama.cpp on an F32 copy with an F32 KV cache -----------------------------------
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe", "mixtral"])
 def test_tiny_model_equals_llama_cpp_on_an_f32_copy(arch, tiny_paths, tmp_path, monkeypatch):
     """Both engines do float32 arithmetic on the same (gguf-py dequantized) weights: only the order of
     summation differs, so the logits agree to a cosine of ≥ 0.999999 and the argmax is the same everywhere."""
