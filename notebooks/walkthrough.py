@@ -812,10 +812,8 @@ def _(Session, cfg, ids, mo, model, pl):
 
     for _ in range(KV_STEPS):
         kv_step()
-    kv_growth = pl.DataFrame(kv_rows)
-    kv_formula_holds = bool((kv_growth["bytes used"] == kv_growth["formula"]).all())
     kv_one, kv_eight = mo.ui.run_button(label="Step"), mo.ui.run_button(label="Step ×8")
-    return KV_STEPS, kv_bytes_per_token, kv_eight, kv_formula_holds, kv_growth, kv_one, kv_rows, kv_session, kv_step
+    return KV_STEPS, kv_bytes_per_token, kv_eight, kv_one, kv_rows, kv_session, kv_step
 
 
 @app.cell
@@ -825,8 +823,8 @@ def _(charts, ids, kv_eight, kv_one, kv_rows, kv_session, kv_step, mo, pl):
     _room = kv_session.capacity - len(kv_session.ids)
     for _ in range(min(_want, _room)):
         kv_step()
-    _rows = pl.DataFrame(kv_rows)
-    _holds = bool((_rows["bytes used"] == _rows["formula"]).all())
+    kv_growth = pl.DataFrame(kv_rows)  # every step so far: the bytes held and the formula's
+    kv_formula_holds = bool((kv_growth["bytes used"] == kv_growth["formula"]).all())
     _trace = kv_session.trace()
     _cache = kv_session.cache
     mo.vstack([
@@ -835,7 +833,7 @@ def _(charts, ids, kv_eight, kv_one, kv_rows, kv_session, kv_step, mo, pl):
 
         That is the arithmetic; the cache of a real run agrees. The prompt's {len(ids)} positions arrive at once
         (the prefill), then one per step: after {len(kv_rows)} steps the cache holds {_cache.length}
-        positions = {_cache.used_bytes:,} bytes (formula holds at every step: **{_holds}**)
+        positions = {_cache.used_bytes:,} bytes (formula holds at every step: **{kv_formula_holds}**)
         of the {_cache.capacity_bytes:,} bytes preallocated for its capacity of {_cache.capacity} positions.
         Layer 0's keys are a tensor of shape {list(_cache.keys[0].shape)} (KV heads × capacity × head_dim), of
         which the first {_cache.length} positions are written. Press **Step**: the newest token's K and V go in at
@@ -846,7 +844,7 @@ def _(charts, ids, kv_eight, kv_one, kv_rows, kv_session, kv_step, mo, pl):
                   justify="start", wrap=True),
         mo.md(f"_The cache is full ({_cache.capacity} positions): edit the prompt to start again._") if _room <= 0 else mo.md(""),
     ])
-    return
+    return kv_formula_holds, kv_growth
 
 
 @app.cell
