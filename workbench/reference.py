@@ -133,6 +133,15 @@ _DENSE = {
     "logits": ("result_output", "last"),
 }
 _QK_NORM = {"attn.q_normed": ("Qcur_normed", "last"), "attn.k_normed": ("Kcur_normed", "last")}
+# MoE: the router's MUL_MAT is ffn_moe_logits-L [n_expert, T]; ffn_moe_topk-L the argsort view [k, T]; with
+# renormalisation (build_moe_ffn norm_w) the weights are ffn_moe_weights_norm-L [k, T] (without it,
+# ffn_moe_weights-L, [1, k, T]); the weighted sum of the experts is ffn_moe_out-L, and there is no ffn_out-L node.
+_MOE = {
+    "moe.router_logits": ("ffn_moe_logits", "last"),
+    "moe.topk_ids": ("ffn_moe_topk", "last"),
+    "moe.topk_weights": ("ffn_moe_weights_norm", "last"),
+    "ffn_out": ("ffn_moe_out", "last"),
+}
 LLAMA_CPP_NODES: dict[str, dict[str, tuple[str, str]]] = {
     "llama": _DENSE,
     # Q/K/V biases: Qcur-L is the MUL_MAT, then the ADD of the bias (ours: "after projection + bias"), then
@@ -140,31 +149,13 @@ LLAMA_CPP_NODES: dict[str, dict[str, tuple[str, str]]] = {
     "qwen2": _DENSE,
     # QK-norm: Qcur-L RESHAPE → RMS_NORM (norm-L) → MUL named Qcur_normed-L → ROPE named Qcur-L again.
     "qwen3": _DENSE | _QK_NORM,
-    # MoE: the router's MUL_MAT is ffn_moe_logits-L [n_expert, T]; ffn_moe_topk-L the argsort view [k, T];
-    # qwen3moe always renormalises (build_moe_ffn norm_w), so the weights are ffn_moe_weights_norm-L [k, T]
-    # (an arch without renormalisation would map ffn_moe_weights-L, [1, k, T]); the weighted sum of the
-    # experts is ffn_moe_out-L, and there is no ffn_out-L node.
-    "qwen3moe": _DENSE | _QK_NORM | {
-        "moe.router_logits": ("ffn_moe_logits", "last"),
-        "moe.topk_ids": ("ffn_moe_topk", "last"),
-        "moe.topk_weights": ("ffn_moe_weights_norm", "last"),
-        "ffn_out": ("ffn_moe_out", "last"),
-    },
+    # qwen3moe always renormalises (build_moe_ffn norm_w).
+    "qwen3moe": _DENSE | _QK_NORM | _MOE,
     # qwen2moe: no renormalisation (norm_w false), so the weights are ffn_moe_weights-L; the shared expert is
     # added to ffn_moe_out-L, and that sum is ffn_out-L (ours: the FFN's whole output). Q/K/V biases as qwen2.
-    "qwen2moe": _DENSE | {
-        "moe.router_logits": ("ffn_moe_logits", "last"),
-        "moe.topk_ids": ("ffn_moe_topk", "last"),
-        "moe.topk_weights": ("ffn_moe_weights", "last"),
-        "ffn_out": ("ffn_out", "last"),
-    },
+    "qwen2moe": _DENSE | _MOE | {"moe.topk_weights": ("ffn_moe_weights", "last"), "ffn_out": ("ffn_out", "last")},
     # llama with experts (Mixtral): llm_build_llama's build_moe_ffn renormalises too (norm_w), the same nodes.
-    "llama-moe": _DENSE | {
-        "moe.router_logits": ("ffn_moe_logits", "last"),
-        "moe.topk_ids": ("ffn_moe_topk", "last"),
-        "moe.topk_weights": ("ffn_moe_weights_norm", "last"),
-        "ffn_out": ("ffn_moe_out", "last"),
-    },
+    "llama-moe": _DENSE | _MOE,
     # Post norms: kqv_out-L → attn_out MUL_MAT → attn_post_norm-L → sa_out-L (the residual after attention:
     # there is no ffn_inp-L); ffn_out-L is the down projection BEFORE ffn_post_norm-L, as ours is; l_out-L
     # after the post norm and the residual. Q is scaled by 1/sqrt(query_pre_attn_scalar) after the ROPE node
