@@ -20,7 +20,7 @@ def _():
     from workbench import bench, charts, lessons
     from workbench import trace as wtrace
     from workbench.lessons import visible
-    from workbench.model import BREAKS, Model, apply_rope, break_config, grouped_attention, rms_norm
+    from workbench.model import BREAKS, Model, apply_rope, break_config, breaks_that_apply, grouped_attention, rms_norm
     from workbench.quants import dequantize
     from workbench.session import Session
 
@@ -30,8 +30,8 @@ def _():
 
     # Heavy runs wait for their button in the editor; headless (`python notebooks/walkthrough.py`) they just run.
     headless = not mo.running_in_notebook()
-    return (BREAKS, F, Model, Session, alt, apply_rope, bench, break_config, charts, dequantize, grouped_attention,
-            headless, lessons, mo, pl, rms_norm, torch, visible, wtrace)
+    return (BREAKS, F, Model, Session, alt, apply_rope, bench, break_config, breaks_that_apply, charts, dequantize,
+            grouped_attention, headless, lessons, mo, pl, rms_norm, torch, visible, wtrace)
 
 
 @app.cell(hide_code=True)
@@ -362,8 +362,8 @@ def _(mo):
 
 
 @app.cell
-def _(BREAKS, cfg, ids, mo):
-    hand_break = mo.ui.dropdown(options=["none", *BREAKS], value="none", label="put a bug into this step")
+def _(breaks_that_apply, cfg, ids, mo):
+    hand_break = mo.ui.dropdown(options=["none", *breaks_that_apply(cfg)], value="none", label="put a bug into this step")
     hand_pos = mo.ui.slider(start=0, stop=max(len(ids) - 1, 1), value=len(ids) - 1, label="position decoded by hand", show_value=True)
     hand_layer = mo.ui.slider(start=0, stop=max(cfg.n_layers - 1, 1), value=0, label="layer", show_value=True)
     hand_head = mo.ui.slider(start=0, stop=max(cfg.n_heads - 1, 1), value=0, label="query head", show_value=True)
@@ -1292,7 +1292,8 @@ def _(mo):
     ## 8 · Break it on purpose
 
     Every switch in `workbench.model.BREAKS` puts one known bug into the forward pass — each one a bug class
-    that real engines shipped. They all still produce text, and none raises an error: that is what makes them
+    that real engines shipped; the ones that change something on this model (`breaks_that_apply`: the
+    shared-expert bugs need a model with a shared expert) are run here. They all still produce text, and none raises an error: that is what makes them
     hard. Below, each is run for a few steps on the prompt of section 2 (both paths, probes on) beside a clean
     run, and two questions are answered:
 
@@ -1315,25 +1316,26 @@ def _(mo):
 
 
 @app.cell
-def _(BREAKS, break_button, headless, ids, lessons, mo, model, pl):
+def _(BREAKS, break_button, breaks_that_apply, headless, ids, lessons, mo, model, pl):
     mo.stop(not (break_button.value or headless), mo.md("*Press the button to run them (a few seconds).*"))
     BREAK_STEPS = 12
+    applying = breaks_that_apply(model.config)
 
     def run_broken(breaks):
         return lessons.decode(model, ids, BREAK_STEPS, path="both", probes=True, breaks=frozenset(breaks))
 
-    with mo.status.progress_bar(total=len(BREAKS) + 1, title="Clean run and one run per break", remove_on_exit=True) as _bar:
+    with mo.status.progress_bar(total=len(applying) + 1, title="Clean run and one run per break", remove_on_exit=True) as _bar:
         clean_session = run_broken(())
         clean_trace = clean_session.trace()
         _bar.update()
         break_runs = {}
-        for _name in BREAKS:
+        for _name in applying:
             _s = run_broken((_name,))
             break_runs[_name] = (_s, _s.trace())
             _bar.update()
     break_report = pl.DataFrame([lessons.break_row(_name, BREAKS[_name], _run, (clean_session, clean_trace), len(ids))
                                  for _name, _run in break_runs.items()])
-    return BREAK_STEPS, break_report, break_runs, clean_session, clean_trace, run_broken
+    return BREAK_STEPS, applying, break_report, break_runs, clean_session, clean_trace, run_broken
 
 
 @app.cell
@@ -1358,8 +1360,8 @@ def _(BREAK_STEPS, break_report, clean_session, ids, mo, model, visible):
 
 
 @app.cell
-def _(BREAKS, mo):
-    break_pick = mo.ui.dropdown(options=list(BREAKS), value="cache-off-by-one", label="look closer at")
+def _(applying, mo):
+    break_pick = mo.ui.dropdown(options=applying, value="cache-off-by-one", label="look closer at")
     break_pick
     return (break_pick,)
 

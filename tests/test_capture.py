@@ -14,7 +14,7 @@ from workbench.probes import Capture, StepProbe
 
 CHAIN = ["attn_norm", "attn.q", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rope", "attn.k_rope",
          "attn.pattern", "attn.out", "resid_mid", "ffn_norm", "moe.router_logits", "moe.topk_ids", "moe.topk_weights",
-         "ffn_out", "resid_post"]
+         "moe.shared_gate", "ffn_out", "resid_post"]
 IDS = [1, 17, 99, 250, 3, 411, 42, 7]
 
 
@@ -35,7 +35,8 @@ def test_every_point_in_forward_order_with_its_shape(arch, tiny_paths):
     c = m.config
     t, _ = captured(m)
     T, keys = len(IDS), len(IDS)
-    expected = [p for p in CHAIN if (c.qk_norm or "normed" not in p) and (c.is_moe or not p.startswith("moe."))]
+    expected = [p for p in CHAIN if (c.qk_norm or "normed" not in p) and (c.is_moe or not p.startswith("moe."))
+                and (c.shared_gate or p != "moe.shared_gate")]
     names = list(t)
     for i in range(c.n_layers):
         assert [n.split(".", 2)[2] for n in names if n.startswith(f"blocks.{i}.")] == expected
@@ -47,6 +48,8 @@ def test_every_point_in_forward_order_with_its_shape(arch, tiny_paths):
               "ffn_norm": (T, c.hidden), "ffn_out": (T, c.hidden), "resid_post": (T, c.hidden)}
     if c.is_moe:
         shapes |= {"moe.router_logits": (T, c.n_experts), "moe.topk_ids": (T, c.n_experts_used)}
+    if c.shared_gate:
+        shapes["moe.shared_gate"] = (T, 1)
     for point, shape in shapes.items():
         assert tuple(t[L + point].shape) == shape, point
     assert t[L + "moe.topk_ids"].dtype == torch.int64 if c.is_moe else True

@@ -26,6 +26,9 @@ ACTS_AT = {
     "moe-as-dense": ("moe.topk_ids", 0),
     "cache-off-by-one": ("attn.pattern", 1),
     "head-dim-from-hidden": ("attn.q_rope", 0),
+    "topk-renorm-anyway": ("moe.topk_weights", 0),
+    "shared-expert-dropped": ("ffn_out", 0),  # no gate is computed, so the dump has no shared_gate to show it
+    "shared-expert-ungated": ("moe.shared_gate", 0),
 }
 
 

@@ -31,6 +31,7 @@ MAPPED = {  # per arch: the block points transformers_dump must deliver, every l
     "qwen3": ATTN + QK_NORM + FFN,
     "qwen3moe": ATTN + QK_NORM + MOE + FFN,
     "gemma3": ATTN + QK_NORM + FFN,
+    "qwen2moe": ATTN + MOE + ("moe.shared_gate",) + FFN,
 }
 TOKENS = [1, 17, 99, 250, 3, 411, 42, 7, 300, 12]
 

@@ -60,3 +60,56 @@ def test_the_routed_weights_are_the_chosen_probabilities_unnormalised(tiny_paths
     sums = s.trace().routing.group_by("step", "position", "layer").agg(pl.col("weight").sum().alias("s"))
     # top-2 of 8 softmax probabilities, as they are: a share of 1 (near 1 where the router is sure), never more
     assert float(sums["s"].min()) < 0.99 and float(sums["s"].max()) <= 1 + 1e-6
+
+
+def test_the_shared_gate_is_captured_as_the_sigmoid_the_ffn_uses(tiny_paths):
+    """moe.shared_gate [T, 1] = sigmoid(ffn_norm · ffn_gate_inp_shexp), the value the shared expert is scaled by,
+    recomputed here from the captured ffn_norm and gguf-py's tensor."""
+    model = load_model(tiny_paths["qwen2moe"])
+    gguf = GGUFFile(tiny_paths["qwen2moe"])
+    seen: dict[str, torch.Tensor] = {}
+    model.forward(torch.tensor(IDS), 0, model.new_cache(len(IDS)), lambda name, t: seen.__setitem__(name, t.clone()))
+    for i in range(model.config.n_layers):
+        gate = seen[f"blocks.{i}.moe.shared_gate"]
+        expected = torch.sigmoid(seen[f"blocks.{i}.ffn_norm"] @ _tensor(gguf, f"blk.{i}.ffn_gate_inp_shexp.weight"))
+        assert gate.shape == (len(IDS), 1) and torch.allclose(gate[:, 0], expected, atol=1e-6), i
+        assert 0.01 < float(gate.min()) and float(gate.max()) < 0.99  # not saturated: ungating it is a change
+
+
+def test_shared_expert_breaks_do_what_they_say(tiny_paths):
+    """Each qwen2moe porting bug, against the FFN written from its parts: dropped = routed experts only; ungated =
+    routed + the shared expert at weight 1; renormalised anyway = the top-2 weights scaled to sum to 1."""
+    model = load_model(tiny_paths["qwen2moe"])
+    c, layer = model.config, model.weights.layers[0]
+    assert {"topk-renorm-anyway", "shared-expert-dropped", "shared-expert-ungated"} <= set(breaks_that_apply(c))
+    x = torch.randn(4, c.hidden, generator=torch.Generator().manual_seed(1))
+    w: dict[str, torch.Tensor] = {}
+    model.moe(x, 0, layer, lambda name, t: w.__setitem__(name.split(".")[-1], t.clone()))
+    shared = w["shared_gate"] * (model.moe(x, 0, layer, None) - model.moe(x, 0, layer, None, frozenset({"shared-expert-dropped"})))
+    ungated = model.moe(x, 0, layer, None, frozenset({"shared-expert-ungated"})) - model.moe(x, 0, layer, None, frozenset({"shared-expert-dropped"}))
+    assert torch.allclose(shared, w["shared_gate"] ** 2 * ungated, atol=1e-5)  # gate·(gate·S) = gate²·(1·S)
+    renormed: dict[str, torch.Tensor] = {}
+    model.moe(x, 0, layer, lambda name, t: renormed.__setitem__(name.split(".")[-1], t.clone()), frozenset({"topk-renorm-anyway"}))
+    assert torch.allclose(renormed["topk_weights"], w["topk_weights"] / w["topk_weights"].sum(-1, keepdim=True))
+    assert float(w["topk_weights"].sum(-1).min()) < 0.9  # which is a change: the top-2 do not always hold it all
+    assert torch.equal(renormed["shared_gate"], w["shared_gate"])
+
+
+def test_the_session_records_the_shared_gate_per_position_and_layer(tiny_paths):
+    """The `shared` frame: one row per (step, path, position, layer), the captured gate, both paths alike."""
+    model = load_model(tiny_paths["qwen2moe"])
+    s = Session(model, IDS[:6], path="both", probes=True, context=32)
+    for _ in range(3):
+        s.step()
+    shared = s.trace().shared
+    assert shared.height == 2 * (6 + 2) * model.config.n_layers  # the prompt's rows at step 0, one row a step after
+    paths = shared.pivot(on="path", index=["step", "position", "layer"], values="gate")
+    assert (paths["cached"] - paths["uncached"]).abs().max() <= 1e-5
+    seen: dict[str, torch.Tensor] = {}
+    ids = s.ids[:8]
+    model.forward(torch.tensor(ids), 0, model.new_cache(8), lambda name, t: seen.__setitem__(name, t.clone()))
+    row = shared.filter((pl.col("path") == "cached") & (pl.col("position") == 7) & (pl.col("layer") == 1))
+    assert abs(float(row["gate"][0]) - float(seen["blocks.1.moe.shared_gate"][7, 0])) <= 1e-5
+    other = Session(load_model(tiny_paths["qwen3moe"]), IDS[:4], probes=True)
+    other.step()
+    assert other.trace().shared.is_empty() and not other.trace().routing.is_empty()  # no shared expert there

@@ -124,7 +124,7 @@ _FACTS = textwrap.dedent('''
         "rope_signatures": signatures, "head_dim_entropy": entropy,
         "breaks": {name: {k: r[k] for k in ("alarm frame", "alarm step", "first frame", "first step", "invariant that fires")}
                    for name, r in report.items()},
-        "all_breaks": sorted(defs["BREAKS"]),
+        "all_breaks": sorted(breaks_that_apply(cfg)),
     }))
 ''')
 

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import polars as pl
 import torch
 
-from workbench.dump import ID_POINTS, Dump, DumpError, split_capture
+from workbench.dump import ID_POINTS, Dump, DumpError, point_shape, split_capture
 from workbench.model import BREAKS, Model, breaks_that_apply
 
 KINDS = {
@@ -42,7 +42,7 @@ KINDS = {
     "attn.q_normed": "norm", "attn.k_normed": "norm", "attn.q_rope": "rope", "attn.k_rope": "rope",
     "attn.pattern": "attention", "attn.out": "attention", "resid_mid": "matmul", "ffn_norm": "norm",
     "moe.router_logits": "matmul", "moe.topk_ids": "routing", "moe.topk_weights": "routing",
-    "ffn_out": "matmul", "resid_post": "add", "final_norm": "norm", "logits": "matmul",
+    "moe.shared_gate": "matmul", "ffn_out": "matmul", "resid_post": "add", "final_norm": "norm", "logits": "matmul",
 }
 # [floor, ceiling] of each kind's threshold (relative L2; routing ids: the share of rows that differ).
 # Floors: well above float32 rounding (~1e-7). Ceilings: 10× what bfloat16 storage (~1e-3) does to an exact
@@ -168,14 +168,9 @@ def expected_shape(model: Model, capture: str, n_keys: int) -> tuple[int, ...] |
         return f"{c.arch} has no QK-norm"
     if point.startswith("moe.") and not c.is_moe:
         return f"{c.arch} is not a mixture of experts"
-    return {
-        "attn.q": (c.n_heads, c.head_dim), "attn.q_normed": (c.n_heads, c.head_dim), "attn.q_rope": (c.n_heads, c.head_dim),
-        "attn.k": (c.n_kv_heads, c.head_dim), "attn.k_normed": (c.n_kv_heads, c.head_dim),
-        "attn.k_rope": (c.n_kv_heads, c.head_dim), "attn.v": (c.n_kv_heads, c.head_dim),
-        "attn.pattern": (c.n_heads, n_keys), "attn.out": (c.n_heads * c.head_dim,),
-        "moe.router_logits": (c.n_experts,), "moe.topk_ids": (c.n_experts_used,), "moe.topk_weights": (c.n_experts_used,),
-        "logits": (c.vocab_size,),
-    }.get(point, (c.hidden,))
+    if point == "moe.shared_gate" and not c.shared_gate:
+        return f"{c.arch} has no gated shared expert"
+    return point_shape(c, point, n_keys)
 
 
 def run(model: Model, dump: Dump, keep: set[str], theirs: dict[tuple[int, str], torch.Tensor] | None,
@@ -335,10 +330,11 @@ def _raise_to_rounding(model, dump, points, theirs, clean, keep) -> None:
 
 
 def _local_only(p: Point, theirs, ours, model: Model) -> Point:
-    """p's local error against another teacher-forced run `ours` (with a break; of rounded tensors)."""
-    if p.local_error is None:
-        return p
+    """p's local error against another teacher-forced run `ours` (with a break; of rounded tensors). A point the
+    run does not compute (a break that drops the shared expert has no gate) keeps its error: nothing explained."""
     key = (p.step, p.capture)
+    if p.local_error is None or key not in ours:
+        return p
     point = split_capture(p.capture)[1]
     sizes = (model.config.n_experts, model.config.n_heads)
     local = _errors(point, theirs[key], ours[key], *_ids_behind(key, theirs, ours, model), *sizes)[0]

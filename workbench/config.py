@@ -64,6 +64,7 @@ class ModelConfig:
     expert_ffn_hidden: int = 0
     norm_topk: bool = False  # renormalise the top-k router weights to sum to 1
     shared_ffn_hidden: int = 0  # qwen2moe: the shared expert's width (0: no shared expert)
+    shared_gate: bool = False  # qwen2moe: the shared expert's output is scaled by sigmoid(x · ffn_gate_inp_shexp)
     sliding_window: int | None = None  # gemma3 local layers attend to the last `sliding_window` positions
     swa_pattern: int | None = None  # every swa_pattern-th layer is global, the rest are local
     rope_base_local: float | None = None
@@ -246,6 +247,7 @@ class _Reader:
             expert_ffn_hidden=expert_ffn_hidden,
             norm_topk=moe and arch != "qwen2moe",  # qwen2moe's build_moe_ffn: norm_w false
             shared_ffn_hidden=shared_ffn_hidden,
+            shared_gate=arch == "qwen2moe",
             sliding_window=sliding_window,
             swa_pattern=swa_pattern,
             rope_base_local=rope_base_local,

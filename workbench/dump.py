@@ -36,13 +36,27 @@ STATS = ":stats"  # the suffix of a statistics-only point: [count, sum, sum of s
 BLOCK_CHAIN = (
     "attn_norm", "attn.q", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rope", "attn.k_rope",
     "attn.pattern", "attn.out", "resid_mid", "ffn_norm", "moe.router_logits", "moe.topk_ids", "moe.topk_weights",
-    "ffn_out", "resid_post",
+    "moe.shared_gate", "ffn_out", "resid_post",
 )
 FINAL_CHAIN = ("final_norm", "logits")
 ID_POINTS = frozenset({"moe.topk_ids"})
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ID_DTYPES = (torch.int32, torch.int64)
 _KEY = re.compile(r"(\d+)/(.+)")
+
+
+def point_shape(config, point: str, n_keys: int) -> tuple[int, ...]:
+    """The shape of one row of a block or final point (without its layer) for a model of `config`; n_keys: the
+    positions a step's pattern spans."""
+    c = config
+    return {
+        "attn.q": (c.n_heads, c.head_dim), "attn.q_normed": (c.n_heads, c.head_dim), "attn.q_rope": (c.n_heads, c.head_dim),
+        "attn.k": (c.n_kv_heads, c.head_dim), "attn.k_normed": (c.n_kv_heads, c.head_dim),
+        "attn.k_rope": (c.n_kv_heads, c.head_dim), "attn.v": (c.n_kv_heads, c.v_head_dim),
+        "attn.pattern": (c.n_heads, n_keys), "attn.out": (c.n_heads * c.v_head_dim,),
+        "moe.router_logits": (c.n_experts,), "moe.topk_ids": (c.n_experts_used,), "moe.topk_weights": (c.n_experts_used,),
+        "moe.shared_gate": (1,), "logits": (c.vocab_size,),
+    }.get(point, (c.hidden,))
 
 
 class DumpError(InputError):

@@ -29,6 +29,8 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
               "cosine": pl.Float64, "argmax_equal": pl.Boolean},
     "reference": {"step": pl.Int32, "position": pl.Int32, "engine": pl.String, "cosine": pl.Float64,
                   "top1_equal": pl.Boolean, "ours_top5": pl.List(pl.Int64), "ref_top5": pl.List(pl.Int64)},
+    # A gated shared expert (qwen2moe): the sigmoid gate its output is scaled by, per position and layer.
+    "shared": {"step": pl.Int32, "path": pl.String, "position": pl.Int32, "layer": pl.Int32, "gate": pl.Float64},
     # The newest token's attention pattern: every key position 0..its own, masked ones (a sliding window) at 0.
     "attention": {"step": pl.Int32, "path": pl.String, "layer": pl.Int32, "head": pl.Int32, "key": pl.Int32,
                   "weight": pl.Float64},
@@ -42,7 +44,7 @@ KEYS = {
     "tokens": ["step", "path"], "kv": ["step", "path", "layer"], "qk": ["step", "path", "layer", "head", "tensor", "stage"],
     "routing": ["step", "path", "position", "layer", "rank"], "layers": ["step", "path", "layer"],
     "equiv": ["step"], "reference": ["step", "engine"], "attention": ["step", "path", "layer", "head", "key"],
-    "lens": ["step", "path", "layer"],
+    "lens": ["step", "path", "layer"], "shared": ["step", "path", "position", "layer"],
 }
 FRAMES = tuple(SCHEMAS)
 

@@ -18,8 +18,10 @@ point is read where transformers has it, never recomputed:
                          qwen3moe) or L.pre_feedforward_layernorm (gemma3, whose post_attention_layernorm is the
                          norm on the attention output, added to the residual before this input)
   ffn_norm               output of that FFN norm
-  moe.router_logits,     the three outputs of the router L.mlp.gate (qwen3moe): logits, top-k weights (after
-  moe.topk_weights/ids   transformers' renormalisation) and expert ids
+  moe.router_logits,     the three outputs of the router L.mlp.gate (qwen3moe, qwen2moe): logits, top-k weights
+  moe.topk_weights/ids   (after transformers' renormalisation, where the arch has it) and expert ids
+  moe.shared_gate        sigmoid of the output of L.mlp.shared_expert_gate (qwen2moe: x·g; the sigmoid is the
+                         one operation recomputed, as the block applies it inline)
   ffn_out                output of L.mlp (gemma3: before L.post_feedforward_layernorm, as ours)
   resid_post             output of L
   final_norm             output of model.model.norm
@@ -40,7 +42,9 @@ What does not map one to one, per architecture:
 - qwen3moe: the loader ignores expert_feed_forward_length: moe_intermediate_size is passed from our config
   (head_dim too, which it does read for this arch). Its router logits come in the model dtype (ours are float32
   whatever the dtype); its loader sets norm_topk_prob, so the top-k weights are renormalised as ours are.
-Every other point maps directly, on all five; every point holds all the rows its step computed.
+- qwen2moe: the loader reads neither expert_feed_forward_length nor expert_shared_feed_forward_length:
+  moe_intermediate_size and shared_expert_intermediate_size are passed from our config.
+Every other point maps directly, on all six; every point holds all the rows its step computed.
 
 Loading: a file transformers refuses, one whose weights it would size differently from the file (it then
 re-initialises them at random and runs anyway) or lacks, another architecture, and transformers not installed
@@ -225,6 +229,8 @@ def _hooks(model, config, rec: _Recorder) -> list:
             on(gate, f"{b}.moe.router_logits", lambda a, o: o[0])
             on(gate, f"{b}.moe.topk_ids", lambda a, o: o[2])
             on(gate, f"{b}.moe.topk_weights", lambda a, o: o[1])
+        if config.shared_gate:  # its Linear(hidden, 1) gives x·g; the MoE block takes the sigmoid of it inline
+            on(layer.mlp.shared_expert_gate, f"{b}.moe.shared_gate", lambda a, o: torch.sigmoid(o.float()))
         on(layer.mlp, f"{b}.ffn_out", lambda a, o: _first(o)[0])
         on(layer, f"{b}.resid_post", lambda a, o: _first(o)[0])
     on(model.model.norm, "final_norm", lambda a, o: o[0])

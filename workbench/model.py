@@ -9,7 +9,7 @@ point (and the forward goes on with the tensor it returns, if any: `seen`), in f
 projection and its bias) → `.attn.q_normed`, `.attn.k_normed` (archs with QK-norm) → `.attn.q_rope`,
 `.attn.k_rope` → `.attn.pattern` (only for a probe that wants it: it costs a second attention) → `.attn.out`
 (before the output projection) → `blocks.{i}.resid_mid` → `.ffn_norm` → `.moe.router_logits`, `.moe.topk_ids`,
-`.moe.topk_weights` → `.ffn_out` → `blocks.{i}.resid_post`; then `final_norm` and `logits`. Without a probe
+`.moe.topk_weights` → `.moe.shared_gate` (qwen2moe: the shared expert's sigmoid gate, [T, 1]) → `.ffn_out` → `blocks.{i}.resid_post`; then `final_norm` and `logits`. Without a probe
 nothing extra is computed.
 """
 
@@ -44,6 +44,9 @@ BREAKS = {
     "moe-as-dense": "ignore the router: every token goes to expert 0 with weight 1",
     "cache-off-by-one": "a cached decode step attends to one position too few (its own key is missed)",
     "head-dim-from-hidden": "derive head_dim as hidden / heads for the attention scale and RoPE width",
+    "topk-renorm-anyway": "renormalise the top-k router weights where the arch keeps them as they are (qwen2moe, olmoe)",
+    "shared-expert-dropped": "leave the shared expert out of the MoE output (qwen2moe)",
+    "shared-expert-ungated": "add the shared expert with weight 1 instead of its sigmoid gate (qwen2moe)",
 }
 
 
@@ -60,6 +63,10 @@ def breaks_that_apply(config: ModelConfig) -> list[str]:
             continue
         if name == "no-topk-renorm" and not c.norm_topk:
             continue
+        if name == "topk-renorm-anyway" and (not c.is_moe or c.norm_topk):
+            continue
+        if name.startswith("shared-expert-") and not c.shared_gate:
+            continue
         if name == "head-dim-from-hidden" and c.head_dim == c.hidden // c.n_heads:
             continue
         if name == "rope-base-10k" and c.rope_base == 10000.0 and c.rope_base_local in (None, 10000.0):
@@ -69,9 +76,9 @@ def breaks_that_apply(config: ModelConfig) -> list[str]:
 
 
 def break_config(config: ModelConfig, breaks: frozenset[str]) -> ModelConfig:
-    """The config a forward with `breaks` runs on: the correct one with the config-shaped bugs written in. Two
-    breaks are not a hyperparameter and stay named hooks in the forward pass: cache-off-by-one (Span.mask) and
-    moe-as-dense (Model.moe)."""
+    """The config a forward with `breaks` runs on: the correct one with the config-shaped bugs written in. The
+    others are not a hyperparameter and stay named hooks in the forward pass: cache-off-by-one (Span.mask),
+    moe-as-dense and the shared-expert ones (Model.moe)."""
     changes: dict = {}
     if "skip-qk-norm" in breaks:
         changes["qk_norm"] = False
@@ -82,6 +89,8 @@ def break_config(config: ModelConfig, breaks: frozenset[str]) -> ModelConfig:
         changes["rope_base_local"] = 10000.0 if config.rope_base_local is not None else None
     if "no-topk-renorm" in breaks:
         changes["norm_topk"] = False
+    if "topk-renorm-anyway" in breaks:
+        changes["norm_topk"] = True
     if "head-dim-from-hidden" in breaks:  # for the attention scale and the RoPE width; the tensors keep their shapes
         derived = config.hidden // config.n_heads
         changes["attn_scale"], changes["rope_dim"] = derived**-0.5, min(derived, config.rope_dim)
@@ -453,8 +462,12 @@ class Model:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = seen(probe, f"blocks.{i}.moe.topk_weights", weights)
         out = layer.experts(x, ids, weights, self._activation, self.grouped_mm)  # Σ weight × expert(x)
-        if layer.shared_gate_up is not None:  # qwen2moe: + sigmoid(x·g) × the shared expert's SwiGLU, every token
-            gate = torch.sigmoid((x @ layer.shared_gate[:, None]).float()).to(x.dtype)  # [T, 1]
+        if layer.shared_gate_up is not None and "shared-expert-dropped" not in breaks:
+            # qwen2moe: + sigmoid(x·g) × the shared expert's SwiGLU, every token
+            gate = torch.sigmoid((x @ layer.shared_gate[:, None]).float())  # [T, 1]
+            if "shared-expert-ungated" in breaks:
+                gate = torch.ones_like(gate)
+            gate = seen(probe, f"blocks.{i}.moe.shared_gate", gate).to(x.dtype)
             out = out + gate * gated(x, layer.shared_gate_up, layer.shared_down, self._activation)
         return out
 

@@ -32,13 +32,15 @@ from workbench.frames import row_type
 from workbench.model import Model
 
 QK_POINTS = ("attn.q", "attn.k", "attn.q_normed", "attn.k_normed")
-REDUCED_POINTS = frozenset({*QK_POINTS, "resid_post", "moe.router_logits", "moe.topk_ids", "moe.topk_weights"})
+REDUCED_POINTS = frozenset({*QK_POINTS, "resid_post", "moe.router_logits", "moe.topk_ids", "moe.topk_weights",
+                            "moe.shared_gate"})
 
 
 # Rows of the frames a probe fills (their columns after step and path, declared in frames.SCHEMAS).
 QKRow = row_type("qk")  # layer, head, tensor (q|k), stage (pre|post the per-head norm), rms, max_abs
 RoutingRow = row_type("routing")  # position, layer, rank, expert, weight, router_entropy (nats)
 LayerRow = row_type("layers")  # layer, resid_rms, resid_max_abs, nan, inf
+SharedRow = row_type("shared")  # position, layer, gate
 LensRow = row_type("lens")  # layer, token_id, prob, entropy (nats), kl_to_final (KL(final ‖ layer), nats)
 
 
@@ -55,6 +57,7 @@ class StepRecord:
 
     qk: list[QKRow] = field(default_factory=list)
     routing: list[RoutingRow] = field(default_factory=list)
+    shared: list[SharedRow] = field(default_factory=list)
     layers: list[LayerRow] = field(default_factory=list)
     # The attention frame's columns (layer, head, key, weight), each a list: layers × heads × keys rows a step,
     # too many to build one Python tuple at a time (trace.Recorder.extend_columns zips them in C).
@@ -134,6 +137,9 @@ class StepProbe:
             reduced["weight"] = self._stacked("moe.topk_weights")[1]  # [layers, T, k]
             probs = torch.softmax(self._stacked("moe.router_logits")[1].float(), dim=-1)  # [layers, T, experts]
             reduced["router_entropy"] = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [layers, T], nats
+        shared = self._stacked("moe.shared_gate")
+        if shared is not None:
+            shared_layers, reduced["shared_gate"] = shared[0], shared[1][..., 0]  # [layers, T]
         if self._logits is not None and self.statistics:
             reduced["top_probs"], reduced["top_ids"] = torch.softmax(
                 torch.nan_to_num(self._logits.float(), nan=float("-inf")), -1).topk(self.top_k)
@@ -167,6 +173,9 @@ class StepProbe:
                     for rank, (expert, weight) in enumerate(zip(experts[r], weights[r])):
                         record.routing.append(RoutingRow(position=first_row + r, layer=layer, rank=rank, expert=int(expert),
                                                          weight=weight, router_entropy=entropy))
+        if shared is not None:
+            for layer, gates in zip(shared_layers, host["shared_gate"]):
+                record.shared.extend(SharedRow(position=first_row + r, layer=layer, gate=g) for r, g in enumerate(gates))
         if "top_ids" in host:
             record.top_probs, record.top_ids = host["top_probs"], [int(t) for t in host["top_ids"]]
         if pattern is not None:

@@ -153,7 +153,9 @@ LLAMA_CPP_NODES: dict[str, dict[str, tuple[str, str]]] = {
     "qwen3moe": _DENSE | _QK_NORM | _MOE,
     # qwen2moe: no renormalisation (norm_w false), so the weights are ffn_moe_weights-L; the shared expert is
     # added to ffn_moe_out-L, and that sum is ffn_out-L (ours: the FFN's whole output). Q/K/V biases as qwen2.
-    "qwen2moe": _DENSE | _MOE | {"moe.topk_weights": ("ffn_moe_weights", "last"), "ffn_out": ("ffn_out", "last")},
+    # Its shared gate: ffn_shexp_gate_inp-L (the MUL_MAT x·g) → silu(x)/x, named ffn_shexp_gate-L (a sigmoid).
+    "qwen2moe": _DENSE | _MOE | {"moe.topk_weights": ("ffn_moe_weights", "last"), "ffn_out": ("ffn_out", "last"),
+                                 "moe.shared_gate": ("ffn_shexp_gate", "last")},
     # llama with experts (Mixtral): llm_build_llama's build_moe_ffn renormalises too (norm_w), the same nodes.
     "llama-moe": _DENSE | _MOE,
     # Post norms: kqv_out-L → attn_out MUL_MAT → attn_post_norm-L → sa_out-L (the residual after attention:
@@ -555,7 +557,7 @@ def _to_ours(config, dump: Dump, step: int, capture: str, array: np.ndarray) -> 
     [rows, *features] for every point but the pattern, whose [n_head, T, n_kv] over the KV cache becomes
     [T, n_head, n_keys] over positions 0..n_keys-1 (None, so not dumped, if a cell past them holds weight:
     then cells are not positions)."""
-    from workbench.dump import split_capture
+    from workbench.dump import point_shape, split_capture
 
     _, point = split_capture(capture)
     c = config
@@ -566,13 +568,7 @@ def _to_ours(config, dump: Dump, step: int, capture: str, array: np.ndarray) -> 
         if n_keys > n_kv or np.abs(pattern[..., n_keys:]).max(initial=0.0) > 0:
             return None
         return np.ascontiguousarray(pattern[..., :n_keys])
-    features = {
-        "attn.q": (c.n_heads, c.head_dim), "attn.q_normed": (c.n_heads, c.head_dim), "attn.q_rope": (c.n_heads, c.head_dim),
-        "attn.k": (c.n_kv_heads, c.head_dim), "attn.k_normed": (c.n_kv_heads, c.head_dim),
-        "attn.k_rope": (c.n_kv_heads, c.head_dim), "attn.v": (c.n_kv_heads, c.v_head_dim),
-        "attn.out": (c.n_heads * c.v_head_dim,), "moe.router_logits": (c.n_experts,),
-        "moe.topk_ids": (c.n_experts_used,), "moe.topk_weights": (c.n_experts_used,), "logits": (c.vocab_size,),
-    }.get(point, (c.hidden,))
+    features = point_shape(c, point, 0)
     size = int(np.prod(features))
     if array.size % size or not 1 <= array.size // size <= dump.rows(step):
         raise ReferenceFailed(f"llama.cpp's node for {capture} at step {step} has shape {list(array.shape)[::-1]} "

@@ -363,7 +363,7 @@ class Session:
                   top_ids=rec.top_ids if rec and self.probes else None,
                   top_probs=rec.top_probs if rec and self.probes else None)
         for path, rec in collected.items():
-            for frame in ("qk", "routing", "layers", "lens"):
+            for frame in ("qk", "routing", "shared", "layers", "lens"):
                 r.extend(frame, getattr(rec, frame), step=result.step, path=path)
             if rec.attention:
                 r.extend_columns("attention", rec.attention, step=result.step, path=path)

@@ -7,6 +7,7 @@ Frames (DESIGN.md, with a `path` column wherever both decode paths can fill the 
 - qk:        step, path, layer, head, tensor (q|k), stage (pre|post), rms, max_abs
 - routing:   step, path, position, layer, rank, expert, weight, router_entropy
 - layers:    step, path, layer, resid_rms, resid_max_abs, nan, inf
+- shared:    step, path, position, layer, gate   (a gated shared expert's sigmoid gate: qwen2moe)
 - equiv:     step, position, max_abs_diff, max_abs_logit, cosine, argmax_equal   (cached vs uncached)
 - reference: step, position, engine, cosine, top1_equal, ours_top5, ref_top5     (ours vs llama.cpp)
 - attention: step, path, layer, head, key, weight   (opt-in: the newest token's pattern over keys 0..its position)
