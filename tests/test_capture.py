@@ -66,8 +66,10 @@ def test_each_point_is_what_its_name_says(arch, tiny_paths):
         pre = t[p + "attn.q_normed"] if c.qk_norm else t[p + "attn.q"]
         cos, sin = m.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), len(IDS), c.rope_style)
         assert close(apply_rope(pre, cos[: len(IDS)], sin[: len(IDS)], c.rope_style), t[p + "attn.q_rope"])
-        if c.qk_norm:
-            assert close(rms_norm(t[p + "attn.k"], layer.k_norm, c.rms_eps), t[p + "attn.k_normed"])
+        if c.qk_norm:  # per head, or (olmoe) over the whole projection of each row
+            k = t[p + "attn.k"]
+            expected = rms_norm(k.flatten(1), layer.k_norm, c.rms_eps).view_as(k) if c.qk_norm_whole else rms_norm(k, layer.k_norm, c.rms_eps)
+            assert close(expected, t[p + "attn.k_normed"])
         pattern = t[p + "attn.pattern"]  # [T, heads, keys]: probabilities, causal
         assert close(pattern.sum(-1), torch.ones(pattern.shape[:2]))
         assert float(pattern.transpose(0, 1).triu(1).abs().max()) == 0.0  # [heads, T, keys]: no key after its query

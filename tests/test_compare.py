@@ -29,6 +29,7 @@ ACTS_AT = {
     "topk-renorm-anyway": ("moe.topk_weights", 0),
     "shared-expert-dropped": ("ffn_out", 0),  # no gate is computed, so the dump has no shared_gate to show it
     "shared-expert-ungated": ("moe.shared_gate", 0),
+    "qk-norm-per-head": ("attn.q_normed", 0),
 }
 
 

@@ -12,7 +12,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from conftest import load_model
+from conftest import ARCHS, load_model
 from workbench.compare import compare
 from workbench.dump import split_capture
 from workbench.model import Model
@@ -78,7 +78,7 @@ PLANTS = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_clean_llama_cpp_dumps_give_no_divergence(arch, tiny_paths):
     m = load_model(tiny_paths[arch])
     for engine in ("llama.cpp", "llama.cpp-f32"):

@@ -32,7 +32,7 @@ QK_NORM = {"attn.q_normed", "attn.k_normed"}
 MOE = {"moe.router_logits", "moe.topk_ids", "moe.topk_weights"}
 EXPECTED = {"llama": DENSE, "qwen2": DENSE, "qwen3": DENSE | QK_NORM, "qwen3moe": DENSE | QK_NORM | MOE,
             "gemma3": DENSE | QK_NORM, "llama-moe": DENSE | MOE,  # llama-moe: a llama file with experts (Mixtral)
-            "qwen2moe": DENSE | MOE | {"moe.shared_gate"}}
+            "qwen2moe": DENSE | MOE | {"moe.shared_gate"}, "olmoe": DENSE | QK_NORM | MOE}
 EXACT = 2e-5  # relative L2, float32 against float32
 GELU_TABLE = {"tiny": 2e-3, "real": 2e-2}  # measured worst 8e-4 (tiny gemma3) and 6.3e-3 (Gemma-3-270M pattern)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from workbench.config import ModelConfig
+from workbench.config import SUPPORTED_ARCHS, ModelConfig
 from workbench.gguf_file import GGUFFile
 
 
@@ -25,7 +25,7 @@ def _same_as_gguf_py(path) -> None:
         assert np.array_equal(ours.raw(t.name).numpy().reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe"])
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
 def test_parser_matches_gguf_py_on_tiny(arch, tiny_paths):
     _same_as_gguf_py(tiny_paths[arch])
 

@@ -177,7 +177,8 @@ def test_head_dim_from_hidden_matters_only_where_they_differ(tiny_paths):
 def test_every_break_has_a_test():
     tested = {"skip-qk-norm", "rope-style-swap", "rope-base-10k", "no-topk-renorm", "moe-as-dense",
               "cache-off-by-one", "head-dim-from-hidden",
-              "topk-renorm-anyway", "shared-expert-dropped", "shared-expert-ungated"}  # the last three: test_qwen2moe
+              "topk-renorm-anyway", "shared-expert-dropped", "shared-expert-ungated",  # these three: test_qwen2moe
+              "qk-norm-per-head"}  # test_olmoe
     assert tested == set(BREAKS)
 
 

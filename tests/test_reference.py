@@ -21,6 +21,7 @@ import torch
 from conftest import load_model
 from workbench.errors import InputError, ReferenceFailed
 from workbench.reference import ReferenceEngine
+from workbench.tiny import TINY_KINDS
 
 PROMPT = "The capital of France is Paris, and the capital of Germany is"
 
@@ -86,11 +87,14 @@ def test_tiny_model_matches_transformers(arch, tiny_paths):
     _compare(_ours(tiny_paths[arch], ids), _transformers(tiny_paths[arch], ids, **config), 0.9999)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe"])
+@pytest.mark.parametrize("arch", TINY_KINDS)
 def test_tiny_model_matches_llama_cpp(arch, tiny_paths):
-    """llama.cpp covers what transformers cannot: head_dim != hidden/heads (qwen3, qwen3moe)."""
+    """llama.cpp covers what transformers cannot: head_dim != hidden/heads (qwen3, qwen3moe). On tiny olmoe its
+    8-bit activations (~0.6 % error per matmul) flip two near-tied expert choices (layer 0, position 0: our
+    probabilities 0.2085 vs 0.1982 for the 2nd and 3rd expert; layer 1, position 7: 0.1436 vs 0.1376), which
+    costs that position a cosine of 0.997; on its F32 copy the same file agrees to 0.9999999 (below)."""
     ids = [1, 17, 99, 250, 3, 411, 42, 7, 300, 12, 5, 6]
-    _compare(_ours(tiny_paths[arch], ids), _llama_cpp(tiny_paths[arch], ids), 0.999, tie=0.01)
+    _compare(_ours(tiny_paths[arch], ids), _llama_cpp(tiny_paths[arch], ids), 0.995 if arch == "olmoe" else 0.999, tie=0.01)
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
@@ -190,7 +194,7 @@ def test_worker_rewinds_to_the_common_prefix(tiny_paths):
 
 # --- the exact reference: llama.cpp on an F32 copy with an F32 KV cache -----------------------------------
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe", "mixtral"])
+@pytest.mark.parametrize("arch", TINY_KINDS)
 def test_tiny_model_equals_llama_cpp_on_an_f32_copy(arch, tiny_paths, tmp_path, monkeypatch):
     """Both engines do float32 arithmetic on the same (gguf-py dequantized) weights: only the order of
     summation differs, so the logits agree to a cosine of ≥ 0.999999 and the argmax is the same everywhere."""

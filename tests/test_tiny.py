@@ -40,9 +40,11 @@ OMITTED_BY_REAL_FILES = {
                "attention.sliding_window_pattern", "rope.freq_base_swa"},
     "qwen2moe": {"attention.key_length", "attention.value_length", "vocab_size", "rope.dimension_count",
                  "rope.scaling.type"},
+    "olmoe": {"attention.key_length", "attention.value_length", "vocab_size", "rope.dimension_count",
+              "rope.scaling.type"},
 }
 PRE_TOKENIZER = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "gemma3": "default",
-                 "qwen2moe": "qwen2"}
+                 "qwen2moe": "qwen2", "olmoe": "olmo"}
 PROMPT = b"def forward(self, tokens):\n    return the model of the tokens"
 
 
@@ -66,7 +68,7 @@ def test_config_has_the_intended_values(tiny_dir: Path, arch: str) -> None:
         arch, spec.n_layers, HIDDEN, spec.n_heads, spec.n_kv_heads,
     )
     assert config.head_dim == config.v_head_dim == spec.head_dim
-    assert (config.ffn_hidden, config.vocab_size, config.context_length) == (FFN, VOCAB_SIZE, CONTEXT_LENGTH)
+    assert (config.ffn_hidden, config.vocab_size, config.context_length) == (spec.ffn, VOCAB_SIZE, CONTEXT_LENGTH)
     assert config.rms_eps == pytest.approx(spec.rms_eps) and config.rope_base == spec.rope_base
     assert config.tied_output == spec.tied_output
     assert (config.n_experts, config.n_experts_used, config.expert_ffn_hidden) == (
@@ -79,7 +81,7 @@ def test_config_has_the_intended_values(tiny_dir: Path, arch: str) -> None:
 def test_arch_specific_values() -> None:
     assert TINY_SPECS["qwen3"].head_dim == TINY_SPECS["qwen3moe"].head_dim == 96 != HIDDEN // 4
     assert (TINY_SPECS["qwen3moe"].n_experts, TINY_SPECS["qwen3moe"].n_experts_used) == (8, 2)
-    assert [TINY_SPECS[a].tied_output for a in SUPPORTED_ARCHS] == [False, False, True, False, True, False]
+    assert [TINY_SPECS[a].tied_output for a in SUPPORTED_ARCHS] == [False, False, True, False, True, False, False]
     assert (TINY_SPECS["qwen2moe"].n_experts, TINY_SPECS["qwen2moe"].shared_ffn) == (8, 256)
 
 
@@ -111,16 +113,18 @@ def test_tensor_table_matches_gguf_reader_and_llama_cpp_names(tiny_dir: Path, ar
     assert shapes["blk.0.attn_q.weight"] == (q_dim, HIDDEN)
     assert shapes["blk.0.attn_k.weight"] == shapes["blk.0.attn_v.weight"] == (kv_dim, HIDDEN)
     assert shapes["blk.0.attn_output.weight"] == (HIDDEN, q_dim)
-    has_qk_norm = arch in ("qwen3", "qwen3moe", "gemma3")
+    has_qk_norm = arch in ("qwen3", "qwen3moe", "gemma3", "olmoe")
     assert has_qk_norm == ("blk.0.attn_q_norm.weight" in shapes)
-    if has_qk_norm:
+    if arch == "olmoe":  # over the whole projection
+        assert (shapes["blk.0.attn_q_norm.weight"], shapes["blk.0.attn_k_norm.weight"]) == ((q_dim,), (kv_dim,))
+    elif has_qk_norm:
         assert shapes["blk.0.attn_q_norm.weight"] == shapes["blk.0.attn_k_norm.weight"] == (spec.head_dim,)
     has_bias = arch in ("qwen2", "qwen2moe")
     assert has_bias == ("blk.0.attn_q.bias" in shapes)
     if has_bias:
         assert (shapes["blk.1.attn_q.bias"], shapes["blk.1.attn_k.bias"], shapes["blk.1.attn_v.bias"]) == ((q_dim,), (kv_dim,), (kv_dim,))
     assert (arch == "gemma3") == ("blk.0.post_attention_norm.weight" in shapes) == ("blk.0.post_ffw_norm.weight" in shapes)
-    if arch in ("qwen3moe", "qwen2moe"):
+    if spec.n_experts:
         n, f = spec.n_experts, spec.expert_ffn
         assert shapes["blk.0.ffn_gate_inp.weight"] == (n, HIDDEN)
         assert shapes["blk.0.ffn_gate_exps.weight"] == shapes["blk.0.ffn_up_exps.weight"] == (n, f, HIDDEN)

@@ -14,11 +14,12 @@ from typing import Any
 from workbench.errors import ModelError, UnsupportedError
 from workbench.gguf_file import GGUFFile
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe", "olmoe")
 
 # RoPE styles as llama.cpp names them. GGUF llama files were converted with Q/K rows permuted so that
 # rotation pairs are adjacent (x[2i], x[2i+1]): "normal". The others rotate x[i] with x[i + d/2]: "neox".
-ROPE_STYLE = {"llama": "normal", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox", "gemma3": "neox", "qwen2moe": "neox"}
+ROPE_STYLE = {"llama": "normal", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox", "gemma3": "neox", "qwen2moe": "neox",
+              "olmoe": "neox"}
 
 _MISSING = object()
 # The keys llama.cpp reads with get_key_or_arr (one value per layer allowed); every other key is a scalar.
@@ -54,7 +55,7 @@ class ModelConfig:
     rope_dim: int  # how many leading dims of each head are rotated
     rope_scale: float  # linear RoPE scaling: positions are multiplied by this (1 / scaling factor)
     attn_scale: float  # multiplies q·k
-    qk_norm: bool  # per-head RMSNorm of q and k before RoPE
+    qk_norm: bool  # RMSNorm of q and k before RoPE: per head, or (qk_norm_whole) over the whole projection
     post_norms: bool  # gemma3: RMSNorm on the attention and FFN outputs before the residual add
     ffn_act: str  # "silu" | "gelu_tanh" (gated, both)
     embed_scale: float  # token embeddings are multiplied by this (gemma3: sqrt(hidden))
@@ -64,6 +65,7 @@ class ModelConfig:
     expert_ffn_hidden: int = 0
     norm_topk: bool = False  # renormalise the top-k router weights to sum to 1
     shared_ffn_hidden: int = 0  # qwen2moe: the shared expert's width (0: no shared expert)
+    qk_norm_whole: bool = False  # olmoe: q and k are normed as whole projections ([n_heads·head_dim] weights)
     shared_gate: bool = False  # qwen2moe: the shared expert's output is scaled by sigmoid(x · ffn_gate_inp_shexp)
     sliding_window: int | None = None  # gemma3 local layers attend to the last `sliding_window` positions
     swa_pattern: int | None = None  # every swa_pattern-th layer is global, the rest are local
@@ -172,6 +174,9 @@ class _Reader:
             raise ModelError(f"{gguf.path.name}: {n_heads} query heads cannot be grouped over {n_kv_heads} KV heads.")
         head_dim = self.positive("attention.key_length", hidden // n_heads or 1, limit=65536)
         v_head_dim = self.positive("attention.value_length", hidden // n_heads or 1, limit=65536)
+        if arch == "olmoe" and n_kv_heads != n_heads:  # llama.cpp sizes its attn_k_norm [n_embd]: no GQA
+            raise UnsupportedError(f"{gguf.path.name}: olmoe with {n_kv_heads} KV heads for {n_heads} query heads is "
+                                   "not supported (llama.cpp's olmoe normalises k over n_embd values).")
         if v_head_dim != head_dim:
             raise UnsupportedError(f"{gguf.path.name}: value heads of {v_head_dim} != key heads of {head_dim} are not supported.")
         token_embd = gguf.tensors.get("token_embd.weight")
@@ -191,16 +196,16 @@ class _Reader:
         rope_scale = self._rope_scale()
         n_experts = self.count("expert_count", 4096)
         n_experts_used = self.count("expert_used_count", 4096)
-        # Mixture of experts: qwen3moe and qwen2moe always; llama when the file has experts (Mixtral's layout: every
-        # layer's FFN is routed experts, softmax → top-k → renormalise, as llama.cpp's llm_build_llama calls
-        # build_moe_ffn). qwen2moe does not renormalise, and adds a shared expert (Model.moe).
-        moe = arch in ("qwen3moe", "qwen2moe") or (arch == "llama" and n_experts > 0)
+        # Mixture of experts: qwen3moe, qwen2moe and olmoe always; llama when the file has experts (Mixtral's layout:
+        # every layer's FFN is routed experts, softmax → top-k → renormalise, as llama.cpp's llm_build_llama calls
+        # build_moe_ffn). qwen2moe and olmoe do not renormalise; qwen2moe adds a shared expert (Model.moe).
+        moe = arch in ("qwen3moe", "qwen2moe", "olmoe") or (arch == "llama" and n_experts > 0)
         if moe:
             if not (0 < n_experts_used <= n_experts <= 4096):
                 raise ModelError(f"{gguf.path.name}: expert_used_count {n_experts_used} / expert_count {n_experts} are invalid.")
         elif n_experts:
-            raise UnsupportedError(f"{gguf.path.name}: {arch} with experts is not supported (qwen3moe, qwen2moe and "
-                                   "llama (Mixtral) are the MoE architectures here).")
+            raise UnsupportedError(f"{gguf.path.name}: {arch} with experts is not supported (qwen3moe, qwen2moe, olmoe "
+                                   "and llama (Mixtral) are the MoE architectures here).")
         routed_only = arch in ("qwen3moe", "qwen2moe")  # their feed_forward_length is no dense FFN's
         ffn_hidden = self.count("feed_forward_length", 1 << 24) if routed_only else self.positive("feed_forward_length")
         expert_ffn_hidden = shared_ffn_hidden = 0
@@ -208,7 +213,7 @@ class _Reader:
             # llama.cpp: n_ff_exp = expert_feed_forward_length, else feed_forward_length / expert_used_count.
             fallback = ffn_hidden // n_experts_used if ffn_hidden else _MISSING
             expert_ffn_hidden = self.positive("expert_feed_forward_length", fallback)
-        elif moe:  # llama (Mixtral): each expert is a feed_forward_length-wide SwiGLU (llama.cpp's n_ff)
+        elif moe:  # llama (Mixtral), olmoe: each expert is a feed_forward_length-wide SwiGLU (llama.cpp's n_ff)
             expert_ffn_hidden = ffn_hidden
         if arch == "qwen2moe":  # llama.cpp: n_ff_shexp = expert_shared_feed_forward_length, else feed_forward_length
             shared_ffn_hidden = self.positive("expert_shared_feed_forward_length", ffn_hidden or _MISSING)
@@ -237,7 +242,8 @@ class _Reader:
             rope_dim=rope_dim,
             rope_scale=rope_scale,
             attn_scale=attn_scale,
-            qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),
+            qk_norm=arch in ("qwen3", "qwen3moe", "gemma3", "olmoe"),
+            qk_norm_whole=arch == "olmoe",
             post_norms=gemma,
             ffn_act="gelu_tanh" if gemma else "silu",
             embed_scale=math.sqrt(hidden) if gemma else 1.0,
@@ -245,7 +251,7 @@ class _Reader:
             n_experts=n_experts if moe else 0,
             n_experts_used=n_experts_used if moe else 0,
             expert_ffn_hidden=expert_ffn_hidden,
-            norm_topk=moe and arch != "qwen2moe",  # qwen2moe's build_moe_ffn: norm_w false
+            norm_topk=moe and arch not in ("qwen2moe", "olmoe"),  # their build_moe_ffn calls: norm_w false
             shared_ffn_hidden=shared_ffn_hidden,
             shared_gate=arch == "qwen2moe",
             sliding_window=sliding_window,

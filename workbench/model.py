@@ -47,6 +47,7 @@ BREAKS = {
     "topk-renorm-anyway": "renormalise the top-k router weights where the arch keeps them as they are (qwen2moe, olmoe)",
     "shared-expert-dropped": "leave the shared expert out of the MoE output (qwen2moe)",
     "shared-expert-ungated": "add the shared expert with weight 1 instead of its sigmoid gate (qwen2moe)",
+    "qk-norm-per-head": "normalise q and k head by head where the arch normalises the whole projection (olmoe)",
 }
 
 
@@ -66,6 +67,8 @@ def breaks_that_apply(config: ModelConfig) -> list[str]:
         if name == "topk-renorm-anyway" and (not c.is_moe or c.norm_topk):
             continue
         if name.startswith("shared-expert-") and not c.shared_gate:
+            continue
+        if name == "qk-norm-per-head" and not (c.qk_norm and c.qk_norm_whole):
             continue
         if name == "head-dim-from-hidden" and c.head_dim == c.hidden // c.n_heads:
             continue
@@ -91,6 +94,8 @@ def break_config(config: ModelConfig, breaks: frozenset[str]) -> ModelConfig:
         changes["norm_topk"] = False
     if "topk-renorm-anyway" in breaks:
         changes["norm_topk"] = True
+    if "qk-norm-per-head" in breaks:
+        changes["qk_norm_whole"] = False
     if "head-dim-from-hidden" in breaks:  # for the attention scale and the RoPE width; the tensors keep their shapes
         derived = config.hidden // config.n_heads
         changes["attn_scale"], changes["rope_dim"] = derived**-0.5, min(derived, config.rope_dim)
@@ -102,6 +107,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
     return F.rms_norm(x.float(), weight.shape, weight, eps).to(x.dtype)
+
+
+def qk_norm(x: torch.Tensor, weight: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """QK-norm of x [T, heads, head_dim]: each head on its own (qwen3, gemma3: weight [head_dim]) or the whole
+    projection at once (olmoe: weight [heads·head_dim], one RMS over every head of a row)."""
+    if config.qk_norm_whole:
+        return rms_norm(x.flatten(1), weight, config.rms_eps).view_as(x)
+    if weight.numel() == x.shape[-1]:
+        return rms_norm(x, weight, config.rms_eps)
+    # a whole-projection weight normed head by head (the qk-norm-per-head break): each head's slice of it
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, config.rms_eps) * weight.float().view(x.shape[1:])
+    return normed.to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
@@ -417,7 +434,7 @@ class Model:
             q, k, v = (seen(probe, f"blocks.{i}.attn.{n}", t) for n, t in (("q", q), ("k", k), ("v", v)))
         if layer.q_norm is not None:
             if c.qk_norm:
-                q, k = rms_norm(q, layer.q_norm, c.rms_eps), rms_norm(k, layer.k_norm, c.rms_eps)
+                q, k = qk_norm(q, layer.q_norm, c), qk_norm(k, layer.k_norm, c)
             # with the norm skipped, "normed" shows what the next stage really gets
             q, k = seen(probe, f"blocks.{i}.attn.q_normed", q), seen(probe, f"blocks.{i}.attn.k_normed", k)
         cos, sin = span.rope(c.layer_rope_base(i), c.layer_rope_scale(i), c.rope_style, c.rope_dim)

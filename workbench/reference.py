@@ -156,6 +156,9 @@ LLAMA_CPP_NODES: dict[str, dict[str, tuple[str, str]]] = {
     # Its shared gate: ffn_shexp_gate_inp-L (the MUL_MAT x·g) → silu(x)/x, named ffn_shexp_gate-L (a sigmoid).
     "qwen2moe": _DENSE | _MOE | {"moe.topk_weights": ("ffn_moe_weights", "last"), "ffn_out": ("ffn_out", "last"),
                                  "moe.shared_gate": ("ffn_shexp_gate", "last")},
+    # olmoe: Qcur-L (MUL_MAT [n_embd, T]) → Qcur_normed-L (the RMS norm over the whole projection, its MUL) →
+    # an unnamed reshape → ROPE named Qcur-L; no renormalisation (ffn_moe_weights-L), no ffn_out-L node.
+    "olmoe": _DENSE | _QK_NORM | _MOE | {"moe.topk_weights": ("ffn_moe_weights", "last")},
     # llama with experts (Mixtral): llm_build_llama's build_moe_ffn renormalises too (norm_w), the same nodes.
     "llama-moe": _DENSE | _MOE,
     # Post norms: kqv_out-L → attn_out MUL_MAT → attn_post_norm-L → sa_out-L (the residual after attention:

@@ -17,6 +17,9 @@ vocabulary 512, context 512, dense FFN 512, rms eps 1e-6 and rope base 1e6 unles
     gemma3       6     4    1    64     sliding window 8 (layers 0-4 local, 5 global); post norms; tied output
     qwen2moe     2     4    2    64     Q/K/V biases; 8 experts, top-2, not renormalised, expert FFN 128; a shared
                                         expert 256 wide, gated by sigmoid(x · ffn_gate_inp_shexp)
+    olmoe        2     4    4    64     QK-norm over the whole projection (q and k norms of 256 values, no GQA:
+                                        llama.cpp sizes them n_embd); 8 experts, top-2, not renormalised, each
+                                        feed_forward_length 128 wide; rms eps 1e-5, rope base 1e4
     mixtral      2     4    2    64     a llama file with experts (TINY_FAMILIES): 8 experts, top-2, each
                                         feed_forward_length 128 wide, no expert_feed_forward_length; rope base 1e6
 
@@ -110,6 +113,10 @@ TINY_SPECS: dict[str, TinySpec] = {
     # every token also goes through, gated by sigmoid(x · ffn_gate_inp_shexp).
     "qwen2moe": TinySpec(2, 4, 2, 64, rope_base=1e6, rms_eps=1e-6, tied_output=False,
                          n_experts=8, n_experts_used=2, expert_ffn=128, shared_ffn=256),
+    # OLMoE: q and k each RMS-normed over the whole projection (weights of n_heads·head_dim values, not per head);
+    # routed experts, top-k weights as they are, each expert feed_forward_length wide (no expert key).
+    "olmoe": TinySpec(2, 4, 4, 64, rope_base=10000.0, rms_eps=1e-5, tied_output=False,
+                      n_experts=8, n_experts_used=2, expert_ffn=128, ffn=128),
     # Mixtral's layout: a llama file whose every FFN is routed experts (top-2 of 8); feed_forward_length is each
     # expert's width, and there is no expert_feed_forward_length key (convert_hf_to_gguf writes none for it).
     "mixtral": TinySpec(2, 4, 2, 64, rope_base=1e6, rms_eps=1e-5, tied_output=False,
@@ -170,6 +177,13 @@ QUANT_TYPES: dict[str, dict[MODEL_TENSOR, tuple[GGMLQuantizationType, ...]]] = {
         E.FFN_GATE_EXP: (T.Q5_K, T.Q4_K), E.FFN_UP_EXP: (T.Q6_K, T.Q2_K),
         E.FFN_DOWN_EXP: (T.Q5_0, T.Q8_0),  # rows of 128
         E.FFN_GATE_SHEXP: (T.Q4_K, T.Q8_0), E.FFN_UP_SHEXP: (T.Q3_K, T.F16), E.FFN_DOWN_SHEXP: (T.Q6_K, T.Q5_K),
+    },
+    "olmoe": {
+        E.TOKEN_EMBD: (T.Q8_0,), E.OUTPUT: (T.Q6_K,),
+        E.ATTN_Q: (T.Q5_K, T.Q8_0), E.ATTN_K: (T.Q4_0, T.Q6_K), E.ATTN_V: (T.Q3_K, T.F16),
+        E.ATTN_OUT: (T.Q8_0, T.Q5_1),
+        E.FFN_GATE_EXP: (T.Q2_K, T.Q5_K), E.FFN_UP_EXP: (T.Q4_K, T.Q6_K),
+        E.FFN_DOWN_EXP: (T.Q4_1, T.Q8_0),  # rows of 128
     },
     "mixtral": {
         E.TOKEN_EMBD: (T.Q8_0,), E.OUTPUT: (T.Q6_K,),
@@ -358,6 +372,8 @@ def tensor_plan(arch: str, spec: TinySpec) -> list[tuple[str, tuple[int, ...], M
             layer += [(E.ATTN_Q, "bias", (q_dim,)), (E.ATTN_K, "bias", (kv_dim,)), (E.ATTN_V, "bias", (kv_dim,))]
         if arch in ("qwen3", "qwen3moe", "gemma3"):
             layer += [(E.ATTN_Q_NORM, "weight", (spec.head_dim,)), (E.ATTN_K_NORM, "weight", (spec.head_dim,))]
+        if arch == "olmoe":  # over the whole projection
+            layer += [(E.ATTN_Q_NORM, "weight", (q_dim,)), (E.ATTN_K_NORM, "weight", (kv_dim,))]
         layer.append((E.ATTN_OUT, "weight", (hidden, q_dim)))
         if arch == "gemma3":
             layer += [(E.ATTN_POST_NORM, "weight", (hidden,)), (E.FFN_PRE_NORM, "weight", (hidden,))]
@@ -487,7 +503,8 @@ def write_tiny(kind: str, path: str | os.PathLike[str], seed: int = 0) -> Path:
     path = Path(path)
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(path, arch)
-    pre = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "qwen2moe": "qwen2"}.get(arch, "default")
+    pre = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "qwen2moe": "qwen2",
+           "olmoe": "olmo"}.get(arch, "default")
     # A mix of types, like llama-quantize's own mixed recipes, which label the file Q4_K_M.
     write_metadata(writer, arch, spec, tiny_vocab(pre), f"tiny-{kind}", LlamaFileType.MOSTLY_Q4_K_M)
     for name, shape, tensor_kind, layer in tensor_plan(arch, spec):

@@ -43,7 +43,7 @@ class LayerWeights:
     wo: Matrix  # [n_heads·head_dim, hidden]
     ffn_norm: torch.Tensor
     bqkv: torch.Tensor | None = None  # qwen2 attention biases, fused like wqkv
-    q_norm: torch.Tensor | None = None  # [head_dim], per-head QK-norm
+    q_norm: torch.Tensor | None = None  # [head_dim], per-head QK-norm; olmoe: [n_heads·head_dim], the whole q
     k_norm: torch.Tensor | None = None
     post_attn_norm: torch.Tensor | None = None  # gemma3
     post_ffn_norm: torch.Tensor | None = None
@@ -235,9 +235,10 @@ def load_weights(
             ffn_norm=ld.tensor(_name(E.FFN_NORM, i), (c.hidden,), norm=True),
             bqkv=torch.cat(biases) if biases[0] is not None else None,
         )
-        if c.qk_norm:
-            layer.q_norm = ld.tensor(_name(E.ATTN_Q_NORM, i), (c.head_dim,), norm=True)
-            layer.k_norm = ld.tensor(_name(E.ATTN_K_NORM, i), (c.head_dim,), norm=True)
+        if c.qk_norm:  # one weight per head dim, or (olmoe) per value of the whole projection
+            q_n, k_n = (q_dim, kv_dim) if c.qk_norm_whole else (c.head_dim, c.head_dim)
+            layer.q_norm = ld.tensor(_name(E.ATTN_Q_NORM, i), (q_n,), norm=True)
+            layer.k_norm = ld.tensor(_name(E.ATTN_K_NORM, i), (k_n,), norm=True)
         if c.post_norms:
             layer.post_attn_norm = ld.tensor(_name(E.ATTN_POST_NORM, i), (c.hidden,), norm=True)
             layer.post_ffn_norm = ld.tensor(_name(E.FFN_POST_NORM, i), (c.hidden,), norm=True)
