@@ -56,7 +56,7 @@ def _(mo):
     a broken engine (section 8) writes visibly worse, or subtly different, text.
 
     Sections: **1** what is in a GGUF file · **2** tokens · **3** one decode step by hand · **4** the KV cache ·
-    **5** cached vs uncached decoding · **6** the mixture of experts · **7** what the heads read, and when the answer appears · **8** breaking it on purpose.
+    **5** cached vs uncached decoding · **6** the mixture of experts, and a shared expert with its gate · **7** what the heads read, and when the answer appears · **8** breaking it on purpose.
     Sliders and text boxes along the way change what is shown; every cell below them follows. Reading it
     through takes about 20 minutes; the buttons (sweeps, the breaks) are optional.
     """)
@@ -78,7 +78,8 @@ def _(mo):
     * **KV cache** — every earlier position's keys and values, kept so a decode step runs only the new token.
     * **prefill / decode** — the prompt's positions in one batched forward, then one token per step.
     * **MoE, router, experts, top-k** — a feed-forward layer made of many small networks (experts); a linear
-      router scores them and only the best k run for each token.
+      router scores them and only the best k run for each token. **shared expert** — (Qwen2-MoE) one more expert
+      that every token goes through beside the routed ones, scaled by a sigmoid gate of its own (section 6).
     * **SwiGLU** — the feed-forward network used by each expert: down(silu(gate(x)) × up(x)).
     * **quant types, Q8_0, K-quants** — how GGUF stores weights in small blocks of low-bit integers with a
       scale per block; the K-quants (Q2_K … Q6_K) use 256-weight super-blocks with per-sub-block scales.
@@ -1174,6 +1175,96 @@ def _(alt, lessons, mo, model, pl, tok):
 @app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
+    ### A shared expert and its gate
+
+    Qwen1.5-MoE and Qwen2-MoE (`qwen2moe` in GGUF) add one more expert beside the routed ones: a **shared
+    expert** that every token goes through, whatever the router says, scaled by a gate of its own. With x the
+    normed residual, g one learned vector per layer and σ the sigmoid,
+    ffn_out = Σ_k w_k · expert_k(x) + σ(x·g) · shared(x) — and unlike Qwen3's, the top-k weights w_k are not
+    renormalised. Below, the bundled `tiny-qwen2moe`, whose weights are **random** (the numbers show the
+    mechanism, not what training would make of it): a few greedy tokens with probes on, the gate at every layer
+    and position (the `shared` trace frame, capture point `blocks.{i}.moe.shared_gate`), and each layer's MoE
+    output split into its two parts.
+    """)
+    return
+
+
+@app.cell
+def _(Model, lessons):
+    # The shared expert on the bundled random tiny qwen2moe (its weights are noise; the gate is the architecture's).
+    qwen2moe = Model.load("tiny-qwen2moe", device="cpu", weights="dequantized")
+    SHARED_STEPS = 8
+    shared_ids = qwen2moe.tokenizer.encode("The history of the city begins with a small village on the river.")[:16]
+    _session = lessons.decode(qwen2moe, shared_ids, SHARED_STEPS, path="cached", probes=True)
+    shared_trace = _session.trace()
+    shared_share = lessons.shared_expert_share(qwen2moe, _session.ids)  # the prompt and the tokens it wrote
+    shared_breaks = lessons.shared_expert_breaks(qwen2moe, shared_ids, SHARED_STEPS)
+    return SHARED_STEPS, qwen2moe, shared_breaks, shared_ids, shared_share, shared_trace
+
+
+@app.cell
+def _(alt, charts, lessons, mo, pl, shared_share, shared_trace):
+    _summary = lessons.shared_summary(shared_share)
+    _gates = shared_trace.shared["gate"]
+    _check = float(shared_share["max |gated shared + routed − ffn_out|"].max())
+    _scatter = alt.Chart(shared_share).mark_point(filled=True).encode(
+        x=alt.X("gate:Q", scale=alt.Scale(domain=[0, 1]), title="gate σ(x·g)"),
+        y=alt.Y("shared share:Q", scale=alt.Scale(domain=[0, 1]), title="shared expert's share of ffn_out"),
+        color=alt.Color("layer:N"),
+        tooltip=["layer", "position", alt.Tooltip("gate:Q", format=".3f"), alt.Tooltip("shared share:Q", format=".3f"),
+                 alt.Tooltip("gated shared norm:Q", format=".3f"), alt.Tooltip("routed norm:Q", format=".3f")],
+    ).properties(width=260, height=200, title="the gate and the share it buys, per layer and position")
+    mo.vstack([
+        mo.md(f"""
+        The gate ranges from **{_gates.min():.2f}** to **{_gates.max():.2f}** over the {shared_trace.shared.height}
+        (position, layer) cells of the run: it is per token, so the shared expert counts for more at some tokens
+        than at others. What it buys is the **share** of the MoE output that comes from the shared expert,
+        ‖σ(x·g)·shared(x)‖ / (‖σ(x·g)·shared(x)‖ + ‖Σ_k w_k·expert_k(x)‖): here between
+        **{shared_share['shared share'].min():.2f}** and **{shared_share['shared share'].max():.2f}**, on average
+        **{shared_share['shared share'].mean():.2f}** — not the gate itself, since it also depends on how large each
+        part's output is. The two parts are recomputed from the captured MoE input (`lessons.shared_expert_share`)
+        and add up to the engine's `ffn_out` {"exactly" if _check == 0 else f"to {_check:.0e}"}.
+        """),
+        mo.hstack([charts.shared_gate(shared_trace.shared, "cached", charts.sequence_pieces(shared_trace.meta, shared_trace.tokens)),
+                   _scatter], justify="start", wrap=True),
+        _summary.with_columns(pl.exclude("layer").round(3)),
+    ])
+    return
+
+
+@app.cell
+def _(SHARED_STEPS, mo, pl, shared_breaks, shared_share):
+    _row = {r["break"]: r for r in shared_breaks.iter_rows(named=True)}
+    _dropped, _ungated = _row["shared-expert-dropped"], _row["shared-expert-ungated"]
+
+    def _tokens(r):
+        return ("the same greedy tokens" if r["tokens differ from step"] is None
+                else f"other greedy tokens from step {r['tokens differ from step']}")
+
+    mo.vstack([
+        mo.md(f"""
+        **Its two porting bugs.** An engine that knows routed experts but not this one leaves it out
+        (`shared-expert-dropped`); one that loads it but misses the gate adds it with weight 1
+        (`shared-expert-ungated`). Both change every token's MoE output at every layer, and neither raises anything.
+        On the clean run's tokens the logits move by **{_dropped['relative max |Δlogit|']:.2f}** (dropped) and
+        **{_ungated['relative max |Δlogit|']:.2f}** (ungated) of the largest logit, the top token changes at
+        {_dropped['top token changes at']} and {_ungated['top token changes at']} of {_dropped['of positions']} positions,
+        and decoding {SHARED_STEPS} tokens gives {_tokens(_dropped)} (dropped) and {_tokens(_ungated)} (ungated).
+        Dropping takes σ(x·g)·shared(x) away, ungating adds (1 − σ(x·g))·shared(x): the larger the gate (its mean
+        is {shared_share['gate'].mean():.2f} here), the more dropping costs against ungating.
+        The clean run against itself: {_row['clean']['relative max |Δlogit|']:g}. Section 8's model has no shared
+        expert, so these two are run here; against another engine's dump of a qwen2moe model, `workbench compare`
+        has both among its suspects.
+        """),
+        mo.ui.table(shared_breaks.with_columns(pl.col("relative max |Δlogit|").round(4)), selection=None,
+                    wrapped_columns=["text (generated)"]),
+    ])
+    return
+
+
+@app.cell(hide_code=True)
+def _(mo):
+    mo.md(r"""
     ## 7 · What the heads read, and when the answer appears
 
     Section 3 drew one step's attention, recomputed by hand. Over a run the engine can record it itself:
@@ -1467,7 +1558,8 @@ def _(mo):
 
 
 @app.cell
-def _(by_hand_max_diff, break_report, equiv_worst, mo, qwen3_30b_kv_bytes_32k, speed_growth, speedup_measured):
+def _(by_hand_max_diff, break_report, equiv_worst, mo, qwen3_30b_kv_bytes_32k, shared_breaks, shared_share, speed_growth,
+      speedup_measured):
     # A one-line summary for headless runs (`python notebooks/walkthrough.py`); silent in the editor.
     if not mo.running_in_notebook():
         _alarms = ", ".join(f"{r['break']}→{r['alarm frame'] or r['first frame']}@{r['alarm step'] if r['alarm frame'] else r['first step']}"
@@ -1476,7 +1568,11 @@ def _(by_hand_max_diff, break_report, equiv_worst, mo, qwen3_30b_kv_bytes_32k, s
               f"cached/uncached = {speedup_measured or float('nan'):.1f}x, worst relative Δ = {equiv_worst:.1e}; "
               f"step cost late/early: " + ", ".join(f"{r['path']} {r['ratio']:.1f}x" for r in speed_growth.iter_rows(named=True))
               + "; "
-              f"Qwen3-30B-A3B KV @32k = {qwen3_30b_kv_bytes_32k / 2**30:.2f} GiB; breaks: {_alarms}")
+              f"Qwen3-30B-A3B KV @32k = {qwen3_30b_kv_bytes_32k / 2**30:.2f} GiB; breaks: {_alarms}; "
+              f"shared expert (tiny-qwen2moe): gate {shared_share['gate'].min():.2f}–{shared_share['gate'].max():.2f}, "
+              f"mean share {shared_share['shared share'].mean():.2f}, relative max|Δlogit| "
+              + ", ".join(f"{r['break']} {r['relative max |Δlogit|']:.2f}" for r in shared_breaks.iter_rows(named=True)
+                          if r["break"] != "clean"))
     return
 
 

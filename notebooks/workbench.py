@@ -414,7 +414,7 @@ def _(mo, shown):
 def _(charts, mo, route_layer, shown, small, view):
     _cfg = shown.meta["config"]
     _path = charts.primary_path(shown.meta, shown.routing)
-    _dense_break = "moe-as-dense" in (shown.meta.get("breaks") or [])
+    _breaks = shown.meta.get("breaks") or []
     if _cfg["n_experts"] == 0:
         _body = mo.md(f"This model ({shown.meta['arch']}) has no experts: every token goes through the same dense FFN.")
     elif shown.routing.is_empty():
@@ -423,9 +423,20 @@ def _(charts, mo, route_layer, shown, small, view):
         _body = mo.hstack([mo.vstack([route_layer, view(small(charts.routing_histogram(
                                shown.routing, route_layer.value, _cfg["n_experts"], _path), width=220))]),
                            view(small(charts.routing_heatmap(shown.routing, _path), width=220))], justify="start")
+    _shared = ("Every token also goes through the **shared expert**, scaled by this gate σ(x·g) (0 … 1); a port that "
+               "drops it or adds it ungated changes every token.")
+    if "shared-expert-ungated" in _breaks:
+        _shared += " _Broken on purpose (shared-expert-ungated): every gate is 1._"
+    if shown.shared.height:  # a gated shared expert (qwen2moe): its gate beside the router's choices
+        _pieces = charts.sequence_pieces(shown.meta, shown.tokens, _path)
+        _body = mo.vstack([_body, mo.hstack([view(small(charts.shared_gate(shown.shared, _path, _pieces), width=220)),
+                                             mo.md(_shared)], justify="start", align="center")])
+    elif _cfg.get("shared_gate") and "shared-expert-dropped" in _breaks:
+        _body = mo.vstack([_body, mo.md("Broken on purpose (shared-expert-dropped): the shared expert every token "
+                                        "should also go through is left out, so there is no gate to show.")])
     if not _cfg["n_experts"]:
         _head = "## Expert routing"
-    elif _dense_break:
+    elif "moe-as-dense" in _breaks:
         _head = f"## Expert routing\nBroken on purpose (moe-as-dense): expert 0 alone, where the model picks {_cfg['n_experts_used']} of {_cfg['n_experts']}."
     else:
         _head = f"## Expert routing\n{_cfg['n_experts_used']} of {_cfg['n_experts']} experts per token."

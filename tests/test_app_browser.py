@@ -697,6 +697,21 @@ def test_screenshot(app):
     assert SCREENSHOT.stat().st_size > 10_000
 
 
+def test_a_shared_expert_shows_its_gate_under_routing(app):
+    """After the tests that count loads: tiny-qwen2moe picked in the sidebar, one Step, and the routing panel
+    draws a third chart beside the router's two, the shared expert's gate, with its sentence."""
+    app.page.get_by_role("combobox", name="model").select_option("tiny-qwen2moe (random weights)")
+    app.wait_until(lambda: app.shows("tiny-qwen2moe-"), APP_READY_S, "tiny-qwen2moe's file on the model card")
+    app.wait_idle(CLICK_S)
+    app.click_and_wait("Step", timeout=CLICK_S)
+    app.wait_until(lambda: app.shows("scaled by this gate"), CLICK_S, "the shared expert's sentence")
+
+    def drawn() -> int:
+        return sum(chart_has_data(c) for c in app.charts() if c["heading"] and "expert routing" in c["heading"].lower())
+
+    app.wait_until(lambda: drawn() >= 3, CHARTS_S, "the gate's chart drawn with data under Expert routing")
+
+
 def test_the_server_log_has_no_traceback(app, server):
     """Last of the browser tests: nothing the tests did above left a traceback in the server's log."""
     log = server.log_path.read_text(errors="replace")

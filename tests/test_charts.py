@@ -295,6 +295,32 @@ def test_expert_colours_differ_between_neighbours(trace):
     assert min(np.linalg.norm(rgb(a) - rgb(b)) for a, b in itertools.pairwise(colours)) > 90
 
 
+def test_shared_gate_is_one_cell_per_position_and_layer(tiny_paths, trace):
+    """tiny-qwen2moe, both paths: the heat map holds each (position, layer) the path computed once (the uncached
+    path's latest step, which recomputes them all), gates in (0, 1) on a fixed 0..1 scale, the newest position's
+    token in the tooltip; a model without a shared expert gets the message."""
+    model = load_model(tiny_paths["qwen2moe"])
+    session = Session(model, model.tokenizer.encode("def add(a, b):"), path="both", probes=True, context=64)
+    for _ in range(3):
+        session.step()
+    t = session.trace()
+    n_layers, n_positions = model.config.n_layers, len(session.ids) - 1  # the newest token is not fed yet
+    pieces = charts.sequence_pieces(t.meta, t.tokens)
+    for path in ("cached", "uncached"):
+        (view,) = _views(charts.shared_gate(t.shared, path, pieces).to_dict())
+        rows = view["rows"]
+        assert sorted((r["position"], r["layer"]) for r in rows) == [(p, i) for p in range(n_positions) for i in range(n_layers)]
+        assert all(0 < r["gate"] < 1 for r in rows)
+        assert {r["path"] for r in rows} == {path}
+        assert rows[-1]["piece"] == charts.chart_piece(pieces[rows[-1]["position"]])
+        color = view["encoding"]["color"]
+        assert color["scale"]["domain"] == [0, 1] and "format" in color["legend"]
+        assert all("format" in tip for tip in _tooltips(view) if tip.get("type") == "quantitative" and tip["field"] not in COUNTS)
+    cached = {(r["position"], r["layer"]): r["gate"] for r in _views(charts.shared_gate(t.shared, "cached").to_dict())[0]["rows"]}
+    uncached = {(r["position"], r["layer"]): r["gate"] for r in _views(charts.shared_gate(t.shared, "uncached").to_dict())[0]["rows"]}
+    assert cached.keys() == uncached.keys() and all(math.isclose(cached[k], uncached[k], abs_tol=1e-5) for k in cached)
+    assert trace.shared.is_empty() and _rows(charts.shared_gate(trace.shared)) == 1  # tiny-qwen3moe: no shared expert
+
 def test_layer_health_scales_colour_on_decode_steps(trace):
     spec = charts.layer_health(trace.layers, "cached").to_dict()
     heat = _views(spec)[0]

@@ -228,3 +228,77 @@ def test_answer_layer_is_where_the_final_top1_appears_and_stays():
                            "kl_to_final": 0.0} for s, ts in ids.items() for n, t in enumerate(ts)])
     got = {r["step"]: (r["token_id"], r["from layer"]) for r in lessons.answer_layer(frame).iter_rows(named=True)}
     assert got == {0: (7, 1), 1: (9, 2), 2: (4, 3)}  # step 1: 7 at layer 0 does not count, it does not stay
+
+
+# ---- a shared expert and its gate (tiny-qwen2moe, random weights) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen2moe(tiny_paths):
+    return load_model(tiny_paths["qwen2moe"])
+
+
+@pytest.fixture(scope="module")
+def qwen2moe_ids(qwen2moe) -> list[int]:
+    return qwen2moe.tokenizer.encode("The history of the city begins with a small village on the river.")[:12]
+
+
+def test_shared_share_is_the_files_shared_expert_against_the_rest(qwen2moe, qwen2moe_ids, tiny_paths):
+    """The gate, both parts' norms and the share recomputed in numpy from the captured MoE input and output and the
+    file's own tensors (gguf-py's dequantize): gate = σ(x·g), shared = down(silu(gate·x) ⊙ up·x), routed =
+    ffn_out − gate·shared."""
+    import gguf as gguf_py
+
+    from workbench.dump import ours
+
+    ids = qwen2moe_ids
+    frame = lessons.shared_expert_share(qwen2moe, ids)
+    c = qwen2moe.config
+    assert frame.height == c.n_layers * len(ids)
+    assert frame.select("layer", "position").rows() == [(i, p) for i in range(c.n_layers) for p in range(len(ids))]
+    assert float(frame["max |gated shared + routed − ffn_out|"].max()) < 1e-5
+    reader = gguf_py.GGUFReader(tiny_paths["qwen2moe"])
+    tensors = {t.name: gguf_py.quants.dequantize(t.data, t.tensor_type).astype(np.float64) for t in reader.tensors}
+    dump = ours(qwen2moe, ids, len(ids), names=["blocks.*.ffn_norm", "blocks.*.ffn_out"])
+    for i in range(c.n_layers):
+        x = dump.tensors[(0, f"blocks.{i}.ffn_norm")].double().numpy()  # [T, hidden]
+        out = dump.tensors[(0, f"blocks.{i}.ffn_out")].double().numpy()
+        gate = 1 / (1 + np.exp(-(x @ tensors[f"blk.{i}.ffn_gate_inp_shexp.weight"])))  # [T]
+        g, u = x @ tensors[f"blk.{i}.ffn_gate_shexp.weight"].T, x @ tensors[f"blk.{i}.ffn_up_shexp.weight"].T
+        shared = gate[:, None] * ((g / (1 + np.exp(-g)) * u) @ tensors[f"blk.{i}.ffn_down_shexp.weight"].T)
+        s, r = np.linalg.norm(shared, axis=-1), np.linalg.norm(out - shared, axis=-1)
+        mine = frame.filter(pl.col("layer") == i)
+        assert mine["gate"].to_numpy() == pytest.approx(gate, rel=1e-5)
+        assert mine["gated shared norm"].to_numpy() == pytest.approx(s, rel=1e-4)
+        assert mine["routed norm"].to_numpy() == pytest.approx(r, rel=1e-4)
+        assert mine["shared share"].to_numpy() == pytest.approx(s / (s + r), rel=1e-4)
+    assert 0 < frame["gate"].min() and frame["gate"].max() < 1
+    assert 0 < frame["shared share"].min() and frame["shared share"].max() < 1
+
+
+def test_shared_summary_is_per_layer(qwen2moe, qwen2moe_ids):
+    frame = lessons.shared_expert_share(qwen2moe, qwen2moe_ids)
+    summary = lessons.shared_summary(frame)
+    assert summary["layer"].to_list() == list(range(qwen2moe.config.n_layers))
+    for row in summary.iter_rows(named=True):
+        mine = frame.filter(pl.col("layer") == row["layer"])
+        assert (row["gate min"], row["gate max"]) == (mine["gate"].min(), mine["gate"].max())
+        assert row["share mean"] == pytest.approx(mine["shared share"].mean())
+
+
+def test_the_shared_expert_breaks_move_the_logits_and_the_clean_run_does_not(qwen2moe, qwen2moe_ids):
+    """The clean run against itself moves nothing; dropping the shared expert or adding it ungated moves the logits
+    (checked here by a forward of our own with the break on, on the clean run's tokens) and the top tokens."""
+    steps = 4
+    frame = lessons.shared_expert_breaks(qwen2moe, qwen2moe_ids, steps)
+    assert frame["break"].to_list() == ["clean", *lessons.SHARED_BREAKS]
+    rows = {r["break"]: r for r in frame.iter_rows(named=True)}
+    clean = rows["clean"]
+    assert clean["relative max |Δlogit|"] == 0 and clean["top token changes at"] == 0
+    assert clean["tokens differ from step"] is None and clean["of positions"] == len(qwen2moe_ids) + steps
+    tokens = lessons.decode(qwen2moe, qwen2moe_ids, steps).ids
+    reference = qwen2moe.forward(torch.tensor(tokens), 0, qwen2moe.new_cache(len(tokens)))
+    for name in lessons.SHARED_BREAKS:
+        moved = qwen2moe.forward(torch.tensor(tokens), 0, qwen2moe.new_cache(len(tokens)), breaks=frozenset({name}))
+        expected = float((moved - reference).abs().max() / reference.abs().max())
+        assert rows[name]["relative max |Δlogit|"] == pytest.approx(expected) and expected > 0.05, name
+        assert rows[name]["top token changes at"] == int((moved.argmax(-1) != reference.argmax(-1)).sum()) > 0, name

@@ -311,6 +311,28 @@ def routing_last_token(routing: pl.DataFrame, path: str | None = None, n_experts
     ).properties(width=WIDTH, height=HEIGHT, title="top-k weights of the newest token")
 
 
+def shared_gate(shared: pl.DataFrame, path: str | None = None, pieces: Sequence[str] | None = None) -> alt.Chart:
+    """layer × position heat map of a gated shared expert's gate σ(x·g) (the `shared` frame) on a fixed 0 … 1
+    colour scale: how much of the shared expert each token gets. Each (position, layer) once, from the latest
+    step that computed it (the uncached path recomputes every position at every step). pieces adds each
+    position's token to the tooltip."""
+    df = _one_path(shared, path)
+    if df.is_empty():
+        return empty_chart("no shared-expert gate recorded (a model with a gated shared expert records it)")
+    df = df.sort("step").group_by("position", "layer").last().sort("layer", "position")
+    if pieces is not None:
+        df = df.with_columns(pl.Series("piece", [chart_piece(pieces[p]) if p < len(pieces) else "?" for p in df["position"].to_list()]))
+    positions = df["position"].unique().to_list()
+    return alt.Chart(df).mark_rect().encode(
+        x=alt.X("position:O", axis=_ordinal_axis(positions, "position")),
+        y=_layer_y(df),
+        color=alt.Color("gate:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="gate",
+                        legend=alt.Legend(format=".1f", values=[0, 0.5, 1])),
+        tooltip=[alt.Tooltip("position"), *([alt.Tooltip("piece:N")] if pieces is not None else []), alt.Tooltip("layer"),
+                 alt.Tooltip("step"), alt.Tooltip("gate:Q", format=".3f")],
+    ).properties(width=WIDTH, height=HEIGHT, title="shared expert's gate σ(x·g) per layer × position")
+
+
 # --- Tokens/s ---------------------------------------------------------------------------------------------------
 
 def _prefill_note(tokens: pl.DataFrame) -> list[str]:

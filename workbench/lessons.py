@@ -16,6 +16,7 @@ import gguf as gguf_py
 import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
 
 from workbench import trace as wtrace
 from workbench.bench import run as bench_run
@@ -24,6 +25,7 @@ from workbench.dump import ours, split_capture
 from workbench.model import Model, apply_rope
 from workbench.session import Session
 from workbench.trace import Trace
+from workbench.weights import gated
 
 # The order the forward pass computes the frames in: the first difference between two traces is the earliest
 # (step, layer, stage); `tokens` (the logits) and `equiv` come after every layer.
@@ -345,6 +347,70 @@ def specialisation(model: Model, prompts: dict[str, list[list[int]]], seeds: Seq
     for name, distances in frames.items():
         frame = frame.join(distances.rename({"distance": name}), on="layer", how="left")
     return frame.sort("layer")
+
+
+# ---- 6 · a shared expert and its gate --------------------------------------------------------------------
+
+SHARED_BREAKS = ("shared-expert-dropped", "shared-expert-ungated")  # the porting bugs of a gated shared expert
+
+
+def shared_expert_share(model: Model, ids: list[int]) -> pl.DataFrame:
+    """One uncached forward over `ids` on a model with a gated shared expert (qwen2moe): per layer and position,
+    the gate σ(x·g), the sizes (L2 norms) of the gated shared expert's output and of the routed experts' weighted
+    sum, the shared share ‖gate·shared‖ / (‖gate·shared‖ + ‖routed‖), and max |gate·shared + routed − ffn_out|,
+    which says the two parts make the whole MoE output. Both parts are recomputed from the captured MoE input
+    (`ffn_norm`): the routed one by Model.moe with the shared expert dropped, the shared one by its SwiGLU."""
+    points = ("ffn_norm", "moe.shared_gate", "ffn_out")
+    dump = ours(model, ids, len(ids), names=[f"blocks.*.{point}" for point in points])  # the prompt: one step
+    frames = []
+    with torch.inference_mode():
+        for i, layer in enumerate(model.weights.layers):
+            x, gate, out = (dump.tensors[(0, f"blocks.{i}.{point}")] for point in points)  # [T, hidden], [T, 1], [T, hidden]
+            routed = model.moe(x, i, layer, None, frozenset({"shared-expert-dropped"}))  # Σ_k w_k · expert_k(x)
+            shared = gate.to(x.dtype) * gated(x, layer.shared_gate_up, layer.shared_down, F.silu)  # a SwiGLU expert
+            s, r = shared.float().norm(dim=-1), routed.float().norm(dim=-1)  # [T]
+            frames.append(pl.DataFrame({
+                "layer": [i] * len(ids), "position": list(range(len(ids))), "gate": gate[:, 0].tolist(),
+                "gated shared norm": s.tolist(), "routed norm": r.tolist(), "shared share": (s / (s + r)).tolist(),
+                "max |gated shared + routed − ffn_out|": (shared + routed - out).abs().amax(-1).tolist(),
+            }, schema_overrides={"layer": pl.Int32, "position": pl.Int32}))
+    return pl.concat(frames)
+
+
+def shared_summary(share: pl.DataFrame) -> pl.DataFrame:
+    """Per layer of a `shared_expert_share` frame: the gate's smallest, mean and largest value, and the shared
+    expert's smallest, mean and largest share of the MoE output."""
+    return share.group_by("layer").agg(
+        pl.col("gate").min().alias("gate min"), pl.col("gate").mean().alias("gate mean"),
+        pl.col("gate").max().alias("gate max"), pl.col("shared share").min().alias("share min"),
+        pl.col("shared share").mean().alias("share mean"), pl.col("shared share").max().alias("share max"),
+    ).sort("layer")
+
+
+def shared_expert_breaks(model: Model, ids: list[int], steps: int, breaks: Sequence[str] = SHARED_BREAKS) -> pl.DataFrame:
+    """The clean run and each of `breaks`, `steps` greedy tokens after `ids` each. How far the logits move: one
+    uncached forward over the clean run's tokens with the break on, max |Δlogit| over every position relative to
+    the clean run's max |logit|, and at how many positions the top token changes. And the text: the generated
+    tokens and the first step whose token differs from the clean run's (None: none does)."""
+    clean = decode(model, ids, steps).ids
+    tokens = torch.tensor(clean, device=model.device)
+
+    def logits(b: frozenset[str]) -> torch.Tensor:  # [T, vocab]
+        return model.forward(tokens, 0, model.new_cache(len(clean)), breaks=b)
+
+    reference = logits(frozenset())
+    rows = []
+    for name in ("clean", *breaks):
+        b = frozenset() if name == "clean" else frozenset({name})
+        moved = logits(b)
+        gen = decode(model, ids, steps, breaks=b).ids[len(ids):]
+        rows.append({
+            "break": name, "relative max |Δlogit|": float((moved - reference).abs().max() / reference.abs().max()),
+            "top token changes at": int((moved.argmax(-1) != reference.argmax(-1)).sum()), "of positions": len(clean),
+            "tokens differ from step": next((s for s, (a, c) in enumerate(zip(gen, clean[len(ids):])) if a != c), None),
+            "text (generated)": "|".join(visible(model.tokenizer.piece(t)) for t in gen),
+        })
+    return pl.DataFrame(rows, schema_overrides={"tokens differ from step": pl.Int64})
 
 
 # ---- 7 · break it on purpose ------------------------------------------------------------------------------
