@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from conftest import ARCHS, load_model
+from workbench.compare import expected_shape
+from workbench.dump import BLOCK_CHAIN
 from workbench.errors import ResourceError
 from workbench.model import apply_rope, rms_norm
 from workbench.probes import Capture, StepProbe
 
-CHAIN = ["attn_norm", "attn.q", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rope", "attn.k_rope",
-         "attn.pattern", "attn.out", "resid_mid", "ffn_norm", "moe.router_logits", "moe.topk_ids", "moe.topk_weights",
-         "moe.shared_gate", "ffn_out", "resid_post"]
+CHAIN = ["attn_norm", "attn.q", "attn.q_pe", "attn.kv_latent", "attn.k_pe", "attn.k", "attn.v", "attn.q_normed",
+         "attn.k_normed", "attn.q_rope", "attn.k_rope", "attn.pattern", "attn.out", "resid_mid", "ffn_norm",
+         "moe.router_logits", "moe.topk_ids", "moe.topk_weights", "moe.shared_gate", "ffn_out", "resid_post"]
 IDS = [1, 17, 99, 250, 3, 411, 42, 7]
 
 
@@ -35,17 +37,24 @@ def test_every_point_in_forward_order_with_its_shape(arch, tiny_paths):
     c = m.config
     t, _ = captured(m)
     T, keys = len(IDS), len(IDS)
-    expected = [p for p in CHAIN if (c.qk_norm or "normed" not in p) and (c.is_moe or not p.startswith("moe."))
-                and (c.shared_gate or p != "moe.shared_gate")]
+    assert CHAIN == list(BLOCK_CHAIN)
     names = list(t)
     for i in range(c.n_layers):
-        assert [n.split(".", 2)[2] for n in names if n.startswith(f"blocks.{i}.")] == expected
+        # the points compare expects of this layer (dump.point_shape, unless expected_shape says it has none)
+        expected = [p for p in CHAIN if not isinstance(expected_shape(m, f"blocks.{i}.{p}", keys), str)]
+        assert [n.split(".", 2)[2] for n in names if n.startswith(f"blocks.{i}.")] == expected, i
+        assert all(tuple(t[f"blocks.{i}.{p}"].shape) == (T, *expected_shape(m, f"blocks.{i}.{p}", keys)) for p in expected
+                   if p not in ("moe.topk_ids", "moe.topk_weights")), i
     assert names[-2:] == ["final_norm", "logits"]
-    L = "blocks.0."
-    shapes = {"attn_norm": (T, c.hidden), "attn.q": (T, c.n_heads, c.head_dim), "attn.k": (T, c.n_kv_heads, c.head_dim),
-              "attn.v": (T, c.n_kv_heads, c.head_dim), "attn.q_rope": (T, c.n_heads, c.head_dim),
-              "attn.pattern": (T, c.n_heads, keys), "attn.out": (T, c.n_heads * c.head_dim), "resid_mid": (T, c.hidden),
-              "ffn_norm": (T, c.hidden), "ffn_out": (T, c.hidden), "resid_post": (T, c.hidden)}
+    L = f"blocks.{c.n_dense_lead}."  # the first MoE layer of a MoE model (deepseek2 leads with dense ones)
+    shapes = {"attn_norm": (T, c.hidden), "attn.q": (T, c.n_heads, c.head_dim), "attn.pattern": (T, c.n_heads, keys),
+              "attn.out": (T, c.n_heads * c.v_head_dim), "resid_mid": (T, c.hidden), "ffn_norm": (T, c.hidden),
+              "ffn_out": (T, c.hidden), "resid_post": (T, c.hidden)}
+    if c.is_mla:  # one latent row and one RoPE key per position, the rotated part of every q head
+        shapes |= {"attn.kv_latent": (T, c.kv_lora_rank), "attn.k_pe": (T, c.rope_dim), "attn.q_pe": (T, c.n_heads, c.rope_dim)}
+    else:
+        shapes |= {"attn.k": (T, c.n_kv_heads, c.head_dim), "attn.v": (T, c.n_kv_heads, c.head_dim),
+                   "attn.q_rope": (T, c.n_heads, c.head_dim)}
     if c.is_moe:
         shapes |= {"moe.router_logits": (T, c.n_experts), "moe.topk_ids": (T, c.n_experts_used)}
     if c.shared_gate:
@@ -60,6 +69,8 @@ def test_every_point_in_forward_order_with_its_shape(arch, tiny_paths):
 def test_each_point_is_what_its_name_says(arch, tiny_paths):
     m = load_model(tiny_paths[arch])
     c, w = m.config, m.weights
+    if c.is_mla:
+        pytest.skip("latent attention's points are checked against MHA written out in tests/test_deepseek2.py")
     t, cache = captured(m)
     for i, layer in enumerate(w.layers):
         p = f"blocks.{i}."

@@ -30,6 +30,10 @@ ACTS_AT = {
     "shared-expert-dropped": ("ffn_out", 0),  # no gate is computed, so the dump has no shared_gate to show it
     "shared-expert-ungated": ("moe.shared_gate", 0),
     "qk-norm-per-head": ("attn.q_normed", 0),
+    "skip-kv-a-norm": ("attn.kv_latent", 0),
+    "probs-bias-in-weights": ("moe.topk_weights", 0),
+    "no-group-limit": ("moe.topk_ids", 0),
+    "no-routed-scaling": ("moe.topk_weights", 0),
 }
 
 
@@ -49,7 +53,10 @@ def test_each_break_is_found_where_it_acts_and_ranked_first(arch, tiny_paths):
         result = compare(m, ours(m, TOKENS, N_PROMPT, breaks=frozenset({name})))
         fd = result.first_divergence
         assert fd is not None, name
-        assert (point_of(fd.capture), fd.step) == ACTS_AT[name], (name, fd)
+        point, step = ACTS_AT[name]
+        if m.config.is_mla and point == "attn.q_rope":  # latent attention turns q's rope dims alone: attn.q_pe;
+            point = "attn.pattern" if name == "head-dim-from-hidden" else "attn.q_pe"  # that one only scales
+        assert (point_of(fd.capture), fd.step) == (point, step), (name, fd)
         assert fd.local_error > fd.threshold and result.suspects[0] == name, (name, result.suspects)
         if name == "rope-base-10k" and m.config.rope_base_local is not None:  # gemma3: only its global layers change
             assert not m.config.is_local_layer(fd.layer)

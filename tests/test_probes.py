@@ -178,7 +178,8 @@ def test_every_break_has_a_test():
     tested = {"skip-qk-norm", "rope-style-swap", "rope-base-10k", "no-topk-renorm", "moe-as-dense",
               "cache-off-by-one", "head-dim-from-hidden",
               "topk-renorm-anyway", "shared-expert-dropped", "shared-expert-ungated",  # these three: test_qwen2moe
-              "qk-norm-per-head"}  # test_olmoe
+              "qk-norm-per-head",  # test_olmoe
+              "skip-kv-a-norm", "probs-bias-in-weights", "no-group-limit", "no-routed-scaling"}  # test_deepseek2
     assert tested == set(BREAKS)
 
 

@@ -33,8 +33,10 @@ def traces(tiny_paths) -> dict[str, tuple[Trace, Session]]:
 
 
 def captured(model, ids: list[int]) -> dict[str, torch.Tensor]:
-    """q_rope, k_rope and resid_post of every position, and the logits, from one uncached forward."""
-    cap = Capture(names=["*.attn.q_rope", "*.attn.k_rope", "*.resid_post", "logits"])
+    """q_rope, k_rope (MLA: q, q_pe, kv_latent, k_pe) and resid_post of every position, and the logits, from
+    one uncached forward."""
+    cap = Capture(names=["*.attn.q_rope", "*.attn.k_rope", "*.attn.q", "*.attn.q_pe", "*.attn.kv_latent", "*.attn.k_pe",
+                         "*.resid_post", "logits"])
     model.forward(torch.tensor(ids), 0, model.new_cache(len(ids)), cap)
     return cap.tensors
 
@@ -43,9 +45,16 @@ def by_hand_pattern(model, t: dict[str, torch.Tensor], layer: int, position: int
     """softmax(q·k · scale) of the query at `position` over keys 0..position, within the layer's window:
     [heads, position + 1], float64."""
     c = model.config
-    q = t[f"blocks.{layer}.attn.q_rope"][position].double()  # [heads, d]
-    k = t[f"blocks.{layer}.attn.k_rope"][: position + 1].double()  # [keys, kv_heads, d]
-    group = c.n_heads // c.n_kv_heads
+    if c.is_mla:  # decompressed, as MHA: k_h = [attn_k_b(latent) of head h | the shared k_pe], q_h = [q_nope | q_pe]
+        b, nope = f"blocks.{layer}.attn.", c.head_dim - c.rope_dim
+        q = torch.cat((t[b + "q"][position, :, :nope], t[b + "q_pe"][position]), -1).double()
+        k_nope = torch.einsum("sl,hln->shn", t[b + "kv_latent"][: position + 1], model.weights.layers[layer].wk_b)
+        k_pe = t[b + "k_pe"][: position + 1, None].expand(-1, c.n_heads, -1)
+        k, group = torch.cat((k_nope, k_pe), -1).double(), 1  # [keys, heads, d]
+    else:
+        q = t[f"blocks.{layer}.attn.q_rope"][position].double()  # [heads, d]
+        k = t[f"blocks.{layer}.attn.k_rope"][: position + 1].double()  # [keys, kv_heads, d]
+        group = c.n_heads // c.n_kv_heads
     scores = torch.stack([k[:, h // group] @ q[h] for h in range(c.n_heads)]) * c.attn_scale  # [heads, keys]
     window = c.layer_window(layer)
     if window is not None:

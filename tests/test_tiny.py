@@ -42,9 +42,10 @@ OMITTED_BY_REAL_FILES = {
                  "rope.scaling.type"},
     "olmoe": {"attention.key_length", "attention.value_length", "vocab_size", "rope.dimension_count",
               "rope.scaling.type"},
+    "deepseek2": {"rope.scaling.type"},  # V3's layout: every key but the (YaRN) scaling, which the tiny file leaves out
 }
 PRE_TOKENIZER = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "gemma3": "default",
-                 "qwen2moe": "qwen2", "olmoe": "olmo"}
+                 "qwen2moe": "qwen2", "olmoe": "olmo", "deepseek2": "default"}
 PROMPT = b"def forward(self, tokens):\n    return the model of the tokens"
 
 
@@ -67,7 +68,8 @@ def test_config_has_the_intended_values(tiny_dir: Path, arch: str) -> None:
     assert (config.arch, config.n_layers, config.hidden, config.n_heads, config.n_kv_heads) == (
         arch, spec.n_layers, HIDDEN, spec.n_heads, spec.n_kv_heads,
     )
-    assert config.head_dim == config.v_head_dim == spec.head_dim
+    assert config.head_dim == spec.head_dim
+    assert config.v_head_dim == (spec.mla.v_head_dim if spec.mla else spec.head_dim)
     assert (config.ffn_hidden, config.vocab_size, config.context_length) == (spec.ffn, VOCAB_SIZE, CONTEXT_LENGTH)
     assert config.rms_eps == pytest.approx(spec.rms_eps) and config.rope_base == spec.rope_base
     assert config.tied_output == spec.tied_output
@@ -110,6 +112,18 @@ def test_tensor_table_matches_gguf_reader_and_llama_cpp_names(tiny_dir: Path, ar
     q_dim, kv_dim = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
     shapes = {n: t.shape for n, t in ours.tensors.items()}
     assert shapes["token_embd.weight"] == (VOCAB_SIZE, HIDDEN)
+    if spec.mla is not None:  # deepseek2: latent attention, a leading dense layer, then routed + shared experts
+        m, H = spec.mla, spec.n_heads
+        assert shapes["blk.0.attn_q_a.weight"] == (m.q_lora, HIDDEN) and shapes["blk.0.attn_q_b.weight"] == (q_dim, m.q_lora)
+        assert shapes["blk.0.attn_kv_a_mqa.weight"] == (m.kv_lora + m.rope, HIDDEN)
+        assert shapes["blk.0.attn_k_b.weight"] == (H, m.kv_lora, m.nope)
+        assert shapes["blk.0.attn_v_b.weight"] == (H, m.v_head_dim, m.kv_lora)
+        assert shapes["blk.0.attn_output.weight"] == (HIDDEN, H * m.v_head_dim)
+        assert "blk.0.ffn_gate.weight" in shapes and "blk.0.ffn_gate_inp.weight" not in shapes
+        assert shapes["blk.1.ffn_gate_exps.weight"] == (spec.n_experts, spec.expert_ffn, HIDDEN)
+        assert shapes["blk.1.exp_probs_b.bias"] == (spec.n_experts,) and "blk.1.ffn_gate.weight" not in shapes
+        assert shapes["blk.1.ffn_gate_shexp.weight"] == (spec.expert_ffn * m.n_shared, HIDDEN)
+        return
     assert shapes["blk.0.attn_q.weight"] == (q_dim, HIDDEN)
     assert shapes["blk.0.attn_k.weight"] == shapes["blk.0.attn_v.weight"] == (kv_dim, HIDDEN)
     assert shapes["blk.0.attn_output.weight"] == (HIDDEN, q_dim)

@@ -23,12 +23,19 @@ LayerStats = row_type("kv")  # one layer's fill and size: layer, length, k_bytes
 
 
 class KVCache:
+    """With `values_in_keys` (MLA) each layer holds only keys [1, capacity, head_dim], one row per position (the
+    latent, then the RoPE key), and the values are the first `values_in_keys` dims of those rows, a view: what
+    llama.cpp's MLA cache stores, and the bytes the KV panel reports (V costs nothing of its own)."""
+
     def __init__(
-        self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device
+        self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device,
+        values_in_keys: int | None = None,
     ) -> None:
         shape = (n_kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.shared_values = values_in_keys is not None
+        self.values = ([k[..., :values_in_keys] for k in self.keys] if self.shared_values
+                       else [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
         self.capacity = capacity
         self.lengths = [0] * n_layers
         self.positions = torch.arange(capacity, device=device)  # key positions, for static-shape masks
@@ -48,7 +55,8 @@ class KVCache:
         if n_keys is not None and n_keys > self.capacity:
             raise context_full(n_keys - 1, self.capacity)
         self.keys[layer].index_copy_(1, positions, k.transpose(0, 1))
-        self.values[layer].index_copy_(1, positions, v.transpose(0, 1))
+        if not self.shared_values:
+            self.values[layer].index_copy_(1, positions, v.transpose(0, 1))
         if n_keys is None:
             return self.keys[layer], self.values[layer]
         self.lengths[layer] = n_keys
@@ -65,10 +73,11 @@ class KVCache:
         self.lengths = [length] * len(self.lengths)
 
     def layer_bytes(self, layer: int) -> tuple[int, int]:
-        """Bytes of K and of V holding real positions in this layer."""
-        k = self.keys[layer]
-        per_position = k.shape[0] * k.shape[2] * k.element_size()
-        return self.lengths[layer] * per_position, self.lengths[layer] * per_position
+        """Bytes of K and of V holding real positions in this layer (V: 0 where it is a view of K)."""
+        k, v = self.keys[layer], self.values[layer]
+        k_bytes = self.lengths[layer] * k.shape[0] * k.shape[2] * k.element_size()
+        v_bytes = 0 if self.shared_values else self.lengths[layer] * v.shape[0] * v.shape[2] * v.element_size()
+        return k_bytes, v_bytes
 
     def layer_stats(self) -> list[LayerStats]:
         """Every layer's fill and size, in layer order."""
@@ -76,12 +85,16 @@ class KVCache:
         for i, (keys, values) in enumerate(zip(self.keys, self.values)):
             k_bytes, v_bytes = self.layer_bytes(i)
             stats.append(LayerStats(layer=i, length=self.lengths[i], k_bytes=k_bytes, v_bytes=v_bytes,
-                                    capacity_bytes=keys.numel() * keys.element_size() + values.numel() * values.element_size()))
+                                    capacity_bytes=self._bytes(keys) + (0 if self.shared_values else self._bytes(values))))
         return stats
+
+    @staticmethod
+    def _bytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
 
     @property
     def capacity_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(map(self._bytes, self.keys if self.shared_values else (*self.keys, *self.values)))
 
     @property
     def used_bytes(self) -> int:

@@ -39,11 +39,20 @@ from workbench.model import BREAKS, Model, breaks_that_apply
 
 KINDS = {
     "attn_norm": "norm", "attn.q": "matmul", "attn.k": "matmul", "attn.v": "matmul",
+    "attn.q_pe": "rope", "attn.kv_latent": "matmul", "attn.k_pe": "matmul",
     "attn.q_normed": "norm", "attn.k_normed": "norm", "attn.q_rope": "rope", "attn.k_rope": "rope",
     "attn.pattern": "attention", "attn.out": "attention", "resid_mid": "matmul", "ffn_norm": "norm",
     "moe.router_logits": "matmul", "moe.topk_ids": "routing", "moe.topk_weights": "routing",
     "moe.shared_gate": "matmul", "ffn_out": "matmul", "resid_post": "add", "final_norm": "norm", "logits": "matmul",
 }
+
+
+def kind_of(point: str, config) -> str:
+    """The kind of operation a point's local error measures: KINDS, but MLA's attn.out, which includes the
+    attn_v_b decompression of the latent output, is a matmul."""
+    return "matmul" if point == "attn.out" and config.is_mla else KINDS[point]
+
+
 # [floor, ceiling] of each kind's threshold (relative L2; routing ids: the share of rows that differ).
 # Floors: well above float32 rounding (~1e-7). Ceilings: 10× what bfloat16 storage (~1e-3) does to an exact
 # operation, what a float16 KV cache (~1e-3) does to attention, and 8-bit activations (~1e-2) to a matmul.
@@ -58,7 +67,7 @@ ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.
 ROUNDING_FACTOR = 4.0  # and at each point at least this × what that rounding alone does there (_raise_to_rounding)
 ROUNDOFF_FLOOR = {"norm": 2.0, "rope": 2.0, "add": 2.0, "matmul": 2.0, "attention": 4.0, "routing": 4.0}
 STATS_THRESHOLD = 5e-2  # statistics-only points: relative difference of RMS or mean beyond this is a divergence
-HEAD_POINTS = frozenset({"attn.q", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rope", "attn.k_rope",
+HEAD_POINTS = frozenset({"attn.q", "attn.q_pe", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rope", "attn.k_rope",
                          "attn.pattern", "attn.out"})
 
 
@@ -166,8 +175,13 @@ def expected_shape(model: Model, capture: str, n_keys: int) -> tuple[int, ...] |
         return f"the model has layers 0..{c.n_layers - 1}"
     if point in ("attn.q_normed", "attn.k_normed") and not c.qk_norm:
         return f"{c.arch} has no QK-norm"
-    if point.startswith("moe.") and not c.is_moe:
-        return f"{c.arch} is not a mixture of experts"
+    if point.startswith("moe.") and not (c.is_moe_layer(layer) if layer is not None else c.is_moe):
+        return f"{c.arch} is not a mixture of experts" if not c.is_moe else f"its layer {layer} is a dense FFN"
+    mla_only = point in ("attn.q_pe", "attn.kv_latent", "attn.k_pe")
+    if c.is_mla and point in ("attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rope", "attn.k_rope"):
+        return "its latent attention has no per-head K and V (see attn.kv_latent, attn.k_pe and attn.q_pe)"
+    if mla_only and not c.is_mla:
+        return f"{c.arch} has no latent attention"
     if point == "moe.shared_gate" and not c.shared_gate:
         return f"{c.arch} has no gated shared expert"
     return point_shape(c, point, n_keys)
@@ -285,14 +299,14 @@ def compare(model: Model, dump: Dump, suspects: bool = True) -> Comparison:
         layer, point = split_capture(capture)
         key = (step, capture)
         if key in dump.stats:
-            points.append(Point(step, capture, layer, KINDS[point], None, _stats_error(dump.stats[key], clean[key])))
+            points.append(Point(step, capture, layer, kind_of(point, model.config), None, _stats_error(dump.stats[key], clean[key])))
             continue
         ids_key = (step, capture.replace("topk_weights", "topk_ids"))
         their_ids = theirs.get(ids_key, clean.get(ids_key))
         e2e, cos, max_abs, _, _ = _errors(point, theirs[key], clean[key], their_ids, clean.get(ids_key), *sizes)
         local, _, _, head, row = _errors(point, theirs[key], forced[key], *_ids_behind(key, theirs, forced, model), *sizes)
         first_row = dump.first_position(step) + dump.rows(step) - theirs[key].shape[0]
-        points.append(Point(step, capture, layer, KINDS[point], local, e2e, cos, max_abs, head, first_row + row))
+        points.append(Point(step, capture, layer, kind_of(point, model.config), local, e2e, cos, max_abs, head, first_row + row))
 
     roundoff = unit_roundoff(dump)
     thresholds = calibrate(points, roundoff)

@@ -14,12 +14,12 @@ from typing import Any
 from workbench.errors import ModelError, UnsupportedError
 from workbench.gguf_file import GGUFFile
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe", "olmoe")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe", "olmoe", "deepseek2")
 
 # RoPE styles as llama.cpp names them. GGUF llama files were converted with Q/K rows permuted so that
 # rotation pairs are adjacent (x[2i], x[2i+1]): "normal". The others rotate x[i] with x[i + d/2]: "neox".
 ROPE_STYLE = {"llama": "normal", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox", "gemma3": "neox", "qwen2moe": "neox",
-              "olmoe": "neox"}
+              "olmoe": "neox", "deepseek2": "normal"}
 
 _MISSING = object()
 # The keys llama.cpp reads with get_key_or_arr (one value per layer allowed); every other key is a scalar.
@@ -67,6 +67,17 @@ class ModelConfig:
     shared_ffn_hidden: int = 0  # qwen2moe: the shared expert's width (0: no shared expert)
     qk_norm_whole: bool = False  # olmoe: q and k are normed as whole projections ([n_heads·head_dim] weights)
     shared_gate: bool = False  # qwen2moe: the shared expert's output is scaled by sigmoid(x · ffn_gate_inp_shexp)
+    # deepseek2: multi-head latent attention (MLA) and its routing. kv_lora_rank > 0 marks MLA: K and V come from a
+    # shared latent of kv_lora_rank values (normed) plus one shared RoPE key of rope_dim values, which is what the
+    # cache holds; head_dim (q·k) is nope + rope_dim, v_head_dim the value heads'.
+    q_lora_rank: int = 0  # 0: q = x @ attn_q; else x @ attn_q_a → RMSNorm → @ attn_q_b
+    kv_lora_rank: int = 0
+    n_dense_lead: int = 0  # the first layers' FFN is dense (feed_forward_length wide), the rest MoE
+    gating: str = "softmax"  # router scores: "softmax" | "sigmoid" (V3)
+    n_expert_groups: int = 1  # group-limited top-k: experts are chosen within the n_groups_used best groups
+    n_groups_used: int = 1
+    routed_scale: float = 1.0  # the routed experts' weights are multiplied by this (routed_scaling_factor)
+    has_probs_bias: bool = False  # V3's exp_probs_b: added to the scores to choose, not to weigh
     sliding_window: int | None = None  # gemma3 local layers attend to the last `sliding_window` positions
     swa_pattern: int | None = None  # every swa_pattern-th layer is global, the rest are local
     rope_base_local: float | None = None
@@ -91,8 +102,22 @@ class ModelConfig:
     def layer_window(self, layer: int) -> int | None:
         return self.sliding_window if self.is_local_layer(layer) else None
 
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and layer >= self.n_dense_lead
+
     def kv_bytes_per_token(self, element_size: int) -> int:
+        """What the cache holds per position: K and V per KV head, or (MLA) one latent row plus the RoPE key."""
+        if self.is_mla:
+            return self.n_layers * (self.kv_lora_rank + self.rope_dim) * element_size
         return self.n_layers * self.n_kv_heads * (self.head_dim + self.v_head_dim) * element_size
+
+    def mha_bytes_per_token(self, element_size: int) -> int:
+        """An MHA cache of the same model: every query head's K (head_dim) and V (v_head_dim)."""
+        return self.n_layers * self.n_heads * (self.head_dim + self.v_head_dim) * element_size
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,10 +199,13 @@ class _Reader:
             raise ModelError(f"{gguf.path.name}: {n_heads} query heads cannot be grouped over {n_kv_heads} KV heads.")
         head_dim = self.positive("attention.key_length", hidden // n_heads or 1, limit=65536)
         v_head_dim = self.positive("attention.value_length", hidden // n_heads or 1, limit=65536)
+        mla = self._mla() if arch == "deepseek2" else {}
+        if mla:  # the q/k and v head sizes of the decompressed heads (key_length_mla, value_length_mla)
+            head_dim, v_head_dim = mla.pop("head_dim"), mla.pop("v_head_dim")
         if arch == "olmoe" and n_kv_heads != n_heads:  # llama.cpp sizes its attn_k_norm [n_embd]: no GQA
             raise UnsupportedError(f"{gguf.path.name}: olmoe with {n_kv_heads} KV heads for {n_heads} query heads is "
                                    "not supported (llama.cpp's olmoe normalises k over n_embd values).")
-        if v_head_dim != head_dim:
+        if v_head_dim != head_dim and not mla:
             raise UnsupportedError(f"{gguf.path.name}: value heads of {v_head_dim} != key heads of {head_dim} are not supported.")
         token_embd = gguf.tensors.get("token_embd.weight")
         tokens = gguf.metadata.get("tokenizer.ggml.tokens")
@@ -190,7 +218,7 @@ class _Reader:
                 f"{gguf.path.name}: metadata '{arch}.attention.layer_norm_rms_epsilon' = {rms_eps} is out of range (0..1)."
             )
         rope_base = self.positive_float("rope.freq_base", 10000.0)
-        rope_dim = self.positive("rope.dimension_count", head_dim, limit=head_dim)
+        rope_dim = self.positive("rope.dimension_count", head_dim, limit=head_dim - 1 if mla else head_dim)
         if rope_dim % 2:
             raise ModelError(f"{gguf.path.name}: rope.dimension_count {rope_dim} is odd.")
         rope_scale = self._rope_scale()
@@ -199,7 +227,7 @@ class _Reader:
         # Mixture of experts: qwen3moe, qwen2moe and olmoe always; llama when the file has experts (Mixtral's layout:
         # every layer's FFN is routed experts, softmax → top-k → renormalise, as llama.cpp's llm_build_llama calls
         # build_moe_ffn). qwen2moe and olmoe do not renormalise; qwen2moe adds a shared expert (Model.moe).
-        moe = arch in ("qwen3moe", "qwen2moe", "olmoe") or (arch == "llama" and n_experts > 0)
+        moe = arch in ("qwen3moe", "qwen2moe", "olmoe", "deepseek2") or (arch == "llama" and n_experts > 0)
         if moe:
             if not (0 < n_experts_used <= n_experts <= 4096):
                 raise ModelError(f"{gguf.path.name}: expert_used_count {n_experts_used} / expert_count {n_experts} are invalid.")
@@ -208,8 +236,12 @@ class _Reader:
                                    "and llama (Mixtral) are the MoE architectures here).")
         routed_only = arch in ("qwen3moe", "qwen2moe")  # their feed_forward_length is no dense FFN's
         ffn_hidden = self.count("feed_forward_length", 1 << 24) if routed_only else self.positive("feed_forward_length")
+        routing = self._deepseek2_routing(n_layers, n_experts, n_experts_used) if arch == "deepseek2" else {}
         expert_ffn_hidden = shared_ffn_hidden = 0
-        if routed_only:
+        if arch == "deepseek2":  # llama.cpp reads expert_feed_forward_length as required; shared experts × n_ff_exp
+            expert_ffn_hidden = self.positive("expert_feed_forward_length")
+            shared_ffn_hidden = expert_ffn_hidden * self.count("expert_shared_count", 4096)
+        elif routed_only:
             # llama.cpp: n_ff_exp = expert_feed_forward_length, else feed_forward_length / expert_used_count.
             fallback = ffn_hidden // n_experts_used if ffn_hidden else _MISSING
             expert_ffn_hidden = self.positive("expert_feed_forward_length", fallback)
@@ -223,7 +255,8 @@ class _Reader:
             sliding_window = self.positive("attention.sliding_window")
             swa_pattern = self.positive("attention.sliding_window_pattern", 6, limit=n_layers + 1)
             rope_base_local = self.positive_float("rope.freq_base_swa", 10000.0)
-        # llama.cpp scales Gemma3-27B (62 layers) queries by 1/sqrt(hidden/heads), every other size by 1/sqrt(head_dim).
+        # llama.cpp scales Gemma3-27B (62 layers) queries by 1/sqrt(hidden/heads), every other size by 1/sqrt(head_dim)
+        # (deepseek2: of the decompressed q·k head, nope + rope).
         attn_scale = 1.0 / math.sqrt(hidden / n_heads if gemma and n_layers == 62 else head_dim)
         return ModelConfig(
             arch=arch,
@@ -251,14 +284,47 @@ class _Reader:
             n_experts=n_experts if moe else 0,
             n_experts_used=n_experts_used if moe else 0,
             expert_ffn_hidden=expert_ffn_hidden,
-            norm_topk=moe and arch not in ("qwen2moe", "olmoe"),  # their build_moe_ffn calls: norm_w false
+            norm_topk=routing.pop("norm_topk") if routing else moe and arch not in ("qwen2moe", "olmoe"),  # norm_w
             shared_ffn_hidden=shared_ffn_hidden,
             shared_gate=arch == "qwen2moe",
             sliding_window=sliding_window,
             swa_pattern=swa_pattern,
             rope_base_local=rope_base_local,
+            **mla,
+            **routing,
             defaulted=tuple(self.defaulted),
         )
+
+    def _mla(self) -> dict[str, int]:
+        """deepseek2's attention sizes. Files converted with the split attn_k_b / attn_v_b state the decompressed
+        head sizes as key_length_mla / value_length_mla (their key_length is the latent row the cache holds, and
+        head_count_kv 1); older files with one attn_kv_b state them as key_length / value_length (llama.cpp:
+        n_embd_head_k_mla() falls back to n_embd_head_k)."""
+        kv_lora = self.positive("attention.kv_lora_rank", limit=65536)
+        q_lora = self.get("attention.q_lora_rank", int, 0)
+        key = self.positive("attention.key_length_mla", self.positive("attention.key_length", limit=65536), limit=65536)
+        value = self.positive("attention.value_length_mla", self.positive("attention.value_length", limit=65536),
+                              limit=65536)
+        return {"head_dim": key, "v_head_dim": value, "kv_lora_rank": kv_lora, "q_lora_rank": q_lora}
+
+    def _deepseek2_routing(self, n_layers: int, n_experts: int, n_used: int) -> dict[str, Any]:
+        """deepseek2's router, with llama.cpp's defaults: softmax scores (V2) unless expert_gating_func is 2
+        (sigmoid, V3); group-limited top-k over expert_group_count groups; weights renormalised when
+        expert_weights_norm, then × expert_weights_scale; exp_probs_b (a tensor) biases the choice."""
+        gating = {0: "softmax", 1: "softmax", 2: "sigmoid"}.get(self.get("expert_gating_func", int, 1))
+        if gating is None:
+            raise UnsupportedError(f"{self.gguf.path.name}: {self.arch}.expert_gating_func "
+                                   f"{self.gguf.metadata[self.arch + '.expert_gating_func']} is not supported (1 softmax, 2 sigmoid).")
+        groups = self.get("expert_group_count", int, 1) or 1
+        used = self.get("expert_group_used_count", int, 1) or 1
+        if n_experts % groups or not 0 < used <= groups or used * (n_experts // groups) < n_used:
+            raise ModelError(f"{self.gguf.path.name}: {groups} expert groups ({used} used) cannot hold {n_used} of "
+                             f"{n_experts} experts.")
+        n_dense = self.count("leading_dense_block_count", n_layers)
+        scale = self.get("expert_weights_scale", float, 1.0) or 1.0  # llama.cpp: 0 (absent) means no scaling
+        return {"gating": gating, "n_expert_groups": groups, "n_groups_used": used, "n_dense_lead": n_dense,
+                "routed_scale": scale, "norm_topk": self.get("expert_weights_norm", bool, False),
+                "has_probs_bias": any(n.endswith("exp_probs_b.bias") for n in self.gguf.tensors)}
 
     def _rope_scale(self) -> float:
         """1 / rope.scaling.factor for linear scaling, as llama.cpp, whose default type is "linear". The factor

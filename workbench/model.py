@@ -45,9 +45,13 @@ BREAKS = {
     "cache-off-by-one": "a cached decode step attends to one position too few (its own key is missed)",
     "head-dim-from-hidden": "derive head_dim as hidden / heads for the attention scale and RoPE width",
     "topk-renorm-anyway": "renormalise the top-k router weights where the arch keeps them as they are (qwen2moe, olmoe)",
-    "shared-expert-dropped": "leave the shared expert out of the MoE output (qwen2moe)",
+    "shared-expert-dropped": "leave the shared expert(s) out of the MoE output (qwen2moe, deepseek2)",
     "shared-expert-ungated": "add the shared expert with weight 1 instead of its sigmoid gate (qwen2moe)",
     "qk-norm-per-head": "normalise q and k head by head where the arch normalises the whole projection (olmoe)",
+    "skip-kv-a-norm": "leave MLA's latent KV unnormalised (attn_kv_a_norm skipped; deepseek2)",
+    "probs-bias-in-weights": "weigh the experts by the bias-corrected scores meant only for choosing them (V3)",
+    "no-group-limit": "choose the top-k experts among all of them, ignoring the expert groups (V3)",
+    "no-routed-scaling": "leave out the routed scaling factor (expert_weights_scale) of the experts' weights",
 }
 
 
@@ -66,9 +70,19 @@ def breaks_that_apply(config: ModelConfig) -> list[str]:
             continue
         if name == "topk-renorm-anyway" and (not c.is_moe or c.norm_topk):
             continue
-        if name.startswith("shared-expert-") and not c.shared_gate:
+        if name == "shared-expert-dropped" and not c.shared_ffn_hidden:
+            continue
+        if name == "shared-expert-ungated" and not c.shared_gate:
             continue
         if name == "qk-norm-per-head" and not (c.qk_norm and c.qk_norm_whole):
+            continue
+        if name == "skip-kv-a-norm" and not c.is_mla:
+            continue
+        if name == "probs-bias-in-weights" and not c.has_probs_bias:
+            continue
+        if name == "no-group-limit" and not c.n_groups_used < c.n_expert_groups:
+            continue
+        if name == "no-routed-scaling" and c.routed_scale == 1.0:
             continue
         if name == "head-dim-from-hidden" and c.head_dim == c.hidden // c.n_heads:
             continue
@@ -96,9 +110,13 @@ def break_config(config: ModelConfig, breaks: frozenset[str]) -> ModelConfig:
         changes["norm_topk"] = True
     if "qk-norm-per-head" in breaks:
         changes["qk_norm_whole"] = False
+    if "no-routed-scaling" in breaks:
+        changes["routed_scale"] = 1.0
     if "head-dim-from-hidden" in breaks:  # for the attention scale and the RoPE width; the tensors keep their shapes
         derived = config.hidden // config.n_heads
-        changes["attn_scale"], changes["rope_dim"] = derived**-0.5, min(derived, config.rope_dim)
+        changes["attn_scale"] = derived**-0.5
+        if not config.is_mla:  # MLA's RoPE width is its own (rope.dimension_count), not a share of head_dim
+            changes["rope_dim"] = min(derived, config.rope_dim)
     return replace(config, **changes) if changes else config
 
 
@@ -200,7 +218,7 @@ class Span:
 
     def __init__(self, model: Model, cache: KVCache, config: ModelConfig, breaks: frozenset[str], n_tokens: int,
                  start: int | None, pos: torch.Tensor | None = None) -> None:
-        self.model, self.cache, self.config = model, cache, config
+        self.model, self.cache, self.config, self.breaks = model, cache, config, breaks
         self.static = start is None
         if self.static:
             self.positions, self.n_keys = pos, None  # [1]; the whole cache
@@ -315,6 +333,9 @@ class Model:
 
     def new_cache(self, capacity: int) -> KVCache:
         c = self.config
+        if c.is_mla:  # one row per position: the normed latent, then the shared RoPE key
+            return KVCache(c.n_layers, 1, c.kv_lora_rank + c.rope_dim, capacity, self.dtype, self.device,
+                           values_in_keys=c.kv_lora_rank)
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, capacity, self.dtype, self.device)
 
     def rope_table(
@@ -401,7 +422,7 @@ class Model:
                 a = rms_norm(a, layer.post_attn_norm, c.rms_eps)
             x = seen(probe, f"blocks.{i}.resid_mid", x + a)  # [T, hidden]: the residual after attention
             h = seen(probe, f"blocks.{i}.ffn_norm", rms_norm(x, layer.ffn_norm, c.rms_eps))
-            f = self.moe(h, i, layer, probe, breaks) if c.is_moe else self.feed_forward(h, layer)
+            f = self.moe(h, i, layer, probe, breaks) if layer.router is not None else self.feed_forward(h, layer)
             f = seen(probe, f"blocks.{i}.ffn_out", f)  # [T, hidden]: the FFN or MoE output (before gemma3's post norm)
             if layer.post_ffn_norm is not None:
                 f = rms_norm(f, layer.post_ffn_norm, c.rms_eps)
@@ -422,6 +443,8 @@ class Model:
     def attention(self, x: torch.Tensor, i: int, layer: LayerWeights, span: Span, probe: Probe | None) -> torch.Tensor:
         """One block's attention over x [T, hidden]: Q, K, V → QK-norm → RoPE → the cache → GQA → output."""
         c = span.config  # the model's config, with the config-shaped breaks applied
+        if c.is_mla:
+            return self.latent_attention(x, i, layer, span, probe)
         T = x.shape[0]
         qkv = matmul(x, layer.wqkv)
         if layer.bqkv is not None:
@@ -442,16 +465,52 @@ class Model:
         q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
         q, k = seen(probe, f"blocks.{i}.attn.q_rope", q), seen(probe, f"blocks.{i}.attn.k_rope", k)
         keys, values = span.cache.update(i, span.positions, k, v, span.n_keys)  # [n_kv_heads, keys, head_dim]
+        out = self._attend(q, keys, values, i, span, probe)
+        out = seen(probe, f"blocks.{i}.attn.out", out.reshape(T, c.n_heads * c.head_dim))  # before the output projection
+        return matmul(out, layer.wo)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, i: int, span: Span,
+                probe: Probe | None) -> torch.Tensor:
+        """q [T, n_heads, d] over the cache's keys and values → [T, n_heads, d_v], under the layer's mask; the
+        pattern is a capture point for a probe that wants it (and another engine's pattern can stand in)."""
+        c = span.config
         mask = span.mask(c.layer_window(i))
         given = None
         if probe is not None and wants(probe, f"blocks.{i}.attn.pattern"):  # costs a second attention: on request
             given = probe(f"blocks.{i}.attn.pattern", attention_pattern(q, keys, mask, c.attn_scale))
         if given is None:
-            out = grouped_attention(q, keys, values, mask, c.attn_scale)
-        else:  # another engine's probabilities (compare's teacher-forced run): weigh the values by them
-            out = weigh_values(given.to(values.dtype), values)
-        out = seen(probe, f"blocks.{i}.attn.out", out.reshape(T, c.n_heads * c.head_dim))  # before the output projection
-        return matmul(out, layer.wo)
+            return grouped_attention(q, keys, values, mask, c.attn_scale)
+        return weigh_values(given.to(values.dtype), values)  # their probabilities (compare's teacher-forced run)
+
+    def latent_attention(self, x: torch.Tensor, i: int, layer: LayerWeights, span: Span, probe: Probe | None) -> torch.Tensor:
+        """deepseek2's multi-head latent attention over x [T, hidden]. Each head's q is [nope | rope] (from x, or
+        through the q LoRA); K and V of every head come from one latent row of kv_lora_rank values (normed) that
+        the cache holds with one shared RoPE key. Attention runs in the latent space ("absorbed", as llama.cpp
+        runs files with attn_k_b): q_nope goes through attn_k_b into the latent, scores are q_latent · latent +
+        q_pe · k_pe, and the latent output goes through attn_v_b to each value head. RoPE turns only the rope dims,
+        adjacent pairs."""
+        c = span.config
+        T, H, lora, rope = x.shape[0], c.n_heads, c.kv_lora_rank, c.rope_dim
+        nope = c.head_dim - rope
+        proj = matmul(x, layer.wqkv)
+        q_rows = c.q_lora_rank or H * c.head_dim
+        q = proj[:, :q_rows]
+        if layer.wq_b is not None:
+            q = matmul(rms_norm(q, layer.q_a_norm, c.rms_eps), layer.wq_b)
+        q = seen(probe, f"blocks.{i}.attn.q", q.reshape(T, H, c.head_dim))  # [T, n_heads, nope + rope]
+        cos, sin = span.rope(c.layer_rope_base(i), c.layer_rope_scale(i), c.rope_style, rope)
+        q_pe = seen(probe, f"blocks.{i}.attn.q_pe", apply_rope(q[..., nope:], cos, sin, c.rope_style))  # [T, H, rope]
+        latent = proj[:, q_rows : q_rows + lora]
+        if "skip-kv-a-norm" not in span.breaks:
+            latent = rms_norm(latent, layer.kv_a_norm, c.rms_eps)
+        latent = seen(probe, f"blocks.{i}.attn.kv_latent", latent)  # [T, kv_lora_rank]
+        k_pe = apply_rope(proj[:, None, q_rows + lora :], cos, sin, c.rope_style)[:, 0]
+        k_pe = seen(probe, f"blocks.{i}.attn.k_pe", k_pe)  # [T, rope]: one RoPE key shared by every head
+        keys, values = span.cache.update(i, span.positions, torch.cat((latent, k_pe), -1)[:, None], None, span.n_keys)
+        q_latent = torch.einsum("thn,hln->thl", q[..., :nope], layer.wk_b)  # [T, H, kv_lora_rank]
+        out = self._attend(torch.cat((q_latent, q_pe), -1), keys, values, i, span, probe)  # [T, H, kv_lora_rank]
+        out = torch.einsum("thl,hvl->thv", out, layer.wv_b).reshape(T, H * c.v_head_dim)
+        return matmul(seen(probe, f"blocks.{i}.attn.out", out), layer.wo)
 
     def _activation(self, gate: torch.Tensor) -> torch.Tensor:
         return F.gelu(gate, approximate="tanh") if self.config.ffn_act == "gelu_tanh" else F.silu(gate)
@@ -463,11 +522,16 @@ class Model:
     def moe(
         self, x: torch.Tensor, i: int, layer: LayerWeights, probe: Probe | None, breaks: frozenset[str] = frozenset()
     ) -> torch.Tensor:
-        """Router softmax → top-k → renormalise (qwen3moe) → each chosen expert's SwiGLU → weighted sum."""
+        """Router scores (softmax, or deepseek2 V3's sigmoid) → top-k (biased, group-limited where the arch says)
+        → the chosen scores as weights, renormalised and scaled where the arch says → each chosen expert's SwiGLU
+        → weighted sum, + a shared expert (gated by a sigmoid in qwen2moe)."""
         c = self.config_with(breaks)
         router_logits = seen(probe, f"blocks.{i}.moe.router_logits", (x @ layer.router).float())  # [T, n_experts]
-        probs = torch.softmax(router_logits, dim=-1)
-        weights, ids = torch.topk(probs, c.n_experts_used, dim=-1)  # [T, k]
+        probs = torch.sigmoid(router_logits) if c.gating == "sigmoid" else torch.softmax(router_logits, dim=-1)
+        ids = self._choose(probs, layer, c, breaks)  # [T, k]
+        if "probs-bias-in-weights" in breaks and layer.probs_bias is not None:  # the choosing bias leaks into weights
+            probs = probs + layer.probs_bias
+        weights = probs.gather(-1, ids)
         if "moe-as-dense" in breaks:
             ids, weights = torch.zeros_like(ids[:, :1]), torch.ones_like(weights[:, :1])
         if probe is not None:
@@ -477,15 +541,31 @@ class Model:
                                        else probs.gather(-1, given))
         if c.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
+        if c.routed_scale != 1.0:
+            weights = weights * c.routed_scale
         weights = seen(probe, f"blocks.{i}.moe.topk_weights", weights)
         out = layer.experts(x, ids, weights, self._activation, self.grouped_mm)  # Σ weight × expert(x)
-        if layer.shared_gate_up is not None and "shared-expert-dropped" not in breaks:
-            # qwen2moe: + sigmoid(x·g) × the shared expert's SwiGLU, every token
+        if layer.shared_gate_up is None or "shared-expert-dropped" in breaks:
+            return out
+        shared = gated(x, layer.shared_gate_up, layer.shared_down, self._activation)  # every token, as is (deepseek2)
+        if layer.shared_gate is not None:  # qwen2moe: scaled by sigmoid(x·g)
             gate = torch.sigmoid((x @ layer.shared_gate[:, None]).float())  # [T, 1]
             if "shared-expert-ungated" in breaks:
                 gate = torch.ones_like(gate)
-            gate = seen(probe, f"blocks.{i}.moe.shared_gate", gate).to(x.dtype)
-            out = out + gate * gated(x, layer.shared_gate_up, layer.shared_down, self._activation)
-        return out
+            shared = seen(probe, f"blocks.{i}.moe.shared_gate", gate).to(x.dtype) * shared
+        return out + shared
+
+    @staticmethod
+    def _choose(probs: torch.Tensor, layer: LayerWeights, c: ModelConfig, breaks: frozenset[str]) -> torch.Tensor:
+        """The top-k expert ids [T, k] by the router's scores, plus V3's choice bias, within the best groups
+        where experts are grouped (llama.cpp: a group scores the sum of its 2 best; the other groups are out)."""
+        choose = probs if layer.probs_bias is None else probs + layer.probs_bias
+        if c.n_expert_groups > 1 and "no-group-limit" not in breaks:
+            grouped = choose.unflatten(-1, (c.n_expert_groups, -1))  # [T, groups, experts per group]
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [T, groups]
+            best = group_scores.topk(c.n_groups_used, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, best, True)
+            choose = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(-2)
+        return torch.topk(choose, c.n_experts_used, dim=-1).indices
 
 

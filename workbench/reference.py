@@ -142,6 +142,10 @@ _MOE = {
     "moe.topk_weights": ("ffn_moe_weights_norm", "last"),
     "ffn_out": ("ffn_moe_out", "last"),
 }
+# MLA: no per-head K/V (its Kcur-L / Vcur-L are the latent rows), its own points instead.
+_MLA = {p: n for p, n in _DENSE.items() if p not in ("attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope")} | {
+    "attn.q": ("q", "last"), "attn.q_pe": ("q_pe", "rope"), "attn.kv_latent": ("kv_cmpr", "last"),
+    "attn.k_pe": ("k_pe", "rope")}
 LLAMA_CPP_NODES: dict[str, dict[str, tuple[str, str]]] = {
     "llama": _DENSE,
     # Q/K/V biases: Qcur-L is the MUL_MAT, then the ADD of the bias (ours: "after projection + bias"), then
@@ -159,6 +163,15 @@ LLAMA_CPP_NODES: dict[str, dict[str, tuple[str, str]]] = {
     # olmoe: Qcur-L (MUL_MAT [n_embd, T]) → Qcur_normed-L (the RMS norm over the whole projection, its MUL) →
     # an unnamed reshape → ROPE named Qcur-L; no renormalisation (ffn_moe_weights-L), no ffn_out-L node.
     "olmoe": _DENSE | _QK_NORM | _MOE | {"moe.topk_weights": ("ffn_moe_weights", "last")},
+    # deepseek2 (MLA): "q"-L is the q projection (after the LoRA's q_b, where there is one); "q_pe"-L and "k_pe"-L
+    # whose op is ROPE are the rotated parts; the last "kv_cmpr"-L the normed latent; "kqv_out"-L the value heads
+    # after attn_v_b. The weights: ffn_moe_weights-L, then _norm-L (expert_weights_norm), then _scaled-L (× a
+    # scale ≠ 1): the last of them is ours, so the table follows the file (node_table).
+    "deepseek2": _MLA | _MOE | {"moe.topk_weights": ("ffn_moe_weights_scaled", "last"),
+                                         "ffn_out": ("ffn_out", "last")},
+    "deepseek2-norm": _MLA | _MOE | {"ffn_out": ("ffn_out", "last")},
+    "deepseek2-plain": _MLA | _MOE | {"moe.topk_weights": ("ffn_moe_weights", "last"),
+                                               "ffn_out": ("ffn_out", "last")},
     # llama with experts (Mixtral): llm_build_llama's build_moe_ffn renormalises too (norm_w), the same nodes.
     "llama-moe": _DENSE | _MOE,
     # Post norms: kqv_out-L → attn_out MUL_MAT → attn_post_norm-L → sa_out-L (the residual after attention:
@@ -169,7 +182,10 @@ LLAMA_CPP_NODES: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 def node_table(config) -> str:
-    """The LLAMA_CPP_NODES key of a model: its arch, or "llama-moe" for a llama file with experts (Mixtral)."""
+    """The LLAMA_CPP_NODES key of a model: its arch, "llama-moe" for a llama file with experts (Mixtral), and
+    for deepseek2 the variant whose routing weights node is the file's last (scaled, renormalised or plain)."""
+    if config.arch == "deepseek2":
+        return "deepseek2" if config.routed_scale != 1.0 else "deepseek2-norm" if config.norm_topk else "deepseek2-plain"
     return "llama-moe" if config.arch == "llama" and config.is_moe else config.arch
 
 

@@ -401,6 +401,8 @@ class Session:
             "weights": m.info.weights, "arithmetic": describe_weights(m.info.weights, m.dtype),
             "equiv_tolerance": m.equivalence_tolerance, "threads": torch.get_num_threads(),
             "kv_element_size": m.dtype.itemsize, "kv_bytes_per_token": m.config.kv_bytes_per_token(m.dtype.itemsize),
+            # what an MHA cache of the same model would hold (every query head's K and V): MLA's lesson
+            "mha_bytes_per_token": m.config.mha_bytes_per_token(m.dtype.itemsize),
             "reference": self.reference, "reference_error": self.reference_error,
             "prompt_ids": list(self.prompt_ids), "prompt_pieces": [m.tokenizer.piece(t) for t in self.prompt_ids],
             "path": self.path, "primary_path": self.paths[0], "breaks": sorted(self.breaks),

@@ -62,6 +62,7 @@ from gguf import (
     GGML_QUANT_VERSION,
     MODEL_TENSOR,
     TENSOR_NAMES,
+    ExpertGatingFuncType,
     GGMLQuantizationType,
     GGUFReader,
     GGUFType,
@@ -82,6 +83,26 @@ CONTEXT_LENGTH = 512
 
 
 @dataclass(frozen=True)
+class MLASpec:
+    """deepseek2's extras: multi-head latent attention and its router (TinySpec.head_dim is nope + rope)."""
+
+    nope: int  # the q·k dims of a head that RoPE leaves alone
+    rope: int  # qk_rope_head_dim: the rotated dims, and the one RoPE key every head shares
+    v_head_dim: int
+    kv_lora: int  # the latent the cache holds
+    q_lora: int  # 0: plain attn_q (V2-Lite)
+    split_kv_b: bool  # attn_k_b / attn_v_b and the *_mla head sizes (newer files), or one attn_kv_b (older ones)
+    n_dense_lead: int
+    n_shared: int  # shared experts, each expert_ffn wide
+    gating: str  # "softmax" (V2) | "sigmoid" (V3)
+    groups: int = 1
+    groups_used: int = 1
+    scale: float = 1.0  # expert_weights_scale (routed_scaling_factor)
+    norm: bool = False  # expert_weights_norm
+    probs_bias: bool = False  # V3's exp_probs_b
+
+
+@dataclass(frozen=True)
 class TinySpec:
     n_layers: int
     n_heads: int
@@ -99,6 +120,7 @@ class TinySpec:
     ffn: int = FFN  # feed_forward_length: the dense FFN (a MoE states its HF intermediate_size, unused)
     vocab_size: int = VOCAB_SIZE
     context: int = CONTEXT_LENGTH
+    mla: MLASpec | None = None
 
 
 TINY_SPECS: dict[str, TinySpec] = {
@@ -117,13 +139,27 @@ TINY_SPECS: dict[str, TinySpec] = {
     # routed experts, top-k weights as they are, each expert feed_forward_length wide (no expert key).
     "olmoe": TinySpec(2, 4, 4, 64, rope_base=10000.0, rms_eps=1e-5, tied_output=False,
                       n_experts=8, n_experts_used=2, expert_ffn=128, ffn=128),
+    # DeepSeek-V3's layout, scaled down: q through a LoRA, the split attn_k_b / attn_v_b, a latent of 128 plus a
+    # RoPE key of 32 in the cache; one leading dense layer, then 8 routed experts in 4 groups (2 used) chosen by
+    # sigmoid scores + exp_probs_b, weights renormalised and × 2.5, and one shared expert.
+    "deepseek2": TinySpec(3, 4, 1, 96, rope_base=10000.0, rms_eps=1e-6, tied_output=False,
+                          n_experts=8, n_experts_used=2, expert_ffn=128, ffn=256,
+                          mla=MLASpec(nope=64, rope=32, v_head_dim=64, kv_lora=128, q_lora=96, split_kv_b=True,
+                                      n_dense_lead=1, n_shared=1, gating="sigmoid", groups=4, groups_used=2,
+                                      scale=2.5, norm=True, probs_bias=True)),
+    # DeepSeek-V2-Lite's: plain attn_q, the older single attn_kv_b, softmax routing over all experts with the
+    # weights as they are, two shared experts.
+    "deepseek2-lite": TinySpec(3, 4, 4, 96, rope_base=10000.0, rms_eps=1e-6, tied_output=False,
+                               n_experts=8, n_experts_used=2, expert_ffn=128, ffn=256,
+                               mla=MLASpec(nope=64, rope=32, v_head_dim=64, kv_lora=128, q_lora=0, split_kv_b=False,
+                                           n_dense_lead=1, n_shared=2, gating="softmax")),
     # Mixtral's layout: a llama file whose every FFN is routed experts (top-2 of 8); feed_forward_length is each
     # expert's width, and there is no expert_feed_forward_length key (convert_hf_to_gguf writes none for it).
     "mixtral": TinySpec(2, 4, 2, 64, rope_base=1e6, rms_eps=1e-5, tied_output=False,
                         n_experts=8, n_experts_used=2, expert_ffn=128, ffn=128),
 }
 # Tiny models of a family that is not an architecture of its own: family → the GGUF architecture it writes.
-TINY_FAMILIES = {"mixtral": "llama"}
+TINY_FAMILIES = {"mixtral": "llama", "deepseek2-lite": "deepseek2"}
 TINY_KINDS = tuple(TINY_SPECS)  # what write_tiny and `make-tiny --arch` take: every arch, then the families
 
 
@@ -184,6 +220,24 @@ QUANT_TYPES: dict[str, dict[MODEL_TENSOR, tuple[GGMLQuantizationType, ...]]] = {
         E.ATTN_OUT: (T.Q8_0, T.Q5_1),
         E.FFN_GATE_EXP: (T.Q2_K, T.Q5_K), E.FFN_UP_EXP: (T.Q4_K, T.Q6_K),
         E.FFN_DOWN_EXP: (T.Q4_1, T.Q8_0),  # rows of 128
+    },
+    "deepseek2": {
+        E.TOKEN_EMBD: (T.Q8_0,), E.OUTPUT: (T.Q6_K,),
+        E.ATTN_Q_A: (T.Q4_K, T.Q6_K, T.Q8_0), E.ATTN_Q_B: (T.Q8_0, T.Q5_0, T.Q4_1),  # q_b rows of 96
+        E.ATTN_KV_A_MQA: (T.Q5_K, T.Q8_0, T.Q4_K), E.ATTN_K_B: (T.Q8_0, T.F16), E.ATTN_V_B: (T.F16, T.Q8_0),
+        E.ATTN_OUT: (T.Q6_K, T.Q3_K, T.Q5_1),
+        E.FFN_GATE: (T.Q4_K,), E.FFN_UP: (T.Q5_K,), E.FFN_DOWN: (T.Q6_K,),  # the leading dense layer
+        E.FFN_GATE_EXP: (T.Q4_K, T.Q2_K), E.FFN_UP_EXP: (T.Q5_K, T.Q3_K), E.FFN_DOWN_EXP: (T.Q8_0, T.Q5_0),
+        E.FFN_GATE_SHEXP: (T.Q4_K, T.Q8_0), E.FFN_UP_SHEXP: (T.Q6_K, T.F16), E.FFN_DOWN_SHEXP: (T.Q4_0, T.Q8_0),
+    },
+    "deepseek2-lite": {
+        E.TOKEN_EMBD: (T.Q8_0,), E.OUTPUT: (T.Q5_K,),
+        E.ATTN_Q: (T.Q5_K, T.Q8_0, T.Q4_K), E.ATTN_KV_A_MQA: (T.Q6_K, T.Q4_K, T.Q8_0),
+        E.ATTN_KV_B: (T.Q8_0, T.Q5_1, T.F16),  # rows of 128
+        E.ATTN_OUT: (T.Q4_K, T.Q5_K, T.Q8_0),
+        E.FFN_GATE: (T.Q5_K,), E.FFN_UP: (T.Q4_K,), E.FFN_DOWN: (T.Q8_0,),
+        E.FFN_GATE_EXP: (T.Q3_K, T.Q5_K), E.FFN_UP_EXP: (T.Q4_K, T.Q6_K), E.FFN_DOWN_EXP: (T.Q5_0, T.Q4_1),
+        E.FFN_GATE_SHEXP: (T.Q8_0, T.Q4_K), E.FFN_UP_SHEXP: (T.Q5_K, T.Q8_0), E.FFN_DOWN_SHEXP: (T.Q8_0, T.Q6_K),
     },
     "mixtral": {
         E.TOKEN_EMBD: (T.Q8_0,), E.OUTPUT: (T.Q6_K,),
@@ -362,6 +416,9 @@ def tensor_plan(arch: str, spec: TinySpec) -> list[tuple[str, tuple[int, ...], M
         (TENSOR_NAMES[E.TOKEN_EMBD] + ".weight", (vocab, hidden), E.TOKEN_EMBD, None)
     ]
     for i in range(spec.n_layers):
+        if spec.mla is not None:
+            plan += [(f"{TENSOR_NAMES[kind].format(bid=i)}.{suffix}", shape, kind, i) for kind, suffix, shape in _mla_layer(spec, i)]
+            continue
         layer: list[tuple[MODEL_TENSOR, str, tuple[int, ...]]] = [
             (E.ATTN_NORM, "weight", (hidden,)),
             (E.ATTN_Q, "weight", (q_dim, hidden)),
@@ -402,18 +459,50 @@ def tensor_plan(arch: str, spec: TinySpec) -> list[tuple[str, tuple[int, ...], M
     return plan
 
 
+def _mla_layer(spec: TinySpec, i: int) -> list[tuple[MODEL_TENSOR, str, tuple[int, ...]]]:
+    """A deepseek2 block's tensors (kind, suffix, torch shape), as convert_hf_to_gguf names and shapes them."""
+    m, H, hidden = spec.mla, spec.n_heads, spec.hidden
+    dk = m.nope + m.rope
+    layer: list[tuple[MODEL_TENSOR, str, tuple[int, ...]]] = [(E.ATTN_NORM, "weight", (hidden,))]
+    if m.q_lora:
+        layer += [(E.ATTN_Q_A, "weight", (m.q_lora, hidden)), (E.ATTN_Q_A_NORM, "weight", (m.q_lora,)),
+                  (E.ATTN_Q_B, "weight", (H * dk, m.q_lora))]
+    else:
+        layer.append((E.ATTN_Q, "weight", (H * dk, hidden)))
+    layer += [(E.ATTN_KV_A_MQA, "weight", (m.kv_lora + m.rope, hidden)), (E.ATTN_KV_A_NORM, "weight", (m.kv_lora,))]
+    if m.split_kv_b:
+        layer += [(E.ATTN_K_B, "weight", (H, m.kv_lora, m.nope)), (E.ATTN_V_B, "weight", (H, m.v_head_dim, m.kv_lora))]
+    else:
+        layer.append((E.ATTN_KV_B, "weight", (H * (m.nope + m.v_head_dim), m.kv_lora)))
+    layer += [(E.ATTN_OUT, "weight", (hidden, H * m.v_head_dim)), (E.FFN_NORM, "weight", (hidden,))]
+    if i < m.n_dense_lead:
+        f = spec.ffn
+        return layer + [(E.FFN_GATE, "weight", (f, hidden)), (E.FFN_UP, "weight", (f, hidden)), (E.FFN_DOWN, "weight", (hidden, f))]
+    n, f, sf = spec.n_experts, spec.expert_ffn, spec.expert_ffn * m.n_shared
+    layer.append((E.FFN_GATE_INP, "weight", (n, hidden)))
+    if m.probs_bias:
+        layer.append((E.FFN_EXP_PROBS_B, "bias", (n,)))
+    layer += [(E.FFN_GATE_EXP, "weight", (n, f, hidden)), (E.FFN_UP_EXP, "weight", (n, f, hidden)),
+              (E.FFN_DOWN_EXP, "weight", (n, hidden, f))]
+    if m.n_shared:
+        layer += [(E.FFN_GATE_SHEXP, "weight", (sf, hidden)), (E.FFN_UP_SHEXP, "weight", (sf, hidden)),
+                  (E.FFN_DOWN_SHEXP, "weight", (hidden, sf))]
+    return layer
+
+
 def _data(
     rng: np.random.Generator, arch: str, name: str, shape: tuple[int, ...], kind: MODEL_TENSOR, layer: int | None
 ) -> tuple[np.ndarray, GGMLQuantizationType]:
     """The tensor's stored array and GGML type."""
-    if name.endswith(".bias"):
+    if name.endswith(".bias"):  # Q/K/V biases; deepseek2's exp_probs_b (of the order of its sigmoid scores' spread)
         return rng.normal(0.0, BIAS_STD, size=shape).astype(np.float32), T.F32
     if kind == E.FFN_GATE_INP_SHEXP:  # the shared expert's gate vector: x·g with std ~1.6, sigmoid well spread
         return rng.normal(0.0, 0.1, size=shape).astype(np.float32), T.F32
     if len(shape) == 1:  # every other 1-D weight is a norm
         return (1.0 + rng.normal(0.0, NORM_NOISE, size=shape)).astype(np.float32), T.F32
-    if kind == E.FFN_GATE_INP:
-        return rng.normal(0.0, ROUTER_STD, size=shape).astype(np.float32), T.F32
+    if kind == E.FFN_GATE_INP:  # sigmoid scores (deepseek2 V3) saturate at logits of std 8: std ~1.6 there
+        std = ROUTER_STD / 5 if TINY_SPECS[arch].mla is not None and TINY_SPECS[arch].mla.gating == "sigmoid" else ROUTER_STD
+        return rng.normal(0.0, std, size=shape).astype(np.float32), T.F32
     types = QUANT_TYPES[arch][kind]
     qtype = types[0] if layer is None else types[layer % len(types)]
     return _weight(rng, shape, qtype, EMBED_STD if kind in (E.TOKEN_EMBD, E.OUTPUT) else PROJ_STD), qtype
@@ -472,6 +561,8 @@ def write_metadata(w: GGUFWriter, arch: str, spec: TinySpec, vocab: Vocab, name:
             w.add_expert_feed_forward_length(spec.expert_ffn)
         if spec.shared_ffn:
             w.add_expert_shared_feed_forward_length(spec.shared_ffn)
+    if spec.mla is not None:
+        _mla_metadata(w, spec)
     if spec.sliding_window is not None:
         w.add_sliding_window(spec.sliding_window)
     w.add_file_type(file_type)
@@ -489,6 +580,34 @@ def write_metadata(w: GGUFWriter, arch: str, spec: TinySpec, vocab: Vocab, name:
     w.add_add_bos_token(False)
     if vocab.chat_template is not None:
         w.add_chat_template(vocab.chat_template)
+
+
+def _mla_metadata(w: GGUFWriter, spec: TinySpec) -> None:
+    """deepseek2's keys as convert_hf_to_gguf writes them: with the split attn_k_b / attn_v_b, key_length and
+    value_length are the latent row (MQA over the latent, head_count_kv 1 in the spec) and the *_mla keys the
+    decompressed heads; an older file states the decompressed heads as key_length / value_length."""
+    m = spec.mla
+    w.add_vocab_size(spec.vocab_size)
+    w.add_leading_dense_block_count(m.n_dense_lead)
+    w.add_q_lora_rank(m.q_lora)  # llama.cpp reads it on every layout but V2-Lite's layer counts: 0 = plain attn_q
+    w.add_kv_lora_rank(m.kv_lora)
+    if m.split_kv_b:
+        w.add_key_length(m.kv_lora + m.rope)
+        w.add_value_length(m.kv_lora)
+        w.add_key_length_mla(m.nope + m.rope)
+        w.add_value_length_mla(m.v_head_dim)
+    else:
+        w.add_key_length(m.nope + m.rope)
+        w.add_value_length(m.v_head_dim)
+    w.add_rope_dimension_count(m.rope)
+    w.add_expert_feed_forward_length(spec.expert_ffn)
+    w.add_expert_shared_count(m.n_shared)
+    w.add_expert_weights_scale(m.scale)
+    w.add_expert_weights_norm(m.norm)
+    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if m.gating == "sigmoid" else ExpertGatingFuncType.SOFTMAX)
+    if m.groups > 1:
+        w.add_expert_group_count(m.groups)
+        w.add_expert_group_used_count(m.groups_used)
 
 
 def write_tiny(kind: str, path: str | os.PathLike[str], seed: int = 0) -> Path:

@@ -39,8 +39,8 @@ class LayerWeights:
     one-row matmul reads a [in, out] matrix ~1.6× faster than F.linear reads [out, in] on this CPU."""
 
     attn_norm: torch.Tensor
-    wqkv: Matrix  # [hidden, (n_heads + 2·n_kv_heads)·head_dim]: Q, K, V fused into one matmul
-    wo: Matrix  # [n_heads·head_dim, hidden]
+    wqkv: Matrix  # [hidden, (n_heads + 2·n_kv_heads)·head_dim]: Q, K, V fused into one matmul (MLA: see below)
+    wo: Matrix  # [n_heads·v_head_dim, hidden]
     ffn_norm: torch.Tensor
     bqkv: torch.Tensor | None = None  # qwen2 attention biases, fused like wqkv
     q_norm: torch.Tensor | None = None  # [head_dim], per-head QK-norm; olmoe: [n_heads·head_dim], the whole q
@@ -54,6 +54,14 @@ class LayerWeights:
     shared_gate: torch.Tensor | None = None  # qwen2moe's shared expert: its gate vector [hidden] (sigmoid(x·g))
     shared_gate_up: Matrix | None = None  # [hidden, 2·shared ffn]
     shared_down: Matrix | None = None  # [shared ffn, hidden]
+    # deepseek2's MLA: wqkv is x's one matmul [hidden, q part + kv_lora_rank + rope_dim], the q part being q itself
+    # (n_heads·head_dim) or, with a q LoRA, its q_lora_rank-wide down projection (→ q_a_norm → wq_b).
+    q_a_norm: torch.Tensor | None = None  # [q_lora_rank]
+    wq_b: Matrix | None = None  # [q_lora_rank, n_heads·head_dim]
+    kv_a_norm: torch.Tensor | None = None  # [kv_lora_rank]: the latent's RMSNorm
+    wk_b: torch.Tensor | None = None  # [n_heads, kv_lora_rank, nope]: q_nope → latent space (absorbed K decompression)
+    wv_b: torch.Tensor | None = None  # [n_heads, v_head_dim, kv_lora_rank]: latent attention output → value heads
+    probs_bias: torch.Tensor | None = None  # [n_experts] float32: V3's exp_probs_b, added to choose experts
 
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -210,6 +218,56 @@ def _name(kind: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") 
     return f"{base}.{suffix}"
 
 
+def _load_ffn(ld: _Loader, c: ModelConfig, i: int, layer: LayerWeights) -> None:
+    """Layer i's feed-forward: the routed experts (and a shared expert, gated or not), or a dense FFN."""
+    E = MODEL_TENSOR
+    if c.is_moe_layer(i):
+        e, f = c.n_experts, c.expert_ffn_hidden
+        layer.router = ld.tensor(_name(E.FFN_GATE_INP, i), (e, c.hidden)).t().contiguous()
+        layer.experts = ExpertStacks(
+            gate_up=ld.matrix([_name(E.FFN_GATE_EXP, i), _name(E.FFN_UP_EXP, i)], [(e, f, c.hidden)] * 2),
+            down=ld.matrix([_name(E.FFN_DOWN_EXP, i)], [(e, c.hidden, f)]),
+        )
+        if c.has_probs_bias:
+            layer.probs_bias = ld.tensor(_name(E.FFN_EXP_PROBS_B, i, "bias"), (e,), norm=True)
+        if c.shared_ffn_hidden:
+            sf = c.shared_ffn_hidden
+            if c.shared_gate:
+                layer.shared_gate = ld.tensor(_name(E.FFN_GATE_INP_SHEXP, i), (c.hidden,))
+            layer.shared_gate_up = ld.matrix([_name(E.FFN_GATE_SHEXP, i), _name(E.FFN_UP_SHEXP, i)], [(sf, c.hidden)] * 2)
+            layer.shared_down = ld.matrix([_name(E.FFN_DOWN_SHEXP, i)], [(c.hidden, sf)])
+    else:
+        layer.w_gate_up = ld.matrix([_name(E.FFN_GATE, i), _name(E.FFN_UP, i)], [(c.ffn_hidden, c.hidden)] * 2)
+        layer.w_down = ld.matrix([_name(E.FFN_DOWN, i)], [(c.hidden, c.ffn_hidden)])
+
+
+def _mla_layer(ld: _Loader, c: ModelConfig, i: int) -> LayerWeights:
+    """A deepseek2 block: the q (LoRA or plain) and kv_a projections fused, the latent's norm, the per-head K and
+    V decompressions (attn_k_b / attn_v_b, or cut out of an older file's single attn_kv_b), then the FFN."""
+    E = MODEL_TENSOR
+    H, nope, rope, v, lora = c.n_heads, c.head_dim - c.rope_dim, c.rope_dim, c.v_head_dim, c.kv_lora_rank
+    q_rows = c.q_lora_rank or H * c.head_dim
+    q_name = _name(E.ATTN_Q_A if c.q_lora_rank else E.ATTN_Q, i)
+    layer = LayerWeights(
+        attn_norm=ld.tensor(_name(E.ATTN_NORM, i), (c.hidden,), norm=True),
+        wqkv=ld.matrix([q_name, _name(E.ATTN_KV_A_MQA, i)], [(q_rows, c.hidden), (lora + rope, c.hidden)]),
+        wo=ld.matrix([_name(E.ATTN_OUT, i)], [(c.hidden, H * v)]),
+        ffn_norm=ld.tensor(_name(E.FFN_NORM, i), (c.hidden,), norm=True),
+        kv_a_norm=ld.tensor(_name(E.ATTN_KV_A_NORM, i), (lora,), norm=True),
+    )
+    if c.q_lora_rank:
+        layer.q_a_norm = ld.tensor(_name(E.ATTN_Q_A_NORM, i), (c.q_lora_rank,), norm=True)
+        layer.wq_b = ld.matrix([_name(E.ATTN_Q_B, i)], [(H * c.head_dim, c.q_lora_rank)])
+    if _name(E.ATTN_KV_B, i) in ld.gguf.tensors:  # older files: per head [nope K rows; v V rows] over the latent
+        kv_b = ld.tensor(_name(E.ATTN_KV_B, i), (H * (nope + v), lora)).view(H, nope + v, lora)
+        layer.wk_b, layer.wv_b = kv_b[:, :nope].transpose(1, 2).contiguous(), kv_b[:, nope:].contiguous()
+    else:
+        layer.wk_b = ld.tensor(_name(E.ATTN_K_B, i), (H, lora, nope))
+        layer.wv_b = ld.tensor(_name(E.ATTN_V_B, i), (H, v, lora))
+    _load_ffn(ld, c, i, layer)
+    return layer
+
+
 def load_weights(
     gguf: GGUFFile, config: ModelConfig, device: torch.device, dtype: torch.dtype,
     progress: Callable[[int, int], None] | None = None, mode: str = "dequantized",
@@ -223,6 +281,11 @@ def load_weights(
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     layers = []
     for i in range(c.n_layers):
+        if c.is_mla:
+            layers.append(_mla_layer(ld, c, i))
+            if progress is not None:
+                progress(i + 1, c.n_layers + 1)
+            continue
         biases = [ld.tensor(_name(kind, i, "bias"), (n,), required=False)
                   for kind, n in ((E.ATTN_Q, q_dim), (E.ATTN_K, kv_dim), (E.ATTN_V, kv_dim))]
         if any(b is not None for b in biases) and not all(b is not None for b in biases):
@@ -242,21 +305,7 @@ def load_weights(
         if c.post_norms:
             layer.post_attn_norm = ld.tensor(_name(E.ATTN_POST_NORM, i), (c.hidden,), norm=True)
             layer.post_ffn_norm = ld.tensor(_name(E.FFN_POST_NORM, i), (c.hidden,), norm=True)
-        if c.is_moe:
-            e, f = c.n_experts, c.expert_ffn_hidden
-            layer.router = ld.tensor(_name(E.FFN_GATE_INP, i), (e, c.hidden)).t().contiguous()
-            layer.experts = ExpertStacks(
-                gate_up=ld.matrix([_name(E.FFN_GATE_EXP, i), _name(E.FFN_UP_EXP, i)], [(e, f, c.hidden)] * 2),
-                down=ld.matrix([_name(E.FFN_DOWN_EXP, i)], [(e, c.hidden, f)]),
-            )
-            if c.shared_ffn_hidden:
-                sf = c.shared_ffn_hidden
-                layer.shared_gate = ld.tensor(_name(E.FFN_GATE_INP_SHEXP, i), (c.hidden,))
-                layer.shared_gate_up = ld.matrix([_name(E.FFN_GATE_SHEXP, i), _name(E.FFN_UP_SHEXP, i)], [(sf, c.hidden)] * 2)
-                layer.shared_down = ld.matrix([_name(E.FFN_DOWN_SHEXP, i)], [(c.hidden, sf)])
-        else:
-            layer.w_gate_up = ld.matrix([_name(E.FFN_GATE, i), _name(E.FFN_UP, i)], [(c.ffn_hidden, c.hidden)] * 2)
-            layer.w_down = ld.matrix([_name(E.FFN_DOWN, i)], [(c.hidden, c.ffn_hidden)])
+        _load_ffn(ld, c, i, layer)
         layers.append(layer)
         if progress is not None:
             progress(i + 1, c.n_layers + 1)
