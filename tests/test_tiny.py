@@ -83,7 +83,7 @@ def test_config_has_the_intended_values(tiny_dir: Path, arch: str) -> None:
 def test_arch_specific_values() -> None:
     assert TINY_SPECS["qwen3"].head_dim == TINY_SPECS["qwen3moe"].head_dim == 96 != HIDDEN // 4
     assert (TINY_SPECS["qwen3moe"].n_experts, TINY_SPECS["qwen3moe"].n_experts_used) == (8, 2)
-    assert [TINY_SPECS[a].tied_output for a in SUPPORTED_ARCHS] == [False, False, True, False, True, False, False]
+    assert [TINY_SPECS[a].tied_output for a in SUPPORTED_ARCHS] == [False, False, True, False, True, False, False, False]
     assert (TINY_SPECS["qwen2moe"].n_experts, TINY_SPECS["qwen2moe"].shared_ffn) == (8, 256)
 
 
