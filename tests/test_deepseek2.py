@@ -45,10 +45,25 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def _rope_adjacent(x: torch.Tensor, base: float) -> torch.Tensor:
+def _inv_freq(c) -> torch.Tensor:
+    """Each RoPE pair's inverse frequency 1/f, f = base^(2i/rot); under YaRN (HF's _compute_yarn_parameters,
+    written out) a blend of 1/(factor·f) and 1/f by a linear ramp between the correction dims of beta_fast and
+    beta_slow over the original context."""
+    rot, base = c.rope_dim, c.rope_base
+    freq = base ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    y = c.rope_yarn
+    if y is None:
+        return 1 / freq
+    correction = lambda turns: rot * math.log(y.original_context / (turns * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
+    low, high = max(math.floor(correction(y.beta_fast)), 0), min(math.ceil(correction(y.beta_slow)), rot - 1)
+    ramp = ((torch.arange(rot // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    return 1 / (y.factor * freq) * ramp + 1 / freq * (1 - ramp)
+
+
+def _rope_adjacent(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """RoPE on adjacent pairs (2i, 2i+1) of x [T, ..., d] at positions 0..T-1, as complex numbers."""
     T, d = x.shape[0], x.shape[-1]
-    angles = torch.outer(torch.arange(T, dtype=torch.float64), base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d))
+    angles = torch.outer(torch.arange(T, dtype=torch.float64), inv_freq)
     z = torch.view_as_complex(x.reshape(*x.shape[:-1], d // 2, 2).contiguous())
     turn = torch.polar(torch.ones_like(angles), angles).reshape(T, *([1] * (x.dim() - 2)), d // 2)
     return torch.view_as_real(z * turn).reshape(x.shape)
@@ -58,7 +73,8 @@ def _rope_adjacent(x: torch.Tensor, base: float) -> torch.Tensor:
 def test_config_reads_each_layout(kind, tiny_paths):
     c = load_model(tiny_paths[kind]).config
     assert c.is_mla and (c.kv_lora_rank, c.rope_dim, c.head_dim, c.v_head_dim) == (128, 32, 96, 64)
-    assert c.attn_scale == pytest.approx(96 ** -0.5) and c.n_dense_lead == 1 and c.is_moe_layer(1) and not c.is_moe_layer(0)
+    yarn_mscale = 1 + 0.1 * 0.707 * math.log(8) if kind == "deepseek2" else 1.0  # V3's tiny file has YaRN
+    assert c.attn_scale == pytest.approx(yarn_mscale**2 * 96 ** -0.5) and c.n_dense_lead == 1 and c.is_moe_layer(1) and not c.is_moe_layer(0)
     if kind == "deepseek2":
         assert (c.q_lora_rank, c.gating, c.n_expert_groups, c.n_groups_used) == (96, "sigmoid", 4, 2)
         assert c.norm_topk and c.routed_scale == 2.5 and c.has_probs_bias and c.shared_ffn_hidden == 128
@@ -71,8 +87,8 @@ def test_config_reads_each_layout(kind, tiny_paths):
 def test_latent_attention_equals_mha_written_out(kind, tiny_paths):
     """Every layer's attention, from its captured input: q (LoRA or plain), the normed latent and the shared RoPE
     key from attn_kv_a_mqa, every head's K and V decompressed (attn_k_b / attn_v_b, or attn_kv_b), RoPE on the
-    last rope dims of q and on k_pe, softmax(q·k / √(nope + rope)) causal, Σ p·v: our absorbed path's pattern,
-    attn.out and the points on the way agree to float32 rounding."""
+    last rope dims of q and on k_pe (YaRN's frequencies in V3's file), softmax(q·k × the file's scale) causal,
+    Σ p·v: our absorbed path's pattern, attn.out and the points on the way agree to float32 rounding."""
     model = load_model(tiny_paths[kind])
     gguf, c = GGUFFile(tiny_paths[kind]), model.config
     t = _captured(model)
@@ -88,16 +104,17 @@ def test_latent_attention_equals_mha_written_out(kind, tiny_paths):
         q = q.view(T, H, nope + rope)
         kv_a = x @ w("attn_kv_a_mqa").T
         latent = _rms(kv_a[:, :lora], w("attn_kv_a_norm"), c.rms_eps)
-        k_pe = _rope_adjacent(kv_a[:, lora:], c.rope_base)
+        k_pe = _rope_adjacent(kv_a[:, lora:], _inv_freq(c))
         if f"blk.{i}.attn_kv_b.weight" in gguf.tensors:
             kv = (latent @ w("attn_kv_b").T).view(T, H, nope + v_dim)
             k_nope, v = kv[..., :nope], kv[..., nope:]
         else:
             k_nope = torch.einsum("tl,hln->thn", latent, w("attn_k_b"))
             v = torch.einsum("hvl,tl->thv", w("attn_v_b"), latent)
-        q_full = torch.cat((q[..., :nope], _rope_adjacent(q[..., nope:], c.rope_base)), -1)
+        q_full = torch.cat((q[..., :nope], _rope_adjacent(q[..., nope:], _inv_freq(c))), -1)
         k_full = torch.cat((k_nope, k_pe[:, None].expand(T, H, rope)), -1)
-        scores = torch.einsum("thd,shd->ths", q_full, k_full) / math.sqrt(nope + rope)
+        scale = (1 + 0.1 * 0.707 * math.log(8)) ** 2 if c.rope_yarn else 1.0  # YaRN's mscale², deepseek2's way
+        scores = torch.einsum("thd,shd->ths", q_full, k_full) * scale / math.sqrt(nope + rope)
         scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1)[:, None], -math.inf)
         pattern = torch.softmax(scores, -1)
         out = torch.einsum("ths,shv->thv", pattern, v).reshape(T, H * v_dim)
@@ -189,3 +206,24 @@ def test_transformers_is_not_a_reference_for_it_and_says_so(tiny_paths):
     with pytest.raises(ReferenceFailed) as exc:
         transformers_dump(tiny_paths["deepseek2"], IDS[:5], 3)
     assert "deepseek2" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_yarn_rope_and_attention_scale_written_out(tiny_paths):
+    """The V3 tiny file's YaRN (factor 8 over an original context of 64, mscale_all_dim 0.707, stored as 0.0707):
+    each pair's inverse frequency blends 1/(factor·f) and 1/f by a linear ramp between the correction dims of
+    beta_fast 32 and beta_slow 1 (HF's _compute_yarn_parameters, written out here); cos/sin keep magnitude 1
+    (deepseek2's mscale / mscale_all_dim ratio); q·k is scaled by (1 + 0.1·0.707·ln 8)² / √96."""
+    model = load_model(tiny_paths["deepseek2"])
+    c = model.config
+    assert c.rope_yarn is not None and c.rope_yarn.factor == 8.0 and c.rope_yarn.original_context == 64
+    assert c.attn_scale == pytest.approx((1 + 0.1 * 0.707 * math.log(8)) ** 2 / math.sqrt(96), rel=1e-6)
+    t = _captured(model)
+    nope = c.head_dim - c.rope_dim
+    inv_freq = _inv_freq(c)
+    assert not torch.allclose(inv_freq, c.rope_base ** (-torch.arange(0, c.rope_dim, 2, dtype=torch.float64) / c.rope_dim))
+    for i in range(c.n_layers):
+        expected, got = _rope_adjacent(t[f"blocks.{i}.attn.q"][..., nope:], inv_freq), t[f"blocks.{i}.attn.q_pe"]
+        assert (got - expected).abs().max() <= 1e-5 * float(expected.abs().max()), i
+    assert "yarn-ignored" in breaks_that_apply(c)
+    plain = _captured(model, breaks=frozenset({"yarn-ignored"}))
+    assert (plain["blocks.0.attn.q_pe"] - t["blocks.0.attn.q_pe"]).abs().max() > 1e-3  # which changes the angles

@@ -38,6 +38,35 @@ def _describe(value: Any) -> str:
 
 
 @dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling as llama.cpp's ggml_rope_yarn computes it: each pair's angle blends interpolation
+    (÷ factor) and extrapolation by a ramp between the pairs that turn beta_fast and beta_slow times over the
+    original context, and cos/sin are scaled by `mscale`."""
+
+    factor: float
+    original_context: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    ext_factor: float = 1.0
+    mscale: float = 1.0  # the magnitude cos and sin are multiplied by
+
+    def inv_freq_factors(self, base: float, rot: int) -> list[float]:
+        """Per pair i of `rot` dims: what its inverse frequency base^(-2i/rot) is multiplied by,
+        (1 − mix)/factor + mix with mix = ramp(i) × ext_factor (1: extrapolate, as unscaled; 0: interpolate)."""
+        def corr_dim(rotations: float) -> float:
+            return rot * math.log(self.original_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(0.0, math.floor(corr_dim(self.beta_fast)))
+        high = min(rot - 1.0, math.ceil(corr_dim(self.beta_slow)))
+        out = []
+        for i in range(rot // 2):
+            ramp = 1.0 - min(1.0, max(0.0, (i - low) / max(0.001, high - low)))
+            mix = ramp * self.ext_factor
+            out.append((1.0 - mix) / self.factor + mix)
+        return out
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str
     n_layers: int
@@ -78,6 +107,7 @@ class ModelConfig:
     n_groups_used: int = 1
     routed_scale: float = 1.0  # the routed experts' weights are multiplied by this (routed_scaling_factor)
     has_probs_bias: bool = False  # V3's exp_probs_b: added to the scores to choose, not to weigh
+    rope_yarn: Yarn | None = None  # YaRN RoPE scaling (then rope_scale is 1)
     sliding_window: int | None = None  # gemma3 local layers attend to the last `sliding_window` positions
     swa_pattern: int | None = None  # every swa_pattern-th layer is global, the rest are local
     rope_base_local: float | None = None
@@ -221,7 +251,7 @@ class _Reader:
         rope_dim = self.positive("rope.dimension_count", head_dim, limit=head_dim - 1 if mla else head_dim)
         if rope_dim % 2:
             raise ModelError(f"{gguf.path.name}: rope.dimension_count {rope_dim} is odd.")
-        rope_scale = self._rope_scale()
+        rope_scale, yarn = self._rope_scale()
         n_experts = self.count("expert_count", 4096)
         n_experts_used = self.count("expert_used_count", 4096)
         # Mixture of experts: qwen3moe, qwen2moe and olmoe always; llama when the file has experts (Mixtral's layout:
@@ -258,6 +288,8 @@ class _Reader:
         # llama.cpp scales Gemma3-27B (62 layers) queries by 1/sqrt(hidden/heads), every other size by 1/sqrt(head_dim)
         # (deepseek2: of the decompressed q·k head, nope + rope).
         attn_scale = 1.0 / math.sqrt(hidden / n_heads if gemma and n_layers == 62 else head_dim)
+        if yarn is not None and arch == "deepseek2":
+            attn_scale *= self._deepseek2_yarn_scale(yarn) ** 2
         return ModelConfig(
             arch=arch,
             n_layers=n_layers,
@@ -274,6 +306,7 @@ class _Reader:
             rope_style=ROPE_STYLE[arch],
             rope_dim=rope_dim,
             rope_scale=rope_scale,
+            rope_yarn=yarn,
             attn_scale=attn_scale,
             qk_norm=arch in ("qwen3", "qwen3moe", "gemma3", "olmoe"),
             qk_norm_whole=arch == "olmoe",
@@ -326,15 +359,52 @@ class _Reader:
                 "routed_scale": scale, "norm_topk": self.get("expert_weights_norm", bool, False),
                 "has_probs_bias": any(n.endswith("exp_probs_b.bias") for n in self.gguf.tensors)}
 
-    def _rope_scale(self) -> float:
-        """1 / rope.scaling.factor for linear scaling, as llama.cpp, whose default type is "linear". The factor
-        is checked whatever the type: a NaN or zero there is a damaged file even where it goes unused."""
+    def _rope_scale(self) -> tuple[float, Yarn | None]:
+        """(1 / rope.scaling.factor for linear scaling, YaRN's parameters for yarn), as llama.cpp, whose default
+        type is "linear". The factor is checked whatever the type: a NaN or zero there is a damaged file even
+        where it goes unused."""
         kind = self.get("rope.scaling.type", str, "linear")
         if f"{self.arch}.rope.scaling.factor" not in self.gguf.metadata:
-            return 1.0
+            return 1.0, None
         factor = self.positive_float("rope.scaling.factor")
         if kind == "none" or factor == 1.0:
-            return 1.0
+            return 1.0, None
         if kind == "linear":
-            return 1.0 / factor
-        raise UnsupportedError(f"{self.gguf.path.name}: RoPE scaling '{kind}' (factor {factor}) is not supported; only linear is.")
+            return 1.0 / factor, None
+        if kind == "yarn":
+            return 1.0, self._yarn(factor)
+        raise UnsupportedError(f"{self.gguf.path.name}: RoPE scaling '{kind}' (factor {factor}) is not supported; "
+                               "linear and yarn are.")
+
+    def _yarn(self, factor: float) -> Yarn:
+        """YaRN's parameters as llama.cpp sets them up (llama_context): ext_factor 1; cos/sin end up scaled by
+        get_mscale(factor, 1) = 1 + 0.1·ln(factor), or with a yarn_log_multiplier m by get_mscale(factor, m') /
+        get_mscale(factor, m) (m' = 1, but m itself for deepseek2, whose ratio is then 1), × rope.scaling.attn_factor.
+        deepseek2's file states m × 0.1 (its converter's factor), which llama.cpp divides out."""
+        log_mul = self.get("rope.scaling.yarn_log_multiplier", float, 0.0)
+        if self.arch == "deepseek2":
+            log_mul /= 0.1
+        attn_factor = self.positive_float("rope.scaling.attn_factor", 1.0)
+        ext = self.get("rope.scaling.yarn_ext_factor", float, 1.0)
+
+        def get_mscale(m: float) -> float:
+            return 1.0 if factor <= 1.0 else 0.1 * m * math.log(factor) + 1.0
+
+        if log_mul != 0.0:
+            m = log_mul if self.arch == "deepseek2" and log_mul != 1.0 else 1.0
+            mscale = get_mscale(m) / get_mscale(log_mul)
+        else:
+            mscale = get_mscale(1.0)
+        if ext == 0.0:  # no ramp, no magnitude correction: ggml multiplies by attn_factor alone
+            mscale = 1.0
+        return Yarn(factor=factor, original_context=self.positive("rope.scaling.original_context_length",
+                                                                  self.positive("context_length", limit=1 << 24), limit=1 << 24),
+                    beta_fast=self.positive_float("rope.scaling.yarn_beta_fast", 32.0),
+                    beta_slow=self.positive_float("rope.scaling.yarn_beta_slow", 1.0),
+                    ext_factor=ext, mscale=mscale * attn_factor)
+
+    def _deepseek2_yarn_scale(self, yarn: Yarn) -> float:
+        """deepseek2 scales q·k by mscale² on top of 1/√head_dim (llama.cpp's graph: the rope magnitude ×
+        (1 + 0.1·m·ln factor), m the yarn_log_multiplier; HF: yarn_get_mscale(factor, mscale_all_dim)²)."""
+        log_mul = self.get("rope.scaling.yarn_log_multiplier", float, 0.0) / 0.1
+        return yarn.mscale * (1.0 + 0.1 * log_mul * math.log(yarn.factor))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.cache import KVCache
-from workbench.config import ModelConfig
+from workbench.config import ModelConfig, Yarn
 from workbench.errors import InputError
 from workbench.gguf_file import GGUFFile
 from workbench.loading import LoadInfo, equivalence_tolerance, load_parts
@@ -52,6 +52,7 @@ BREAKS = {
     "probs-bias-in-weights": "weigh the experts by the bias-corrected scores meant only for choosing them (V3)",
     "no-group-limit": "choose the top-k experts among all of them, ignoring the expert groups (V3)",
     "no-routed-scaling": "leave out the routed scaling factor (expert_weights_scale) of the experts' weights",
+    "yarn-ignored": "ignore the file's YaRN RoPE scaling: plain RoPE, no magnitude or attention-scale correction",
 }
 
 
@@ -84,6 +85,8 @@ def breaks_that_apply(config: ModelConfig) -> list[str]:
             continue
         if name == "no-routed-scaling" and c.routed_scale == 1.0:
             continue
+        if name == "yarn-ignored" and c.rope_yarn is None:
+            continue
         if name == "head-dim-from-hidden" and c.head_dim == c.hidden // c.n_heads:
             continue
         if name == "rope-base-10k" and c.rope_base == 10000.0 and c.rope_base_local in (None, 10000.0):
@@ -112,6 +115,10 @@ def break_config(config: ModelConfig, breaks: frozenset[str]) -> ModelConfig:
         changes["qk_norm_whole"] = False
     if "no-routed-scaling" in breaks:
         changes["routed_scale"] = 1.0
+    if "yarn-ignored" in breaks and config.rope_yarn is not None:
+        changes["rope_yarn"] = None
+        if config.is_mla:  # deepseek2's q·k scale carries YaRN's mscale²
+            changes["attn_scale"] = config.head_dim**-0.5
     if "head-dim-from-hidden" in breaks:  # for the attention scale and the RoPE width; the tensors keep their shapes
         derived = config.hidden // config.n_heads
         changes["attn_scale"] = derived**-0.5
@@ -232,10 +239,10 @@ class Span:
 
     def rope(self, base: float, scale: float, style: str, rot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin rows [T, rot] of these positions (Model.rope_table)."""
-        key = (base, scale, style, rot)
+        key = (base, scale, style, rot)  # one YaRN per config
         if key not in self._rope:
             n = self.cache.capacity if self.static else self.n_keys
-            cos, sin = self.model.rope_table(base, scale, n, style, rot)
+            cos, sin = self.model.rope_table(base, scale, n, style, rot, self.config.rope_yarn)
             if self.static:
                 self._rope[key] = cos.index_select(0, self.positions), sin.index_select(0, self.positions)
             else:
@@ -264,7 +271,7 @@ class Model:
     def __init__(self, gguf: GGUFFile, config: ModelConfig, tokenizer: Tokenizer, weights: Weights, info: LoadInfo) -> None:
         self.gguf, self.config, self.tokenizer, self.weights, self.info = gguf, config, tokenizer, weights, info
         self.device, self.dtype = info.device, info.dtype
-        self._rope_tables: dict[tuple[float, float, str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (base, scale, style, rot)
+        self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (base, scale, style, rot, yarn)
         # A public option: one-token MoE steps through torch._grouped_mm, on by default where its fast kernel is
         # (bf16, CUDA compute capability ≥ 9); tests and benchmarks switch it off to compare with the gather.
         self.grouped_mm = (
@@ -339,15 +346,16 @@ class Model:
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, capacity, self.dtype, self.device)
 
     def rope_table(
-        self, base: float, scale: float, n_positions: int, style: str, rot: int | None = None
+        self, base: float, scale: float, n_positions: int, style: str, rot: int | None = None, yarn: Yarn | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [n_positions, rot] (rot defaults to rope_dim) for apply_rope in `style`, grown on demand.
 
-        Pair i turns by position × scale × base^(-2i/rot) (÷ rope_freqs[i] when the file has them). The
-        sin table carries the sign: −sin on a pair's first member, +sin on its second.
+        Pair i turns by position × scale × base^(-2i/rot) (÷ rope_freqs[i] when the file has them; with `yarn`,
+        × its per-pair blend of interpolation and extrapolation, and cos, sin × its mscale). The sin table
+        carries the sign: −sin on a pair's first member, +sin on its second.
         """
         rot = rot or self.config.rope_dim
-        key = (base, scale, style, rot)
+        key = (base, scale, style, rot, yarn)
         table = self._rope_tables.get(key)
         if table is None or table[0].shape[0] < n_positions:
             n = max(n_positions, 2 * table[0].shape[0] if table else 256)
@@ -356,8 +364,12 @@ class Model:
             inv_freq = base ** (-torch.arange(half, dtype=torch.float64) * 2 / rot)
             if self.weights.rope_freqs is not None and rot == self.config.rope_dim:
                 inv_freq = inv_freq / self.weights.rope_freqs.double().cpu()
+            if yarn is not None:
+                inv_freq = inv_freq * torch.tensor(yarn.inv_freq_factors(base, rot), dtype=torch.float64)
             angles = torch.outer(torch.arange(n, dtype=torch.float64) * scale, inv_freq)  # [n, half]
             cos, sin = angles.cos(), angles.sin()
+            if yarn is not None:
+                cos, sin = cos * yarn.mscale, sin * yarn.mscale
             if style == "neox":  # dims (i, i + half) form pair i
                 cos, sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
             else:  # dims (2i, 2i + 1) form pair i
@@ -380,7 +392,7 @@ class Model:
         static step reads these very tensors, so they must exist before it and not be replaced after."""
         c = self.config
         for i in range(c.n_layers):
-            self.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), capacity, c.rope_style)
+            self.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), capacity, c.rope_style, yarn=c.rope_yarn)
         return [t for table in self._rope_tables.values() for t in table]
 
     @torch.inference_mode()

@@ -69,6 +69,7 @@ from gguf import (
     GGUFValueType,
     GGUFWriter,
     LlamaFileType,
+    RopeScalingType,
     TokenType,
 )
 from gguf.quants import dequantize, quantize
@@ -121,6 +122,7 @@ class TinySpec:
     vocab_size: int = VOCAB_SIZE
     context: int = CONTEXT_LENGTH
     mla: MLASpec | None = None
+    yarn: tuple[float, int, float] | None = None  # YaRN: (factor, original context, yarn_log_multiplier as stored)
 
 
 TINY_SPECS: dict[str, TinySpec] = {
@@ -141,9 +143,10 @@ TINY_SPECS: dict[str, TinySpec] = {
                       n_experts=8, n_experts_used=2, expert_ffn=128, ffn=128),
     # DeepSeek-V3's layout, scaled down: q through a LoRA, the split attn_k_b / attn_v_b, a latent of 128 plus a
     # RoPE key of 32 in the cache; one leading dense layer, then 8 routed experts in 4 groups (2 used) chosen by
-    # sigmoid scores + exp_probs_b, weights renormalised and × 2.5, and one shared expert.
+    # sigmoid scores + exp_probs_b, weights renormalised and × 2.5, and one shared expert; YaRN ×8 over an
+    # original context of 64 with mscale_all_dim 0.707 (stored × 0.1, as convert_hf_to_gguf writes it).
     "deepseek2": TinySpec(3, 4, 1, 96, rope_base=10000.0, rms_eps=1e-6, tied_output=False,
-                          n_experts=8, n_experts_used=2, expert_ffn=128, ffn=256,
+                          n_experts=8, n_experts_used=2, expert_ffn=128, ffn=256, yarn=(8.0, 64, 0.0707),
                           mla=MLASpec(nope=64, rope=32, v_head_dim=64, kv_lora=128, q_lora=96, split_kv_b=True,
                                       n_dense_lead=1, n_shared=1, gating="sigmoid", groups=4, groups_used=2,
                                       scale=2.5, norm=True, probs_bias=True)),
@@ -563,6 +566,12 @@ def write_metadata(w: GGUFWriter, arch: str, spec: TinySpec, vocab: Vocab, name:
             w.add_expert_shared_feed_forward_length(spec.shared_ffn)
     if spec.mla is not None:
         _mla_metadata(w, spec)
+    if spec.yarn is not None:
+        factor, original, log_mul = spec.yarn
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_rope_scaling_yarn_log_mul(log_mul)
     if spec.sliding_window is not None:
         w.add_sliding_window(spec.sliding_window)
     w.add_file_type(file_type)
