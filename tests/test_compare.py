@@ -34,6 +34,7 @@ ACTS_AT = {
     "probs-bias-in-weights": ("moe.topk_weights", 0),
     "no-group-limit": ("moe.topk_ids", 0),
     "no-routed-scaling": ("moe.topk_weights", 0),
+    "yarn-ignored": ("attn.q_rope", 0),
 }
 
 

@@ -42,7 +42,9 @@ OMITTED_BY_REAL_FILES = {
                  "rope.scaling.type"},
     "olmoe": {"attention.key_length", "attention.value_length", "vocab_size", "rope.dimension_count",
               "rope.scaling.type"},
-    "deepseek2": {"rope.scaling.type"},  # V3's layout: every key but the (YaRN) scaling, which the tiny file leaves out
+    # V3's layout with YaRN: its converter writes factor, original context and log multiplier, no betas or factors
+    "deepseek2": {"rope.scaling.attn_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
+                  "rope.scaling.yarn_ext_factor"},
 }
 PRE_TOKENIZER = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "gemma3": "default",
                  "qwen2moe": "qwen2", "olmoe": "olmo", "deepseek2": "default"}

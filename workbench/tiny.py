@@ -144,8 +144,9 @@ TINY_SPECS: dict[str, TinySpec] = {
     # DeepSeek-V3's layout, scaled down: q through a LoRA, the split attn_k_b / attn_v_b, a latent of 128 plus a
     # RoPE key of 32 in the cache; one leading dense layer, then 8 routed experts in 4 groups (2 used) chosen by
     # sigmoid scores + exp_probs_b, weights renormalised and × 2.5, and one shared expert; YaRN ×8 over an
-    # original context of 64 with mscale_all_dim 0.707 (stored × 0.1, as convert_hf_to_gguf writes it).
-    "deepseek2": TinySpec(3, 4, 1, 96, rope_base=10000.0, rms_eps=1e-6, tied_output=False,
+    # original context of 64 with mscale_all_dim 0.707 (stored × 0.1, as convert_hf_to_gguf writes it). 8 heads:
+    # hidden / heads = 32 is far from the 96-wide q·k heads, as in the real models (V3: 56 vs 192).
+    "deepseek2": TinySpec(3, 8, 1, 96, rope_base=10000.0, rms_eps=1e-6, tied_output=False,
                           n_experts=8, n_experts_used=2, expert_ffn=128, ffn=256, yarn=(8.0, 64, 0.0707),
                           mla=MLASpec(nope=64, rope=32, v_head_dim=64, kv_lora=128, q_lora=96, split_kv_b=True,
                                       n_dense_lead=1, n_shared=1, gating="sigmoid", groups=4, groups_used=2,
