@@ -87,14 +87,21 @@ def test_tiny_model_matches_transformers(arch, tiny_paths):
     _compare(_ours(tiny_paths[arch], ids), _transformers(tiny_paths[arch], ids, **config), 0.9999)
 
 
+FLIPS = {"olmoe": 0.995, "deepseek2": 0.95}  # the lowest cosine a position with a flipped expert choice has
+
+
 @pytest.mark.parametrize("arch", TINY_KINDS)
 def test_tiny_model_matches_llama_cpp(arch, tiny_paths):
-    """llama.cpp covers what transformers cannot: head_dim != hidden/heads (qwen3, qwen3moe). On tiny olmoe its
-    8-bit activations (~0.6 % error per matmul) flip two near-tied expert choices (layer 0, position 0: our
-    probabilities 0.2085 vs 0.1982 for the 2nd and 3rd expert; layer 1, position 7: 0.1436 vs 0.1376), which
-    costs that position a cosine of 0.997; on its F32 copy the same file agrees to 0.9999999 (below)."""
+    """llama.cpp covers what transformers cannot: head_dim != hidden/heads (qwen3, qwen3moe). Its 8-bit
+    activations (~0.6 % error per matmul) flip near-tied expert choices: on tiny olmoe two (layer 0, position
+    0: our probabilities 0.2085 vs 0.1982 for the 2nd and 3rd expert; layer 1, position 7: 0.1436 vs 0.1376),
+    a cosine of 0.997 there; on tiny deepseek2, whose sigmoid scores sit close and whose expert groups are in or
+    out as a whole, one position of 12 at 0.970. On their F32 copies the same files agree to 0.9999999 (below),
+    and compare finds no divergence in llama.cpp's dumps of them (test_compare_engines)."""
     ids = [1, 17, 99, 250, 3, 411, 42, 7, 300, 12, 5, 6]
-    _compare(_ours(tiny_paths[arch], ids), _llama_cpp(tiny_paths[arch], ids), 0.995 if arch == "olmoe" else 0.999, tie=0.01)
+    ours, ref = _ours(tiny_paths[arch], ids), _llama_cpp(tiny_paths[arch], ids)
+    _compare(ours, ref, FLIPS.get(arch, 0.999), tie=0.01)
+    assert np.median(_cosines(ours, ref)) >= 0.999  # a flip is a position, not the run
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
