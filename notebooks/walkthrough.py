@@ -11,6 +11,8 @@ def _():
     except ModuleNotFoundError:  # loaded by its path, as the tests do: nothing shadows the package
         pass
 
+    from dataclasses import replace
+
     import altair as alt
     import marimo as mo
     import polars as pl
@@ -31,7 +33,7 @@ def _():
     # Heavy runs wait for their button in the editor; headless (`python notebooks/walkthrough.py`) they just run.
     headless = not mo.running_in_notebook()
     return (BREAKS, F, Model, Session, alt, apply_rope, bench, break_config, breaks_that_apply, charts, dequantize,
-            grouped_attention, headless, lessons, mo, pl, rms_norm, torch, visible, wtrace)
+            grouped_attention, headless, lessons, mo, pl, replace, rms_norm, torch, visible, wtrace)
 
 
 @app.cell(hide_code=True)
@@ -55,8 +57,10 @@ def _(mo):
     plausible identifiers — rarely a program that does anything. That is what good output looks like here;
     a broken engine (section 8) writes visibly worse, or subtly different, text.
 
-    Sections: **1** what is in a GGUF file · **2** tokens · **3** one decode step by hand · **4** the KV cache ·
-    **5** cached vs uncached decoding · **6** the mixture of experts, and a shared expert with its gate · **7** what the heads read, and when the answer appears · **8** breaking it on purpose.
+    Sections: **1** what is in a GGUF file · **2** tokens · **3** one decode step by hand, and QK-norm over the whole
+    projection · **4** the KV cache, and latent attention's cache · **5** cached vs uncached decoding · **6** the
+    mixture of experts, a shared expert with its gate, and V3's routing · **7** what the heads read, and when the
+    answer appears · **8** breaking it on purpose.
     Sliders and text boxes along the way change what is shown; every cell below them follows. Reading it
     through takes about 20 minutes; the buttons (sweeps, the breaks) are optional.
     """)
@@ -72,14 +76,17 @@ def _(mo):
     * **logits** — one score per vocabulary entry; softmax turns them into the next token's probabilities.
     * **residual stream** — the vector per position that every block reads from and adds its output to.
     * **RMSNorm** — divide a vector by its root-mean-square, times a learned weight. **QK-norm** — the same,
-      applied to each query and key head on its own (Qwen3, Gemma3).
+      applied to each query and key head on its own (Qwen3, Gemma3), or to all heads of q and of k at once (OLMoE).
     * **RoPE** — rotary position embedding: q and k are rotated by angles proportional to the position.
     * **GQA** — grouped-query attention: several query heads share one key/value head.
     * **KV cache** — every earlier position's keys and values, kept so a decode step runs only the new token.
+      **MLA** — multi-head latent attention (DeepSeek-V2/V3): every head's K and V are made from one shared latent
+      row per position, which is all the cache holds, with one shared RoPE key (section 4).
     * **prefill / decode** — the prompt's positions in one batched forward, then one token per step.
     * **MoE, router, experts, top-k** — a feed-forward layer made of many small networks (experts); a linear
-      router scores them and only the best k run for each token. **shared expert** — (Qwen2-MoE) one more expert
-      that every token goes through beside the routed ones, scaled by a sigmoid gate of its own (section 6).
+      router scores them and only the best k run for each token. **shared expert** — (Qwen2-MoE, DeepSeek) one more
+      expert that every token goes through beside the routed ones; in Qwen2-MoE scaled by a sigmoid gate of its
+      own (section 6).
     * **SwiGLU** — the feed-forward network used by each expert: down(silu(gate(x)) × up(x)).
     * **quant types, Q8_0, K-quants** — how GGUF stores weights in small blocks of low-bit integers with a
       scale per block; the K-quants (Q2_K … Q6_K) use 256-weight super-blocks with per-sub-block scales.
@@ -783,6 +790,74 @@ def _(by_hand_max_diff, by_hand_vs_cached, by_hand_vs_uncached, engine_logits, h
 @app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
+    ### QK-norm over the whole projection
+
+    Above, each head of q and k is normed on its own (Qwen3, Gemma3: a weight of head_dim values), so after the
+    norm every head's size is its weight's, whatever the input. OLMoE (`olmoe` in GGUF) norms the **whole
+    projection** instead: one RMS over every value of a row of q (all heads together), with a weight of
+    n_heads·head_dim values, before q is cut into heads. The whole row is divided by one number, so the heads keep
+    their relative sizes and only their combined size is fixed. A port that reuses its per-head norm for OLMoE
+    (the break `qk-norm-per-head`) forces every head to the same size instead, and nothing raises an error.
+    Below, the bundled `tiny-olmoe`, whose weights are **random** (the numbers show the mechanism, not what
+    training would make of it): one forward over a prompt with q captured before and after the norm
+    (`blocks.{i}.attn.q`, `.attn.q_normed`), each head's RMS after the norm ÷ the norm's weight (what the norm
+    itself sets), normed as OLMoE norms it and head by head.
+    """)
+    return
+
+
+@app.cell
+def _(Model, lessons):
+    # OLMoE's QK-norm on the bundled random tiny olmoe (its weights are noise; the norm is the architecture's).
+    olmoe = Model.load("tiny-olmoe", device="cpu", weights="dequantized")
+    OLMOE_STEPS = 8
+    olmoe_ids = olmoe.tokenizer.encode("The history of the city begins with a small village on the river.")[:16]
+    olmoe_heads = lessons.qk_norm_whole_vs_per_head(olmoe, olmoe_ids)
+    olmoe_summary = lessons.qk_whole_summary(olmoe_heads)
+    olmoe_breaks = lessons.break_effects(olmoe, olmoe_ids, OLMOE_STEPS, ["qk-norm-per-head"])
+    return OLMOE_STEPS, olmoe, olmoe_breaks, olmoe_heads, olmoe_ids, olmoe_summary
+
+
+@app.cell
+def _(OLMOE_STEPS, alt, mo, olmoe, olmoe_breaks, olmoe_heads, olmoe_summary, pl):
+    _c = olmoe.config
+    _row = {r["norm"]: r for r in olmoe_summary.iter_rows(named=True)}
+    _whole, _per = _row["whole"], _row["per head"]
+    _moved = olmoe_breaks.filter(pl.col("break") == "qk-norm-per-head").row(0, named=True)
+    _relative = "max change of the heads' relative sizes"
+    _ticks = alt.Chart(olmoe_heads.filter(pl.col("layer") == 0)).mark_tick(thickness=1.5, opacity=0.6).encode(
+        x=alt.X("head:O"), y=alt.Y("rms after ÷ weight:Q", title="head's RMS after the norm ÷ weight"),
+        color=alt.Color("norm:N", sort=["whole", "per head"], legend=None,
+                        scale=alt.Scale(domain=["whole", "per head"], range=["#4c78a8", "#e45756"])),
+        tooltip=["norm", "head", "position", alt.Tooltip("rms before:Q", format=".3f"),
+                 alt.Tooltip("rms after:Q", format=".3f"), alt.Tooltip("rms after ÷ weight:Q", format=".4f")],
+    ).properties(width=220, height=200).facet(column=alt.Column("norm:N", sort=["whole", "per head"], title=None)).properties(
+        title=f"tiny-olmoe, layer 0: each head of q after the norm ÷ weight, at each of the "
+              f"{olmoe_heads['position'].n_unique()} positions (one tick each)")
+    _tokens = ("the same greedy tokens" if _moved["tokens differ from step"] is None
+               else f"other greedy tokens from step {_moved['tokens differ from step']}")
+    mo.vstack([
+        mo.md(f"""
+        Normed as OLMoE norms it ({_c.n_heads} heads × {_c.head_dim} = {_c.n_heads * _c.head_dim} values under one RMS),
+        a head's RMS ÷ weight ranges over **{_whole['head RMS ÷ weight, min']:.2f}–{_whole['head RMS ÷ weight, max']:.2f}**
+        across layers, positions and heads: the heads keep their relative sizes (to {_whole[_relative]:.0e}), and only
+        each row's combined RMS ÷ weight is 1 (to {_whole['max |row RMS ÷ weight − 1|']:.0e}). Normed head by head,
+        every head is forced to **{_per['head RMS ÷ weight, min']:.3f}–{_per['head RMS ÷ weight, max']:.3f}**, and the
+        heads' relative sizes change by up to {_per[_relative]:.0%}. The attention then weighs heads it should not:
+        on the clean run's tokens `qk-norm-per-head` moves the logits by **{_moved['relative max |Δlogit|']:.2f}** of the
+        largest logit, the top token changes at {_moved['top token changes at']} of {_moved['of positions']} positions,
+        and decoding {OLMOE_STEPS} tokens gives {_tokens}. The trace's `qk` frame (per-head RMS before and after the
+        norm, the app's QK-norm panel) shows the same for an olmoe run.
+        """),
+        _ticks,
+        olmoe_summary.with_columns(pl.exclude("norm").round(6)),
+    ])
+    return
+
+
+@app.cell(hide_code=True)
+def _(mo):
+    mo.md(r"""
     ## 4 · The KV cache
 
     Look back at the attention step: the new query needed the **keys and values of every earlier position**.
@@ -888,6 +963,108 @@ def _(alt, kv_context, mo, pl):
         _chart,
     ])
     return Q30, qwen3_30b_kv_bytes_32k, qwen3_30b_kv_bytes_per_token
+
+
+@app.cell(hide_code=True)
+def _(mo):
+    mo.md(r"""
+    ### Latent attention: what the cache holds
+
+    GQA shrinks the cache by letting query heads share K and V. DeepSeek-V2 and V3 (`deepseek2` in GGUF) go
+    further with **multi-head latent attention** (MLA): every head's K and V are made from one shared **latent**
+    row per position (kv_lora_rank values: a down-projection of the token, normed) through two per-head
+    matrices, `attn_k_b` and `attn_v_b`, and only the latent is cached, with one RoPE key of rope_dim values that
+    every head shares (RoPE cannot be folded into the latent: its rotation depends on the position). Each head's
+    q is split the same way: q_nope (the dims RoPE leaves alone) meets the latent's K, q_pe the shared RoPE key.
+    An engine need not decompress K and V at all: q_nope · (attn_k_b · latent) = (q_nope · attn_k_b) · latent, so it
+    takes q_nope into the latent space once ("absorbs" attn_k_b) and scores against the cached rows themselves;
+    the output, a weighted sum of latents, goes through attn_v_b after. Below, the bundled `tiny-deepseek2`
+    (V3's layout), whose weights are **random** (the numbers show the mechanism, not what training would make of
+    it): a few decode steps with the cache's bytes from the session's `kv` frame, and attention computed both ways
+    from the capture points `attn.q`, `.q_pe`, `.kv_latent` and `.k_pe`.
+    """)
+    return
+
+
+@app.cell
+def _(Model, lessons):
+    # MLA on the bundled random tiny deepseek2 (its weights are noise; the cache's layout is the architecture's).
+    deepseek = Model.load("tiny-deepseek2", device="cpu", weights="dequantized")
+    MLA_STEPS = 8
+    mla_ids = deepseek.tokenizer.encode("The history of the city begins with a small village on the river.")[:16]
+    mla_trace = lessons.decode(deepseek, mla_ids, MLA_STEPS, path="cached").trace()
+    mla_cache = lessons.latent_cache(mla_trace)
+    mla_forms = lessons.latent_attention_forms(deepseek, mla_ids)
+    mla_breaks = lessons.break_effects(deepseek, mla_ids, MLA_STEPS, ["skip-kv-a-norm"])
+    return MLA_STEPS, deepseek, mla_breaks, mla_cache, mla_forms, mla_ids, mla_trace
+
+
+@app.cell
+def _(MLA_STEPS, charts, deepseek, mla_cache, mla_ids, mla_trace, mo, replace):
+    _c = deepseek.config
+    _last = mla_cache.row(-1, named=True)
+    _element = mla_trace.meta["kv_element_size"]
+    _nope = _c.head_dim - _c.rope_dim
+    # DeepSeek-V3's published sizes through the engine's own formulas, the cache in bf16 (2 bytes)
+    V3 = {"n_layers": 61, "n_heads": 128, "kv_lora_rank": 512, "rope_dim": 64, "head_dim": 128 + 64, "v_head_dim": 128}
+    _v3 = replace(_c, **V3)
+    v3_kv_bytes = {"MLA": _v3.kv_bytes_per_token(2), "MHA": _v3.mha_bytes_per_token(2)}
+    _per_layer = {k: v // (2 * V3["n_layers"]) for k, v in v3_kv_bytes.items()}  # values per layer and token
+    mo.vstack([
+        mo.md(f"""
+        **What the cache holds.** After the {len(mla_ids)} prompt positions and {MLA_STEPS} steps the cache holds
+        {_last['positions']} positions in {_c.n_layers} layers, **{_last['cache bytes']:,} bytes** by the `kv` frame:
+        **{_last['bytes per position and layer']:,.0f} B per position and layer**, one latent of {_c.kv_lora_rank} and one
+        RoPE key of {_c.rope_dim} values, ({_c.kv_lora_rank} + {_c.rope_dim}) × {_element} bytes. An MHA cache of the
+        same model would hold every head's K ({_c.head_dim} = {_nope} nope + {_c.rope_dim} rope) and V ({_c.v_head_dim}):
+        {_c.n_heads} heads × ({_c.head_dim} + {_c.v_head_dim}) × {_element} bytes =
+        **{_last['MHA bytes per position and layer']:,.0f} B** per position and layer,
+        {_last['MHA bytes per position and layer'] / _last['bytes per position and layer']:.3g}× more ({_last['MHA bytes']:,} bytes
+        here). The frame's V bytes are 0: V is read from the first {_c.kv_lora_rank} values of the same rows.
+
+        **At full size.** DeepSeek-V3 (published config: {V3['n_layers']} layers, {V3['n_heads']} heads,
+        kv_lora_rank {V3['kv_lora_rank']}, rope {V3['rope_dim']}, nope {V3['head_dim'] - V3['rope_dim']}, v_head_dim
+        {V3['v_head_dim']}) caches {V3['kv_lora_rank']} + {V3['rope_dim']} = **{_per_layer['MLA']}** values per layer and
+        token, where MHA would hold {V3['n_heads']} × ({V3['head_dim']} + {V3['v_head_dim']}) = **{_per_layer['MHA']:,}**:
+        {_per_layer['MHA'] / _per_layer['MLA']:.1f}× fewer. In bf16 that is {v3_kv_bytes['MLA']:,} bytes per token
+        ({v3_kv_bytes['MLA'] / 1024:.1f} KiB) against {v3_kv_bytes['MHA'] / 2**20:.2f} MiB, and a 32k context takes
+        **{v3_kv_bytes['MLA'] * 32768 / 2**30:.2f} GiB** of latent cache where MHA would take
+        {v3_kv_bytes['MHA'] * 32768 / 2**30:.0f} GiB (`ModelConfig.kv_bytes_per_token` and `mha_bytes_per_token` on
+        V3's sizes): less than Qwen3-30B-A3B's GQA cache above, for a model over twenty times its size.
+        """),
+        charts.kv_growth(mla_trace.kv, "cached", mla_trace.meta["mha_bytes_per_token"]),
+    ])
+    return V3, v3_kv_bytes
+
+
+@app.cell
+def _(MLA_STEPS, deepseek, mla_breaks, mla_forms, mo, pl):
+    _c = deepseek.config
+    _worst = {k: float(mla_forms[k].max()) for k in mla_forms.columns if k != "layer"}
+    _moved = mla_breaks.filter(pl.col("break") == "skip-kv-a-norm").row(0, named=True)
+    _tokens = ("the same greedy tokens" if _moved["tokens differ from step"] is None
+               else f"other greedy tokens from step {_moved['tokens differ from step']}")
+    mo.vstack([
+        mo.md(f"""
+        **Absorbed = decompressed.** From the captured q, q_pe, latent and RoPE key of one forward over the prompt,
+        `lessons.latent_attention_forms` computes attention MHA's way — every head's K = [latent · attn_k_b | k_pe]
+        and V = attn_v_b · latent, decompressed at every position — and the absorbed way the engine runs. In all
+        {_c.n_layers} layers the engine's `attn.pattern` agrees with the MHA form's softmax to
+        **{_worst["max |MHA-form pattern − engine's|"]:.0e}** and with the absorbed form's to
+        {_worst["max |absorbed pattern − engine's|"]:.0e}; the MHA form's Σ p·V with the engine's `attn.out` to
+        {_worst["max |MHA-form Σ p·V − engine's attn.out|"]:.0e}: float32 rounding, the same attention. The price of
+        absorbing: each head's score is a dot product over {_c.kv_lora_rank} + {_c.rope_dim} = {_c.kv_lora_rank + _c.rope_dim}
+        values where MHA's is over {_c.head_dim} (on V3: 576 against 192), more arithmetic for far fewer bytes to read —
+        the right trade for decoding, where reading the cache is the cost.
+
+        **Its porting bug.** An engine that skips the latent's RMSNorm (`attn_kv_a_norm`; break `skip-kv-a-norm`)
+        caches the raw down-projection: on the clean run's tokens the logits move by
+        **{_moved['relative max |Δlogit|']:.2f}** of the largest logit, the top token changes at
+        {_moved['top token changes at']} of {_moved['of positions']} positions, and decoding {MLA_STEPS} tokens gives {_tokens}.
+        """),
+        mla_forms.with_columns(pl.exclude("layer").map_elements(lambda v: f"{v:.1e}", return_dtype=pl.String)),
+    ])
+    return
 
 
 @app.cell(hide_code=True)
@@ -1198,7 +1375,7 @@ def _(Model, lessons):
     _session = lessons.decode(qwen2moe, shared_ids, SHARED_STEPS, path="cached", probes=True)
     shared_trace = _session.trace()
     shared_share = lessons.shared_expert_share(qwen2moe, _session.ids)  # the prompt and the tokens it wrote
-    shared_breaks = lessons.shared_expert_breaks(qwen2moe, shared_ids, SHARED_STEPS)
+    shared_breaks = lessons.break_effects(qwen2moe, shared_ids, SHARED_STEPS, lessons.SHARED_BREAKS)
     return SHARED_STEPS, qwen2moe, shared_breaks, shared_ids, shared_share, shared_trace
 
 
@@ -1257,6 +1434,78 @@ def _(SHARED_STEPS, mo, pl, shared_breaks, shared_share):
         has both among its suspects.
         """),
         mo.ui.table(shared_breaks.with_columns(pl.col("relative max |Δlogit|").round(4)), selection=None,
+                    wrapped_columns=["text (generated)"]),
+    ])
+    return
+
+
+@app.cell(hide_code=True)
+def _(mo):
+    mo.md(r"""
+    ### V3 routing: sigmoid scores, a bias to choose, groups
+
+    DeepSeek-V3's router differs from Qwen's at every step. An expert's **score** is the sigmoid of its router
+    logit, not a softmax over the experts (the scores need not sum to 1). A learned **bias** per expert
+    (`exp_probs_b`, trained to even out the experts' load) is added to the scores only to *choose*: it never weighs
+    an expert's output. The experts come in **groups**; a group scores the sum of its 2 best biased scores, and the
+    top-k are chosen only within the best few groups (V3: 8 groups of 32 experts, 4 used, top-8; it bounds how
+    many devices one token's experts live on). The chosen experts' weights are their *unbiased* scores,
+    renormalised to sum to 1 and × a routed scaling factor (2.5 on V3); a shared expert, ungated, runs beside them
+    for every token. Below, `tiny-deepseek2` again (**random** weights; 8 experts in 4 groups of 2, 2 groups used,
+    top-2, × 2.5), every step written out from the captured router logits (`lessons.v3_routing`) and held to the
+    engine's choice and weights.
+    """)
+    return
+
+
+@app.cell
+def _(MLA_STEPS, deepseek, lessons, mla_ids):
+    v3_routes = lessons.v3_routing(deepseek, mla_ids)
+    v3_changes = lessons.v3_choice_changes(v3_routes)
+    v3_token = lessons.v3_example(v3_routes)
+    v3_breaks = lessons.break_effects(deepseek, mla_ids, MLA_STEPS, ["probs-bias-in-weights", "no-group-limit", "no-routed-scaling"])
+    return v3_breaks, v3_changes, v3_routes, v3_token
+
+
+@app.cell
+def _(deepseek, mla_ids, mo, pl, v3_breaks, v3_changes, v3_token, visible):
+    _c = deepseek.config
+    _layer, _pos = int(v3_token["layer"][0]), int(v3_token["position"][0])
+    _kept = sorted(set(v3_token.filter(pl.col("group kept"))["group"].to_list()))
+    _chosen = v3_token.filter(pl.col("chosen"))
+    _plain = v3_token.filter(pl.col("plain top-k"))["expert"].to_list()
+    _biased = v3_token.filter(pl.col("biased top-k"))["expert"].to_list()
+    _group_scores = dict(v3_token.select("group", "group score").unique().iter_rows())
+    _surviving = ", ".join(f"{_group_scores[g]:.3f}" for g in _kept)
+    _out = v3_token.filter(pl.col("biased top-k") & ~pl.col("group kept"))  # chosen but for the group limit
+    _why = "".join(f"; expert {r['expert']} is out with its group {r['group']}, whose score {r['group score']:.3f} is "
+                   f"below the surviving groups' ({_surviving})" for r in _out.iter_rows(named=True))
+    _n = int(v3_changes["positions"].sum())
+    _row = {r["break"]: r for r in v3_breaks.iter_rows(named=True)}
+    mo.vstack([
+        mo.md(f"""
+        **One token, one layer.** Position {_pos} (`{visible(deepseek.tokenizer.piece(mla_ids[_pos]))}`) at layer {_layer}:
+        the groups that survive are {", ".join(map(str, _kept))} of {_c.n_expert_groups}; the chosen experts are
+        {" and ".join(f"**{e}** (weight {w:.3f})" for e, w in zip(_chosen["expert"], _chosen["weight"]))}, their unbiased
+        scores renormalised and × {_c.routed_scale:g}, so the weights sum to {_c.routed_scale:g}. The plain top-{_c.n_experts_used}
+        of the scores would be experts {", ".join(map(str, _plain))}, of the biased scores over every group
+        {", ".join(map(str, _biased))}{_why}.
+        """),
+        v3_token.select("expert", "group", "score", "bias", "biased score", "group score", "group kept", "chosen",
+                        "plain top-k", "weight", "engine weight").with_columns(pl.col(pl.Float64).round(4)),
+        mo.md(f"""
+        **Over the prompt.** Of the {_n} (position, MoE layer) pairs, the bias alone changes the chosen experts at
+        **{int(v3_changes['the bias changes it'].sum())}**, the group limit changes them again at
+        **{int(v3_changes['the groups change it'].sum())}**, and the choice differs from the plain top-{_c.n_experts_used}
+        of the scores at **{int(v3_changes['chosen ≠ plain top-k'].sum())}**. The weights written out here agree with the
+        engine's to {float(v3_changes["max |weight − engine's|"].max()):.0e}. Its porting bugs, on the clean run's tokens
+        (relative max |Δlogit|): the bias leaking into the weights (`probs-bias-in-weights`)
+        {_row['probs-bias-in-weights']['relative max |Δlogit|']:.2f}, choosing among all experts (`no-group-limit`)
+        {_row['no-group-limit']['relative max |Δlogit|']:.2f}, the scaling factor left out (`no-routed-scaling`)
+        {_row['no-routed-scaling']['relative max |Δlogit|']:.2f}.
+        """),
+        v3_changes.with_columns(pl.col("max |weight − engine's|").map_elements(lambda v: f"{v:.1e}", return_dtype=pl.String)),
+        mo.ui.table(v3_breaks.with_columns(pl.col("relative max |Δlogit|").round(4)), selection=None,
                     wrapped_columns=["text (generated)"]),
     ])
     return
@@ -1558,12 +1807,13 @@ def _(mo):
 
 
 @app.cell
-def _(by_hand_max_diff, break_report, equiv_worst, mo, qwen3_30b_kv_bytes_32k, shared_breaks, shared_share, speed_growth,
-      speedup_measured):
+def _(by_hand_max_diff, break_report, equiv_worst, mla_cache, mla_forms, mo, olmoe_summary, qwen3_30b_kv_bytes_32k,
+      shared_breaks, shared_share, speed_growth, speedup_measured, v3_changes, v3_kv_bytes):
     # A one-line summary for headless runs (`python notebooks/walkthrough.py`); silent in the editor.
     if not mo.running_in_notebook():
         _alarms = ", ".join(f"{r['break']}→{r['alarm frame'] or r['first frame']}@{r['alarm step'] if r['alarm frame'] else r['first step']}"
                             for r in break_report.iter_rows(named=True))
+        _mla_forms = float(mla_forms["max |MHA-form pattern − engine's|"].max())
         print(f"walkthrough: by-hand vs engine max|Δlogit| = {by_hand_max_diff:.2e}; "
               f"cached/uncached = {speedup_measured or float('nan'):.1f}x, worst relative Δ = {equiv_worst:.1e}; "
               f"step cost late/early: " + ", ".join(f"{r['path']} {r['ratio']:.1f}x" for r in speed_growth.iter_rows(named=True))
@@ -1572,7 +1822,15 @@ def _(by_hand_max_diff, break_report, equiv_worst, mo, qwen3_30b_kv_bytes_32k, s
               f"shared expert (tiny-qwen2moe): gate {shared_share['gate'].min():.2f}–{shared_share['gate'].max():.2f}, "
               f"mean share {shared_share['shared share'].mean():.2f}, relative max|Δlogit| "
               + ", ".join(f"{r['break']} {r['relative max |Δlogit|']:.2f}" for r in shared_breaks.iter_rows(named=True)
-                          if r["break"] != "clean"))
+                          if r["break"] != "clean")
+              + "; whole-row QK-norm (tiny-olmoe): head RMS ÷ weight "
+              + ", ".join(f"{r['norm']} {r['head RMS ÷ weight, min']:.2f}–{r['head RMS ÷ weight, max']:.2f}"
+                          for r in olmoe_summary.iter_rows(named=True))
+              + f"; MLA (tiny-deepseek2): {mla_cache['bytes per position and layer'][-1]:.0f} vs MHA "
+              f"{mla_cache['MHA bytes per position and layer'][-1]:.0f} B per position and layer, engine vs MHA-form "
+              f"pattern {_mla_forms:.0e}, "
+              f"DeepSeek-V3 {v3_kv_bytes['MLA']:,} vs {v3_kv_bytes['MHA']:,} B per token (bf16); V3 routing: "
+              f"choice ≠ plain top-k at {int(v3_changes['chosen ≠ plain top-k'].sum())} of {int(v3_changes['positions'].sum())}")
     return
 
 

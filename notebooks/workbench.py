@@ -358,9 +358,11 @@ def _(charts, mo, shown, small, view):
     _length = int(_kv.filter(_kv["path"] == _path)["length"].max() or 0) if _kv.height else 0
     _uncached = (" _Path uncached: no cache outlives a step — each step fills a fresh cache with the whole "
                  "sequence, which is what these bytes are._" if _path == "uncached" else "")
+    # MLA (deepseek2) caches a latent per position: its chart also draws what an MHA cache of the model would hold
+    _mha = shown.meta.get("mha_bytes_per_token") if shown.meta["config"].get("kv_lora_rank") else None
     kv_panel = mo.vstack([
         mo.md("## KV cache\n" + charts.kv_arithmetic(shown.meta, _length) + _uncached),
-        mo.hstack([view(small(charts.kv_growth(_kv, _path))),
+        mo.hstack([view(small(charts.kv_growth(_kv, _path, _mha))),
                    view(small(charts.kv_positions(_kv, _path), width=170))], justify="start"),
     ])
     return (kv_panel,)

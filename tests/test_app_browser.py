@@ -712,6 +712,23 @@ def test_a_shared_expert_shows_its_gate_under_routing(app):
     app.wait_until(lambda: drawn() >= 3, CHARTS_S, "the gate's chart drawn with data under Expert routing")
 
 
+def test_an_mla_cache_is_set_beside_mha_in_the_kv_panel(app):
+    """tiny-deepseek2 picked in the sidebar: the KV panel's sentence sets the latent cache's bytes per position and
+    layer beside an MHA cache's, and after two Steps (an area over one step has no width) both its charts, the
+    bytes with MHA's line and the positions, draw with data."""
+    app.page.get_by_role("combobox", name="model").select_option("tiny-deepseek2 (random weights)")
+    app.wait_until(lambda: app.shows("MLA caches one latent of 128") and app.shows("× more)"), APP_READY_S,
+                   "the KV panel's MLA sentence, MHA's bytes beside the latent cache's")
+    app.wait_idle(CLICK_S)
+    app.click_and_wait("Step", timeout=CLICK_S)
+    app.click_and_wait("Step", timeout=CLICK_S)
+
+    def drawn() -> int:
+        return sum(chart_has_data(c) for c in app.charts() if c["heading"] and "kv cache" in c["heading"].lower())
+
+    app.wait_until(lambda: drawn() >= 2, CHARTS_S, "the KV panel's charts drawn with data")
+
+
 def test_the_server_log_has_no_traceback(app, server):
     """Last of the browser tests: nothing the tests did above left a traceback in the server's log."""
     log = server.log_path.read_text(errors="replace")

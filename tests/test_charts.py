@@ -321,6 +321,42 @@ def test_shared_gate_is_one_cell_per_position_and_layer(tiny_paths, trace):
     assert cached.keys() == uncached.keys() and all(math.isclose(cached[k], uncached[k], abs_tol=1e-5) for k in cached)
     assert trace.shared.is_empty() and _rows(charts.shared_gate(trace.shared)) == 1  # tiny-qwen3moe: no shared expert
 
+def test_kv_growth_and_arithmetic_set_an_mla_cache_beside_mha(tiny_paths, trace):
+    """tiny-deepseek2, both paths: the chart adds what an MHA cache of the same model would hold at every step
+    (positions × mha_bytes_per_token: n_heads × (head_dim + v) against the latent's kv_lora_rank + rope, 8× the
+    cached bytes on the tiny file), and the arithmetic says it in numbers from the config; a model without MLA keeps
+    its two layers and its K-and-V sentence."""
+    model = load_model(tiny_paths["deepseek2"])
+    c = model.config
+    session = Session(model, model.tokenizer.encode("def add(a, b):"), path="both", probes=True, context=64)
+    for _ in range(3):
+        session.step()
+    t = session.trace()
+    mha = t.meta["mha_bytes_per_token"]
+    assert mha == c.n_layers * c.n_heads * (c.head_dim + c.v_head_dim) * 4
+    assert t.meta["kv_bytes_per_token"] == c.n_layers * (c.kv_lora_rank + c.rope_dim) * 4
+    ratio = mha / t.meta["kv_bytes_per_token"]
+    for path in ("cached", "uncached"):
+        kv = t.kv.filter(pl.col("path") == path)
+        area, capacity, line = _views(charts.kv_growth(t.kv, path, mha).to_dict())
+        assert {r["step"] for r in area["rows"]} == {r["step"] for r in line["rows"]} == set(kv["step"].to_list())
+        for r in line["rows"]:
+            held = kv.filter(pl.col("step") == r["step"])
+            assert r["MHA MiB"] == pytest.approx(int(held["length"].max()) * mha / 2**20)
+            assert r["MHA MiB"] == pytest.approx(ratio * int((held["k_bytes"] + held["v_bytes"]).sum()) / 2**20)
+        assert all("format" in tip for tip in _tooltips(line) if tip["field"] not in COUNTS)
+        assert "MHA" in _titles(charts.kv_growth(t.kv, path, mha).to_dict())
+    assert len(_views(charts.kv_growth(t.kv, "cached").to_dict())) == 2
+    length = int(t.kv.filter(pl.col("path") == "cached")["length"].max())
+    text = charts.kv_arithmetic(t.meta, length)
+    layer_bytes = (c.kv_lora_rank + c.rope_dim) * 4
+    for part in (f"one latent of {c.kv_lora_rank} + a RoPE key of {c.rope_dim}", f"**{layer_bytes:,} B** per position and layer",
+                 f"{c.n_heads} heads × ({c.head_dim} + {c.v_head_dim}) × 4 bytes = {mha // c.n_layers:,} B", f"({ratio:.3g}× more)",
+                 f"**{c.n_layers * layer_bytes:,} bytes per token**", f"{length * mha / 2**20:.2f} MiB here"):
+        assert part in text, (part, text)
+    assert "MLA" not in charts.kv_arithmetic(trace.meta, 10) and len(_views(charts.kv_growth(trace.kv).to_dict())) == 2
+
+
 def test_layer_health_scales_colour_on_decode_steps(trace):
     spec = charts.layer_health(trace.layers, "cached").to_dict()
     heat = _views(spec)[0]

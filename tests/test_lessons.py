@@ -1,5 +1,7 @@
 """workbench/lessons.py's walkthrough helpers, each held to an independent computation or an invariant: QK-norm
-across positions, expert usage and specialisation (with a random-router control), and the RoPE facts."""
+across positions, expert usage and specialisation (with a random-router control), the RoPE facts, and the
+families' own lessons (a shared expert, whole-row QK-norm, MLA's cache and absorbed attention, V3's routing)
+against the files' tensors as gguf-py dequantizes them."""
 
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def prompts(model) -> dict[str, list[list[int]]]:
     return {"code": [tok.encode(t) for t in lessons.CODE_PROMPTS], "prose": [tok.encode(t) for t in lessons.PROSE_PROMPTS]}
 
 
-def _captured(model, ids: list[int], points: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def _captured(model, ids: list[int], points: tuple[str, ...], breaks: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """The tensors at the given capture points (name suffixes) of one uncached forward, copied."""
     seen: dict[str, torch.Tensor] = {}
 
@@ -49,7 +51,7 @@ def _captured(model, ids: list[int], points: tuple[str, ...]) -> dict[str, torch
         if name.endswith(points):
             seen[name] = x.detach().clone()
 
-    model.forward(torch.tensor(ids), 0, model.new_cache(len(ids)), probe)
+    model.forward(torch.tensor(ids), 0, model.new_cache(len(ids)), probe, breaks=breaks)
     return seen
 
 
@@ -289,7 +291,7 @@ def test_the_shared_expert_breaks_move_the_logits_and_the_clean_run_does_not(qwe
     """The clean run against itself moves nothing; dropping the shared expert or adding it ungated moves the logits
     (checked here by a forward of our own with the break on, on the clean run's tokens) and the top tokens."""
     steps = 4
-    frame = lessons.shared_expert_breaks(qwen2moe, qwen2moe_ids, steps)
+    frame = lessons.break_effects(qwen2moe, qwen2moe_ids, steps, lessons.SHARED_BREAKS)
     assert frame["break"].to_list() == ["clean", *lessons.SHARED_BREAKS]
     rows = {r["break"]: r for r in frame.iter_rows(named=True)}
     clean = rows["clean"]
@@ -302,3 +304,194 @@ def test_the_shared_expert_breaks_move_the_logits_and_the_clean_run_does_not(qwe
         expected = float((moved - reference).abs().max() / reference.abs().max())
         assert rows[name]["relative max |Δlogit|"] == pytest.approx(expected) and expected > 0.05, name
         assert rows[name]["top token changes at"] == int((moved.argmax(-1) != reference.argmax(-1)).sum()) > 0, name
+
+
+# ---- the families' own lessons: file tensors via gguf-py ---------------------------------------------------
+
+PROSE = "The history of the city begins with a small village on the river."
+
+
+def _file_tensor(path: Path, name: str) -> np.ndarray:
+    """A tensor of the file, dequantized by gguf-py (not the engine), float64, in PyTorch order."""
+    from gguf.quants import dequantize
+
+    from workbench.gguf_file import GGUFFile
+
+    gguf = GGUFFile(path)
+    info = gguf.tensors[name]
+    return dequantize(gguf.raw(name).numpy(), info.ggml_type).reshape(info.shape).astype(np.float64)
+
+
+def _rms(x: np.ndarray) -> np.ndarray:
+    return np.sqrt((x**2).mean(-1))
+
+
+# ---- QK-norm over the whole projection (tiny-olmoe, random weights) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def olmoe(tiny_paths):
+    return load_model(tiny_paths["olmoe"])
+
+
+def test_whole_and_per_head_qk_norm_recomputed_from_the_files_weight(olmoe, tiny_paths):
+    """Each head's RMS before the norm, after it and after it ÷ weight, both norms, recomputed in numpy from the
+    captured q of each run (the per-head one's q differs from layer 1 on: layer 0's output does) and the file's
+    attn_q_norm (gguf-py): whole = q_row / rms(q_row) · w, per head = q_h / rms(q_h) · w_h."""
+    ids = olmoe.tokenizer.encode(PROSE)[:12]
+    frame = lessons.qk_norm_whole_vs_per_head(olmoe, ids)
+    c = olmoe.config
+    T, H, D = len(ids), c.n_heads, c.head_dim
+    assert frame.height == 2 * c.n_layers * T * H
+    for norm, breaks in (("whole", frozenset()), ("per head", frozenset({"qk-norm-per-head"}))):
+        q_all = _captured(olmoe, ids, (".attn.q",), breaks)
+        for i in range(c.n_layers):
+            q = q_all[f"blocks.{i}.attn.q"].double().numpy()  # [T, H, D]
+            w = _file_tensor(tiny_paths["olmoe"], f"blk.{i}.attn_q_norm.weight").reshape(H, D)  # [H·D] per head
+            if norm == "whole":
+                row = q.reshape(T, H * D)
+                normed = (row / np.sqrt((row**2).mean(-1, keepdims=True) + c.rms_eps)).reshape(T, H, D) * w
+                assert np.ptp(_rms(normed / w), axis=-1).min() > 0.01  # whole-row: the heads differ in every row
+            else:
+                normed = q / np.sqrt((q**2).mean(-1, keepdims=True) + c.rms_eps) * w
+            mine = frame.filter((pl.col("norm") == norm) & (pl.col("layer") == i)).sort("position", "head")
+            assert mine["rms before"].to_numpy() == pytest.approx(_rms(q).flatten(), rel=1e-5)
+            assert mine["rms after"].to_numpy() == pytest.approx(_rms(normed).flatten(), rel=1e-5)
+            assert mine["rms after ÷ weight"].to_numpy() == pytest.approx(_rms(normed / w).flatten(), rel=1e-5)
+
+
+def test_whole_qk_summary_holds_the_row_and_only_per_head_the_heads(olmoe):
+    frame = lessons.qk_norm_whole_vs_per_head(olmoe, olmoe.tokenizer.encode(PROSE)[:12])
+    summary = {r["norm"]: r for r in lessons.qk_whole_summary(frame).iter_rows(named=True)}
+    assert list(summary) == ["whole", "per head"]
+    for norm, r in summary.items():
+        part = frame.filter(pl.col("norm") == norm)
+        assert (r["head RMS ÷ weight, min"], r["head RMS ÷ weight, max"]) == (part["rms after ÷ weight"].min(),
+                                                                             part["rms after ÷ weight"].max())
+        assert r["max |row RMS ÷ weight − 1|"] < 1e-4  # both norms fix the row's combined size
+    whole, per_head = summary["whole"], summary["per head"]
+    assert whole["max change of the heads' relative sizes"] < 1e-5 and per_head["max change of the heads' relative sizes"] > 0.05
+    assert per_head["head RMS ÷ weight, min"] == pytest.approx(1, abs=1e-4) == per_head["head RMS ÷ weight, max"]
+    assert whole["head RMS ÷ weight, min"] < 0.95 and whole["head RMS ÷ weight, max"] > 1.05
+
+
+def test_break_effects_of_the_per_head_norm_are_a_forward_with_the_break(olmoe):
+    ids, steps = olmoe.tokenizer.encode(PROSE)[:8], 2
+    row = lessons.break_effects(olmoe, ids, steps, ["qk-norm-per-head"]).row(1, named=True)
+    tokens = torch.tensor(lessons.decode(olmoe, ids, steps).ids)
+    clean = olmoe.forward(tokens, 0, olmoe.new_cache(len(tokens)))
+    moved = olmoe.forward(tokens, 0, olmoe.new_cache(len(tokens)), breaks=frozenset({"qk-norm-per-head"}))
+    assert row["break"] == "qk-norm-per-head"
+    expected = float((moved - clean).abs().max() / clean.abs().max())
+    assert row["relative max |Δlogit|"] == pytest.approx(expected) and expected > 0.01
+
+
+# ---- latent attention and V3 routing (tiny-deepseek2, random weights) -------------------------------------
+
+@pytest.fixture(scope="module")
+def deepseek(tiny_paths):
+    return load_model(tiny_paths["deepseek2"])
+
+
+def test_latent_cache_is_the_formula_and_the_cache_tensors(deepseek):
+    """Bytes per position and layer from the kv frame = (kv_lora_rank + rope) × 4 = what model.new_cache(n) holds
+    per position (one row of keys; the values a view of them); the MHA column = n_heads × (head_dim + v) × 4, from
+    the config, 8 × (96 + 64) × 4 = 5,120 B on the tiny file against the latent's 640."""
+    c = deepseek.config
+    ids = deepseek.tokenizer.encode(PROSE)[:10]
+    frame = lessons.latent_cache(lessons.decode(deepseek, ids, 4, path="cached").trace())
+    assert frame["positions"].to_list() == [len(ids), len(ids) + 1, len(ids) + 2, len(ids) + 3]  # prefill, then 3 fed
+    n = 32
+    cache = deepseek.new_cache(n)
+    for keys, values in zip(cache.keys, cache.values):
+        assert keys.shape == (1, n, c.kv_lora_rank + c.rope_dim) and values.data_ptr() == keys.data_ptr()
+    per_position_layer = cache.capacity_bytes // (n * c.n_layers)
+    assert per_position_layer == (c.kv_lora_rank + c.rope_dim) * 4
+    mha = c.n_heads * (c.head_dim + c.v_head_dim) * 4
+    for r in frame.iter_rows(named=True):
+        assert r["cache bytes"] == r["positions"] * c.n_layers * per_position_layer
+        assert r["bytes per position and layer"] == per_position_layer
+        assert r["MHA bytes"] == r["positions"] * c.n_layers * mha and r["MHA bytes per position and layer"] == mha
+
+
+def test_absorbed_attention_is_mha_with_decompressed_kv(deepseek, tiny_paths):
+    """The lesson's two forms agree with the engine's pattern and output; and, independently, the MHA form written in
+    numpy from the captured q, latent and RoPE key with the file's attn_k_b (gguf-py) gives the engine's pattern."""
+    ids = deepseek.tokenizer.encode(PROSE)[:10]
+    frame = lessons.latent_attention_forms(deepseek, ids)
+    c = deepseek.config
+    assert frame["layer"].to_list() == list(range(c.n_layers))
+    for column in frame.columns[1:]:
+        assert float(frame[column].max()) < 1e-5, column
+    t = _captured(deepseek, ids, (".attn.q", ".attn.q_pe", ".attn.kv_latent", ".attn.k_pe", ".attn.pattern"))
+    T, nope = len(ids), c.head_dim - c.rope_dim
+    for i in range(c.n_layers):
+        q, q_pe, latent, k_pe = (t[f"blocks.{i}.attn.{p}"].double().numpy() for p in ("q", "q_pe", "kv_latent", "k_pe"))
+        wk_b = _file_tensor(tiny_paths["deepseek2"], f"blk.{i}.attn_k_b.weight")  # [H, lora, nope]
+        k_nope = np.einsum("sl,hln->shn", latent, wk_b)
+        # the file's q·k scale: 1/√(nope + rope), × YaRN's mscale² where the file scales RoPE with YaRN
+        scores = (np.einsum("thn,shn->ths", q[..., :nope], k_nope) + np.einsum("thr,sr->ths", q_pe, k_pe)) * c.attn_scale
+        scores = np.where(np.triu(np.ones((T, T), dtype=bool), 1)[:, None], -np.inf, scores)
+        mha = np.exp(scores - scores.max(-1, keepdims=True))
+        mha /= mha.sum(-1, keepdims=True)
+        assert np.abs(mha - t[f"blocks.{i}.attn.pattern"].double().numpy()).max() < 1e-5, i
+
+
+def test_v3_routing_written_out_in_numpy_from_the_file(deepseek, tiny_paths):
+    """Every column of the lesson's router against numpy from the captured ffn_norm and the file's ffn_gate_inp and
+    exp_probs_b (gguf-py): sigmoid scores, + bias, a group's 2 best, the 2 best of 4 groups, top-2 within them,
+    unbiased weights renormalised × 2.5; and the engine's own choice and weights."""
+    ids = deepseek.tokenizer.encode(PROSE)[:12]
+    frame = lessons.v3_routing(deepseek, ids)
+    c = deepseek.config
+    T, E = len(ids), c.n_experts
+    moe_layers = [i for i in range(c.n_layers) if c.is_moe_layer(i)]
+    assert frame.height == len(moe_layers) * T * E
+    x_all = _captured(deepseek, ids, (".ffn_norm", ".moe.topk_ids", ".moe.topk_weights"))
+    for i in moe_layers:
+        x = x_all[f"blocks.{i}.ffn_norm"].double().numpy()
+        scores = 1 / (1 + np.exp(-(x @ _file_tensor(tiny_paths["deepseek2"], f"blk.{i}.ffn_gate_inp.weight").T)))
+        biased = scores + _file_tensor(tiny_paths["deepseek2"], f"blk.{i}.exp_probs_b.bias")
+        group_score = np.sort(biased.reshape(T, 4, 2), -1)[..., -2:].sum(-1)  # [T, 4]
+        kept = np.zeros((T, 4), dtype=bool)
+        np.put_along_axis(kept, np.argsort(-group_score, -1)[:, :2], True, -1)
+        kept = np.repeat(kept, 2, -1)
+        chosen = np.argsort(-np.where(kept, biased, -np.inf), -1)[:, :2]
+        mine = frame.filter(pl.col("layer") == i).sort("position", "expert")
+        assert mine["score"].to_numpy() == pytest.approx(scores.flatten(), rel=1e-5)
+        assert mine["biased score"].to_numpy() == pytest.approx(biased.flatten(), abs=1e-6)
+        assert mine["group score"].to_numpy() == pytest.approx(np.repeat(group_score, 2, -1).flatten(), abs=1e-6)
+        assert mine["group kept"].to_list() == kept.flatten().tolist()
+        got = mine.filter(pl.col("chosen")).group_by("position").agg(pl.col("expert").sort()).sort("position")["expert"].to_list()
+        assert got == np.sort(chosen, -1).tolist()
+        assert got == x_all[f"blocks.{i}.moe.topk_ids"].sort(-1).values.tolist()  # the engine's choice
+        weights = np.take_along_axis(scores, chosen, -1)
+        weights = weights / weights.sum(-1, keepdims=True) * 2.5
+        expected = np.zeros((T, E))
+        np.put_along_axis(expected, chosen, weights, -1)
+        assert mine["weight"].to_numpy() == pytest.approx(expected.flatten(), abs=1e-6)
+        assert mine["engine weight"].to_numpy() == pytest.approx(expected.flatten(), abs=1e-5)
+        plain = np.zeros((T, E), dtype=bool)
+        np.put_along_axis(plain, np.argsort(-scores, -1)[:, :2], True, -1)
+        assert mine["plain top-k"].to_list() == plain.flatten().tolist()
+
+
+def test_v3_choice_changes_and_the_example_token(deepseek):
+    """The counts per layer, recounted from the frame's sets; the example is a token the groups change (the first)."""
+    frame = lessons.v3_routing(deepseek, deepseek.tokenizer.encode(PROSE)[:12])
+    changes = lessons.v3_choice_changes(frame)
+    assert changes["layer"].to_list() == sorted(frame["layer"].unique().to_list())
+    for r in changes.iter_rows(named=True):
+        sets = {}
+        for t in frame.filter(pl.col("layer") == r["layer"]).partition_by("position", maintain_order=True):
+            sets[t["position"][0]] = tuple(frozenset(t.filter(pl.col(k))["expert"]) for k in ("chosen", "plain top-k", "biased top-k"))
+        assert r["positions"] == len(sets)
+        assert r["chosen ≠ plain top-k"] == sum(ch != pl_ for ch, pl_, _ in sets.values())
+        assert r["the bias changes it"] == sum(b != pl_ for _, pl_, b in sets.values())
+        assert r["the groups change it"] == sum(ch != b for ch, _, b in sets.values())
+        assert r["max |weight − engine's|"] < 1e-5
+    assert int(changes["chosen ≠ plain top-k"].sum()) > 0
+    example = lessons.v3_example(frame)
+    assert example.height == deepseek.config.n_experts and example["layer"].n_unique() == example["position"].n_unique() == 1
+    if int(changes["the groups change it"].sum()):
+        assert example.filter(pl.col("chosen"))["expert"].to_list() != example.filter(pl.col("biased top-k"))["expert"].to_list()
+    assert example["weight"].sum() == pytest.approx(deepseek.config.routed_scale)

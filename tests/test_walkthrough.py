@@ -129,6 +129,18 @@ _FACTS = textwrap.dedent('''
         "shared_share": defs["shared_share"].to_dicts(),
         "shared_breaks": {r["break"]: r for r in defs["shared_breaks"].iter_rows(named=True)},
         "shared_layers": defs["qwen2moe"].config.n_layers, "shared_tokens": len(defs["shared_ids"]) + defs["SHARED_STEPS"],
+        "olmoe_summary": {r["norm"]: r for r in defs["olmoe_summary"].iter_rows(named=True)},
+        "olmoe_breaks": {r["break"]: r for r in defs["olmoe_breaks"].iter_rows(named=True)},
+        "olmoe_rows": defs["olmoe_heads"].height,
+        "olmoe_shape": [defs["olmoe"].config.n_layers, len(defs["olmoe_ids"]), defs["olmoe"].config.n_heads],
+        "mla_config": {k: getattr(defs["deepseek"].config, k)
+                       for k in ("n_layers", "n_heads", "kv_lora_rank", "rope_dim", "head_dim", "v_head_dim")},
+        "mla_cache": defs["mla_cache"].to_dicts(), "mla_tokens": len(defs["mla_ids"]) + defs["MLA_STEPS"],
+        "mla_forms": defs["mla_forms"].to_dicts(),
+        "mla_breaks": {r["break"]: r for r in defs["mla_breaks"].iter_rows(named=True)},
+        "v3_sizes": defs["V3"], "v3_kv_bytes": defs["v3_kv_bytes"],
+        "v3_changes": defs["v3_changes"].to_dicts(), "v3_token": defs["v3_token"].to_dicts(),
+        "v3_breaks": {r["break"]: r for r in defs["v3_breaks"].iter_rows(named=True)},
     }))
 ''')
 
@@ -284,3 +296,64 @@ def test_the_shared_expert_lesson_states_its_own_numbers(facts):
     # moves the logits more (measured: 0.64 vs 0.28 of the largest logit)
     assert sum(r["gate"] for r in rows) / len(rows) > 0.5
     assert breaks["shared-expert-dropped"]["relative max |Δlogit|"] > breaks["shared-expert-ungated"]["relative max |Δlogit|"]
+
+
+def test_the_whole_projection_qk_norm_lesson_states_its_own_numbers(facts):
+    """Section 3 on tiny-olmoe: normed as OLMoE norms it, heads keep their relative sizes and only the row's combined
+    RMS ÷ weight is 1; normed head by head, every head is forced to 1; the per-head port moves the logits."""
+    n_layers, n_positions, n_heads = facts["olmoe_shape"]
+    assert facts["olmoe_rows"] == 2 * n_layers * n_positions * n_heads
+    whole, per_head = facts["olmoe_summary"]["whole"], facts["olmoe_summary"]["per head"]
+    relative = "max change of the heads' relative sizes"
+    assert whole[relative] < 1e-5 and per_head[relative] > 0.05  # measured: 3e-08 and 0.48
+    assert whole["max |row RMS ÷ weight − 1|"] < 1e-4 and per_head["max |row RMS ÷ weight − 1|"] < 1e-4
+    assert whole["head RMS ÷ weight, min"] < 0.95 and whole["head RMS ÷ weight, max"] > 1.05  # measured: 0.77–1.20
+    assert abs(per_head["head RMS ÷ weight, min"] - 1) < 1e-4 and abs(per_head["head RMS ÷ weight, max"] - 1) < 1e-4
+    breaks = facts["olmoe_breaks"]
+    assert sorted(breaks) == ["clean", "qk-norm-per-head"] and breaks["clean"]["relative max |Δlogit|"] == 0
+    assert breaks["qk-norm-per-head"]["relative max |Δlogit|"] > 0.01  # measured: 0.18
+
+
+def test_the_latent_attention_lesson_states_its_own_numbers(facts):
+    """Section 4 on tiny-deepseek2: the kv frame's bytes per position and layer are the latent + RoPE key's
+    ((128 + 32) × 4 = 640 B), an MHA cache's n_heads × (96 + 64) × 4 (5,120 B with the tiny file's 8 heads);
+    DeepSeek-V3's sizes give 576 against 40,960 values per layer and token; absorbed attention is MHA with
+    decompressed K/V; skip-kv-a-norm moves the logits."""
+    c = facts["mla_config"]
+    assert (c["kv_lora_rank"], c["rope_dim"], c["head_dim"], c["v_head_dim"]) == (128, 32, 96, 64)
+    latent, mha = (c["kv_lora_rank"] + c["rope_dim"]) * 4, c["n_heads"] * (c["head_dim"] + c["v_head_dim"]) * 4
+    rows = facts["mla_cache"]
+    assert rows[-1]["positions"] == facts["mla_tokens"] - 1  # the newest token is not fed yet
+    for r in rows:
+        assert r["bytes per position and layer"] == latent == 640 and r["MHA bytes per position and layer"] == mha
+        assert r["cache bytes"] == r["positions"] * c["n_layers"] * latent
+        assert r["MHA bytes"] * latent == r["cache bytes"] * mha
+    v3 = facts["v3_sizes"]
+    assert v3 == {"n_layers": 61, "n_heads": 128, "kv_lora_rank": 512, "rope_dim": 64, "head_dim": 192, "v_head_dim": 128}
+    assert facts["v3_kv_bytes"] == {"MLA": 61 * (512 + 64) * 2, "MHA": 61 * 128 * (192 + 128) * 2}
+    assert 71 < facts["v3_kv_bytes"]["MHA"] / facts["v3_kv_bytes"]["MLA"] < 71.2
+    assert len(facts["mla_forms"]) == c["n_layers"]
+    assert all(v < 1e-5 for r in facts["mla_forms"] for k, v in r.items() if k != "layer")  # measured: ≤ 6e-07
+    breaks = facts["mla_breaks"]
+    assert breaks["clean"]["relative max |Δlogit|"] == 0 and breaks["skip-kv-a-norm"]["relative max |Δlogit|"] > 0.01  # 0.84
+
+
+def test_the_v3_routing_lesson_states_its_own_numbers(facts):
+    """Section 6 on tiny-deepseek2: the example token's two chosen experts lie in its two surviving groups, their
+    weights (unbiased, renormalised, × 2.5) are the engine's and sum to 2.5; the bias and the groups change the
+    choice at some tokens; each of the three routing bugs moves the logits."""
+    token = facts["v3_token"]
+    assert len(token) == 8 and len({(r["layer"], r["position"]) for r in token}) == 1
+    chosen = [r for r in token if r["chosen"]]
+    assert len(chosen) == 2 and all(r["group kept"] for r in chosen)
+    assert len({r["group"] for r in token if r["group kept"]}) == 2
+    assert abs(sum(r["weight"] for r in chosen) - 2.5) < 1e-9
+    assert all(abs(r["weight"] - r["engine weight"]) < 1e-5 for r in token)
+    changes = facts["v3_changes"]
+    assert all(r["max |weight − engine's|"] < 1e-5 for r in changes)
+    # measured over the 32 (position, layer) pairs: the bias changes the choice at 12, the groups at 1, in all 13
+    assert all(sum(r[k] for r in changes) > 0 for k in ("chosen ≠ plain top-k", "the bias changes it", "the groups change it"))
+    # so the example is a token the group limit changes: an expert of the biased top-2 is out with its group
+    assert any(r["biased top-k"] and not r["group kept"] for r in token)
+    for name in ("probs-bias-in-weights", "no-group-limit", "no-routed-scaling"):  # measured: 0.05, 0.24, 0.32
+        assert facts["v3_breaks"][name]["relative max |Δlogit|"] > 0.01, name

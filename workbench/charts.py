@@ -190,8 +190,9 @@ def _visible(piece: str) -> str:
 
 # --- KV cache -----------------------------------------------------------------------------------------------
 
-def kv_growth(kv: pl.DataFrame, path: str | None = None) -> alt.Chart:
-    """Bytes held per layer over steps (stacked), with the cache's capacity as a rule."""
+def kv_growth(kv: pl.DataFrame, path: str | None = None, mha_bytes_per_token: int | None = None) -> alt.Chart:
+    """Bytes held per layer over steps (stacked), with the cache's capacity as a rule. With mha_bytes_per_token (an
+    MLA model: the trace's meta), also what an MHA cache of the same model would hold for as many positions."""
     df = _one_path(kv, path)
     if df.is_empty():
         return empty_chart("no steps yet")
@@ -206,7 +207,16 @@ def kv_growth(kv: pl.DataFrame, path: str | None = None) -> alt.Chart:
     )
     rule = alt.Chart(capacity).mark_line(strokeDash=[4, 3], color="#c00").encode(
         x=alt.X("step:Q"), y=alt.Y("capacity MiB:Q"), tooltip=[alt.Tooltip("step"), alt.Tooltip("capacity MiB:Q", format=".3f")])
-    return (area + rule).properties(width=WIDTH, height=HEIGHT, title="KV bytes per layer (stacked) vs capacity (dashed)")
+    if mha_bytes_per_token is None:
+        return (area + rule).properties(width=WIDTH, height=HEIGHT, title="KV bytes per layer (stacked) vs capacity (dashed)")
+    mha = df.group_by("step").agg(pl.col("length").max()).with_columns(
+        (pl.col("length") * mha_bytes_per_token / 2**20).alias("MHA MiB")).sort("step")
+    line = alt.Chart(mha).mark_line(color="#555", strokeDash=[1, 2], strokeWidth=2).encode(
+        x=alt.X("step:Q"), y=alt.Y("MHA MiB:Q"),
+        tooltip=[alt.Tooltip("step"), alt.Tooltip("length"), alt.Tooltip("MHA MiB:Q", format=".3f", title="MHA would hold, MiB")])
+    return (area + rule + line).properties(width=WIDTH, height=HEIGHT, title=alt.TitleParams(
+        "MLA latent cache per layer (stacked) vs capacity (dashed)", subtitle="grey dotted: what an MHA cache of the same model would hold",
+        subtitleColor="#555", subtitleFontSize=10))
 
 
 def kv_positions(kv: pl.DataFrame, path: str | None = None) -> alt.Chart:
@@ -718,14 +728,27 @@ def compare_values(theirs: Any, ours: Any, max_points: int = 2000) -> alt.HConca
 def kv_arithmetic(meta: dict, length: int) -> str:
     """The memory arithmetic behind the KV chart, written out (markdown), from what the trace recorded: the
     config's layer and head counts, meta["kv_element_size"] and meta["kv_bytes_per_token"] (the session takes
-    both from the model: ModelConfig.kv_bytes_per_token of its compute dtype)."""
+    both from the model: ModelConfig.kv_bytes_per_token of its compute dtype). An MLA model (kv_lora_rank > 0)
+    caches a latent and a RoPE key instead of per-head K and V: set beside meta["mha_bytes_per_token"], what MHA
+    would hold."""
     config, element_size, per_token = meta["config"], meta.get("kv_element_size"), meta.get("kv_bytes_per_token")
     if element_size is None or per_token is None:  # a trace written before the session recorded them
         return (f"{config['n_layers']} layers × {config['n_kv_heads']} KV heads per token; bytes per token: "
                 f"not recorded in this trace; {length} positions cached")
-    return (f"{config['n_layers']} layers × {config['n_kv_heads']} KV heads × {config['head_dim']} head_dim × 2 (K and V) "
-            f"× {element_size} bytes = **{per_token:,} bytes per token**; × {length} positions = "
-            f"**{per_token * length / 2**20:.2f} MiB**")
+    total = f"**{per_token:,} bytes per token**; × {length} positions = **{per_token * length / 2**20:.2f} MiB**"
+    if not config.get("kv_lora_rank"):
+        return (f"{config['n_layers']} layers × {config['n_kv_heads']} KV heads × {config['head_dim']} head_dim × 2 (K and V) "
+                f"× {element_size} bytes = {total}")
+    n_layers, lora, rope = config["n_layers"], config["kv_lora_rank"], config["rope_dim"]
+    layer_bytes = per_token // n_layers
+    text = (f"MLA caches one latent of {lora} + a RoPE key of {rope} values per position and layer: ({lora} + {rope}) × "
+            f"{element_size} bytes = **{layer_bytes:,} B** per position and layer; {n_layers} layers = {total}")
+    mha = meta.get("mha_bytes_per_token")
+    if mha is None:
+        return text
+    return (text + f". MHA would hold {config['n_heads']} heads × ({config['head_dim']} + {config['v_head_dim']}) × "
+            f"{element_size} bytes = {mha // n_layers:,} B per position and layer ({mha / per_token:.3g}× more): "
+            f"{mha * length / 2**20:.2f} MiB here")
 
 
 def fmt_speedup(value: float | None) -> str:

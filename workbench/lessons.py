@@ -23,9 +23,9 @@ from workbench.bench import run as bench_run
 from workbench.bench import speedup as bench_speedup
 from workbench.dump import ours, split_capture
 from workbench.model import Model, apply_rope
+from workbench.qmatmul import matmul
 from workbench.session import Session
 from workbench.trace import Trace
-from workbench.weights import gated
 
 # The order the forward pass computes the frames in: the first difference between two traces is the earliest
 # (step, layer, stage); `tokens` (the logits) and `equiv` come after every layer.
@@ -43,6 +43,33 @@ def decode(model: Model, ids: list[int], steps: int, **options: Any) -> Session:
     for _ in range(steps):
         session.step()
     return session
+
+
+def break_effects(model: Model, ids: list[int], steps: int, breaks: Sequence[str]) -> pl.DataFrame:
+    """The clean run and each of `breaks`, `steps` greedy tokens after `ids` each. How far the logits move: one
+    uncached forward over the clean run's tokens with the break on, max |Δlogit| over every position relative to
+    the clean run's max |logit|, and at how many positions the top token changes. And the text: the generated
+    tokens and the first step whose token differs from the clean run's (None: none does). What each family's
+    lesson says of its own porting bugs."""
+    clean = decode(model, ids, steps).ids
+    tokens = torch.tensor(clean, device=model.device)
+
+    def logits(b: frozenset[str]) -> torch.Tensor:  # [T, vocab]
+        return model.forward(tokens, 0, model.new_cache(len(clean)), breaks=b)
+
+    reference = logits(frozenset())
+    rows = []
+    for name in ("clean", *breaks):
+        b = frozenset() if name == "clean" else frozenset({name})
+        moved = logits(b)
+        gen = decode(model, ids, steps, breaks=b).ids[len(ids):]
+        rows.append({
+            "break": name, "relative max |Δlogit|": float((moved - reference).abs().max() / reference.abs().max()),
+            "top token changes at": int((moved.argmax(-1) != reference.argmax(-1)).sum()), "of positions": len(clean),
+            "tokens differ from step": next((s for s, (a, c) in enumerate(zip(gen, clean[len(ids):])) if a != c), None),
+            "text (generated)": "|".join(visible(model.tokenizer.piece(t)) for t in gen),
+        })
+    return pl.DataFrame(rows, schema_overrides={"tokens differ from step": pl.Int64})
 
 
 # ---- 1 · the GGUF file ------------------------------------------------------------------------------------
@@ -222,6 +249,105 @@ def probe_check(model: Model, hand: list[dict[str, torch.Tensor]], captured: dic
     return pl.DataFrame(rows)
 
 
+# ---- 3 · QK-norm over the whole projection (olmoe) --------------------------------------------------------
+
+def _head_rms(x: torch.Tensor) -> list[float]:
+    """The RMS of each head's vector of x [T, heads, head_dim], position-major: T · heads values."""
+    return x.double().pow(2).mean(-1).sqrt().flatten().tolist()
+
+
+def qk_norm_whole_vs_per_head(model: Model, ids: list[int]) -> pl.DataFrame:
+    """q's QK-norm as olmoe computes it, over the whole projection (one RMS over every head of a row), against the
+    per-head norm a port may write instead (the qk-norm-per-head break), on one uncached forward over `ids` each:
+    per norm ("whole" | "per head"), layer, position and head, the RMS of the head's q before the norm, after it,
+    and after it ÷ the norm's weight (what the norm itself sets). The whole-row norm divides every head of a row
+    by one number, so the heads keep their relative sizes and only their combined RMS ÷ weight is 1; normed head
+    by head, each head's is 1."""
+    c = model.config
+    T, H, D = len(ids), c.n_heads, c.head_dim
+    frames = []
+    for norm, breaks in (("whole", frozenset()), ("per head", frozenset({"qk-norm-per-head"}))):
+        dump = ours(model, ids, T, names=["blocks.*.attn.q", "blocks.*.attn.q_normed"], breaks=breaks)  # one step
+        for i, layer in enumerate(model.weights.layers):
+            q, normed = (dump.tensors[(0, f"blocks.{i}.attn.{point}")] for point in ("q", "q_normed"))  # [T, H, D]
+            weight = layer.q_norm.float().cpu().view(H, D)  # [H·D] as each head's slice
+            frames.append(pl.DataFrame({
+                "norm": [norm] * T * H, "layer": [i] * T * H, "position": [p for p in range(T) for _ in range(H)],
+                "head": list(range(H)) * T, "rms before": _head_rms(q), "rms after": _head_rms(normed),
+                "rms after ÷ weight": _head_rms(normed / weight),
+            }, schema_overrides={"layer": pl.Int32, "position": pl.Int32, "head": pl.Int32}))
+    return pl.concat(frames)
+
+
+def qk_whole_summary(heads: pl.DataFrame) -> pl.DataFrame:
+    """Per norm of a `qk_norm_whole_vs_per_head` frame, over every layer and position: the smallest and largest
+    head RMS ÷ weight; the largest distance from 1 of a row's combined RMS ÷ weight (the root of its heads' mean
+    square), which both norms hold at 1; and the largest change of the heads' relative sizes within a row (the
+    spread of after ÷ weight ÷ before over its heads, − 1), which only the whole-row norm leaves at 0."""
+    rows = heads.with_columns((pl.col("rms after ÷ weight") / pl.col("rms before")).alias("scale")).group_by(
+        "norm", "layer", "position").agg(
+        (pl.col("rms after ÷ weight").pow(2).mean().sqrt() - 1).abs().alias("row"),
+        (pl.col("scale").max() / pl.col("scale").min() - 1).alias("relative"))
+    return heads.group_by("norm").agg(
+        pl.col("rms after ÷ weight").min().alias("head RMS ÷ weight, min"),
+        pl.col("rms after ÷ weight").max().alias("head RMS ÷ weight, max"),
+    ).join(rows.group_by("norm").agg(pl.col("row").max().alias("max |row RMS ÷ weight − 1|"),
+                                     pl.col("relative").max().alias("max change of the heads' relative sizes")),
+           on="norm").sort("norm", descending=True)  # whole, then per head
+
+
+# ---- 4 · latent attention (deepseek2) ---------------------------------------------------------------------
+
+def latent_cache(trace: Trace) -> pl.DataFrame:
+    """Per step of an MLA session's trace, on its primary path: the positions cached, the bytes the cache holds
+    (the kv frame over every layer: a latent + RoPE-key row per position; V is a view of the latent and costs
+    nothing), those bytes per position and layer, and what an MHA cache of the same model would hold for as many
+    positions (the trace's mha_bytes_per_token), in all and per position and layer."""
+    meta = trace.meta
+    n_layers, mha = meta["config"]["n_layers"], meta["mha_bytes_per_token"]
+    kv = trace.kv.filter(pl.col("path") == meta["primary_path"])
+    return kv.group_by("step").agg(
+        pl.col("length").max().cast(pl.Int64).alias("positions"),
+        (pl.col("k_bytes") + pl.col("v_bytes")).sum().alias("cache bytes"),
+    ).sort("step").with_columns(
+        (pl.col("cache bytes") / (pl.col("positions") * n_layers)).alias("bytes per position and layer"),
+        (pl.col("positions") * mha).alias("MHA bytes"),
+        pl.lit(mha / n_layers).alias("MHA bytes per position and layer"),
+    )
+
+
+def latent_attention_forms(model: Model, ids: list[int]) -> pl.DataFrame:
+    """MLA's attention two ways at every layer, in float64, from the engine's capture points on one uncached forward
+    over `ids` (`attn.q`, `.q_pe`, `.kv_latent`, `.k_pe`) and the layer's attn_k_b (`wk_b` [H, lora, nope]) and
+    attn_v_b (`wv_b` [H, v, lora]). As MHA: every head's K = [latent · attn_k_b | k_pe] and V = attn_v_b · latent,
+    decompressed at every position. Absorbed, as the engine runs it: q_nope through attn_k_b into the latent, scored
+    against the cached latent rows themselves. Per layer: max |difference| of each form's softmax from the engine's
+    `attn.pattern`, and of the MHA form's Σ p·V from its `attn.out`."""
+    c = model.config
+    T, nope = len(ids), c.head_dim - c.rope_dim
+    points = ("q", "q_pe", "kv_latent", "k_pe", "pattern", "out")
+    dump = ours(model, ids, T, names=[f"blocks.*.attn.{point}" for point in points])  # the prompt: one step
+    causal = torch.ones(T, T, dtype=torch.bool).triu(1)[:, None]  # [T, 1, keys]: a key after the query
+
+    def softmax(scores: torch.Tensor) -> torch.Tensor:  # [T, H, keys]
+        return torch.softmax((scores * c.attn_scale).masked_fill(causal, -math.inf), -1)
+
+    rows = []
+    for i, layer in enumerate(model.weights.layers):
+        q, q_pe, latent, k_pe, pattern, out = (dump.tensors[(0, f"blocks.{i}.attn.{p}")].double() for p in points)
+        wk_b, wv_b = layer.wk_b.double().cpu(), layer.wv_b.double().cpu()
+        k_nope = torch.einsum("sl,hln->shn", latent, wk_b)  # [keys, H, nope]: every head's K, decompressed
+        v = torch.einsum("hvl,sl->shv", wv_b, latent)  # [keys, H, v]
+        mha = softmax(torch.einsum("thn,shn->ths", q[..., :nope], k_nope) + torch.einsum("thr,sr->ths", q_pe, k_pe))
+        q_latent = torch.einsum("thn,hln->thl", q[..., :nope], wk_b)  # [T, H, lora]
+        absorbed = softmax(torch.einsum("thl,sl->ths", q_latent, latent) + torch.einsum("thr,sr->ths", q_pe, k_pe))
+        rows.append({"layer": i, "max |MHA-form pattern − engine's|": float((mha - pattern).abs().max()),
+                     "max |absorbed pattern − engine's|": float((absorbed - pattern).abs().max()),
+                     "max |MHA-form Σ p·V − engine's attn.out|": float(
+                         (torch.einsum("ths,shv->thv", mha, v).reshape(T, -1) - out).abs().max())})
+    return pl.DataFrame(rows)
+
+
 # ---- 5 · cached vs uncached -------------------------------------------------------------------------------
 
 def speed_sweep(model: Model, sizes: list[int], steps: int, on_size: Callable[[], None] = lambda: None) -> pl.DataFrame:
@@ -367,7 +493,8 @@ def shared_expert_share(model: Model, ids: list[int]) -> pl.DataFrame:
         for i, layer in enumerate(model.weights.layers):
             x, gate, out = (dump.tensors[(0, f"blocks.{i}.{point}")] for point in points)  # [T, hidden], [T, 1], [T, hidden]
             routed = model.moe(x, i, layer, None, frozenset({"shared-expert-dropped"}))  # Σ_k w_k · expert_k(x)
-            shared = gate.to(x.dtype) * gated(x, layer.shared_gate_up, layer.shared_down, F.silu)  # a SwiGLU expert
+            g, u = matmul(x, layer.shared_gate_up).chunk(2, dim=-1)  # the shared expert: a SwiGLU, written out
+            shared = gate.to(x.dtype) * matmul(F.silu(g) * u, layer.shared_down)
             s, r = shared.float().norm(dim=-1), routed.float().norm(dim=-1)  # [T]
             frames.append(pl.DataFrame({
                 "layer": [i] * len(ids), "position": list(range(len(ids))), "gate": gate[:, 0].tolist(),
@@ -387,30 +514,79 @@ def shared_summary(share: pl.DataFrame) -> pl.DataFrame:
     ).sort("layer")
 
 
-def shared_expert_breaks(model: Model, ids: list[int], steps: int, breaks: Sequence[str] = SHARED_BREAKS) -> pl.DataFrame:
-    """The clean run and each of `breaks`, `steps` greedy tokens after `ids` each. How far the logits move: one
-    uncached forward over the clean run's tokens with the break on, max |Δlogit| over every position relative to
-    the clean run's max |logit|, and at how many positions the top token changes. And the text: the generated
-    tokens and the first step whose token differs from the clean run's (None: none does)."""
-    clean = decode(model, ids, steps).ids
-    tokens = torch.tensor(clean, device=model.device)
+# ---- 6 · V3 routing (deepseek2) --------------------------------------------------------------------------
 
-    def logits(b: frozenset[str]) -> torch.Tensor:  # [T, vocab]
-        return model.forward(tokens, 0, model.new_cache(len(clean)), breaks=b)
+def v3_routing(model: Model, ids: list[int]) -> pl.DataFrame:
+    """DeepSeek-V3's router written out step by step at every MoE layer of one uncached forward over `ids`, from the
+    captured router logits and the layer's exp_probs_b: one row per (layer, position, expert) with its group, its
+    score (sigmoid of the logit), the bias, the biased score (only for choosing), its group's score (the sum of the
+    group's 2 best biased scores, as llama.cpp), whether the group is among the n_groups_used best, whether the
+    expert is chosen (top-k biased scores within those groups), whether plain top-k of the scores or of the biased
+    scores would choose it, its weight (the unbiased score, renormalised over the chosen where the model does,
+    × routed_scale; 0 unless chosen) and the engine's (`moe.topk_weights`; 0 where it did not choose it)."""
+    c = model.config
+    T, E, G, k = len(ids), c.n_experts, c.n_expert_groups, c.n_experts_used
+    points = ("moe.router_logits", "moe.topk_ids", "moe.topk_weights")
+    dump = ours(model, ids, T, names=[f"blocks.*.{point}" for point in points])  # the prompt: one step
 
-    reference = logits(frozenset())
-    rows = []
-    for name in ("clean", *breaks):
-        b = frozenset() if name == "clean" else frozenset({name})
-        moved = logits(b)
-        gen = decode(model, ids, steps, breaks=b).ids[len(ids):]
-        rows.append({
-            "break": name, "relative max |Δlogit|": float((moved - reference).abs().max() / reference.abs().max()),
-            "top token changes at": int((moved.argmax(-1) != reference.argmax(-1)).sum()), "of positions": len(clean),
-            "tokens differ from step": next((s for s, (a, c) in enumerate(zip(gen, clean[len(ids):])) if a != c), None),
-            "text (generated)": "|".join(visible(model.tokenizer.piece(t)) for t in gen),
-        })
-    return pl.DataFrame(rows, schema_overrides={"tokens differ from step": pl.Int64})
+    def top(x: torch.Tensor) -> torch.Tensor:  # [T, E] → True at each row's k largest
+        return torch.zeros_like(x, dtype=torch.bool).scatter_(1, x.topk(k, -1).indices, True)
+
+    frames = []
+    for i, layer in enumerate(model.weights.layers):
+        if not c.is_moe_layer(i):
+            continue
+        logits, engine_ids, engine_weights = (dump.tensors[(0, f"blocks.{i}.{point}")] for point in points)
+        scores = torch.sigmoid(logits.double()) if c.gating == "sigmoid" else torch.softmax(logits.double(), -1)
+        bias = layer.probs_bias.double().cpu() if layer.probs_bias is not None else torch.zeros(E, dtype=torch.float64)
+        biased = scores + bias  # [T, E]
+        grouped = biased.view(T, G, E // G)
+        group_score = grouped.topk(min(2, E // G), -1).values.sum(-1)  # [T, G]
+        kept = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, group_score.topk(c.n_groups_used, -1).indices, True)
+        kept = kept.repeat_interleave(E // G, 1)  # [T, E]: the expert's group survives
+        chosen = top(biased.masked_fill(~kept, -math.inf))
+        weight = scores * chosen
+        if c.norm_topk:
+            weight = weight / weight.sum(-1, keepdim=True)
+        weight = weight * c.routed_scale
+        engine = torch.zeros(T, E, dtype=torch.float64).scatter_(1, engine_ids, engine_weights.double())
+        frames.append(pl.DataFrame({
+            "layer": [i] * T * E, "position": [p for p in range(T) for _ in range(E)], "expert": list(range(E)) * T,
+            "group": [e // (E // G) for e in range(E)] * T, "score": scores.flatten().tolist(),
+            "bias": bias.repeat(T).tolist(), "biased score": biased.flatten().tolist(),
+            "group score": group_score.repeat_interleave(E // G, 1).flatten().tolist(), "group kept": kept.flatten().tolist(),
+            "chosen": chosen.flatten().tolist(), "plain top-k": top(scores).flatten().tolist(),
+            "biased top-k": top(biased).flatten().tolist(), "weight": weight.flatten().tolist(),
+            "engine weight": engine.flatten().tolist(),
+        }, schema_overrides={"layer": pl.Int32, "position": pl.Int32, "expert": pl.Int32, "group": pl.Int32}))
+    return pl.concat(frames)
+
+
+def v3_choice_changes(routing: pl.DataFrame) -> pl.DataFrame:
+    """Per MoE layer of a `v3_routing` frame: at how many positions the chosen experts differ from plain top-k of the
+    scores, at how many the bias alone changes them (top-k of the biased scores over every expert), at how many the
+    group limit changes them again, and the largest |weight − the engine's|."""
+    per_token = routing.group_by("layer", "position").agg(
+        (pl.col("chosen") != pl.col("plain top-k")).any().alias("chosen ≠ plain top-k"),
+        (pl.col("biased top-k") != pl.col("plain top-k")).any().alias("the bias changes it"),
+        (pl.col("chosen") != pl.col("biased top-k")).any().alias("the groups change it"),
+        (pl.col("weight") - pl.col("engine weight")).abs().max().alias("max |weight − engine's|"),
+    )
+    return per_token.group_by("layer").agg(
+        pl.len().alias("positions"), pl.col("chosen ≠ plain top-k").sum(), pl.col("the bias changes it").sum(),
+        pl.col("the groups change it").sum(), pl.col("max |weight − engine's|").max(),
+    ).sort("layer")
+
+
+def v3_example(routing: pl.DataFrame) -> pl.DataFrame:
+    """The rows (one per expert) of the (layer, position) of a `v3_routing` frame that shows the most: the first
+    where the group limit changes the choice, else the first where the bias does, else the first of all."""
+    per_token = routing.group_by("layer", "position", maintain_order=True).agg(
+        (pl.col("chosen") != pl.col("biased top-k")).any().alias("groups"),
+        (pl.col("biased top-k") != pl.col("plain top-k")).any().alias("bias"))
+    pick = next((r for key in ("groups", "bias") for r in per_token.filter(pl.col(key)).iter_rows(named=True)),
+                per_token.row(0, named=True))
+    return routing.filter((pl.col("layer") == pick["layer"]) & (pl.col("position") == pick["position"])).sort("expert")
 
 
 # ---- 7 · break it on purpose ------------------------------------------------------------------------------
