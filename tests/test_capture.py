@@ -15,7 +15,7 @@ from workbench.model import apply_rope, rms_norm
 from workbench.probes import Capture, StepProbe
 
 CHAIN = ["attn_norm", "attn.q", "attn.q_pe", "attn.kv_latent", "attn.k_pe", "attn.k", "attn.v", "attn.q_normed",
-         "attn.k_normed", "attn.q_rope", "attn.k_rope", "attn.pattern", "attn.out", "resid_mid", "ffn_norm",
+         "attn.k_normed", "attn.q_rope", "attn.k_rope", "attn.pattern", "attn.sink_share", "attn.out", "resid_mid", "ffn_norm",
          "moe.router_logits", "moe.topk_ids", "moe.topk_weights", "moe.shared_gate", "ffn_out", "resid_post"]
 IDS = [1, 17, 99, 250, 3, 411, 42, 7]
 
@@ -75,14 +75,15 @@ def test_each_point_is_what_its_name_says(arch, tiny_paths):
     for i, layer in enumerate(w.layers):
         p = f"blocks.{i}."
         pre = t[p + "attn.q_normed"] if c.qk_norm else t[p + "attn.q"]
-        cos, sin = m.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), len(IDS), c.rope_style)
+        cos, sin = m.rope_table(c.layer_rope_base(i), c.layer_rope_scale(i), len(IDS), c.rope_style, yarn=c.rope_yarn)
         assert close(apply_rope(pre, cos[: len(IDS)], sin[: len(IDS)], c.rope_style), t[p + "attn.q_rope"])
         if c.qk_norm:  # per head, or (olmoe) over the whole projection of each row
             k = t[p + "attn.k"]
             expected = rms_norm(k.flatten(1), layer.k_norm, c.rms_eps).view_as(k) if c.qk_norm_whole else rms_norm(k, layer.k_norm, c.rms_eps)
             assert close(expected, t[p + "attn.k_normed"])
         pattern = t[p + "attn.pattern"]  # [T, heads, keys]: probabilities, causal
-        assert close(pattern.sum(-1), torch.ones(pattern.shape[:2]))
+        sink = t[p + "attn.sink_share"] if c.attn_sinks else 0  # gpt-oss: the sink takes its share of each softmax
+        assert close(pattern.sum(-1) + sink, torch.ones(pattern.shape[:2]))
         assert float(pattern.transpose(0, 1).triu(1).abs().max()) == 0.0  # [heads, T, keys]: no key after its query
         group = c.n_heads // c.n_kv_heads
         values = t[p + "attn.v"].repeat_interleave(group, dim=1)  # [T, heads, d]: V of every position

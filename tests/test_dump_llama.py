@@ -36,7 +36,7 @@ EXPECTED = {"llama": DENSE, "qwen2": DENSE, "qwen3": DENSE | QK_NORM, "qwen3moe"
             "qwen2moe": DENSE | MOE | {"moe.shared_gate"}, "olmoe": DENSE | QK_NORM | MOE}
 # deepseek2: latent attention's points instead of per-head K/V; its three tables differ in the routing weights' node
 MLA = DENSE - {"attn.k", "attn.v", "attn.q_rope", "attn.k_rope"} | {"attn.q_pe", "attn.kv_latent", "attn.k_pe"}
-EXPECTED |= {table: MLA | MOE for table in ("deepseek2", "deepseek2-norm", "deepseek2-plain")}
+EXPECTED |= {table: MLA | MOE for table in ("deepseek2", "deepseek2-norm", "deepseek2-plain")} | {"gpt-oss": DENSE | MOE}
 # An older deepseek2 file (one attn_kv_b) runs llama.cpp's MHA graph, which turns the whole reshaped q (one ROPE node
 # named Qcur) rather than a q_pe view: no q_pe node to read there.
 NOT_IN_MHA_GRAPH = {"attn.q_pe"}
@@ -102,7 +102,8 @@ def test_tiny_dump_equals_ours(kind, tiny_paths, tiny_cache):
     assert (theirs.tokens, theirs.n_prompt) == (tokens, len(PROMPT))
     mine = ours(model, tokens, len(PROMPT))
     older_mla = model.config.is_mla and "blk.0.attn_kv_b.weight" in model.gguf.tensors
-    _check_points(theirs, mine, node_table(model.config), frozenset(NOT_IN_MHA_GRAPH if older_mla else ()))
+    missing = (NOT_IN_MHA_GRAPH if older_mla else set()) | ({"attn.sink_share"} if model.config.attn_sinks else set())
+    _check_points(theirs, mine, node_table(model.config), frozenset(missing))  # no node holds the sinks' share
     _check_exact(theirs, mine, model.config.arch, GELU_TABLE["tiny"])
 
 

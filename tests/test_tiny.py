@@ -43,11 +43,14 @@ OMITTED_BY_REAL_FILES = {
     "olmoe": {"attention.key_length", "attention.value_length", "vocab_size", "rope.dimension_count",
               "rope.scaling.type"},
     # V3's layout with YaRN: its converter writes factor, original context and log multiplier, no betas or factors
+    "gpt-oss": {"vocab_size", "rope.dimension_count", "rope.scaling.yarn_log_multiplier", "rope.scaling.attn_factor",
+                "rope.scaling.yarn_ext_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
+                "expert_weights_scale", "attention.sliding_window_pattern", "rope.freq_base_swa"},
     "deepseek2": {"rope.scaling.attn_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
                   "rope.scaling.yarn_ext_factor"},
 }
 PRE_TOKENIZER = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3moe": "qwen2", "gemma3": "default",
-                 "qwen2moe": "qwen2", "olmoe": "olmo", "deepseek2": "default"}
+                 "qwen2moe": "qwen2", "olmoe": "olmo", "deepseek2": "default", "gpt-oss": "default"}
 PROMPT = b"def forward(self, tokens):\n    return the model of the tokens"
 
 
@@ -85,7 +88,7 @@ def test_config_has_the_intended_values(tiny_dir: Path, arch: str) -> None:
 def test_arch_specific_values() -> None:
     assert TINY_SPECS["qwen3"].head_dim == TINY_SPECS["qwen3moe"].head_dim == 96 != HIDDEN // 4
     assert (TINY_SPECS["qwen3moe"].n_experts, TINY_SPECS["qwen3moe"].n_experts_used) == (8, 2)
-    assert [TINY_SPECS[a].tied_output for a in SUPPORTED_ARCHS] == [False, False, True, False, True, False, False, False]
+    assert [TINY_SPECS[a].tied_output for a in SUPPORTED_ARCHS] == [False, False, True, False, True, False, False, False, False]
     assert (TINY_SPECS["qwen2moe"].n_experts, TINY_SPECS["qwen2moe"].shared_ffn) == (8, 256)
 
 
@@ -125,6 +128,14 @@ def test_tensor_table_matches_gguf_reader_and_llama_cpp_names(tiny_dir: Path, ar
         assert shapes["blk.1.ffn_gate_exps.weight"] == (spec.n_experts, spec.expert_ffn, HIDDEN)
         assert shapes["blk.1.exp_probs_b.bias"] == (spec.n_experts,) and "blk.1.ffn_gate.weight" not in shapes
         assert shapes["blk.1.ffn_gate_shexp.weight"] == (spec.expert_ffn * m.n_shared, HIDDEN)
+        return
+    if arch == "gpt-oss":  # biases everywhere, a sink per head, the FFN norm stored as post_attention_norm
+        assert shapes["blk.0.attn_q.bias"] == (q_dim,) and shapes["blk.0.attn_output.bias"] == (HIDDEN,)
+        assert shapes["blk.0.attn_sinks.weight"] == (spec.n_heads,) and "blk.0.post_attention_norm.weight" in shapes
+        assert shapes["blk.0.ffn_gate_inp.bias"] == (spec.n_experts,)
+        assert shapes["blk.0.ffn_up_exps.bias"] == (spec.n_experts, spec.expert_ffn)
+        assert shapes["blk.0.ffn_down_exps.bias"] == (spec.n_experts, HIDDEN)
+        assert ours.tensors["blk.0.ffn_gate_exps.weight"].ggml_type == T.MXFP4
         return
     assert shapes["blk.0.attn_q.weight"] == (q_dim, HIDDEN)
     assert shapes["blk.0.attn_k.weight"] == shapes["blk.0.attn_v.weight"] == (kv_dim, HIDDEN)
@@ -172,9 +183,9 @@ def test_weights_have_sane_scales(tiny_dir: Path, arch: str) -> None:
     for name, info in gguf.tensors.items():
         values = dequantize(gguf.raw(name).numpy(), info.ggml_type)
         assert np.isfinite(values).all(), name
-        if len(info.shape) == 1 and name.endswith(".weight") and "ffn_gate_inp_shexp" not in name:  # norms
-            assert abs(values.mean() - 1) < 0.05, name
-        elif len(info.shape) > 1 and "ffn_gate_inp" not in name:
+        if len(info.shape) == 1 and name.endswith(".weight") and not any(s in name for s in ("ffn_gate_inp_shexp", "attn_sinks")):
+            assert abs(values.mean() - 1) < 0.05, name  # norms
+        elif len(info.shape) > 1 and name.endswith(".weight") and "ffn_gate_inp" not in name:
             std = EMBED_STD if name.startswith(("token_embd", "output")) else PROJ_STD
             assert values.std() == pytest.approx(std, rel=0.1), f"{name} ({info.type_name})"
             assert abs(values.mean()) < 0.1 * std, f"{name} ({info.type_name})"

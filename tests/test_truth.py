@@ -70,7 +70,7 @@ def write_mixed(arch: str, path: Path, seed: int, monkeypatch) -> Path:
     rng = random.Random(seed)
     spec = tiny.TINY_SPECS[arch]
     types = {}
-    rows = {kind: shape[-1] for _, shape, kind, _ in tiny.tensor_plan(tiny.tiny_arch(arch), spec)}
+    rows = {kind: shape[-1] for name, shape, kind, _ in tiny.tensor_plan(tiny.tiny_arch(arch), spec) if name.endswith(".weight")}
     for kind in tiny.QUANT_TYPES[arch]:
         pool = FLOATS + BLOCK_32 + (K_TYPES if rows[kind] % 256 == 0 else ())
         types[kind] = tuple(rng.choice(pool) for _ in range(spec.n_layers))

@@ -41,7 +41,7 @@ KINDS = {
     "attn_norm": "norm", "attn.q": "matmul", "attn.k": "matmul", "attn.v": "matmul",
     "attn.q_pe": "rope", "attn.kv_latent": "matmul", "attn.k_pe": "matmul",
     "attn.q_normed": "norm", "attn.k_normed": "norm", "attn.q_rope": "rope", "attn.k_rope": "rope",
-    "attn.pattern": "attention", "attn.out": "attention", "resid_mid": "matmul", "ffn_norm": "norm",
+    "attn.pattern": "attention", "attn.sink_share": "attention", "attn.out": "attention", "resid_mid": "matmul", "ffn_norm": "norm",
     "moe.router_logits": "matmul", "moe.topk_ids": "routing", "moe.topk_weights": "routing",
     "moe.shared_gate": "matmul", "ffn_out": "matmul", "resid_post": "add", "final_norm": "norm", "logits": "matmul",
 }
@@ -67,7 +67,7 @@ ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.
 ROUNDING_FACTOR = 4.0  # and at each point at least this × what that rounding alone does there (_raise_to_rounding)
 ROUNDOFF_FLOOR = {"norm": 2.0, "rope": 2.0, "add": 2.0, "matmul": 2.0, "attention": 4.0, "routing": 4.0}
 STATS_THRESHOLD = 5e-2  # statistics-only points: relative difference of RMS or mean beyond this is a divergence
-HEAD_POINTS = frozenset({"attn.q", "attn.q_pe", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rope", "attn.k_rope",
+HEAD_POINTS = frozenset({"attn.q", "attn.q_pe", "attn.sink_share", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rope", "attn.k_rope",
                          "attn.pattern", "attn.out"})
 
 
@@ -180,6 +180,8 @@ def expected_shape(model: Model, capture: str, n_keys: int) -> tuple[int, ...] |
     mla_only = point in ("attn.q_pe", "attn.kv_latent", "attn.k_pe")
     if c.is_mla and point in ("attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rope", "attn.k_rope"):
         return "its latent attention has no per-head K and V (see attn.kv_latent, attn.k_pe and attn.q_pe)"
+    if point == "attn.sink_share" and not c.attn_sinks:
+        return f"{c.arch} has no attention sinks"
     if mla_only and not c.is_mla:
         return f"{c.arch} has no latent attention"
     if point == "moe.shared_gate" and not c.shared_gate:

@@ -14,12 +14,12 @@ from typing import Any
 from workbench.errors import ModelError, UnsupportedError
 from workbench.gguf_file import GGUFFile
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe", "olmoe", "deepseek2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "qwen2moe", "olmoe", "deepseek2", "gpt-oss")
 
 # RoPE styles as llama.cpp names them. GGUF llama files were converted with Q/K rows permuted so that
 # rotation pairs are adjacent (x[2i], x[2i+1]): "normal". The others rotate x[i] with x[i + d/2]: "neox".
 ROPE_STYLE = {"llama": "normal", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox", "gemma3": "neox", "qwen2moe": "neox",
-              "olmoe": "neox", "deepseek2": "normal"}
+              "olmoe": "neox", "deepseek2": "normal", "gpt-oss": "neox"}
 
 _MISSING = object()
 # The keys llama.cpp reads with get_key_or_arr (one value per layer allowed); every other key is a scalar.
@@ -86,7 +86,7 @@ class ModelConfig:
     attn_scale: float  # multiplies q·k
     qk_norm: bool  # RMSNorm of q and k before RoPE: per head, or (qk_norm_whole) over the whole projection
     post_norms: bool  # gemma3: RMSNorm on the attention and FFN outputs before the residual add
-    ffn_act: str  # "silu" | "gelu_tanh" (gated, both)
+    ffn_act: str  # "silu" | "gelu_tanh" | "swiglu_oai" (gpt-oss's clamped SwiGLU), gated, all
     embed_scale: float  # token embeddings are multiplied by this (gemma3: sqrt(hidden))
     tied_output: bool  # no output.weight: the head reuses token_embd
     n_experts: int = 0
@@ -102,12 +102,14 @@ class ModelConfig:
     q_lora_rank: int = 0  # 0: q = x @ attn_q; else x @ attn_q_a → RMSNorm → @ attn_q_b
     kv_lora_rank: int = 0
     n_dense_lead: int = 0  # the first layers' FFN is dense (feed_forward_length wide), the rest MoE
-    gating: str = "softmax"  # router scores: "softmax" | "sigmoid" (V3)
+    gating: str = "softmax"  # router scores: "softmax" | "sigmoid" (V3) | "softmax_topk" (gpt-oss: top-k of the logits,
+    # then a softmax over those k)
     n_expert_groups: int = 1  # group-limited top-k: experts are chosen within the n_groups_used best groups
     n_groups_used: int = 1
     routed_scale: float = 1.0  # the routed experts' weights are multiplied by this (routed_scaling_factor)
     has_probs_bias: bool = False  # V3's exp_probs_b: added to the scores to choose, not to weigh
     rope_yarn: Yarn | None = None  # YaRN RoPE scaling (then rope_scale is 1)
+    attn_sinks: bool = False  # gpt-oss: a learned logit per head joins every softmax, and takes its share away
     sliding_window: int | None = None  # gemma3 local layers attend to the last `sliding_window` positions
     swa_pattern: int | None = None  # every swa_pattern-th layer is global, the rest are local
     rope_base_local: float | None = None
@@ -257,18 +259,22 @@ class _Reader:
         # Mixture of experts: qwen3moe, qwen2moe and olmoe always; llama when the file has experts (Mixtral's layout:
         # every layer's FFN is routed experts, softmax → top-k → renormalise, as llama.cpp's llm_build_llama calls
         # build_moe_ffn). qwen2moe and olmoe do not renormalise; qwen2moe adds a shared expert (Model.moe).
-        moe = arch in ("qwen3moe", "qwen2moe", "olmoe", "deepseek2") or (arch == "llama" and n_experts > 0)
+        moe = arch in ("qwen3moe", "qwen2moe", "olmoe", "deepseek2", "gpt-oss") or (arch == "llama" and n_experts > 0)
         if moe:
             if not (0 < n_experts_used <= n_experts <= 4096):
                 raise ModelError(f"{gguf.path.name}: expert_used_count {n_experts_used} / expert_count {n_experts} are invalid.")
         elif n_experts:
             raise UnsupportedError(f"{gguf.path.name}: {arch} with experts is not supported (qwen3moe, qwen2moe, olmoe "
                                    "and llama (Mixtral) are the MoE architectures here).")
-        routed_only = arch in ("qwen3moe", "qwen2moe")  # their feed_forward_length is no dense FFN's
+        routed_only = arch in ("qwen3moe", "qwen2moe", "gpt-oss")  # their feed_forward_length is no dense FFN's
         ffn_hidden = self.count("feed_forward_length", 1 << 24) if routed_only else self.positive("feed_forward_length")
         routing = self._deepseek2_routing(n_layers, n_experts, n_experts_used) if arch == "deepseek2" else {}
         expert_ffn_hidden = shared_ffn_hidden = 0
-        if arch == "deepseek2":  # llama.cpp reads expert_feed_forward_length as required; shared experts × n_ff_exp
+        if arch == "gpt-oss":  # llama.cpp: n_ff_exp required; its feed_forward_length is no dense FFN's
+            expert_ffn_hidden = self.positive("expert_feed_forward_length")
+            routing = {"gating": "softmax_topk", "routed_scale": self.get("expert_weights_scale", float, 1.0) or 1.0,
+                       "norm_topk": False}
+        elif arch == "deepseek2":  # llama.cpp reads expert_feed_forward_length as required; shared experts × n_ff_exp
             expert_ffn_hidden = self.positive("expert_feed_forward_length")
             shared_ffn_hidden = expert_ffn_hidden * self.count("expert_shared_count", 4096)
         elif routed_only:
@@ -281,10 +287,10 @@ class _Reader:
             shared_ffn_hidden = self.positive("expert_shared_feed_forward_length", ffn_hidden or _MISSING)
         gemma = arch == "gemma3"
         sliding_window = swa_pattern = rope_base_local = None
-        if gemma:
+        if gemma or arch == "gpt-oss":  # llama.cpp's patterns: gemma3 every 6th layer global, gpt-oss every 2nd
             sliding_window = self.positive("attention.sliding_window")
-            swa_pattern = self.positive("attention.sliding_window_pattern", 6, limit=n_layers + 1)
-            rope_base_local = self.positive_float("rope.freq_base_swa", 10000.0)
+            swa_pattern = self.positive("attention.sliding_window_pattern", 6 if gemma else 2, limit=n_layers + 1)
+            rope_base_local = self.positive_float("rope.freq_base_swa", 10000.0 if gemma else rope_base)
         # llama.cpp scales Gemma3-27B (62 layers) queries by 1/sqrt(hidden/heads), every other size by 1/sqrt(head_dim)
         # (deepseek2: of the decompressed q·k head, nope + rope).
         attn_scale = 1.0 / math.sqrt(hidden / n_heads if gemma and n_layers == 62 else head_dim)
@@ -311,7 +317,7 @@ class _Reader:
             qk_norm=arch in ("qwen3", "qwen3moe", "gemma3", "olmoe"),
             qk_norm_whole=arch == "olmoe",
             post_norms=gemma,
-            ffn_act="gelu_tanh" if gemma else "silu",
+            ffn_act="gelu_tanh" if gemma else "swiglu_oai" if arch == "gpt-oss" else "silu",
             embed_scale=math.sqrt(hidden) if gemma else 1.0,
             tied_output="output.weight" not in gguf.tensors,
             n_experts=n_experts if moe else 0,
@@ -320,6 +326,7 @@ class _Reader:
             norm_topk=routing.pop("norm_topk") if routing else moe and arch not in ("qwen2moe", "olmoe"),  # norm_w
             shared_ffn_hidden=shared_ffn_hidden,
             shared_gate=arch == "qwen2moe",
+            attn_sinks=arch == "gpt-oss",
             sliding_window=sliding_window,
             swa_pattern=swa_pattern,
             rope_base_local=rope_base_local,

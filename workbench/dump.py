@@ -35,7 +35,7 @@ STATS = ":stats"  # the suffix of a statistics-only point: [count, sum, sum of s
 # The chain of one block, in forward order (the order compare reports a first divergence in).
 BLOCK_CHAIN = (
     "attn_norm", "attn.q", "attn.q_pe", "attn.kv_latent", "attn.k_pe", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rope", "attn.k_rope",
-    "attn.pattern", "attn.out", "resid_mid", "ffn_norm", "moe.router_logits", "moe.topk_ids", "moe.topk_weights",
+    "attn.pattern", "attn.sink_share", "attn.out", "resid_mid", "ffn_norm", "moe.router_logits", "moe.topk_ids", "moe.topk_weights",
     "moe.shared_gate", "ffn_out", "resid_post",
 )
 FINAL_CHAIN = ("final_norm", "logits")
@@ -54,7 +54,7 @@ def point_shape(config, point: str, n_keys: int) -> tuple[int, ...]:
         "attn.k": (c.n_kv_heads, c.head_dim), "attn.k_normed": (c.n_kv_heads, c.head_dim),
         "attn.k_rope": (c.n_kv_heads, c.head_dim), "attn.v": (c.n_kv_heads, c.v_head_dim),
         "attn.pattern": (c.n_heads, n_keys), "attn.out": (c.n_heads * c.v_head_dim,),
-        "attn.q_pe": (c.n_heads, c.rope_dim), "attn.kv_latent": (c.kv_lora_rank,), "attn.k_pe": (c.rope_dim,),
+        "attn.sink_share": (c.n_heads,), "attn.q_pe": (c.n_heads, c.rope_dim), "attn.kv_latent": (c.kv_lora_rank,), "attn.k_pe": (c.rope_dim,),
         "moe.router_logits": (c.n_experts,), "moe.topk_ids": (c.n_experts_used,), "moe.topk_weights": (c.n_experts_used,),
         "moe.shared_gate": (1,), "logits": (c.vocab_size,),
     }.get(point, (c.hidden,))

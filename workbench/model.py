@@ -53,6 +53,11 @@ BREAKS = {
     "no-group-limit": "choose the top-k experts among all of them, ignoring the expert groups (V3)",
     "no-routed-scaling": "leave out the routed scaling factor (expert_weights_scale) of the experts' weights",
     "yarn-ignored": "ignore the file's YaRN RoPE scaling: plain RoPE, no magnitude or attention-scale correction",
+    "sinks-dropped": "leave gpt-oss's attention sinks out of the softmax",
+    "softmax-before-topk": "softmax over every expert's logit, then top-k, where gpt-oss takes the top-k logits, "
+                           "then a softmax over those k",
+    "swiglu-unclamped": "the plain SwiGLU instead of gpt-oss's clamped one (σ(1.702·g), up + 1, limits ±7)",
+    "no-sliding-window": "let every layer attend to every position, the sliding-window layers too",
 }
 
 
@@ -69,8 +74,8 @@ def breaks_that_apply(config: ModelConfig) -> list[str]:
             continue
         if name == "no-topk-renorm" and not c.norm_topk:
             continue
-        if name == "topk-renorm-anyway" and (not c.is_moe or c.norm_topk):
-            continue
+        if name == "topk-renorm-anyway" and (not c.is_moe or c.norm_topk or c.gating == "softmax_topk"):
+            continue  # gpt-oss's softmax over the chosen k sums to 1 already
         if name == "shared-expert-dropped" and not c.shared_ffn_hidden:
             continue
         if name == "shared-expert-ungated" and not c.shared_gate:
@@ -86,6 +91,12 @@ def breaks_that_apply(config: ModelConfig) -> list[str]:
         if name == "no-routed-scaling" and c.routed_scale == 1.0:
             continue
         if name == "yarn-ignored" and c.rope_yarn is None:
+            continue
+        if name == "sinks-dropped" and not c.attn_sinks:
+            continue
+        if name in ("softmax-before-topk", "swiglu-unclamped") and c.ffn_act != "swiglu_oai":
+            continue
+        if name == "no-sliding-window" and c.sliding_window is None:
             continue
         if name == "head-dim-from-hidden" and c.head_dim == c.hidden // c.n_heads:
             continue
@@ -115,6 +126,14 @@ def break_config(config: ModelConfig, breaks: frozenset[str]) -> ModelConfig:
         changes["qk_norm_whole"] = False
     if "no-routed-scaling" in breaks:
         changes["routed_scale"] = 1.0
+    if "sinks-dropped" in breaks:
+        changes["attn_sinks"] = False
+    if "softmax-before-topk" in breaks and config.gating == "softmax_topk":
+        changes["gating"] = "softmax"
+    if "swiglu-unclamped" in breaks and config.ffn_act == "swiglu_oai":
+        changes["ffn_act"] = "silu"
+    if "no-sliding-window" in breaks:
+        changes["sliding_window"] = None
     if "yarn-ignored" in breaks and config.rope_yarn is not None:
         changes["rope_yarn"] = None
         if config.is_mla:  # deepseek2's q·k scale carries YaRN's mscale²
@@ -125,6 +144,20 @@ def break_config(config: ModelConfig, breaks: frozenset[str]) -> ModelConfig:
         if not config.is_mla:  # MLA's RoPE width is its own (rope.dimension_count), not a share of head_dim
             changes["rope_dim"] = min(derived, config.rope_dim)
     return replace(config, **changes) if changes else config
+
+
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU (llama.cpp's ggml_swiglu_oai): g = min(gate, 7), u = clamp(up, ±7),
+    g · σ(1.702 g) · (u + 1)."""
+    g, u = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return g * torch.sigmoid(alpha * g) * (u + 1)
+
+
+GLUS = {  # ModelConfig.ffn_act → (gate·x, up·x) → the FFN's hidden activation
+    "silu": lambda gate, up: F.silu(gate) * up,
+    "gelu_tanh": lambda gate, up: F.gelu(gate, approximate="tanh") * up,
+    "swiglu_oai": swiglu_oai,
+}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -165,7 +198,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 
 
 def grouped_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of q [T, n_heads, d] over keys, values [n_kv_heads, S, d] → [T, n_heads, d].
 
@@ -174,21 +208,45 @@ def grouped_attention(
     h // (n_heads / n_kv_heads). `mask` [T, S] is True where a query may attend (None: everywhere). One fused
     PyTorch kernel (scaled_dot_product_attention with enable_gqa), which accumulates in float32; the
     walkthrough writes the same computation out op by op.
+
+    `sinks` [n_heads] (gpt-oss): one more logit per head in every softmax, that weighs no value. It is a key
+    of zeros (score 0) whose mask adds the head's sink logit, with a value of zeros: exact, in the same kernel.
     """
+    if sinks is not None:
+        keys, values, mask = _with_sink(keys, values, mask, sinks, q.shape[0], q.shape[1])
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=True
     )  # [1, n_heads, T, d]
     return out[0].transpose(0, 1)
 
 
-def attention_pattern(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def attention_pattern(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The softmax probabilities grouped_attention weighs the values by: [T, n_heads, keys], float32, written out
-    (the fused kernel does not return them). Query head h reads KV head h // (n_heads / n_kv_heads)."""
+    (the fused kernel does not return them). Query head h reads KV head h // (n_heads / n_kv_heads). With
+    `sinks`, each head's sink logit joins the softmax and its column is dropped: rows sum to 1 − the sink's share."""
     k = keys.repeat_interleave(q.shape[1] // keys.shape[0], dim=0).float()  # [n_heads, keys, d]
     scores = torch.einsum("thd,hsd->ths", q.float(), k) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink = sinks.float()[None, :, None].expand(scores.shape[0], -1, 1)
+    return torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+
+
+def _with_sink(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, sinks: torch.Tensor, T: int,
+               n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """keys, values with one key and value of zeros appended, and the additive float mask [n_heads, T, keys + 1]
+    that hides what `mask` hides and gives the new key each head's sink logit."""
+    n_kv, S = keys.shape[0], keys.shape[1]
+    keys = torch.cat((keys, keys.new_zeros(n_kv, 1, keys.shape[2])), dim=1)
+    values = torch.cat((values, values.new_zeros(n_kv, 1, values.shape[2])), dim=1)
+    additive = torch.zeros(T, S, dtype=keys.dtype, device=keys.device)
+    if mask is not None:
+        additive = additive.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(keys.dtype)[:, None, None].expand(n_heads, T, 1)
+    return keys, values, torch.cat((additive.expand(n_heads, T, S), sink), dim=-1)
 
 
 def seen(probe: Probe | None, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -477,21 +535,29 @@ class Model:
         q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
         q, k = seen(probe, f"blocks.{i}.attn.q_rope", q), seen(probe, f"blocks.{i}.attn.k_rope", k)
         keys, values = span.cache.update(i, span.positions, k, v, span.n_keys)  # [n_kv_heads, keys, head_dim]
-        out = self._attend(q, keys, values, i, span, probe)
+        out = self._attend(q, keys, values, i, span, probe, layer.sinks if c.attn_sinks else None)
         out = seen(probe, f"blocks.{i}.attn.out", out.reshape(T, c.n_heads * c.head_dim))  # before the output projection
-        return matmul(out, layer.wo)
+        out = matmul(out, layer.wo)
+        return out if layer.bo is None else out + layer.bo
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, i: int, span: Span,
-                probe: Probe | None) -> torch.Tensor:
-        """q [T, n_heads, d] over the cache's keys and values → [T, n_heads, d_v], under the layer's mask; the
-        pattern is a capture point for a probe that wants it (and another engine's pattern can stand in)."""
+                probe: Probe | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, n_heads, d] over the cache's keys and values → [T, n_heads, d_v], under the layer's mask (and
+        gpt-oss's sinks); the pattern, and the share of attention the sinks take, are capture points for a
+        probe that wants them (another engine's pattern can stand in)."""
         c = span.config
         mask = span.mask(c.layer_window(i))
         given = None
-        if probe is not None and wants(probe, f"blocks.{i}.attn.pattern"):  # costs a second attention: on request
-            given = probe(f"blocks.{i}.attn.pattern", attention_pattern(q, keys, mask, c.attn_scale))
+        want_pattern = probe is not None and wants(probe, f"blocks.{i}.attn.pattern")  # a second attention: on request
+        want_share = sinks is not None and probe is not None and wants(probe, f"blocks.{i}.attn.sink_share")
+        if want_pattern or want_share:
+            pattern = attention_pattern(q, keys, mask, c.attn_scale, sinks)
+            if want_pattern:
+                given = probe(f"blocks.{i}.attn.pattern", pattern)
+            if want_share:  # [T, n_heads]: what the sink takes of each head's softmax (ours)
+                seen(probe, f"blocks.{i}.attn.sink_share", 1 - pattern.sum(-1))
         if given is None:
-            return grouped_attention(q, keys, values, mask, c.attn_scale)
+            return grouped_attention(q, keys, values, mask, c.attn_scale, sinks)
         return weigh_values(given.to(values.dtype), values)  # their probabilities (compare's teacher-forced run)
 
     def latent_attention(self, x: torch.Tensor, i: int, layer: LayerWeights, span: Span, probe: Probe | None) -> torch.Tensor:
@@ -524,12 +590,9 @@ class Model:
         out = torch.einsum("thl,hvl->thv", out, layer.wv_b).reshape(T, H * c.v_head_dim)
         return matmul(seen(probe, f"blocks.{i}.attn.out", out), layer.wo)
 
-    def _activation(self, gate: torch.Tensor) -> torch.Tensor:
-        return F.gelu(gate, approximate="tanh") if self.config.ffn_act == "gelu_tanh" else F.silu(gate)
-
     def feed_forward(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
         """Gated FFN: SwiGLU, or GELU-tanh gated for gemma3."""
-        return gated(x, layer.w_gate_up, layer.w_down, self._activation)
+        return gated(x, layer.w_gate_up, layer.w_down, GLUS[self.config.ffn_act])
 
     def moe(
         self, x: torch.Tensor, i: int, layer: LayerWeights, probe: Probe | None, breaks: frozenset[str] = frozenset()
@@ -538,28 +601,39 @@ class Model:
         → the chosen scores as weights, renormalised and scaled where the arch says → each chosen expert's SwiGLU
         → weighted sum, + a shared expert (gated by a sigmoid in qwen2moe)."""
         c = self.config_with(breaks)
-        router_logits = seen(probe, f"blocks.{i}.moe.router_logits", (x @ layer.router).float())  # [T, n_experts]
-        probs = torch.sigmoid(router_logits) if c.gating == "sigmoid" else torch.softmax(router_logits, dim=-1)
+        logits = (x @ layer.router).float()
+        if layer.router_bias is not None:
+            logits = logits + layer.router_bias
+        router_logits = seen(probe, f"blocks.{i}.moe.router_logits", logits)  # [T, n_experts]
+        if c.gating == "softmax_topk":  # gpt-oss: the k best logits, then a softmax over those k alone
+            probs = router_logits
+        else:
+            probs = torch.sigmoid(router_logits) if c.gating == "sigmoid" else torch.softmax(router_logits, dim=-1)
         ids = self._choose(probs, layer, c, breaks)  # [T, k]
         if "probs-bias-in-weights" in breaks and layer.probs_bias is not None:  # the choosing bias leaks into weights
             probs = probs + layer.probs_bias
-        weights = probs.gather(-1, ids)
+
+        def weigh(chosen: torch.Tensor) -> torch.Tensor:  # the chosen experts' weights [T, k]
+            picked = probs.gather(-1, chosen)
+            return torch.softmax(picked, dim=-1) if c.gating == "softmax_topk" else picked
+
+        weights = weigh(ids)
         if "moe-as-dense" in breaks:
             ids, weights = torch.zeros_like(ids[:, :1]), torch.ones_like(weights[:, :1])
         if probe is not None:
             given = seen(probe, f"blocks.{i}.moe.topk_ids", ids)
             if given is not ids:  # another engine's choice: the weights our router gives those experts
                 ids, weights = given, (torch.ones_like(given, dtype=probs.dtype) if "moe-as-dense" in breaks
-                                       else probs.gather(-1, given))
+                                       else weigh(given))
         if c.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
         if c.routed_scale != 1.0:
             weights = weights * c.routed_scale
         weights = seen(probe, f"blocks.{i}.moe.topk_weights", weights)
-        out = layer.experts(x, ids, weights, self._activation, self.grouped_mm)  # Σ weight × expert(x)
+        out = layer.experts(x, ids, weights, GLUS[c.ffn_act], self.grouped_mm)  # Σ weight × expert(x)
         if layer.shared_gate_up is None or "shared-expert-dropped" in breaks:
             return out
-        shared = gated(x, layer.shared_gate_up, layer.shared_down, self._activation)  # every token, as is (deepseek2)
+        shared = gated(x, layer.shared_gate_up, layer.shared_down, GLUS[c.ffn_act])  # every token, as is (deepseek2)
         if layer.shared_gate is not None:  # qwen2moe: scaled by sigmoid(x·g)
             gate = torch.sigmoid((x @ layer.shared_gate[:, None]).float())  # [T, 1]
             if "shared-expert-ungated" in breaks:

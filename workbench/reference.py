@@ -172,6 +172,11 @@ LLAMA_CPP_NODES: dict[str, dict[str, tuple[str, str]]] = {
     "deepseek2-norm": _MLA | _MOE | {"ffn_out": ("ffn_out", "last")},
     "deepseek2-plain": _MLA | _MOE | {"moe.topk_weights": ("ffn_moe_weights", "last"),
                                                "ffn_out": ("ffn_out", "last")},
+    # gpt-oss: its FFN norm is attn_post_norm-L; the router's bias is added in ffn_moe_probs-L (its gating takes
+    # the logits as they are), the softmax over the chosen k is ffn_moe_weights_softmax-L (a view of it); the
+    # pattern kq_soft_max-L already leaves the sink's column out, as ours. No node holds the sinks' share.
+    "gpt-oss": _DENSE | _MOE | {"ffn_norm": ("attn_post_norm", "last"), "moe.router_logits": ("ffn_moe_probs", "last"),
+                                "moe.topk_weights": ("ffn_moe_weights_softmax", "last")},
     # llama with experts (Mixtral): llm_build_llama's build_moe_ffn renormalises too (norm_w), the same nodes.
     "llama-moe": _DENSE | _MOE,
     # Post norms: kqv_out-L → attn_out MUL_MAT → attn_post_norm-L → sa_out-L (the residual after attention:

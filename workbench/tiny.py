@@ -157,6 +157,11 @@ TINY_SPECS: dict[str, TinySpec] = {
                                n_experts=8, n_experts_used=2, expert_ffn=128, ffn=256,
                                mla=MLASpec(nope=64, rope=32, v_head_dim=64, kv_lora=128, q_lora=0, split_kv_b=False,
                                            n_dense_lead=1, n_shared=2, gating="softmax")),
+    # gpt-oss's layout: Q/K/V/O biases, a sink logit per head, sliding-window (4) layers alternating with full
+    # ones, 8 experts (top-2 of the logits, then a softmax over the 2) in MXFP4 with biases, the router's bias,
+    # the clamped SwiGLU; YaRN ×32 over an original context of 64.
+    "gpt-oss": TinySpec(4, 4, 2, 64, rope_base=150000.0, rms_eps=1e-5, tied_output=False, n_experts=8,
+                        n_experts_used=2, expert_ffn=128, sliding_window=4, yarn=(32.0, 64, 0.0)),
     # Mixtral's layout: a llama file whose every FFN is routed experts (top-2 of 8); feed_forward_length is each
     # expert's width, and there is no expert_feed_forward_length key (convert_hf_to_gguf writes none for it).
     "mixtral": TinySpec(2, 4, 2, 64, rope_base=1e6, rms_eps=1e-5, tied_output=False,
@@ -242,6 +247,13 @@ QUANT_TYPES: dict[str, dict[MODEL_TENSOR, tuple[GGMLQuantizationType, ...]]] = {
         E.FFN_GATE: (T.Q5_K,), E.FFN_UP: (T.Q4_K,), E.FFN_DOWN: (T.Q8_0,),
         E.FFN_GATE_EXP: (T.Q3_K, T.Q5_K), E.FFN_UP_EXP: (T.Q4_K, T.Q6_K), E.FFN_DOWN_EXP: (T.Q5_0, T.Q4_1),
         E.FFN_GATE_SHEXP: (T.Q8_0, T.Q4_K), E.FFN_UP_SHEXP: (T.Q5_K, T.Q8_0), E.FFN_DOWN_SHEXP: (T.Q8_0, T.Q6_K),
+    },
+    "gpt-oss": {  # the experts in MXFP4, as OpenAI released them; the rest as a mixed llama.cpp quantization
+        E.TOKEN_EMBD: (T.Q8_0,), E.OUTPUT: (T.Q6_K,),
+        # K not in Q4_K: the quantized path's bfloat16 scales and mins cost a Q4_K projection ~5 % here (issue 16;
+        # qwen3's layer 0 shows it too), which the sinks' softmax turns into a 0.97 cosine of the logits
+        E.ATTN_Q: (T.Q8_0, T.Q5_K), E.ATTN_K: (T.Q5_0, T.F16), E.ATTN_V: (T.Q6_K, T.Q8_0), E.ATTN_OUT: (T.Q5_0, T.Q4_K),
+        E.FFN_GATE_EXP: (T.MXFP4,), E.FFN_UP_EXP: (T.MXFP4,), E.FFN_DOWN_EXP: (T.MXFP4,),
     },
     "mixtral": {
         E.TOKEN_EMBD: (T.Q8_0,), E.OUTPUT: (T.Q6_K,),
@@ -420,8 +432,9 @@ def tensor_plan(arch: str, spec: TinySpec) -> list[tuple[str, tuple[int, ...], M
         (TENSOR_NAMES[E.TOKEN_EMBD] + ".weight", (vocab, hidden), E.TOKEN_EMBD, None)
     ]
     for i in range(spec.n_layers):
-        if spec.mla is not None:
-            plan += [(f"{TENSOR_NAMES[kind].format(bid=i)}.{suffix}", shape, kind, i) for kind, suffix, shape in _mla_layer(spec, i)]
+        if spec.mla is not None or arch == "gpt-oss":
+            own = _mla_layer(spec, i) if spec.mla is not None else _gpt_oss_layer(spec)
+            plan += [(f"{TENSOR_NAMES[kind].format(bid=i)}.{suffix}", shape, kind, i) for kind, suffix, shape in own]
             continue
         layer: list[tuple[MODEL_TENSOR, str, tuple[int, ...]]] = [
             (E.ATTN_NORM, "weight", (hidden,)),
@@ -494,12 +507,34 @@ def _mla_layer(spec: TinySpec, i: int) -> list[tuple[MODEL_TENSOR, str, tuple[in
     return layer
 
 
+def _gpt_oss_layer(spec: TinySpec) -> list[tuple[MODEL_TENSOR, str, tuple[int, ...]]]:
+    """A gpt-oss block's tensors (kind, suffix, torch shape), as convert_hf_to_gguf names and shapes them: the norm
+    before the experts is post_attention_norm, every projection and expert has a bias, each head a sink."""
+    q_dim, kv_dim, hidden = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.hidden
+    n, f = spec.n_experts, spec.expert_ffn
+    return [
+        (E.ATTN_NORM, "weight", (hidden,)),
+        (E.ATTN_Q, "weight", (q_dim, hidden)), (E.ATTN_Q, "bias", (q_dim,)),
+        (E.ATTN_K, "weight", (kv_dim, hidden)), (E.ATTN_K, "bias", (kv_dim,)),
+        (E.ATTN_V, "weight", (kv_dim, hidden)), (E.ATTN_V, "bias", (kv_dim,)),
+        (E.ATTN_OUT, "weight", (hidden, q_dim)), (E.ATTN_OUT, "bias", (hidden,)),
+        (E.ATTN_SINKS, "weight", (spec.n_heads,)),
+        (E.ATTN_POST_NORM, "weight", (hidden,)),
+        (E.FFN_GATE_INP, "weight", (n, hidden)), (E.FFN_GATE_INP, "bias", (n,)),
+        (E.FFN_GATE_EXP, "weight", (n, f, hidden)), (E.FFN_GATE_EXP, "bias", (n, f)),
+        (E.FFN_UP_EXP, "weight", (n, f, hidden)), (E.FFN_UP_EXP, "bias", (n, f)),
+        (E.FFN_DOWN_EXP, "weight", (n, hidden, f)), (E.FFN_DOWN_EXP, "bias", (n, hidden)),
+    ]
+
+
 def _data(
     rng: np.random.Generator, arch: str, name: str, shape: tuple[int, ...], kind: MODEL_TENSOR, layer: int | None
 ) -> tuple[np.ndarray, GGMLQuantizationType]:
     """The tensor's stored array and GGML type."""
     if name.endswith(".bias"):  # Q/K/V biases; deepseek2's exp_probs_b (of the order of its sigmoid scores' spread)
         return rng.normal(0.0, BIAS_STD, size=shape).astype(np.float32), T.F32
+    if kind == E.ATTN_SINKS:  # logits of the order of q·k's: the sinks take a visible share of each softmax
+        return rng.normal(0.0, 1.0, size=shape).astype(np.float32), T.F32
     if kind == E.FFN_GATE_INP_SHEXP:  # the shared expert's gate vector: x·g with std ~1.6, sigmoid well spread
         return rng.normal(0.0, 0.1, size=shape).astype(np.float32), T.F32
     if len(shape) == 1:  # every other 1-D weight is a norm
@@ -555,13 +590,13 @@ def write_metadata(w: GGUFWriter, arch: str, spec: TinySpec, vocab: Vocab, name:
     if arch == "llama":  # LlamaModel writes these; llama files state no key_length (head_dim = hidden / heads)
         w.add_vocab_size(spec.vocab_size)
         w.add_rope_dimension_count(spec.head_dim)
-    if arch in ("qwen3", "qwen3moe", "gemma3"):  # their HF configs have head_dim
+    if arch in ("qwen3", "qwen3moe", "gemma3", "gpt-oss"):  # their HF configs have head_dim
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
     if spec.n_experts:
         w.add_expert_count(spec.n_experts)
         w.add_expert_used_count(spec.n_experts_used)
-        if arch in ("qwen3moe", "qwen2moe"):  # a llama MoE (Mixtral) states its experts' width as feed_forward_length
+        if arch in ("qwen3moe", "qwen2moe", "gpt-oss"):  # a llama MoE (Mixtral) states its experts' width as feed_forward_length
             w.add_expert_feed_forward_length(spec.expert_ffn)
         if spec.shared_ffn:
             w.add_expert_shared_feed_forward_length(spec.shared_ffn)
@@ -572,7 +607,8 @@ def write_metadata(w: GGUFWriter, arch: str, spec: TinySpec, vocab: Vocab, name:
         w.add_rope_scaling_type(RopeScalingType.YARN)
         w.add_rope_scaling_factor(factor)
         w.add_rope_scaling_orig_ctx_len(original)
-        w.add_rope_scaling_yarn_log_mul(log_mul)
+        if log_mul:  # deepseek2's converter writes one; gpt-oss's does not
+            w.add_rope_scaling_yarn_log_mul(log_mul)
     if spec.sliding_window is not None:
         w.add_sliding_window(spec.sliding_window)
     w.add_file_type(file_type)

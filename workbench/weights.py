@@ -62,16 +62,25 @@ class LayerWeights:
     wk_b: torch.Tensor | None = None  # [n_heads, kv_lora_rank, nope]: q_nope → latent space (absorbed K decompression)
     wv_b: torch.Tensor | None = None  # [n_heads, v_head_dim, kv_lora_rank]: latent attention output → value heads
     probs_bias: torch.Tensor | None = None  # [n_experts] float32: V3's exp_probs_b, added to choose experts
+    bo: torch.Tensor | None = None  # [hidden]: the attention output projection's bias (gpt-oss)
+    sinks: torch.Tensor | None = None  # [n_heads] float32: gpt-oss's attention sink logits
+    router_bias: torch.Tensor | None = None  # [n_experts] float32 (gpt-oss)
 
 
-Activation = Callable[[torch.Tensor], torch.Tensor]
+GLU = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gate·x, up·x) → the hidden activation
 
 
-def gated(x: torch.Tensor, w_gate_up: Matrix, w_down: Matrix, act: Activation) -> torch.Tensor:
-    """down(act(gate·x) ⊙ up·x), the gated FFN, with gate and up fused: w_gate_up is [hidden, 2·ffn]. Dense
-    weights may carry a leading batch dim (x [k, T, hidden] against k experts' stacks)."""
-    gate, up = matmul(x, w_gate_up).chunk(2, dim=-1)
-    return matmul(act(gate) * up, w_down)
+def gated(x: torch.Tensor, w_gate_up: Matrix, w_down: Matrix, glu: GLU,
+          b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None) -> torch.Tensor:
+    """down(glu(gate·x, up·x)), the gated FFN (SwiGLU: silu(gate) ⊙ up), with gate and up fused: w_gate_up is
+    [hidden, 2·ffn], and their biases (gpt-oss's experts) fused the same way. Dense weights may carry a leading
+    batch dim (x [k, T, hidden] against k experts' stacks)."""
+    gate_up = matmul(x, w_gate_up)
+    if b_gate_up is not None:
+        gate_up = gate_up + b_gate_up
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = matmul(glu(gate, up), w_down)
+    return out if b_down is None else out + b_down
 
 
 @dataclass
@@ -82,16 +91,23 @@ class ExpertStacks:
 
     gate_up: Experts
     down: Experts
+    gate_up_bias: torch.Tensor | None = None  # [E, 2·expert_ffn] (gpt-oss)
+    down_bias: torch.Tensor | None = None  # [E, hidden]
+
+    def _biases(self, e) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Expert e's biases (an int, a 0-d or a [k] index tensor; None where the file has none)."""
+        return (None if self.gate_up_bias is None else self.gate_up_bias[e],
+                None if self.down_bias is None else self.down_bias[e])
 
     @property
     def dense(self) -> bool:
         """Both stacks are dense tensors: the only case batched gathers and grouped matmuls may be used."""
         return isinstance(self.gate_up, torch.Tensor) and isinstance(self.down, torch.Tensor)
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, act: Activation,
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, glu: GLU,
                  grouped_mm: bool = False) -> torch.Tensor:
         """Σ over each row's chosen experts of weight × expert(x): x [T, hidden], ids and weights [T, k]."""
-        if x.shape[0] == 1 and self.dense and grouped_mm:
+        if x.shape[0] == 1 and self.dense and grouped_mm and self.gate_up_bias is None and self.down_bias is None:
             # One token on a Hopper-class GPU: a grouped matmul over the whole expert stack, whose groups are
             # the chosen experts (one row each, rows sorted by expert; `offs` ends each expert's rows), so
             # only the chosen experts' matrices are read, and nothing waits for the host.
@@ -101,13 +117,15 @@ class ExpertStacks:
             offs = (chosen[None, :] <= every[:, None]).sum(1, dtype=torch.int32)  # [E]
             rows = x.expand(chosen.shape[0], -1).contiguous()
             gate, up = torch._grouped_mm(rows, self.gate_up, offs=offs).chunk(2, dim=-1)
-            y = torch._grouped_mm((act(gate) * up).contiguous(), self.down, offs=offs)  # [k, hidden], by expert
+            y = torch._grouped_mm(glu(gate, up).contiguous(), self.down, offs=offs)  # [k, hidden], by expert
             return (y * weights[0, order, None].to(x.dtype)).sum(0, keepdim=True)
         if x.shape[0] == 1 and self.dense:
             # One token: gather the k chosen experts' matrices by index and batch them, with no host sync
             # (so a CUDA graph can hold the step).
             chosen = ids[0]
-            y = gated(x.expand(chosen.shape[0], 1, -1), self.gate_up[chosen], self.down[chosen], act)
+            b_gate_up, b_down = self._biases(chosen)  # [k, …]: one row per expert, broadcast over its one token
+            y = gated(x.expand(chosen.shape[0], 1, -1), self.gate_up[chosen], self.down[chosen], glu,
+                      None if b_gate_up is None else b_gate_up[:, None], None if b_down is None else b_down[:, None])
             return (y[:, 0] * weights[0, :, None].to(x.dtype)).sum(0, keepdim=True)
         if x.shape[0] == 1:
             # One token, the k chosen experts in turn. On a GPU each expert is selected on the device by its id
@@ -117,12 +135,12 @@ class ExpertStacks:
             on_host = x.device.type == "cpu"
             for slot in range(ids.shape[1]):
                 e = int(ids[0, slot]) if on_host else ids[0, slot]
-                out += gated(x, expert(self.gate_up, e), expert(self.down, e), act) * weights[0, slot].to(x.dtype)
+                out += gated(x, expert(self.gate_up, e), expert(self.down, e), glu, *self._biases(e)) * weights[0, slot].to(x.dtype)
             return out
         out = torch.zeros_like(x)
         for e in ids.unique().tolist():
             token_idx, slot = (ids == e).nonzero(as_tuple=True)
-            ye = gated(x[token_idx], expert(self.gate_up, e), expert(self.down, e), act)
+            ye = gated(x[token_idx], expert(self.gate_up, e), expert(self.down, e), glu, *self._biases(e))
             out.index_add_(0, token_idx, ye * weights[token_idx, slot, None].to(x.dtype))
         return out
 
@@ -224,9 +242,13 @@ def _load_ffn(ld: _Loader, c: ModelConfig, i: int, layer: LayerWeights) -> None:
     if c.is_moe_layer(i):
         e, f = c.n_experts, c.expert_ffn_hidden
         layer.router = ld.tensor(_name(E.FFN_GATE_INP, i), (e, c.hidden)).t().contiguous()
+        layer.router_bias = ld.tensor(_name(E.FFN_GATE_INP, i, "bias"), (e,), norm=True, required=False)
+        gate_b, up_b = (ld.tensor(_name(kind, i, "bias"), (e, f), required=False) for kind in (E.FFN_GATE_EXP, E.FFN_UP_EXP))
         layer.experts = ExpertStacks(
             gate_up=ld.matrix([_name(E.FFN_GATE_EXP, i), _name(E.FFN_UP_EXP, i)], [(e, f, c.hidden)] * 2),
             down=ld.matrix([_name(E.FFN_DOWN_EXP, i)], [(e, c.hidden, f)]),
+            gate_up_bias=None if gate_b is None else torch.cat((gate_b, up_b), -1),
+            down_bias=ld.tensor(_name(E.FFN_DOWN_EXP, i, "bias"), (e, c.hidden), required=False),
         )
         if c.has_probs_bias:
             layer.probs_bias = ld.tensor(_name(E.FFN_EXP_PROBS_B, i, "bias"), (e,), norm=True)
@@ -295,9 +317,13 @@ def load_weights(
             wqkv=ld.matrix([_name(E.ATTN_Q, i), _name(E.ATTN_K, i), _name(E.ATTN_V, i)],
                            [(q_dim, c.hidden), (kv_dim, c.hidden), (kv_dim, c.hidden)]),
             wo=ld.matrix([_name(E.ATTN_OUT, i)], [(c.hidden, q_dim)]),
-            ffn_norm=ld.tensor(_name(E.FFN_NORM, i), (c.hidden,), norm=True),
+            # gpt-oss names the norm before its FFN post_attention_norm (the GGUF name of HF's post_attention_layernorm)
+            ffn_norm=ld.tensor(_name(E.ATTN_POST_NORM if c.attn_sinks else E.FFN_NORM, i), (c.hidden,), norm=True),
             bqkv=torch.cat(biases) if biases[0] is not None else None,
+            bo=ld.tensor(_name(E.ATTN_OUT, i, "bias"), (c.hidden,), required=False),
         )
+        if c.attn_sinks:
+            layer.sinks = ld.tensor(_name(E.ATTN_SINKS, i), (c.n_heads,), norm=True)
         if c.qk_norm:  # one weight per head dim, or (olmoe) per value of the whole projection
             q_n, k_n = (q_dim, kv_dim) if c.qk_norm_whole else (c.head_dim, c.head_dim)
             layer.q_norm = ld.tensor(_name(E.ATTN_Q_NORM, i), (q_n,), norm=True)
