@@ -2,7 +2,7 @@
 
 - `smollm2-135m`, `gemma3-270m`: real models from PyPI packages (the `models` extra).
 - `tiny-qwen3moe`: a small Qwen3-MoE trained here (data/train_tiny_moe.py), committed as data/tiny-qwen3moe.gguf.
-- `tiny-llama`, `tiny-qwen2`, `tiny-qwen3`, `tiny-gemma3`, `tiny-random-qwen3moe`, `tiny-qwen2moe`, `tiny-olmoe`, `tiny-mixtral`: random
+- `tiny-llama`, `tiny-qwen2`, `tiny-qwen3`, `tiny-gemma3`, `tiny-random-qwen3moe`, `tiny-qwen2moe`, `tiny-olmoe`, `tiny-deepseek2`, `tiny-deepseek2-lite`, `tiny-gpt-oss`, `tiny-mixtral`: random
   tiny models (tiny.py), generated on first use into a cache folder.
 
 What goes into the cache is written under a temporary name, checked (sha256 for gemma3, a GGUFFile parse for
