@@ -8,6 +8,7 @@ import torch
 
 from conftest import ARCHS, load_model
 from workbench.session import Session
+from workbench.tiny import TINY_KINDS
 
 STEPS = 64
 
@@ -29,15 +30,17 @@ def _check(model, prompt_ids, steps=STEPS):
     assert (diff <= 1e-4 * scale).all(), f"worst step {int((diff / scale).argmax())}: {float((diff / scale).max()):.2e}"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TINY_KINDS)
 def test_tiny_cached_equals_uncached(arch, tiny_paths):
     model = load_model(tiny_paths[arch])
     _check(model, [1, 50, 60, 70, 80, 90, 100])
 
 
-def test_tiny_gemma3_crosses_the_sliding_window(tiny_paths):
-    """The tiny gemma3's window is 8 positions: 64 steps cross it many times on the local layers."""
-    model = load_model(tiny_paths["gemma3"])
+@pytest.mark.parametrize("arch", ["gemma3", "gpt-oss"])
+def test_tiny_sliding_windows_are_crossed(arch, tiny_paths):
+    """The tiny gemma3's window is 8 positions, gpt-oss's 4 (with its sinks): 64 steps cross them many times on
+    the local layers."""
+    model = load_model(tiny_paths[arch])
     assert model.config.sliding_window is not None and model.config.sliding_window < STEPS
     _check(model, [1, 2, 3])
 
@@ -49,7 +52,7 @@ def test_real_cached_equals_uncached(name, smollm2_path, gemma3_path):
     _check(model, model.tokenizer.encode("Once upon a time, in a small village by the sea,"))
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "mixtral"])
+@pytest.mark.parametrize("arch", TINY_KINDS)
 def test_static_step_equals_eager_step(arch, tiny_paths):
     """The static-shape decode step (position as a tensor, attention over the whole cache under a mask: what
     a CUDA graph captures) gives the eager step's logits and writes the same cache, here on the CPU."""

@@ -186,6 +186,9 @@ LLAMA_CPP_NODES: dict[str, dict[str, tuple[str, str]]] = {
     "gemma3": _DENSE | _QK_NORM | {"resid_mid": ("sa_out", "last")},
 }
 
+_CLASHING_TABLES = frozenset({"gpt-oss"})  # node names that mean another point in other archs' graphs
+
+
 def node_table(config) -> str:
     """The LLAMA_CPP_NODES key of a model: its arch, "llama-moe" for a llama file with experts (Mixtral), and
     for deepseek2 the variant whose routing weights node is the file's last (scaled, renormalised or plain)."""
@@ -625,8 +628,9 @@ _TEXT_SUM = re.compile(r"(?:^|\s)sum = (?P<sum>\S+)\s*$")
 def read_eval_callback_text(text: str, tokens: Iterable[int], n_prompt: int, arch: str | None = None) -> Dump:
     """A statistics-only Dump from the text of llama.cpp's llama-eval-callback run on `tokens` (the first
     n_prompt as one batch, as the tool feeds its prompt; one decode per later token): Dump.stats[(step,
-    capture)] = [count, sum, NaN] for each node LLAMA_CPP_NODES maps (`arch`'s table; None: every arch's,
-    whose names do not clash), by the same selectors as llama_cpp_dump. The tool prints no sum of squares
+    capture)] = [count, sum, NaN] for each node LLAMA_CPP_NODES maps (`arch`'s table; None: every arch's
+    whose names do not clash — not gpt-oss's, whose attn_post_norm and ffn_moe_probs mean other things in gemma3's
+    and qwen3moe's graphs: read its text with arch="gpt-oss"), by the same selectors as llama_cpp_dump. The tool prints no sum of squares
     (NaN); count is the node's element count, the pattern's over its n_keys real keys (its other cells hold
     0, so its sum is theirs). A graph ends at its result_output node, so a text filtered without it is read
     as one step. Only builds that sum every element (common/debug.cpp) give whole-tensor sums: the older
@@ -639,7 +643,7 @@ def read_eval_callback_text(text: str, tokens: Iterable[int], n_prompt: int, arc
     dump = Dump(list(tokens), n_prompt)
     if arch is not None and arch not in LLAMA_CPP_NODES:
         raise DumpError(f"no llama.cpp node table for architecture '{arch}'; there is one for {', '.join(LLAMA_CPP_NODES)}.")
-    by_name = _nodes_by_name([arch] if arch else LLAMA_CPP_NODES)
+    by_name = _nodes_by_name([arch] if arch else [a for a in LLAMA_CPP_NODES if a not in _CLASHING_TABLES])
     step, ended, found = 0, False, 0
     current: tuple[list[str], list[int]] | None = None  # the captures and ne of the node whose sum comes next
     for line in text.splitlines():
