@@ -59,8 +59,8 @@ def _(mo):
 
     Sections: **1** what is in a GGUF file · **2** tokens · **3** one decode step by hand, and QK-norm over the whole
     projection · **4** the KV cache, and latent attention's cache · **5** cached vs uncached decoding · **6** the
-    mixture of experts, a shared expert with its gate, and V3's routing · **7** what the heads read, and when the
-    answer appears · **8** breaking it on purpose.
+    mixture of experts, a shared expert with its gate, and V3's routing · **7** what the heads read, when the answer
+    appears, and gpt-oss's attention sinks and sliding windows · **8** breaking it on purpose.
     Sliders and text boxes along the way change what is shown; every cell below them follows. Reading it
     through takes about 20 minutes; the buttons (sweeps, the breaks) are optional.
     """)
@@ -82,6 +82,9 @@ def _(mo):
     * **KV cache** — every earlier position's keys and values, kept so a decode step runs only the new token.
       **MLA** — multi-head latent attention (DeepSeek-V2/V3): every head's K and V are made from one shared latent
       row per position, which is all the cache holds, with one shared RoPE key (section 4).
+    * **sliding window** — a layer that attends only to the last `sliding_window` positions (Gemma3, gpt-oss).
+      **attention sink** — where a head puts attention when nothing is worth reading: key 0 in many trained models,
+      a learned logit per head in gpt-oss (section 7).
     * **prefill / decode** — the prompt's positions in one batched forward, then one token per step.
     * **MoE, router, experts, top-k** — a feed-forward layer made of many small networks (experts); a linear
       router scores them and only the best k run for each token. **shared expert** — (Qwen2-MoE, DeepSeek) one more
@@ -1629,6 +1632,135 @@ def _(cfg, charts, lessons, look_trace, mo, tok, visible):
 @app.cell(hide_code=True)
 def _(mo):
     mo.md(r"""
+    ### Attention sinks and sliding windows
+
+    The sink above is key 0, which a trained model learns to use as one. gpt-oss (`gpt-oss` in GGUF) is given one
+    instead: every head h has a learned **sink logit** s_h that joins each of its softmaxes as one more key with no
+    value, so the weights over the real keys j are exp(q·k_j/√d) / (Σ_j' exp(q·k_j'/√d) + exp(s_h)). They sum to
+    1 − the sink's **share**, exp(s_h) / (the same sum): attention paid to nothing, which a head that has nothing
+    worth reading can spend there instead of on some token. Its layers also alternate: the even ones slide, seeing
+    only the last `sliding_window` positions (128 in the released models), the odd ones see every position. Below,
+    the bundled `tiny-gpt-oss` (window 4), whose weights are **random** (the numbers show the mechanism, not what
+    training would make of it): a prompt decoded a few tokens with the `attention` frame on, and one forward over
+    the same tokens with the capture points `attn.q_rope`, `.k_rope`, `.pattern` and `.sink_share`.
+    """)
+    return
+
+
+@app.cell
+def _(Model, lessons):
+    # Sinks and sliding windows on the bundled random tiny gpt-oss (its weights are noise; both are the architecture's).
+    gptoss = Model.load("tiny-gpt-oss", device="cpu", weights="dequantized")
+    SINK_STEPS = 6
+    sink_ids = gptoss.tokenizer.encode("The history of the city begins with a small village on the river.")[:12]
+    _session = lessons.decode(gptoss, sink_ids, SINK_STEPS, path="cached", attention=True)
+    sink_trace = _session.trace()
+    sink_first = len(sink_ids) - 1  # step 0's newest token: the prompt's last; the last token written is not fed yet
+    sink_frame = lessons.sink_attention(gptoss, _session.ids[:-1], sink_first)
+    sink_summary = lessons.sink_summary(sink_frame)
+    sink_breaks = lessons.break_effects(gptoss, sink_ids, SINK_STEPS, lessons.SINK_BREAKS)
+    return SINK_STEPS, gptoss, sink_breaks, sink_first, sink_frame, sink_ids, sink_summary, sink_trace
+
+
+@app.cell
+def _(alt, charts, gptoss, mo, pl, sink_first, sink_frame, sink_summary, sink_trace):
+    _c = gptoss.config
+    _recorded = charts.sink_share_table(sink_trace.attention, "cached").with_columns(
+        (pl.col("step") + sink_first).alias("position"))  # step s's newest token sits at sink_first + s
+    _joined = sink_frame.join(_recorded, on=["position", "layer", "head"], suffix=" (frame)")
+    sink_recorded_gap = float((_joined["sink share"] - _joined["sink share (frame)"]).abs().max())
+    _mean = dict(sink_frame.group_by("layer kind").agg(pl.col("sink share").mean()).iter_rows())
+    _worst = {k: float(sink_summary[k].max()) for k in ("max |Σ pattern + share − 1|", "max |share − written out|")}
+    _pattern = float(sink_frame["max |pattern − written out|"].max())
+    _why = (f"the sink competes with only {_c.sliding_window} keys there, against up to {int(sink_frame['keys'].max())} on a "
+            "full layer" if _mean["sliding"] > _mean["full"] else "the random sink logits differ by more than the number "
+            "of keys each competes with")
+    _heat = alt.Chart(sink_frame.with_columns(pl.format("layer {} · head {}", "layer", "head").alias("row"))).mark_rect().encode(
+        x=alt.X("position:O", title="newest token's position"), y=alt.Y("row:N", sort=None, title=None),
+        color=alt.Color("sink share:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="sink share",
+                        legend=alt.Legend(format=".1f")),
+        tooltip=["position", "layer", "layer kind", "head", alt.Tooltip("sink share:Q", format=".3f"),
+                 alt.Tooltip("Σ pattern:Q", format=".3f")],
+    ).properties(width=180, height=12 * _c.n_layers * _c.n_heads, title="the sink's share at each step")
+    mo.vstack([
+        mo.md(f"""
+        **The sink's share.** Over the {sink_frame['position'].n_unique()} steps (the newest token at positions
+        {sink_first}–{int(sink_frame['position'].max())}), each head's sink takes between
+        **{sink_frame['sink share'].min():.2f}** and **{sink_frame['sink share'].max():.2f}** of its softmax: on average
+        **{_mean['sliding']:.2f}** on the sliding layers and **{_mean['full']:.2f}** on the full ones ({_why}).
+
+        **Pattern + sink = 1.** Written out from the captured q and k (after RoPE) and the layer's sink logits
+        (`lessons.sink_attention`: a softmax over [q·k/√{_c.head_dim} for every key the layer lets the token see, s_h]),
+        the last column is the share and the rest the pattern: the engine's Σ pattern + that share is 1 to
+        {_worst['max |Σ pattern + share − 1|']:.0e} at every layer, head and step; the share agrees with the engine's
+        `attn.sink_share` to {_worst['max |share − written out|']:.0e} and the pattern with `attn.pattern` to
+        {_pattern:.0e}. The session's `attention` frame, recorded while decoding through the cache (what the app's
+        Attention tab draws; its layer × head panel is the chart on the right), gives the same shares as 1 − Σ weights,
+        to {sink_recorded_gap:.0e}.
+        """),
+        mo.hstack([_heat, charts.sink_shares(sink_trace.attention, int(sink_trace.attention["step"].max()), "cached")],
+                  justify="start", wrap=True),
+        sink_summary.with_columns(pl.col("share min", "share mean", "share max", "weight beyond the window").round(3),
+                                  pl.col("max |Σ pattern + share − 1|", "max |share − written out|").map_elements(
+                                      lambda v: f"{v:.1e}", return_dtype=pl.String)),
+    ])
+    return (sink_recorded_gap,)
+
+
+@app.cell
+def _(SINK_STEPS, charts, gptoss, mo, pl, sink_breaks, sink_frame, sink_trace):
+    _c = gptoss.config
+    _last = sink_frame.filter(pl.col("position") == pl.col("position").max())
+    _sliding, _full = (_last.filter(pl.col("layer kind") == kind) for kind in ("sliding", "full"))
+    _local = [i for i in range(_c.n_layers) if _c.is_local_layer(i)]
+    _global = [i for i in range(_c.n_layers) if not _c.is_local_layer(i)]
+    _row = {r["break"]: r for r in sink_breaks.iter_rows(named=True)}
+    _dropped, _window = _row["sinks-dropped"], _row["no-sliding-window"]
+    _step = int(sink_trace.attention["step"].max())
+    _pieces = charts.sequence_pieces(sink_trace.meta, sink_trace.tokens, "cached")
+
+    def _tokens(r):
+        return ("the same greedy tokens" if r["tokens differ from step"] is None
+                else f"other greedy tokens from step {r['tokens differ from step']}")
+
+    _texts = (f"{_tokens(_dropped)} with either" if _tokens(_dropped) == _tokens(_window)
+              else f"{_tokens(_dropped)} (sinks dropped) and {_tokens(_window)} (no window)")
+    _n_masked = int(_full["keys masked"].max())
+    _full_masked = f"{_n_masked} keys are" if _n_masked else "no key is"
+    mo.vstack([
+        mo.md(f"""
+        **Sliding and full layers.** At the last step the newest token (position {int(_last['position'][0])}) has
+        {int(_last['keys'][0])} keys. On the sliding layers ({", ".join(map(str, _local))}) every head gives exactly 0 to
+        the **{int(_sliding['keys masked'].max())}** oldest — it sees the last {_c.sliding_window} positions, itself
+        included — so its weight beyond the window is exactly {_sliding['weight beyond the window'].max():g}; on the full
+        layers ({", ".join(map(str, _global))}) {_full_masked} masked and a head puts on average
+        **{_full['weight beyond the window'].mean():.2f}** of its weight on keys {_c.sliding_window} or more positions back.
+        The sink takes its share from every key alike; the window takes everything from the far ones.
+
+        **Its two porting bugs.** An engine that leaves the sink logits out (`sinks-dropped`) makes every head's
+        weights sum to 1 again, the sink's share spread over the keys in proportion; one that misses the alternating
+        pattern (`no-sliding-window`) lets the even layers read every key. On the clean run's tokens the logits move
+        by **{_dropped['relative max |Δlogit|']:.2f}** (sinks dropped) and **{_window['relative max |Δlogit|']:.2f}** (no
+        window) of the largest logit, the top token changes at {_dropped['top token changes at']} and
+        {_window['top token changes at']} of {_dropped['of positions']} positions, and decoding {SINK_STEPS} tokens gives
+        {_texts}. Neither raises anything, and the window bug cannot show before a sequence is longer than the window
+        ({_c.sliding_window} positions here, 128 in the released models). The clean run against itself:
+        {_row['clean']['relative max |Δlogit|']:g}. Against another engine's dump of a gpt-oss model,
+        `workbench compare` has both among its suspects.
+        """),
+        mo.hstack([charts.attention_heads(sink_trace.attention, _step, _local[0], "cached", _pieces).properties(
+                       title=f"sliding layer {_local[0]}"),
+                   charts.attention_heads(sink_trace.attention, _step, _global[0], "cached", _pieces).properties(
+                       title=f"full layer {_global[0]}")], justify="start", wrap=True),
+        mo.ui.table(sink_breaks.with_columns(pl.col("relative max |Δlogit|").round(4)), selection=None,
+                    wrapped_columns=["text (generated)"]),
+    ])
+    return
+
+
+@app.cell(hide_code=True)
+def _(mo):
+    mo.md(r"""
     ## 8 · Break it on purpose
 
     Every switch in `workbench.model.BREAKS` puts one known bug into the forward pass — each one a bug class
@@ -1808,7 +1940,8 @@ def _(mo):
 
 @app.cell
 def _(by_hand_max_diff, break_report, equiv_worst, mla_cache, mla_forms, mo, olmoe_summary, qwen3_30b_kv_bytes_32k,
-      shared_breaks, shared_share, speed_growth, speedup_measured, v3_changes, v3_kv_bytes):
+      shared_breaks, shared_share, sink_breaks, sink_frame, sink_recorded_gap, sink_summary, speed_growth,
+      speedup_measured, v3_changes, v3_kv_bytes):
     # A one-line summary for headless runs (`python notebooks/walkthrough.py`); silent in the editor.
     if not mo.running_in_notebook():
         _alarms = ", ".join(f"{r['break']}→{r['alarm frame'] or r['first frame']}@{r['alarm step'] if r['alarm frame'] else r['first step']}"
@@ -1830,7 +1963,12 @@ def _(by_hand_max_diff, break_report, equiv_worst, mla_cache, mla_forms, mo, olm
               f"{mla_cache['MHA bytes per position and layer'][-1]:.0f} B per position and layer, engine vs MHA-form "
               f"pattern {_mla_forms:.0e}, "
               f"DeepSeek-V3 {v3_kv_bytes['MLA']:,} vs {v3_kv_bytes['MHA']:,} B per token (bf16); V3 routing: "
-              f"choice ≠ plain top-k at {int(v3_changes['chosen ≠ plain top-k'].sum())} of {int(v3_changes['positions'].sum())}")
+              f"choice ≠ plain top-k at {int(v3_changes['chosen ≠ plain top-k'].sum())} of {int(v3_changes['positions'].sum())}; "
+              f"sinks (tiny-gpt-oss): share {sink_frame['sink share'].min():.2f}–{sink_frame['sink share'].max():.2f}, "
+              f"written out to {float(sink_summary['max |share − written out|'].max()):.0e}, attention frame to "
+              f"{sink_recorded_gap:.0e}, relative max|Δlogit| "
+              + ", ".join(f"{r['break']} {r['relative max |Δlogit|']:.2f}" for r in sink_breaks.iter_rows(named=True)
+                          if r["break"] != "clean"))
     return
 
 

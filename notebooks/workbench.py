@@ -578,9 +578,21 @@ def _(alt, att_head, att_layer, charts, mo, set_pick, shown, view):
         _step = int(_att["step"].max())
         _pieces = charts.sequence_pieces(shown.meta, shown.tokens, _path)
         _window = shown.meta["config"].get("sliding_window")
+        _breaks = shown.meta.get("breaks") or []
+        _sinks = []
+        if shown.meta["config"].get("attn_sinks"):  # gpt-oss: each head's sink share per layer, beside a sentence
+            _said = ("gpt-oss gives each head a learned **sink** logit: the share it takes (1 − Σ weights) is attention "
+                     "paid to nothing" + (f"; sliding-window layers (the even ones) see only the last {_window} positions."
+                                          if _window else "."))
+            if "sinks-dropped" in _breaks:
+                _said += " _Broken on purpose (sinks-dropped): the sinks are left out, so every share is 0._"
+            if "no-sliding-window" in _breaks:
+                _said += " _Broken on purpose (no-sliding-window): every layer sees every position._"
+            _sinks = [mo.hstack([view(charts.sink_shares(_att, _step, _path)), mo.md(_said)], justify="start", align="center")]
         attention_panel = lambda: mo.vstack([  # noqa: E731 (built when its tab is shown)
             mo.md("Which positions the newest token reads, per layer and head (the latest step). A tall first bar is an "
                   "attention sink; grey keys are masked" + (f" (sliding window of {_window} on local layers)." if _window else ".")),
+            *_sinks,
             mo.hstack([att_layer, att_head], justify="start"),
             view(charts.attention_over_keys(_att, _step, att_layer.value, att_head.value, _pieces, _path)),
             mo.ui.altair_chart(charts.attention_heads(_att, _step, att_layer.value, _path, _pieces,

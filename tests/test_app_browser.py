@@ -729,6 +729,22 @@ def test_an_mla_cache_is_set_beside_mha_in_the_kv_panel(app):
     app.wait_until(lambda: drawn() >= 2, CHARTS_S, "the KV panel's charts drawn with data")
 
 
+def test_attention_sinks_show_each_heads_share(app):
+    """tiny-gpt-oss picked in the sidebar, one Step: the Attention tab adds the sinks' layer × head chart and its
+    sentence to its two charts."""
+    app.page.get_by_role("combobox", name="model").select_option("tiny-gpt-oss (random weights)")
+    app.wait_until(lambda: app.shows("tiny-gpt-oss-"), APP_READY_S, "tiny-gpt-oss's file on the model card")
+    app.wait_idle(CLICK_S)
+    _open_tab(app, "Equivalence")
+    app.click_and_wait("Step", timeout=CLICK_S)
+    first_screen = sum(chart_has_data(c) for c in app.charts()) - 1  # less the Equivalence tab's one chart
+    _open_tab(app, "Attention")
+    app.wait_until(lambda: app.shows("attention paid to nothing"), CLICK_S, "the sinks' sentence")
+    app.wait_until(lambda: sum(chart_has_data(c) for c in app.charts()) >= first_screen + 3, CHARTS_S,
+                   "the sinks' chart drawn with data beside the Attention tab's two")
+    _open_tab(app, "Equivalence")
+
+
 def test_the_server_log_has_no_traceback(app, server):
     """Last of the browser tests: nothing the tests did above left a traceback in the server's log."""
     log = server.log_path.read_text(errors="replace")

@@ -14,12 +14,14 @@ import altair as alt
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from conftest import load_model
 
 from workbench import charts
 from workbench.compare import compare
 from workbench.dump import BLOCK_CHAIN, FINAL_CHAIN, ours
 from workbench.errors import InputError
+from workbench.probes import Capture
 from workbench.session import Session
 from workbench.trace import empty
 
@@ -355,6 +357,46 @@ def test_kv_growth_and_arithmetic_set_an_mla_cache_beside_mha(tiny_paths, trace)
                  f"**{c.n_layers * layer_bytes:,} bytes per token**", f"{length * mha / 2**20:.2f} MiB here"):
         assert part in text, (part, text)
     assert "MLA" not in charts.kv_arithmetic(trace.meta, 10) and len(_views(charts.kv_growth(trace.kv).to_dict())) == 2
+
+
+def test_sink_shares_are_one_minus_each_heads_weights(tiny_paths, gemma_trace):
+    """tiny-gpt-oss with the attention frame on: at the latest step the heat map holds every (layer, head) once, its
+    share 1 − the frame's Σ weights = the engine's attn.sink_share for that token (a forward of its own), in (0, 1)
+    on a fixed 0..1 scale with the value written in each cell; the sliding (even) layers count the keys past the
+    window of 4 as masked, the full ones none. With sinks-dropped every share is 0, and so (to rounding) on a model
+    without sinks."""
+    model = load_model(tiny_paths["gpt-oss"])
+    c = model.config
+    ids = model.tokenizer.encode(GEMMA_PROMPT)
+    assert len(ids) > c.sliding_window
+    session = Session(model, ids, path="cached", attention=True, context=64)
+    for _ in range(3):
+        session.step()
+    t = session.trace()
+    newest = len(ids) + 1  # step 2's newest token: the prompt's last position + 2
+    cells, text = _views(charts.sink_shares(t.attention, 2).to_dict())
+    rows = cells["rows"]
+    assert sorted((r["layer"], r["head"]) for r in rows) == [(i, h) for i in range(c.n_layers) for h in range(c.n_heads)]
+    cap = Capture(["*.attn.sink_share"])
+    model.forward(torch.tensor(session.ids[: newest + 1]), 0, model.new_cache(newest + 1), cap)
+    step = t.attention.filter(pl.col("step") == 2)
+    for r in rows:
+        weights = step.filter((pl.col("layer") == r["layer"]) & (pl.col("head") == r["head"]))["weight"]
+        assert r["sink share"] == pytest.approx(1 - weights.sum(), abs=1e-9) and 0 < r["sink share"] < 1
+        assert r["sink share"] == pytest.approx(float(cap.tensors[f"blocks.{r['layer']}.attn.sink_share"][newest, r["head"]]),
+                                                abs=1e-5)
+        assert r["keys"] == newest + 1
+        assert r["keys masked"] == (newest + 1 - c.sliding_window if r["layer"] % 2 == 0 else 0)
+    assert len(text["rows"]) == len(rows) and text["encoding"]["text"]["format"] == ".2f"
+    color = cells["encoding"]["color"]
+    assert color["scale"]["domain"] == [0, 1] and "format" in color["legend"]
+    assert all("format" in tip for tip in _tooltips(cells) if tip.get("type") == "quantitative" and tip["field"] not in COUNTS)
+    broken = Session(model, ids, path="cached", attention=True, context=64, breaks=frozenset({"sinks-dropped"}))
+    broken.step()
+    for frame in (broken.trace().attention, gemma_trace.attention):
+        shares = [r["sink share"] for r in _views(charts.sink_shares(frame, 0).to_dict())[0]["rows"]]
+        assert shares and max(abs(s) for s in shares) < 1e-5
+    assert _rows(charts.sink_shares(empty("attention"), 0)) == 1
 
 
 def test_layer_health_scales_colour_on_decode_steps(trace):

@@ -1,7 +1,7 @@
 """workbench/lessons.py's walkthrough helpers, each held to an independent computation or an invariant: QK-norm
 across positions, expert usage and specialisation (with a random-router control), the RoPE facts, and the
-families' own lessons (a shared expert, whole-row QK-norm, MLA's cache and absorbed attention, V3's routing)
-against the files' tensors as gguf-py dequantizes them."""
+families' own lessons (a shared expert, whole-row QK-norm, MLA's cache and absorbed attention, V3's routing,
+gpt-oss's attention sinks and sliding windows) against the files' tensors as gguf-py dequantizes them."""
 
 from __future__ import annotations
 
@@ -495,3 +495,76 @@ def test_v3_choice_changes_and_the_example_token(deepseek):
     if int(changes["the groups change it"].sum()):
         assert example.filter(pl.col("chosen"))["expert"].to_list() != example.filter(pl.col("biased top-k"))["expert"].to_list()
     assert example["weight"].sum() == pytest.approx(deepseek.config.routed_scale)
+
+
+# ---- attention sinks and sliding windows (tiny-gpt-oss, random weights) -----------------------------------
+
+@pytest.fixture(scope="module")
+def gptoss(tiny_paths):
+    return load_model(tiny_paths["gpt-oss"])
+
+
+def test_sink_attention_written_out_in_numpy_from_the_file(gptoss, tiny_paths):
+    """Every column of the lesson against numpy from the captured q and k after RoPE and the file's attn_sinks
+    (gguf-py): a softmax over [q·k/√d for each key 0 ≤ query − key (< 4 on the even layers), the head's sink
+    logit]; its last column is the share, the rest the pattern, whose keys 4 or more back are exactly 0 on the
+    sliding layers and carry weight on the full ones."""
+    ids, first = gptoss.tokenizer.encode(PROSE)[:10], 3
+    frame = lessons.sink_attention(gptoss, ids, first)
+    c = gptoss.config
+    T, H, window = len(ids), c.n_heads, c.sliding_window
+    assert (window, [c.is_local_layer(i) for i in range(c.n_layers)]) == (4, [True, False] * (c.n_layers // 2))
+    assert frame.height == c.n_layers * (T - first) * H
+    t = _captured(gptoss, ids, (".attn.q_rope", ".attn.k_rope"))
+    delta = np.arange(T)[:, None] - np.arange(T)[None, :]  # query − key position
+    for i in range(c.n_layers):
+        q = t[f"blocks.{i}.attn.q_rope"].double().numpy()  # [T, H, D]
+        k = np.repeat(t[f"blocks.{i}.attn.k_rope"].double().numpy(), H // c.n_kv_heads, axis=1)  # [T, H, D]
+        seen = (delta >= 0) & ((delta < window) if i % 2 == 0 else True)  # [T, keys]
+        scores = np.where(seen[:, None], np.einsum("thd,shd->ths", q, k) / math.sqrt(c.head_dim), -np.inf)
+        sinks = np.broadcast_to(_file_tensor(tiny_paths["gpt-oss"], f"blk.{i}.attn_sinks.weight")[None, :, None], (T, H, 1))
+        logits = np.concatenate((scores, sinks), -1)
+        full = np.exp(logits - logits.max(-1, keepdims=True))
+        full /= full.sum(-1, keepdims=True)  # [T, H, keys + 1]
+        pattern, share = full[first:, :, :-1], full[first:, :, -1]
+        mine = frame.filter(pl.col("layer") == i).sort("position", "head")
+        assert set(mine["layer kind"]) == {"sliding" if i % 2 == 0 else "full"}
+        assert mine["sink share"].to_numpy() == pytest.approx(share.flatten(), abs=1e-6)
+        assert mine["sink share, written out"].to_numpy() == pytest.approx(share.flatten(), abs=1e-9)
+        assert mine["Σ pattern"].to_numpy() == pytest.approx(pattern.sum(-1).flatten(), abs=1e-6)
+        assert float(mine["max |pattern − written out|"].max()) < 1e-6
+        positions = np.arange(first, T)
+        masked = np.repeat(np.maximum(positions + 1 - window, 0) if i % 2 == 0 else 0 * positions, H)
+        assert mine["keys masked"].to_list() == masked.tolist() and mine["keys"].to_list() == np.repeat(positions + 1, H).tolist()
+        beyond = np.where((delta >= window)[first:, None], pattern, 0).sum(-1).flatten()
+        assert mine["weight beyond the window"].to_numpy() == pytest.approx(beyond, abs=1e-6)
+        assert (beyond.max() == 0) if i % 2 == 0 else (beyond[-H:].min() > 0)
+    assert 0.01 < frame["sink share"].min() and frame["sink share"].max() < 1
+
+
+def test_sink_summary_is_per_layer(gptoss):
+    frame = lessons.sink_attention(gptoss, gptoss.tokenizer.encode(PROSE)[:10], 3)
+    summary = lessons.sink_summary(frame)
+    assert summary["layer"].to_list() == list(range(gptoss.config.n_layers))
+    for row in summary.iter_rows(named=True):
+        mine = frame.filter(pl.col("layer") == row["layer"])
+        last = mine.filter(pl.col("position") == 9)
+        assert (row["share min"], row["share max"]) == (mine["sink share"].min(), mine["sink share"].max())
+        assert row["share mean"] == pytest.approx(mine["sink share"].mean())
+        assert row["max |Σ pattern + share − 1|"] < 1e-6 and row["max |share − written out|"] < 1e-6
+        assert (row["keys (last position)"], row["keys masked"]) == (10, 6 if row["layer kind"] == "sliding" else 0)
+        assert row["weight beyond the window"] == pytest.approx(last["weight beyond the window"].mean())
+
+
+def test_the_sink_breaks_move_the_logits(gptoss):
+    """Dropping the sinks or the window is a forward with the break on, on the clean run's tokens: both move the logits."""
+    ids, steps = gptoss.tokenizer.encode(PROSE)[:10], 2
+    frame = lessons.break_effects(gptoss, ids, steps, lessons.SINK_BREAKS)
+    rows = {r["break"]: r for r in frame.iter_rows(named=True)}
+    assert list(rows) == ["clean", "sinks-dropped", "no-sliding-window"] and rows["clean"]["relative max |Δlogit|"] == 0
+    tokens = torch.tensor(lessons.decode(gptoss, ids, steps).ids)
+    clean = gptoss.forward(tokens, 0, gptoss.new_cache(len(tokens)))
+    for name in lessons.SINK_BREAKS:
+        moved = gptoss.forward(tokens, 0, gptoss.new_cache(len(tokens)), breaks=frozenset({name}))
+        expected = float((moved - clean).abs().max() / clean.abs().max())
+        assert rows[name]["relative max |Δlogit|"] == pytest.approx(expected) and expected > 0.01, name

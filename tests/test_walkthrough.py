@@ -141,6 +141,11 @@ _FACTS = textwrap.dedent('''
         "v3_sizes": defs["V3"], "v3_kv_bytes": defs["v3_kv_bytes"],
         "v3_changes": defs["v3_changes"].to_dicts(), "v3_token": defs["v3_token"].to_dicts(),
         "v3_breaks": {r["break"]: r for r in defs["v3_breaks"].iter_rows(named=True)},
+        "sink_frame": defs["sink_frame"].to_dicts(), "sink_summary": defs["sink_summary"].to_dicts(),
+        "sink_breaks": {r["break"]: r for r in defs["sink_breaks"].iter_rows(named=True)},
+        "sink_recorded_gap": defs["sink_recorded_gap"],
+        "sink_shape": [defs["gptoss"].config.n_layers, defs["gptoss"].config.n_heads, defs["gptoss"].config.sliding_window,
+                       defs["SINK_STEPS"], defs["sink_first"]],
     }))
 ''')
 
@@ -357,3 +362,29 @@ def test_the_v3_routing_lesson_states_its_own_numbers(facts):
     assert any(r["biased top-k"] and not r["group kept"] for r in token)
     for name in ("probs-bias-in-weights", "no-group-limit", "no-routed-scaling"):  # measured: 0.05, 0.24, 0.32
         assert facts["v3_breaks"][name]["relative max |Δlogit|"] > 0.01, name
+
+
+def test_the_sink_lesson_states_its_own_numbers(facts):
+    """Section 7 on tiny-gpt-oss: at every step, layer and head the pattern plus the written-out sink share is 1, and
+    that share is the engine's capture point and the attention frame's 1 − Σ weights; the sliding (even) layers
+    give the keys past the window exactly 0, the full (odd) ones weight; both porting bugs move the logits."""
+    n_layers, n_heads, window, steps, first = facts["sink_shape"]
+    assert window == 4
+    rows = facts["sink_frame"]
+    assert len(rows) == n_layers * n_heads * steps
+    assert sorted({r["position"] for r in rows}) == list(range(first, first + steps))
+    for r in rows:
+        assert abs(r["Σ pattern"] + r["sink share, written out"] - 1) < 1e-6, r
+        assert abs(r["sink share"] - r["sink share, written out"]) < 1e-6 and 0 < r["sink share"] < 1, r
+        assert r["layer kind"] == ("sliding" if r["layer"] % 2 == 0 else "full"), r
+        if r["layer kind"] == "sliding":
+            assert r["keys masked"] == r["keys"] - window and r["weight beyond the window"] == 0, r
+        else:
+            assert r["keys masked"] == 0 and r["weight beyond the window"] > 0, r
+    assert facts["sink_recorded_gap"] < 1e-5  # the cached session's frame against the uncached capture
+    assert [r["layer"] for r in facts["sink_summary"]] == list(range(n_layers))
+    breaks = facts["sink_breaks"]
+    assert sorted(breaks) == ["clean", "no-sliding-window", "sinks-dropped"]
+    assert breaks["clean"]["relative max |Δlogit|"] == 0 and breaks["clean"]["tokens differ from step"] is None
+    for name in ("sinks-dropped", "no-sliding-window"):
+        assert breaks[name]["relative max |Δlogit|"] > 0.01, breaks[name]

@@ -550,6 +550,43 @@ def attention_heads(attention: pl.DataFrame, step: int, layer: int, path: str | 
     return chart
 
 
+def sink_share_table(attention: pl.DataFrame, path: str | None = None) -> pl.DataFrame:
+    """Per step, layer and head of an `attention` frame (the newest token's weights over keys 0..its own): the
+    weights' sum, the share an attention sink took, 1 − that sum (gpt-oss: each head's learned sink logit joins
+    the softmax and weighs no value; without sinks 0 up to rounding), and how many of its keys have weight
+    exactly 0 (masked: outside a sliding window)."""
+    return _one_path(attention, path).group_by("step", "path", "layer", "head").agg(
+        pl.col("weight").sum().alias("Σ weights"), (pl.col("weight") == 0).sum().cast(pl.Int64).alias("keys masked"),
+        pl.len().cast(pl.Int64).alias("keys"),
+    ).with_columns((1 - pl.col("Σ weights")).alias("sink share")).sort("step", "path", "layer", "head")
+
+
+def sink_shares(attention: pl.DataFrame, step: int, path: str | None = None) -> alt.LayerChart | alt.Chart:
+    """layer × head heat map of the share each head's attention sink takes of the newest token's softmax at one
+    step (sink_share_table: 1 − Σ weights) on a fixed 0 … 1 colour scale, each cell's value written in it when
+    there are at most 16 heads; the tooltip adds the keys the layer masked (a sliding window's, once the
+    sequence is longer than it)."""
+    df = sink_share_table(attention, path).filter(pl.col("step") == step)
+    if df.is_empty():
+        return empty_chart(f"no attention pattern at step {step} (run with attention on)")
+    heads = df["head"].unique().to_list()
+    x, y = alt.X("head:O", axis=_ordinal_axis(heads, "head")), _layer_y(df)
+    tooltip = [alt.Tooltip("layer"), alt.Tooltip("head"), alt.Tooltip("step"), alt.Tooltip("sink share:Q", format=".3f"),
+               alt.Tooltip("Σ weights:Q", format=".3f", title="Σ weights over keys"),
+               alt.Tooltip("keys:Q", format="d"), alt.Tooltip("keys masked:Q", format="d")]
+    cells = alt.Chart(df).mark_rect().encode(
+        x=x, y=y, tooltip=tooltip,
+        color=alt.Color("sink share:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1], clamp=True), title="sink share",
+                        legend=alt.Legend(format=".1f", values=[0, 0.5, 1])))
+    chart = cells
+    if len(heads) <= 16:
+        chart = cells + alt.Chart(df).mark_text(fontSize=9).encode(
+            x=x, y=y, tooltip=tooltip, text=alt.Text("sink share:Q", format=".2f"),
+            color=alt.condition("datum['sink share'] < 0.5", alt.value("white"), alt.value("black")))
+    return chart.properties(width=min(MAX_WIDTH, max(WIDTH // 2, 28 * len(heads))), height=max(60, 22 * df["layer"].n_unique()),
+                            title=f"step {step}: the sink's share of each head's attention (1 − Σ weights)")
+
+
 # What each lens value is drawn with: a scale and a title (entropy's domain ends at the largest entropy drawn).
 LENS_VALUES = {
     "prob": ("top-1 probability", "blues", "linear"),

@@ -694,6 +694,67 @@ def answer_layer(lens: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"step": pl.Int32, "token_id": pl.Int64, "from layer": pl.Int32})
 
 
+# ---- 7 · attention sinks and sliding windows (gpt-oss) ----------------------------------------------------
+
+SINK_BREAKS = ("sinks-dropped", "no-sliding-window")  # gpt-oss's two attention porting bugs
+
+
+def sink_attention(model: Model, ids: list[int], first: int) -> pl.DataFrame:
+    """gpt-oss's attention in every layer of one uncached forward over `ids`, for each token from position `first`
+    on, per layer and head: the sink's share as the engine captures it (`attn.sink_share`), the sum of its pattern
+    (`attn.pattern`, the sink's column dropped), and both written out in float64 from the captured `attn.q_rope`,
+    `attn.k_rope` and the layer's sink logits: a softmax over [q·k × scale for every key the layer lets the token
+    see, the head's sink logit], whose last column is the share. And the keys the token may not see: on a sliding
+    layer those `sliding_window` or more positions back, whose weights are exactly 0 ("keys masked"), and the
+    weight the engine's pattern puts on keys that far back (0 on a sliding layer; on a full one what it reads
+    beyond the window)."""
+    c = model.config
+    T, group = len(ids), c.n_heads // c.n_kv_heads
+    points = ("q_rope", "k_rope", "pattern", "sink_share")
+    dump = ours(model, ids, T, names=[f"blocks.*.attn.{point}" for point in points])  # the prompt: one step
+    delta = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # [T, keys]: query − key position
+    far = delta >= (c.sliding_window or T)  # [T, keys]: outside a sliding window
+    rows = []
+    for i, layer in enumerate(model.weights.layers):
+        q, k, pattern, share = (dump.tensors[(0, f"blocks.{i}.attn.{point}")].double() for point in points)
+        k = k.repeat_interleave(group, dim=1)  # [keys, heads, d]: each query head's KV head
+        window = c.layer_window(i)
+        hidden = delta < 0  # [T, keys]: a later key, or (a sliding layer) one the window has passed
+        if window:
+            hidden = hidden | (delta >= window)
+        scores = (torch.einsum("thd,shd->ths", q, k) * c.attn_scale).masked_fill(hidden[:, None], -math.inf)
+        sinks = layer.sinks.double().cpu()[None, :, None].expand(T, -1, 1)  # [T, heads, 1]
+        full = torch.softmax(torch.cat((scores, sinks), -1), -1)  # [T, heads, keys + 1]
+        for p in range(first, T):
+            for h in range(c.n_heads):
+                rows.append({
+                    "position": p, "layer": i, "layer kind": "sliding" if window else "full", "head": h,
+                    "sink share": float(share[p, h]), "Σ pattern": float(pattern[p, h].sum()),
+                    "sink share, written out": float(full[p, h, -1]),
+                    "max |pattern − written out|": float((pattern[p, h] - full[p, h, :-1]).abs().max()),
+                    "keys": p + 1, "keys masked": int((pattern[p, h, : p + 1] == 0).sum()),
+                    "weight beyond the window": float(pattern[p, h][far[p]].sum()),
+                })
+    return pl.DataFrame(rows, schema_overrides={"position": pl.Int32, "layer": pl.Int32, "head": pl.Int32})
+
+
+def sink_summary(sinks: pl.DataFrame) -> pl.DataFrame:
+    """Per layer of a `sink_attention` frame: its kind, the sink share's smallest, mean and largest value over
+    heads and positions, max |Σ pattern + the written-out share − 1| (the pattern and the sink make the whole
+    softmax), max |engine's share − written out|, and at the last position the keys, the keys masked and the
+    mean weight on keys beyond the window."""
+    last = sinks.filter(pl.col("position") == pl.col("position").max())
+    return sinks.group_by("layer", "layer kind").agg(
+        pl.col("sink share").min().alias("share min"), pl.col("sink share").mean().alias("share mean"),
+        pl.col("sink share").max().alias("share max"),
+        (pl.col("Σ pattern") + pl.col("sink share, written out") - 1).abs().max().alias("max |Σ pattern + share − 1|"),
+        (pl.col("sink share") - pl.col("sink share, written out")).abs().max().alias("max |share − written out|"),
+    ).join(last.group_by("layer").agg(
+        pl.col("keys").first().alias("keys (last position)"), pl.col("keys masked").max().alias("keys masked"),
+        pl.col("weight beyond the window").mean().alias("weight beyond the window"),
+    ), on="layer").sort("layer")
+
+
 # ---- 8 · each break's own signature -------------------------------------------------------------------------
 
 def rope_difference_by_position(model: Model, ids: list[int], breaks: frozenset[str], layer: int = 0) -> pl.DataFrame:
