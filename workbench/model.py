@@ -7,7 +7,8 @@ attends over everything the cache holds up to them. Architecture differences are
 Capture points: when `probe` is given, it is called with a TransformerLens-style name and the tensor at that
 point (and the forward goes on with the tensor it returns, if any: `seen`), in forward order per layer i: `blocks.{i}.attn_norm` → `.attn.q`, `.attn.k`, `.attn.v` (after the
 projection and its bias) → `.attn.q_normed`, `.attn.k_normed` (archs with QK-norm) → `.attn.q_rope`,
-`.attn.k_rope` → `.attn.pattern` (only for a probe that wants it: it costs a second attention) → `.attn.out`
+`.attn.k_rope` (deepseek2's latent attention instead: `.attn.q_pe`, `.attn.kv_latent`, `.attn.k_pe`) →
+`.attn.pattern` (only for a probe that wants it: it costs a second attention), `.attn.sink_share` (gpt-oss) → `.attn.out`
 (before the output projection) → `blocks.{i}.resid_mid` → `.ffn_norm` → `.moe.router_logits`, `.moe.topk_ids`,
 `.moe.topk_weights` → `.moe.shared_gate` (qwen2moe: the shared expert's sigmoid gate, [T, 1]) → `.ffn_out` → `blocks.{i}.resid_post`; then `final_norm` and `logits`. Without a probe
 nothing extra is computed.
