@@ -9,7 +9,7 @@ import torch
 
 from conftest import load_model
 from workbench.errors import NumericError
-from workbench.model import BREAKS, Model
+from workbench.model import APPLIES, BREAKS, Model
 from workbench.session import Session
 from workbench.trace import Trace, diff
 
@@ -181,7 +181,7 @@ def test_every_break_has_a_test():
               "qk-norm-per-head",  # test_olmoe
               "skip-kv-a-norm", "probs-bias-in-weights", "no-group-limit", "no-routed-scaling", "yarn-ignored",  # test_deepseek2
               "sinks-dropped", "softmax-before-topk", "swiglu-unclamped", "no-sliding-window"}  # test_gpt_oss
-    assert tested == set(BREAKS)
+    assert tested == set(BREAKS) == set(APPLIES)  # and every break says where it applies
 
 
 # --- the reference engine ----------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class Yarn:
     beta_slow: float = 1.0
     ext_factor: float = 1.0
     mscale: float = 1.0  # the magnitude cos and sin are multiplied by
+    log_mul: float = 0.0  # yarn_log_multiplier (deepseek2's ÷ 0.1): its q·k scale's mscale_all_dim
 
     def inv_freq_factors(self, base: float, rot: int) -> list[float]:
         """Per pair i of `rot` dims: what its inverse frequency base^(-2i/rot) is multiplied by,
@@ -408,10 +409,10 @@ class _Reader:
                                                                   self.positive("context_length", limit=1 << 24), limit=1 << 24),
                     beta_fast=self.positive_float("rope.scaling.yarn_beta_fast", 32.0),
                     beta_slow=self.positive_float("rope.scaling.yarn_beta_slow", 1.0),
-                    ext_factor=ext, mscale=mscale * attn_factor)
+                    ext_factor=ext, mscale=mscale * attn_factor, log_mul=log_mul)
 
-    def _deepseek2_yarn_scale(self, yarn: Yarn) -> float:
+    @staticmethod
+    def _deepseek2_yarn_scale(yarn: Yarn) -> float:
         """deepseek2 scales q·k by mscale² on top of 1/√head_dim (llama.cpp's graph: the rope magnitude ×
         (1 + 0.1·m·ln factor), m the yarn_log_multiplier; HF: yarn_get_mscale(factor, mscale_all_dim)²)."""
-        log_mul = self.get("rope.scaling.yarn_log_multiplier", float, 0.0) / 0.1
-        return yarn.mscale * (1.0 + 0.1 * log_mul * math.log(yarn.factor))
+        return yarn.mscale * (1.0 + 0.1 * yarn.log_mul * math.log(yarn.factor))

@@ -62,55 +62,43 @@ BREAKS = {
 }
 
 
+# Where each break changes something: on a model of another config it is a no-op (skip-qk-norm without QK-norm,
+# the routing ones on a dense model, head-dim-from-hidden where head_dim is hidden / heads, …).
+APPLIES: dict[str, Callable[[ModelConfig], bool]] = {
+    "skip-qk-norm": lambda c: c.qk_norm,
+    "rope-style-swap": lambda c: True,
+    "rope-base-10k": lambda c: not (c.rope_base == 10000.0 and c.rope_base_local in (None, 10000.0)),
+    "no-topk-renorm": lambda c: c.is_moe and c.norm_topk,
+    "moe-as-dense": lambda c: c.is_moe,
+    "cache-off-by-one": lambda c: True,  # from the first decode step on
+    "head-dim-from-hidden": lambda c: c.head_dim != c.hidden // c.n_heads,
+    # gpt-oss's softmax over the chosen k sums to 1 already
+    "topk-renorm-anyway": lambda c: c.is_moe and not c.norm_topk and c.gating != "softmax_topk",
+    "shared-expert-dropped": lambda c: c.shared_ffn_hidden > 0,
+    "shared-expert-ungated": lambda c: c.shared_gate,
+    "qk-norm-per-head": lambda c: c.qk_norm and c.qk_norm_whole,
+    "skip-kv-a-norm": lambda c: c.is_mla,
+    "probs-bias-in-weights": lambda c: c.has_probs_bias,
+    "no-group-limit": lambda c: c.n_groups_used < c.n_expert_groups,
+    "no-routed-scaling": lambda c: c.routed_scale != 1.0,
+    "yarn-ignored": lambda c: c.rope_yarn is not None,
+    "sinks-dropped": lambda c: c.attn_sinks,
+    "softmax-before-topk": lambda c: c.gating == "softmax_topk",
+    "swiglu-unclamped": lambda c: c.ffn_act == "swiglu_oai",
+    "no-sliding-window": lambda c: c.sliding_window is not None,
+}
+
+
 def breaks_that_apply(config: ModelConfig) -> list[str]:
-    """The break switches that change something on a model of this config (the others are no-ops on it:
-    skip-qk-norm without QK-norm, the routing ones on a dense model, head-dim-from-hidden where head_dim is
-    hidden / heads, rope-base-10k where the base is 10000 already). cache-off-by-one acts from the first decode
-    step on."""
-    c, out = config, []
-    for name in BREAKS:
-        if name == "skip-qk-norm" and not c.qk_norm:
-            continue
-        if name in ("no-topk-renorm", "moe-as-dense") and not c.is_moe:
-            continue
-        if name == "no-topk-renorm" and not c.norm_topk:
-            continue
-        if name == "topk-renorm-anyway" and (not c.is_moe or c.norm_topk or c.gating == "softmax_topk"):
-            continue  # gpt-oss's softmax over the chosen k sums to 1 already
-        if name == "shared-expert-dropped" and not c.shared_ffn_hidden:
-            continue
-        if name == "shared-expert-ungated" and not c.shared_gate:
-            continue
-        if name == "qk-norm-per-head" and not (c.qk_norm and c.qk_norm_whole):
-            continue
-        if name == "skip-kv-a-norm" and not c.is_mla:
-            continue
-        if name == "probs-bias-in-weights" and not c.has_probs_bias:
-            continue
-        if name == "no-group-limit" and not c.n_groups_used < c.n_expert_groups:
-            continue
-        if name == "no-routed-scaling" and c.routed_scale == 1.0:
-            continue
-        if name == "yarn-ignored" and c.rope_yarn is None:
-            continue
-        if name == "sinks-dropped" and not c.attn_sinks:
-            continue
-        if name in ("softmax-before-topk", "swiglu-unclamped") and c.ffn_act != "swiglu_oai":
-            continue
-        if name == "no-sliding-window" and c.sliding_window is None:
-            continue
-        if name == "head-dim-from-hidden" and c.head_dim == c.hidden // c.n_heads:
-            continue
-        if name == "rope-base-10k" and c.rope_base == 10000.0 and c.rope_base_local in (None, 10000.0):
-            continue
-        out.append(name)
-    return out
+    """The break switches that change something on a model of this config (APPLIES), in BREAKS' order."""
+    return [name for name in BREAKS if APPLIES[name](config)]
 
 
 def break_config(config: ModelConfig, breaks: frozenset[str]) -> ModelConfig:
     """The config a forward with `breaks` runs on: the correct one with the config-shaped bugs written in. The
     others are not a hyperparameter and stay named hooks in the forward pass: cache-off-by-one (Span.mask),
-    moe-as-dense and the shared-expert ones (Model.moe)."""
+    skip-kv-a-norm (Model.latent_attention), moe-as-dense, the shared-expert ones, probs-bias-in-weights and
+    no-group-limit (Model.moe)."""
     changes: dict = {}
     if "skip-qk-norm" in breaks:
         changes["qk_norm"] = False

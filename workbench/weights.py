@@ -318,7 +318,7 @@ def load_weights(
                            [(q_dim, c.hidden), (kv_dim, c.hidden), (kv_dim, c.hidden)]),
             wo=ld.matrix([_name(E.ATTN_OUT, i)], [(c.hidden, q_dim)]),
             # gpt-oss names the norm before its FFN post_attention_norm (the GGUF name of HF's post_attention_layernorm)
-            ffn_norm=ld.tensor(_name(E.ATTN_POST_NORM if c.attn_sinks else E.FFN_NORM, i), (c.hidden,), norm=True),
+            ffn_norm=ld.tensor(_name(E.ATTN_POST_NORM if c.arch == "gpt-oss" else E.FFN_NORM, i), (c.hidden,), norm=True),
             bqkv=torch.cat(biases) if biases[0] is not None else None,
             bo=ld.tensor(_name(E.ATTN_OUT, i, "bias"), (c.hidden,), required=False),
         )
