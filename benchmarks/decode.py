@@ -217,7 +217,10 @@ def workbench_run(model: Model, ids: list[int], steps: int, context: int, path: 
 
 # --weights modes: engine label, Model.load weights, Session(compile=)
 WEIGHT_ENGINES = {
-    "quantized": ("workbench", "quantized", False),
+    "default": ("workbench", "auto", False),
+    "blocks": ("workbench-blocks", "blocks", False),
+    "blocks-compiled": ("workbench-blocks-compiled", "blocks", True),
+    "quantized": ("workbench-quant", "quantized", False),
     "dequantized": ("workbench-deq", "dequantized", False),
     "compiled": ("workbench-compiled", "quantized", True),
 }

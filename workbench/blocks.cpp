@@ -13,14 +13,17 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -39,7 +42,11 @@ struct W32 {
 inline float f16(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);  // one instruction; the portable conversion below is a dozen
+#else
   return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
 }
 
 inline v8 splat(float f) { return v8{f, f, f, f, f, f, f, f}; }
@@ -177,6 +184,34 @@ struct MXFP4 {  // u8 e (E8M0) | 16 bytes of e2m1 nibbles.  w = kvalue(q) * 2^(e
     for (int j = 0; j < 16; ++j) {
       w[j] = d * (float)kv[b[1 + j] & 15];
       w[j + 16] = d * (float)kv[b[1 + j] >> 4];
+    }
+    return {{loadf(w), loadf(w + 8), loadf(w + 16), loadf(w + 24)}};
+  }
+};
+
+// Float parts of a fused matrix whose other parts are blocks (a file may store K as F16 beside a Q4_K Q).
+struct F32 {
+  static constexpr int BS = 32, TS = 128;
+  static W32 group(const uint8_t* b, int) {
+    const float* f = reinterpret_cast<const float*>(b);
+    return {{loadf(f), loadf(f + 8), loadf(f + 16), loadf(f + 24)}};
+  }
+};
+struct F16 {
+  static constexpr int BS = 32, TS = 64;
+  static W32 group(const uint8_t* b, int) {
+    float w[32];
+    for (int j = 0; j < 32; ++j) w[j] = f16(b + 2 * j);
+    return {{loadf(w), loadf(w + 8), loadf(w + 16), loadf(w + 24)}};
+  }
+};
+struct BF16 {
+  static constexpr int BS = 32, TS = 64;
+  static W32 group(const uint8_t* b, int) {
+    float w[32];
+    for (int j = 0; j < 32; ++j) {
+      uint32_t bits = (uint32_t)(b[2 * j] | (b[2 * j + 1] << 8)) << 16;
+      std::memcpy(&w[j], &bits, 4);
     }
     return {{loadf(w), loadf(w + 8), loadf(w + 16), loadf(w + 24)}};
   }
@@ -479,6 +514,7 @@ bool type_info(int64_t ggml_type, TypeInfo& info) {
 #define WB_TYPE(ID, D) case ID: info = {D::BS, D::TS, rows_any<D>}; return true;
     WB_TYPE(2, Q4_0) WB_TYPE(3, Q4_1) WB_TYPE(6, Q5_0) WB_TYPE(7, Q5_1) WB_TYPE(8, Q8_0) WB_TYPE(10, Q2_K)
     WB_TYPE(11, Q3_K) WB_TYPE(12, Q4_K) WB_TYPE(13, Q5_K) WB_TYPE(14, Q6_K) WB_TYPE(39, MXFP4)
+    WB_TYPE(0, F32) WB_TYPE(1, F16) WB_TYPE(30, BF16)
 #undef WB_TYPE
     default: return false;
   }
@@ -519,14 +555,112 @@ at::Tensor block_mm(const at::Tensor& x_in, at::TensorList parts, at::IntArrayRe
   return y;
 }
 
+// RMSNorm over the last dim of float32 x (rows of n values) times weight [n]: y = x / sqrt(mean(x²) + eps) · w.
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "rms_norm takes float32 tensors on the CPU");
+  at::Tensor x = x_in.contiguous(), w = weight.contiguous();
+  const int64_t n = w.numel();
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == n, "rms_norm: the weight's length differs from the last dim");
+  at::Tensor y = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t rows = n ? x.numel() / n : 0;
+  auto body = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * n;
+      float* yr = yp + r * n;
+      v8 acc = {};
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        v8 v = loadf(xr + i);
+        acc += v * v;
+      }
+      float ss = hsum(acc);
+      for (; i < n; ++i) ss += xr[i] * xr[i];
+      const float scale = 1.0f / std::sqrt(ss / (float)n + (float)eps);
+      for (int64_t j = 0; j < n; ++j) yr[j] = xr[j] * scale * wp[j];
+    }
+  };
+  if (rows * n < 32768) body(0, rows); else at::parallel_for(0, rows, 1, body);
+  return y;
+}
+
+// One query row's attention over a cache: q [H, d], keys [Hkv, S, d], values [Hkv, S, dv] (rows contiguous
+// in d) → [H, dv]; query head h reads KV head h / (H / Hkv). float32 scores, softmax and sums.
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values, double scale) {
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
+              "decode_attention takes float32 tensors");
+  TORCH_CHECK(q_in.dim() == 2 && keys.dim() == 3 && values.dim() == 3 && keys.stride(2) == 1 && values.stride(2) == 1,
+              "decode_attention takes q [H, d], keys [Hkv, S, d], values [Hkv, S, dv] with contiguous rows");
+  at::Tensor q = q_in.contiguous();
+  const int64_t H = q.size(0), d = q.size(1), Hkv = keys.size(0), S = keys.size(1), dv = values.size(2);
+  TORCH_CHECK(keys.size(2) == d && values.size(0) == Hkv && values.size(1) == S && Hkv > 0 && H % Hkv == 0,
+              "decode_attention: shapes do not agree");
+  at::Tensor out = at::empty({H, dv}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), vs0 = values.stride(0), vs1 = values.stride(1);
+  const int64_t group = H / Hkv;
+  auto body = [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(S);
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* qh = qp + h * d;
+      const float* kg = kp + (h / group) * ks0;
+      const float* vg = vp + (h / group) * vs0;
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        const float* k = kg + s * ks1;
+        v8 acc = {};
+        int64_t i = 0;
+        for (; i + 8 <= d; i += 8) acc += loadf(qh + i) * loadf(k + i);
+        float dot = hsum(acc);
+        for (; i < d; ++i) dot += qh[i] * k[i];
+        p[s] = dot * (float)scale;
+        mx = std::max(mx, p[s]);
+      }
+      float sum = 0;
+      for (int64_t s = 0; s < S; ++s) sum += (p[s] = std::exp(p[s] - mx));
+      float* o = op + h * dv;
+      for (int64_t j = 0; j < dv; ++j) o[j] = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        const float* v = vg + s * vs1;
+        const float ps = p[s];
+        for (int64_t j = 0; j < dv; ++j) o[j] += ps * v[j];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < dv; ++j) o[j] *= inv;
+    }
+  };
+  if (H * S * d < 32768) body(0, H); else at::parallel_for(0, H, 1, body);
+  return out;
+}
+
 at::Tensor block_mm_meta(const at::Tensor& x, at::TensorList parts, at::IntArrayRef types) {
   int64_t n = 0;
   for (const auto& w : parts) n += w.size(0);
   return at::empty({x.size(0), n}, x.options());
 }
 
+at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) { return at::empty_like(x); }
+at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor& values, double) {
+  return at::empty({q.size(0), values.size(2)}, q.options());
+}
+
 }  // namespace
 
-TORCH_LIBRARY(workbench_blocks, m) { m.def("block_mm(Tensor x, Tensor[] parts, int[] types) -> Tensor"); }
-TORCH_LIBRARY_IMPL(workbench_blocks, CPU, m) { m.impl("block_mm", block_mm); }
-TORCH_LIBRARY_IMPL(workbench_blocks, Meta, m) { m.impl("block_mm", block_mm_meta); }
+TORCH_LIBRARY(workbench_blocks, m) {
+  m.def("block_mm(Tensor x, Tensor[] parts, int[] types) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, float scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(workbench_blocks, CPU, m) {
+  m.impl("block_mm", block_mm);
+  m.impl("rms_norm", rms_norm);
+  m.impl("decode_attention", decode_attention);
+}
+TORCH_LIBRARY_IMPL(workbench_blocks, Meta, m) {
+  m.impl("block_mm", block_mm_meta);
+  m.impl("rms_norm", rms_norm_meta);
+  m.impl("decode_attention", decode_attention_meta);
+}

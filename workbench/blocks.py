@@ -30,13 +30,18 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from workbench.errors import UnsupportedError
+from workbench.quants import dequantize
 
 SOURCE = Path(__file__).with_name("blocks.cpp")
 BLOCK_TYPES = frozenset(GGMLQuantizationType[n] for n in (
     "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4"))
+# Float types the kernel also reads, for the float parts of a fused matrix whose other parts are blocks.
+FLOAT_PART_TYPES = frozenset((GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16))
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
+ops = None  # torch.ops.workbench_blocks once the kernels are loaded: block_mm, rms_norm, decode_attention
+_block_mm = None
 _state: dict[str, object] = {}  # "ok": True once loaded, or "error": the sentence why not
 
 
@@ -88,8 +93,9 @@ def _build(target: Path) -> None:
     try:
         done = subprocess.run(_command(cxx, tmp), capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            raise KernelsUnavailable(f"building the block kernels with {cxx} failed: {last}")
+            lines = done.stderr.strip().splitlines() or ["no message"]
+            first = next((ln for ln in lines if "error" in ln), lines[-1]).strip()
+            raise KernelsUnavailable(f"building the block kernels with {cxx} failed: {first}")
         os.replace(tmp, target)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise KernelsUnavailable(f"building the block kernels with {cxx} failed: {exc}") from None
@@ -116,6 +122,9 @@ def load() -> None:
             _state["error"] = f"loading the block kernels failed: {exc}"
             raise KernelsUnavailable(str(_state["error"])) from None
         _state["ok"] = True
+        global ops, _block_mm
+        ops = torch.ops.workbench_blocks
+        _block_mm = ops.block_mm.default  # the overload itself: skips overload resolution on every call
 
 
 def available() -> str | None:
@@ -127,29 +136,88 @@ def available() -> str | None:
     return None
 
 
+def part(raw: torch.Tensor, qtype: GGMLQuantizationType) -> tuple[torch.Tensor, GGMLQuantizationType]:
+    """One GGUF matrix's bytes [..., rows, bytes per row] as a part the kernel reads: as stored for a block or
+    float type it has, else dequantized (quants.dequantize, as gguf-py) and held as float32 bytes."""
+    if qtype in BLOCK_TYPES or qtype in FLOAT_PART_TYPES:
+        return raw, qtype
+    values = dequantize(raw, qtype)
+    return values.view(torch.uint8).reshape(*values.shape[:-1], -1), GGMLQuantizationType.F32
+
+
+def part_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """The type a matrix stored as `qtype` is held in as a part (see `part`)."""
+    return qtype if qtype in BLOCK_TYPES or qtype in FLOAT_PART_TYPES else GGMLQuantizationType.F32
+
+
+def kernel_reads(qtype: GGMLQuantizationType, n_in: int) -> bool:
+    """Whether a matrix with rows of n_in values in this type can be a part (float parts: whole 32-value groups)."""
+    return n_in % GGML_QUANT_SIZES[qtype][0] == 0 and (qtype not in FLOAT_PART_TYPES or n_in % 32 == 0)
+
+
 class BlockMatrix:
     """A weight used as x @ W with W [in, out], held as the GGUF matrices' bytes stacked along their rows (Q,
-    K, V; gate, up), each part in its own block type: `parts` is a list of (uint8 [rows, bytes per row],
-    GGMLQuantizationType)."""
+    K, V; gate, up), each part in its own type: uint8 [rows, bytes per row] per part, `types` their GGML ids."""
 
     __slots__ = ("parts", "types", "n_in", "n_out")
 
-    def __init__(self, parts: list[tuple[torch.Tensor, GGMLQuantizationType]], n_in: int) -> None:
+    def __init__(self, parts: list[torch.Tensor], types: list[int], n_in: int, n_out: int) -> None:
+        self.parts, self.types, self.n_in, self.n_out = parts, types, n_in, n_out
+
+    @classmethod
+    def of(cls, parts: list[tuple[torch.Tensor, GGMLQuantizationType]], n_in: int) -> BlockMatrix:
+        """Parts (raw [rows, bytes], type), each a block or float type the kernel reads (see `part`)."""
         for raw, qtype in parts:
-            if qtype not in BLOCK_TYPES:
+            if qtype not in BLOCK_TYPES and qtype not in FLOAT_PART_TYPES:
                 raise UnsupportedError(f"{qtype.name} has no block kernel")
             block, size = GGML_QUANT_SIZES[qtype]
-            if raw.dim() != 2 or n_in % block or raw.shape[1] != n_in // block * size:
+            if raw.dim() != 2 or not kernel_reads(qtype, n_in) or raw.shape[1] != n_in // block * size:
                 raise ValueError(f"{qtype.name} rows of {raw.shape[-1]} bytes do not hold {n_in} values")
-        self.parts = [raw.contiguous() for raw, _ in parts]
-        self.types = [int(qtype) for _, qtype in parts]
-        self.n_in, self.n_out = n_in, sum(raw.shape[0] for raw, _ in parts)
+        return cls([raw.contiguous() for raw, _ in parts], [int(q) for _, q in parts], n_in,
+                   sum(raw.shape[0] for raw, _ in parts))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ W → [..., out] in x's dtype (computed in float32)."""
-        flat = x.reshape(-1, self.n_in).float()
-        y = torch.ops.workbench_blocks.block_mm(flat, self.parts, self.types)
+        if x.dim() == 2 and x.dtype == torch.float32:  # a decode step's [T, in]: no reshapes, no casts
+            return _block_mm(x, self.parts, self.types)
+        y = _block_mm(x.reshape(-1, self.n_in).float(), self.parts, self.types)
         return y.reshape(*x.shape[:-1], self.n_out).to(x.dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.parts)
+
+
+class BlockExperts:
+    """A MoE layer's E experts as block matrices: per part one uint8 stack [E, rows, bytes]; `experts[e]` (an int,
+    or a 0-d CPU tensor) is expert e's BlockMatrix of views, no copies."""
+
+    __slots__ = ("stack",)
+
+    def __init__(self, stack: BlockMatrix) -> None:
+        self.stack = stack  # parts [E, rows, bytes]; n_out per expert
+
+    @classmethod
+    def of(cls, parts: list[tuple[torch.Tensor, GGMLQuantizationType]], n_in: int) -> BlockExperts:
+        first = BlockMatrix.of([(raw[0], q) for raw, q in parts], n_in)  # checks one expert's shapes
+        return cls(BlockMatrix([raw.contiguous() for raw, _ in parts], first.types, n_in, first.n_out))
+
+    def __len__(self) -> int:
+        return self.stack.parts[0].shape[0]
+
+    def __getitem__(self, expert: int | torch.Tensor) -> BlockMatrix:
+        e = int(expert)
+        s = self.stack
+        return BlockMatrix([raw[e] for raw in s.parts], s.types, s.n_in, s.n_out)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.stack.parts)
+
+
+def main() -> None:
+    """`python -m workbench.blocks`: build the kernels for this machine now (what `make run` does once)."""
+    reason = available()
+    print(f"block kernels: {reason}" if reason else f"block kernels: ready ({library_path().name})")
+
+
+if __name__ == "__main__":
+    main()

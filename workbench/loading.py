@@ -16,6 +16,8 @@ from workbench.config import ModelConfig
 from workbench.errors import InputError, ModelError, ResourceError
 from workbench.gguf_file import GGUFFile
 from workbench.models import resolve
+from workbench import blocks
+from workbench.blocks import BlockExperts, BlockMatrix
 from workbench.qmatmul import QuantExperts, QuantMatrix
 from workbench.tokenizer import Tokenizer
 from workbench.weights import WEIGHT_MODES, ExpertStacks, Weights, load_weights
@@ -73,14 +75,29 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
+# The weights modes whose numbers are the exact path's in float32 (up to the order of summation).
+EXACT_MODES = ("dequantized", "blocks")
+
+
 def resolve_weights(mode: str, device: torch.device, n_params: int, dtype: torch.dtype) -> str:
-    """auto → the exact form, dequantized matrices in the compute dtype, wherever they fit in
-    DEQUANTIZED_MEMORY_SHARE of the free memory; else quantized (4-bit planes, bfloat16 activations: faster
-    on a CPU but not exact, see qmatmul.py). An explicit mode is taken as asked."""
+    """auto → an exact form: on a CPU the file's own blocks (blocks.py: about the file's bytes per token, the
+    dequantized float32 numbers up to summation order) when the block kernels build here; else dequantized
+    matrices in the compute dtype wherever they fit in DEQUANTIZED_MEMORY_SHARE of the free memory; else
+    quantized (4-bit planes, bfloat16 activations: not exact, see qmatmul.py). An explicit mode is taken as
+    asked; "blocks" runs on a CPU only, and says in one sentence why not where its kernels cannot be built."""
+    if mode not in (*WEIGHT_MODES, "auto"):
+        raise InputError(f"unknown weights mode '{mode}'; choose auto, {', '.join(WEIGHT_MODES)}.")
+    if mode == "blocks":
+        if device.type != "cpu":
+            raise InputError(f"weights 'blocks' run on the CPU only; on {device.type} choose dequantized or quantized.")
+        reason = blocks.available()
+        if reason is not None:
+            raise InputError(f"weights 'blocks' are not available here: {reason}; choose dequantized or quantized.")
+        return mode
     if mode in WEIGHT_MODES:
         return mode
-    if mode != "auto":
-        raise InputError(f"unknown weights mode '{mode}'; choose auto, {', '.join(WEIGHT_MODES)}.")
+    if device.type == "cpu" and blocks.available() is None:
+        return "blocks"
     free = free_memory(device)
     if free is None:
         return "dequantized"
@@ -100,6 +117,9 @@ def describe_weights(mode: str, dtype: torch.dtype) -> str:
     if mode == "dequantized":
         exact = "exact" if dtype == torch.float32 else f"{name} rounding"
         return f"dequantized: {name} matrices, {name} activations ({exact})"
+    if mode == "blocks":
+        exact = "exact up to summation order" if dtype == torch.float32 else f"{name} rounding between the matmuls"
+        return f"blocks: the file's GGUF blocks with float32 activations ({exact})"
     return "quantized: 4-bit planes with bfloat16 activations (fast, not exact: ~1e-2 of max |logit|)"
 
 
@@ -145,7 +165,7 @@ def equivalence_tolerance(dtype: torch.dtype, weights: str) -> float:
     1.6e-2 on the bundled models, a bf16/fp16 compute dtype more."""
     if dtype != torch.float32:
         return 1e-1  # bf16/fp16 activations through every layer: 4.9e-2 measured on a 48-layer MoE (H200)
-    return 1e-4 if weights == "dequantized" else 4e-2
+    return 1e-4 if weights in EXACT_MODES else 4e-2
 
 
 def load_parts(
@@ -188,7 +208,7 @@ def unique_tensors(weights: Weights) -> list[torch.Tensor]:
         fields += list(vars(layer).values())
     tensors = []
     for t in fields:
-        if isinstance(t, (QuantMatrix, QuantExperts, ExpertStacks)):
+        if isinstance(t, (QuantMatrix, QuantExperts, ExpertStacks, BlockMatrix, BlockExperts)):
             tensors += t.tensors()
         elif t is not None:
             tensors.append(t)

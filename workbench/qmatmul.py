@@ -181,18 +181,18 @@ def _widen(codes: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     return ((u - 8) * s[..., None] + z[..., None]).flatten(-2)
 
 
-def expert(stack: torch.Tensor | QuantExperts, e: int | torch.Tensor) -> torch.Tensor | QuantMatrix:
-    """Expert e's matrix from a stack in either form (dense [E, in, out] or QuantExperts); e is an int or a 0-d
-    device tensor, which selects on the device (index_select: indexing with the tensor would sync)."""
-    if isinstance(stack, QuantExperts):
+def expert(stack, e: int | torch.Tensor):
+    """Expert e's matrix from a stack in any form (dense [E, in, out], QuantExperts, blocks.BlockExperts); e is
+    an int or a 0-d device tensor, which selects on the device (index_select: indexing with the tensor would sync)."""
+    if not isinstance(stack, torch.Tensor):
         return stack[e]
     if isinstance(e, torch.Tensor):
         return stack.index_select(0, e.reshape(1))[0]
     return stack[e]
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor | QuantMatrix) -> torch.Tensor:
-    """x [..., in] @ W [in, out] → [..., out] in x's dtype, for a dense or a quantized weight."""
-    if isinstance(w, QuantMatrix):
+def matmul(x: torch.Tensor, w) -> torch.Tensor:
+    """x [..., in] @ W [in, out] → [..., out] in x's dtype, for a dense weight, a QuantMatrix or a BlockMatrix."""
+    if not isinstance(w, torch.Tensor):
         return w.apply(x)
     return x @ w

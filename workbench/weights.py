@@ -4,10 +4,12 @@ ours here, once, and every shape is checked against the ModelConfig before anyth
 Quantized tensors travel to the device as raw block bytes and are dequantized there (quants.py), so a CUDA
 load moves the file's bytes, not 4× them. Norm weights stay float32: the norms are computed in float32.
 
-Matrices come in one of two forms (WEIGHT_MODES): "dequantized" (a dense [in, out] tensor in the compute
-dtype, the exact path) or "quantized" (a QuantMatrix, qmatmul.py: 4-bit planes read by a weight-only
-quantized matmul). Only matrices stored block-quantized in the file are kept quantized: float matrices
-(F32/F16/BF16), the MoE router and the norms are always dense. A quantized model's token embeddings stay as
+Matrices come in one of three forms (WEIGHT_MODES): "dequantized" (a dense [in, out] tensor in the compute
+dtype, the exact path), "blocks" (a BlockMatrix, blocks.py: the file's own blocks, multiplied with float32
+activations by a C++ kernel; the same numbers up to summation order, at about the file's bytes per token; CPU
+only) or "quantized" (a QuantMatrix, qmatmul.py: 4-bit planes read by PyTorch's weight-only int4 matmul with
+bfloat16 activations: fast, not exact). Only matrices stored block-quantized in the file are kept in blocks or
+quantized: float matrices (F32/F16/BF16), the MoE router and the norms are always dense. A quantized model's token embeddings stay as
 the file's raw rows (Weights.embed dequantizes the rows it is asked for). A MoE layer's expert stacks take
 their forms one by one (ExpertStacks), which also runs the chosen experts, with one gated FFN (`gated`) for
 them and the dense FFN.
@@ -21,15 +23,17 @@ from dataclasses import dataclass
 import torch
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType
 
+from workbench import blocks
+from workbench.blocks import BlockExperts, BlockMatrix
 from workbench.config import ModelConfig
 from workbench.errors import ModelError, UnsupportedError
 from workbench.gguf_file import GGUFFile
 from workbench.qmatmul import Grid, QuantExperts, QuantMatrix, expert, grid, matmul
 from workbench.quants import dequantize
 
-Matrix = torch.Tensor | QuantMatrix
-Experts = torch.Tensor | QuantExperts  # a stack [E, in, out], or the experts' quantized planes stacked
-WEIGHT_MODES = ("dequantized", "quantized")
+Matrix = torch.Tensor | QuantMatrix | BlockMatrix
+Experts = torch.Tensor | QuantExperts | BlockExperts  # a stack [E, in, out], or the experts' blocks or planes
+WEIGHT_MODES = ("dequantized", "blocks", "quantized")
 _FLOAT_FILE_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.F64})
 
 
@@ -146,7 +150,7 @@ class ExpertStacks:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for stack in (self.gate_up, self.down)
-                for t in (stack.tensors() if isinstance(stack, QuantExperts) else [stack])]
+                for t in (stack.tensors() if isinstance(stack, (QuantExperts, BlockExperts)) else [stack])]
 
 
 @dataclass
@@ -217,9 +221,13 @@ class _Loader:
         """GGUF matrices [..., out, in] stacked along the out rows (Q, K, V; gate, up) → one matrix used as
         x @ W: dense [..., in, out] in the compute dtype, or (quantized mode, every part block-quantized in
         the file) a QuantMatrix, or QuantExperts for a stack [E, out, in]."""
-        if self.mode == "quantized" and all(
-            n in self.gguf.tensors and self.gguf.tensors[n].ggml_type not in _FLOAT_FILE_TYPES for n in names
-        ):
+        types = [self.gguf.tensors[n].ggml_type if n in self.gguf.tensors else None for n in names]
+        if self.mode == "blocks" and any(t is not None and t not in _FLOAT_FILE_TYPES for t in types) and all(
+            t is not None and blocks.kernel_reads(blocks.part_type(t), s[-1]) for t, s in zip(types, shapes)
+        ):  # some part is block-quantized: every part goes to the kernel, as stored (or dequantized, see part)
+            parts = [blocks.part(self.raw(n, s).reshape(*s[:-1], -1), t) for n, s, t in zip(names, shapes, types)]
+            return BlockMatrix.of(parts, shapes[0][-1]) if len(shapes[0]) == 2 else BlockExperts.of(parts, shapes[0][-1])
+        if self.mode == "quantized" and all(t is not None and t not in _FLOAT_FILE_TYPES for t in types):
             grids = [self.grids(n, s) for n, s in zip(names, shapes)]  # per part: one grid, or one per expert
             if len(shapes[0]) == 2:
                 return QuantMatrix.from_grids(grids)
@@ -338,7 +346,10 @@ def load_weights(
     embd, embd_shape, embd_raw = _name(E.TOKEN_EMBD), (c.vocab_size, c.hidden), None
     output = ld.matrix([_name(E.TOKEN_EMBD if c.tied_output else E.OUTPUT)], [embd_shape])
     embd_type = gguf.tensors[embd].ggml_type if embd in gguf.tensors else None
-    if mode == "quantized" and embd_type is not None and embd_type not in _FLOAT_FILE_TYPES:
+    if (c.tied_output and isinstance(output, BlockMatrix) and len(output.parts) == 1
+            and output.types[0] == int(embd_type)):  # the head's own blocks give the embedding rows: one copy
+        embd_raw, token_embd = (output.parts[0], embd_type), None
+    elif mode != "dequantized" and embd_type is not None and embd_type not in _FLOAT_FILE_TYPES:
         embd_raw, token_embd = (ld.raw(embd, embd_shape), embd_type), None
     elif c.tied_output and isinstance(output, torch.Tensor):
         token_embd = None  # rows are read from the (dense) head
