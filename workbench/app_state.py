@@ -227,13 +227,14 @@ _EXACT: dict[tuple, object] = {}  # the exact copy compare runs on, per file (on
 
 
 def exact_model(model):
-    """`model` itself when it runs the exact path (float32, dequantized), else a CPU float32 dequantized copy of
-    its file, loaded once: compare holds other engines to the exact path."""
+    """`model` itself when it runs an exact path (float32, dequantized or blocks), else a CPU float32 dequantized
+    copy of its file, loaded once: compare holds other engines to the exact path."""
     import torch
 
+    from workbench.loading import EXACT_MODES
     from workbench.model import Model
 
-    if model.dtype == torch.float32 and model.info.weights == "dequantized":
+    if model.dtype == torch.float32 and model.info.weights in EXACT_MODES:
         return model
     key = (str(model.gguf.path), model.gguf.size)
     if key not in _EXACT:

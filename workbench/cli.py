@@ -36,8 +36,9 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu) | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
     p.add_argument("--weights", default="auto",
-                   help="auto (dequantized wherever it fits in memory, else quantized) | dequantized (exact) | "
-                        "quantized (4-bit planes, bfloat16 activations: faster on a CPU, not exact)")
+                   help="auto (CPU: blocks where its kernels build, else dequantized wherever it fits in memory, "
+                        "else quantized) | blocks (the file's GGUF blocks, float32 activations: exact and fast, CPU) | "
+                        "dequantized (exact) | quantized (4-bit planes, bfloat16 activations: not exact)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: one fewer than the cores, at least 1: stays fast when "
                         "another program shares the cores)")
@@ -64,7 +65,7 @@ def _session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", choices=ENGINES,
                    help="run llama.cpp beside ours on the same tokens: on the file as it is (8-bit activations: "
                         "cosine 0.99-0.9999), or llama.cpp-f32 on an F32 copy with an F32 KV cache (exact: ≥ 0.999999 "
-                        "against --weights dequantized --dtype float32)")
+                        "against --weights dequantized or blocks, --dtype float32)")
     p.add_argument("--compile", action="store_true",
                    help="plain cached decode steps run torch.compile'd (CPU: ~1 min the first time, seconds after)")
 
