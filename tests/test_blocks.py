@@ -189,3 +189,23 @@ def test_a_failed_build_says_why_in_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr(blocks, "_compiler", lambda: None)
     with pytest.raises(blocks.KernelsUnavailable, match="no C\\+\\+ compiler"):
         blocks._build(tmp_path / "y.so")
+
+
+def test_rope_and_glu_match_their_torch_forms():
+    from workbench import model as M
+
+    ops = blocks.ops
+    for style, rot, d in (("normal", 64, 64), ("neox", 64, 64), ("neox", 32, 96), ("normal", 16, 48)):
+        x = torch.randn(3, 5, d)
+        cos, sin = torch.randn(3, rot), torch.randn(3, rot)
+        got = ops.rope(x, cos, sin, style == "neox")
+        saved, blocks.ops = blocks.ops, None  # the torch form of the same function
+        try:
+            want = M.apply_rope(x, cos, sin, style)
+        finally:
+            blocks.ops = saved
+        assert float((got - want).abs().max()) < 1e-5
+    gate_up = torch.randn(4, 2 * 300) * 3
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert float((ops.glu(gate, up, 0) - F.silu(gate) * up).abs().max()) < 1e-5
+    assert float((ops.glu(gate, up, 1) - F.gelu(gate, approximate="tanh") * up).abs().max()) < 1e-5

@@ -420,3 +420,21 @@ def test_errors():
             tok.piece(bad)
         with pytest.raises(InputError):
             tok.decoder().push(bad)
+
+
+def test_cached_spm_merges_equal_the_computed_ones_and_a_damaged_file_is_rebuilt(tmp_path, monkeypatch):
+    from workbench.tokenizer import cached_spm_merges, spm_merges
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    tokens = ["<unk>", "a", "b", "c", "ab", "bc", "abc", "ca", "▁a", "▁", "cab"]
+    scores = [0.0, -1, -2, -3, -0.5, -0.7, -0.2, -0.9, -0.1, -4, -0.3]
+    token_to_id = {t: i for i, t in enumerate(tokens)}
+    want = spm_merges(token_to_id, scores)
+    assert cached_spm_merges(tokens, token_to_id, scores) == want  # computed, then written
+    (cached,) = (tmp_path / "tokenizers").iterdir()
+    assert cached_spm_merges(tokens, token_to_id, scores) == want  # read back
+    cached.write_bytes(b"not an npy file")
+    assert cached_spm_merges(tokens, token_to_id, scores) == want  # rebuilt
+    other = [s - 1 if i == 6 else s for i, s in enumerate(scores)]  # other scores: another key, other merges
+    assert cached_spm_merges(tokens, token_to_id, other) == spm_merges(token_to_id, other)
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 2

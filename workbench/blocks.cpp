@@ -642,7 +642,71 @@ at::Tensor block_mm_meta(const at::Tensor& x, at::TensorList parts, at::IntArray
   return at::empty({x.size(0), n}, x.options());
 }
 
+// RoPE of x [T, H, d] (contiguous): the first rot dims of each head turn by rows cos, sin [T, rot] (sin's sign
+// folded in per style, as model.rope_table lays them out): out = x·cos + partner·sin, the partner of dim i being
+// x[i ^ 1] (adjacent pairs) or x[(i + rot/2) mod rot] (neox, split halves); dims past rot are copied.
+at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, bool neox) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && cos_in.scalar_type() == at::kFloat && sin_in.scalar_type() == at::kFloat &&
+              x_in.dim() == 3 && cos_in.dim() == 2, "rope takes float32 x [T, H, d] and cos, sin [T, rot]");
+  at::Tensor x = x_in.contiguous(), c = cos_in.contiguous(), sn = sin_in.contiguous();
+  const int64_t T = x.size(0), H = x.size(1), d = x.size(2), rot = c.size(1), half = rot / 2;
+  TORCH_CHECK(c.size(0) == T && sn.sizes() == c.sizes() && rot <= d && rot % 2 == 0, "rope: shapes do not agree");
+  at::Tensor out = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = sn.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float *ct = cp + t * rot, *st = sp + t * rot;
+    for (int64_t h = 0; h < H; ++h) {
+      const float* xr = xp + (t * H + h) * d;
+      float* o = op + (t * H + h) * d;
+      if (neox) {
+        for (int64_t i = 0; i < half; ++i) o[i] = xr[i] * ct[i] + xr[i + half] * st[i];
+        for (int64_t i = half; i < rot; ++i) o[i] = xr[i] * ct[i] + xr[i - half] * st[i];
+      } else {
+        for (int64_t i = 0; i < rot; i += 2) {
+          o[i] = xr[i] * ct[i] + xr[i + 1] * st[i];
+          o[i + 1] = xr[i + 1] * ct[i + 1] + xr[i] * st[i + 1];
+        }
+      }
+      for (int64_t i = rot; i < d; ++i) o[i] = xr[i];
+    }
+  }
+  return out;
+}
+
+// The FFN's gated activation of gate, up [T, f] (rows of any stride, values contiguous: the two halves of one
+// gate·up product): kind 0 silu(gate)·up, kind 1 gelu_tanh(gate)·up.
+at::Tensor glu(const at::Tensor& gate, const at::Tensor& up, int64_t kind) {
+  TORCH_CHECK(gate.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat && gate.dim() == 2 &&
+              gate.sizes() == up.sizes() && gate.stride(1) == 1 && up.stride(1) == 1 && (kind == 0 || kind == 1),
+              "glu takes float32 gate, up [T, f] with contiguous rows, kind 0 (silu) or 1 (gelu_tanh)");
+  const int64_t T = gate.size(0), f = gate.size(1), gs = gate.stride(0), us = up.stride(0);
+  at::Tensor out = at::empty({T, f}, gate.options());
+  const float *gp = gate.data_ptr<float>(), *upp = up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  auto body = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r / f, i = r % f;
+      const float g = gp[t * gs + i], u = upp[t * us + i];
+      float a;
+      if (kind == 0) {
+        a = g / (1.0f + std::exp(-g));
+      } else {
+        const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+        a = 0.5f * g * (1.0f + std::tanh(k * (g + 0.044715f * g * g * g)));
+      }
+      op[r] = a * u;
+    }
+  };
+  if (T * f < 65536) body(0, T * f); else at::parallel_for(0, T * f, 4096, body);
+  return out;
+}
+
 at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) { return at::empty_like(x); }
+at::Tensor rope_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, bool) {
+  return at::empty(x.sizes(), x.options());
+}
+at::Tensor glu_meta(const at::Tensor& gate, const at::Tensor&, int64_t) { return at::empty(gate.sizes(), gate.options()); }
 at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor& values, double) {
   return at::empty({q.size(0), values.size(2)}, q.options());
 }
@@ -653,14 +717,20 @@ TORCH_LIBRARY(workbench_blocks, m) {
   m.def("block_mm(Tensor x, Tensor[] parts, int[] types) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, float scale) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor");
+  m.def("glu(Tensor gate, Tensor up, int kind) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(workbench_blocks, CPU, m) {
   m.impl("block_mm", block_mm);
   m.impl("rms_norm", rms_norm);
   m.impl("decode_attention", decode_attention);
+  m.impl("rope", rope);
+  m.impl("glu", glu);
 }
 TORCH_LIBRARY_IMPL(workbench_blocks, Meta, m) {
   m.impl("block_mm", block_mm_meta);
   m.impl("rms_norm", rms_norm_meta);
   m.impl("decode_attention", decode_attention_meta);
+  m.impl("rope", rope_meta);
+  m.impl("glu", glu_meta);
 }

@@ -300,6 +300,42 @@ def spm_merges(token_to_id: Mapping[str, int], scores: Sequence[float]) -> list[
     return [(left, right) for _, _, _, left, right in ranked]
 
 
+def cached_spm_merges(tokens: Sequence[str], token_to_id: Mapping[str, int], scores: Sequence[float]) -> list[tuple[str, str]]:
+    """spm_merges, kept on disk: they are a pure function of the vocabulary and its scores (1.6 s for Gemma-3's
+    262k tokens, most of its load), so the cache key is a sha256 of exactly those (and of spm_merges' own code);
+    the file holds each merge as the ids of its two parts. A missing, unreadable or implausible file is rebuilt."""
+    import hashlib
+    import inspect
+    import os
+    import uuid
+
+    import numpy as np
+
+    from workbench.models import cache_dir
+
+    h = hashlib.sha256(inspect.getsource(spm_merges).encode())
+    h.update("\x00".join(tokens).encode("utf-8", "surrogatepass"))
+    h.update(np.asarray(scores, dtype=np.float64).tobytes())
+    path = cache_dir() / "tokenizers" / f"spm-merges-{h.hexdigest()[:24]}.npy"
+    try:
+        ids = np.load(path, allow_pickle=False)
+        if ids.ndim == 2 and ids.shape[1] == 2 and ids.dtype == np.int32 and (ids.size == 0 or (0 <= ids.min() and ids.max() < len(tokens))):
+            strings = np.array(tokens, dtype=object)  # fancy indexing in C: 10× a Python loop over 500k pairs
+            return list(zip(strings[ids[:, 0]].tolist(), strings[ids[:, 1]].tolist()))
+    except (OSError, ValueError):
+        pass
+    merges = spm_merges(token_to_id, scores)
+    ids = np.array([(token_to_id[a], token_to_id[b]) for a, b in merges], dtype=np.int32).reshape(-1, 2)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.tmp.npy")
+        np.save(tmp, ids)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the next load the 1.6 s again
+    return merges
+
+
 def _bpe_merges(raw: Sequence[Any], token_to_id: Mapping[str, int]) -> list[tuple[str, str]]:
     """The file's merges, in rank order, as llama.cpp reads them (cut at the first space after
     position 0; a repeated pair keeps its first rank).  Pairs whose parts or result are not in
@@ -425,7 +461,7 @@ class Tokenizer:
                     scores = [0.0] * n
                 elif any(math.isnan(score) for score in scores):  # ±inf still ranks; NaN makes the merge order arbitrary
                     raise ModelError("GGUF metadata tokenizer.ggml.scores holds NaN, so the merge order is undefined.")
-                bpe = models.BPE(vocab=token_to_id, merges=spm_merges(token_to_id, scores),
+                bpe = models.BPE(vocab=token_to_id, merges=cached_spm_merges(tokens, token_to_id, scores),
                                  byte_fallback=True, fuse_unk=False,
                                  unk_token=tokens[unk_id] if unk_id is not None else None)
                 backend = HFTokenizer(bpe)

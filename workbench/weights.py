@@ -217,6 +217,14 @@ class _Loader:
         except UnsupportedError as exc:
             raise UnsupportedError(f"{self.gguf.path.name}: tensor '{name}': {exc}") from None
 
+    def block_part(self, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, GGMLQuantizationType]:
+        """A matrix [out, in] (or stack [E, out, in]) as a part of a BlockMatrix (blocks.part), on the device."""
+        raw = self.raw(name, shape).reshape(*shape[:-1], -1)
+        try:
+            return blocks.part(raw, self.gguf.tensors[name].ggml_type)
+        except UnsupportedError as exc:
+            raise UnsupportedError(f"{self.gguf.path.name}: tensor '{name}': {exc}") from None
+
     def matrix(self, names: list[str], shapes: list[tuple[int, ...]]) -> Matrix | QuantExperts:
         """GGUF matrices [..., out, in] stacked along the out rows (Q, K, V; gate, up) → one matrix used as
         x @ W: dense [..., in, out] in the compute dtype, or (quantized mode, every part block-quantized in
@@ -225,7 +233,7 @@ class _Loader:
         if self.mode == "blocks" and any(t is not None and t not in _FLOAT_FILE_TYPES for t in types) and all(
             t is not None and blocks.kernel_reads(blocks.part_type(t), s[-1]) for t, s in zip(types, shapes)
         ):  # some part is block-quantized: every part goes to the kernel, as stored (or dequantized, see part)
-            parts = [blocks.part(self.raw(n, s).reshape(*s[:-1], -1), t) for n, s, t in zip(names, shapes, types)]
+            parts = [self.block_part(n, s) for n, s in zip(names, shapes)]
             return BlockMatrix.of(parts, shapes[0][-1]) if len(shapes[0]) == 2 else BlockExperts.of(parts, shapes[0][-1])
         if self.mode == "quantized" and all(t is not None and t not in _FLOAT_FILE_TYPES for t in types):
             grids = [self.grids(n, s) for n, s in zip(names, shapes)]  # per part: one grid, or one per expert
