@@ -191,7 +191,7 @@ def test_a_failed_build_says_why_in_one_sentence(tmp_path, monkeypatch):
         blocks._build(tmp_path / "y.so")
 
 
-def test_rope_and_glu_match_their_torch_forms():
+def test_rope_matches_its_torch_form():
     from workbench import model as M
 
     ops = blocks.ops
@@ -205,7 +205,3 @@ def test_rope_and_glu_match_their_torch_forms():
         finally:
             blocks.ops = saved
         assert float((got - want).abs().max()) < 1e-5
-    gate_up = torch.randn(4, 2 * 300) * 3
-    gate, up = gate_up.chunk(2, dim=-1)
-    assert float((ops.glu(gate, up, 0) - F.silu(gate) * up).abs().max()) < 1e-5
-    assert float((ops.glu(gate, up, 1) - F.gelu(gate, approximate="tanh") * up).abs().max()) < 1e-5

@@ -674,39 +674,10 @@ at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tens
   return out;
 }
 
-// The FFN's gated activation of gate, up [T, f] (rows of any stride, values contiguous: the two halves of one
-// gate·up product): kind 0 silu(gate)·up, kind 1 gelu_tanh(gate)·up.
-at::Tensor glu(const at::Tensor& gate, const at::Tensor& up, int64_t kind) {
-  TORCH_CHECK(gate.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat && gate.dim() == 2 &&
-              gate.sizes() == up.sizes() && gate.stride(1) == 1 && up.stride(1) == 1 && (kind == 0 || kind == 1),
-              "glu takes float32 gate, up [T, f] with contiguous rows, kind 0 (silu) or 1 (gelu_tanh)");
-  const int64_t T = gate.size(0), f = gate.size(1), gs = gate.stride(0), us = up.stride(0);
-  at::Tensor out = at::empty({T, f}, gate.options());
-  const float *gp = gate.data_ptr<float>(), *upp = up.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  auto body = [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t t = r / f, i = r % f;
-      const float g = gp[t * gs + i], u = upp[t * us + i];
-      float a;
-      if (kind == 0) {
-        a = g / (1.0f + std::exp(-g));
-      } else {
-        const float k = 0.7978845608028654f;  // sqrt(2 / pi)
-        a = 0.5f * g * (1.0f + std::tanh(k * (g + 0.044715f * g * g * g)));
-      }
-      op[r] = a * u;
-    }
-  };
-  if (T * f < 65536) body(0, T * f); else at::parallel_for(0, T * f, 4096, body);
-  return out;
-}
-
 at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) { return at::empty_like(x); }
 at::Tensor rope_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, bool) {
   return at::empty(x.sizes(), x.options());
 }
-at::Tensor glu_meta(const at::Tensor& gate, const at::Tensor&, int64_t) { return at::empty(gate.sizes(), gate.options()); }
 at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor& values, double) {
   return at::empty({q.size(0), values.size(2)}, q.options());
 }
@@ -718,19 +689,16 @@ TORCH_LIBRARY(workbench_blocks, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, float scale) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor");
-  m.def("glu(Tensor gate, Tensor up, int kind) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(workbench_blocks, CPU, m) {
   m.impl("block_mm", block_mm);
   m.impl("rms_norm", rms_norm);
   m.impl("decode_attention", decode_attention);
   m.impl("rope", rope);
-  m.impl("glu", glu);
 }
 TORCH_LIBRARY_IMPL(workbench_blocks, Meta, m) {
   m.impl("block_mm", block_mm_meta);
   m.impl("rms_norm", rms_norm_meta);
   m.impl("decode_attention", decode_attention_meta);
   m.impl("rope", rope_meta);
-  m.impl("glu", glu_meta);
 }

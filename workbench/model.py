@@ -143,20 +143,9 @@ def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702, limit
     return g * torch.sigmoid(alpha * g) * (u + 1)
 
 
-def _fused_glu(kind: int, torch_glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-    """A GLU that runs as one blocks.cpp op on float32 CPU rows (chunk views of one gate·up product) once the
-    kernels are loaded, as `torch_glu` elsewhere: the same function, ~3 torch ops fewer per FFN."""
-    def glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if (blocks.ops is not None and gate.device.type == "cpu" and gate.dtype == up.dtype == torch.float32
-                and gate.dim() == 2 and gate.stride(-1) == up.stride(-1) == 1):
-            return blocks.ops.glu(gate, up, kind)
-        return torch_glu(gate, up)
-    return glu
-
-
 GLUS = {  # ModelConfig.ffn_act → (gate·x, up·x) → the FFN's hidden activation
-    "silu": _fused_glu(0, lambda gate, up: F.silu(gate) * up),
-    "gelu_tanh": _fused_glu(1, lambda gate, up: F.gelu(gate, approximate="tanh") * up),
+    "silu": lambda gate, up: F.silu(gate) * up,
+    "gelu_tanh": lambda gate, up: F.gelu(gate, approximate="tanh") * up,
     "swiglu_oai": swiglu_oai,
 }
 
