@@ -18,7 +18,7 @@ from gguf import MODEL_TENSOR as E
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from workbench import loading, tiny
+from workbench import blocks, loading, tiny
 from workbench.cli import main
 from workbench.errors import InputError, NumericError, ResourceError
 from workbench.frames import FRAMES
@@ -100,8 +100,9 @@ def test_mixed_expert_stacks_decode_in_every_mode(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_mix_of_types_on_every_path(arch, tmp_path, monkeypatch):
-    """Random mixes per matrix, per expert stack and per layer: cached ≡ uncached in both weight modes, the
-    quantized form close to the exact one, the static-shape step ≡ the eager step."""
+    """Random mixes per matrix, per expert stack and per layer: cached ≡ uncached in every weight mode, the
+    blocks form equal to the exact one (1e-5), the quantized form close to it, the static-shape step ≡ the
+    eager step."""
     for seed in (1, 2):
         path = write_mixed(arch, tmp_path / f"{arch}-{seed}.gguf", seed, monkeypatch)
         exact = Model.load(path, device="cpu", weights="dequantized")
@@ -122,7 +123,13 @@ def test_every_mix_of_types_on_every_path(arch, tmp_path, monkeypatch):
         # MLA chains five matmuls per attention (q_a, q_b, kv_a, the latent's K and V heads) where others have two:
         # seed 1's mix, with the exact run's experts, has a median cosine of 0.9899 (its Q2_K/Q3_K rows drift)
         assert close_to_exact(fast_uncached, ref, 0.985 if exact.config.is_mla else 0.99)
-        for m in (exact, fast):  # the static step (what CUDA graphs and torch.compile run) at the last position
+        models = [exact, fast]
+        if blocks.available() is None:  # the file's own blocks: the exact path's numbers, every type of the mix
+            kept = Model.load(path, device="cpu", weights="blocks")
+            kept_uncached = teacher_forced(kept, ids, "uncached")
+            assert rel(kept_uncached, ref) < 1e-5 and rel(teacher_forced(kept, ids, "cached"), kept_uncached) < 1e-4
+            models.append(kept)
+        for m in models:  # the static step (what CUDA graphs and torch.compile run) at the last position
             cache = m.new_cache(len(ids))
             m.forward(torch.tensor(ids[:-1]), 0, cache)
             static = m.forward(torch.tensor(ids[-1:]), 0, cache, last_only=True, pos=torch.tensor([len(ids) - 1]))
@@ -133,22 +140,29 @@ def test_every_mix_of_types_on_every_path(arch, tmp_path, monkeypatch):
 
 def test_auto_is_the_exact_path_where_it_fits(tiny_paths, monkeypatch):
     m = Model.load(tiny_paths["qwen3moe"], device="cpu")
+    if blocks.available() is None:  # the block kernels built here: the exact path at the file's bytes
+        assert m.info.weights == "blocks" and m.equivalence_tolerance == 1e-4
+        monkeypatch.setattr(blocks, "available", lambda: "no C++ compiler was found")
+    m = Model.load(tiny_paths["qwen3moe"], device="cpu")
     assert m.info.weights == "dequantized" and m.equivalence_tolerance == 1e-4
     monkeypatch.setattr(loading, "free_memory", lambda device: 1 << 20)  # 1 MiB free: does not fit
     assert Model.load(tiny_paths["qwen3moe"], device="cpu").info.weights == "quantized"
 
 
 def test_cli_names_the_arithmetic(tiny_paths, capsys):
-    assert main(["generate", str(tiny_paths["qwen3"]), "--prompt", "hi", "--steps", "2", "--threads", "1"]) == 0
+    assert main(["generate", str(tiny_paths["qwen3"]), "--prompt", "hi", "--steps", "2", "--threads", "1",
+                 "--weights", "dequantized"]) == 0
     err = capsys.readouterr().err
     assert "dequantized: float32 matrices, float32 activations (exact)" in err and "1 threads" in err
+    assert main(["generate", str(tiny_paths["qwen3"]), "--prompt", "hi", "--steps", "2", "--weights", "blocks"]) == 0
+    assert "blocks: the file's GGUF blocks with float32 activations (exact up to summation order)" in capsys.readouterr().err
     assert main(["generate", str(tiny_paths["qwen3"]), "--prompt", "hi", "--steps", "2", "--weights", "quantized"]) == 0
     assert "bfloat16 activations" in capsys.readouterr().err
 
 
 # --- a loaded model owns its numbers ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("weights", ["dequantized", "quantized"])
+@pytest.mark.parametrize("weights", ["dequantized", "blocks", "quantized"])
 def test_changing_the_file_after_load_changes_nothing(tiny_paths, tmp_path, weights):
     path = tmp_path / "model.gguf"
     shutil.copy(tiny_paths["qwen3moe"], path)

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__F16C__)
@@ -365,10 +366,13 @@ struct Z5_1 : Q5_1 {
   }
 };
 struct Z8_0 : Q8_0 {
+  // The block's codes as floats; its one scale multiplies the block's partial sum instead (d·q is exact, so
+  // d·Σ q·x is Σ (d·q)·x up to rounding: one multiply fewer per 16 weights, on the heads' large matrices).
+  static constexpr bool SCALED = true;
+  static float scale(const uint8_t* b) { return f16(b); }
   static void group512(const uint8_t* b, int, __m512 w[2]) {
-    __m512 d = _mm512_set1_ps(f16(b));
-    w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(sext16(_mm_loadu_si128((const __m128i*)(b + 2)))), d);
-    w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(sext16(_mm_loadu_si128((const __m128i*)(b + 18)))), d);
+    w[0] = _mm512_cvtepi32_ps(sext16(_mm_loadu_si128((const __m128i*)(b + 2))));
+    w[1] = _mm512_cvtepi32_ps(sext16(_mm_loadu_si128((const __m128i*)(b + 18))));
   }
 };
 struct ZMXFP4 : MXFP4 {
@@ -420,6 +424,9 @@ struct Z6_K : Q6_K {
   }
 };
 
+template <class Z, class = void> struct Scaled { static constexpr bool value = false; };
+template <class Z> struct Scaled<Z, std::void_t<decltype(Z::SCALED)>> { static constexpr bool value = Z::SCALED; };
+
 template <class Z, int TT>
 void rows512(const uint8_t* w, int64_t row_bytes, int64_t n_in, const float* x, float* y, int64_t ys, int64_t r0, int64_t r1) {
   constexpr int G = Z::BS / 32;
@@ -430,6 +437,18 @@ void rows512(const uint8_t* w, int64_t row_bytes, int64_t n_in, const float* x, 
     for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     for (int64_t bi = 0; bi < n_blocks; ++bi) {
       const uint8_t* blk = row + bi * Z::TS;
+      if constexpr (Scaled<Z>::value) {  // one 32-value group per block, its scale applied to the partial sum
+        __m512 wv[2];
+        Z::group512(blk, 0, wv);
+        const __m512 d = _mm512_set1_ps(Z::scale(blk));
+        const float* xb = x + bi * Z::BS;
+        for (int t = 0; t < TT; ++t) {
+          __m512 part = _mm512_mul_ps(wv[0], _mm512_loadu_ps(xb + t * n_in));
+          part = _mm512_fmadd_ps(wv[1], _mm512_loadu_ps(xb + t * n_in + 16), part);
+          acc[t][bi & 1] = _mm512_fmadd_ps(d, part, acc[t][bi & 1]);
+        }
+        continue;
+      }
       for (int g = 0; g < G; ++g) {
         __m512 wv[2];
         Z::group512(blk, g, wv);

@@ -343,7 +343,8 @@ class Model:
         progress: Callable[[int, int], None] | None = None, weights: str = "auto",
     ) -> Model:
         """A bundled name or a path → a model on the device, warmed up (the policy: workbench/loading.py).
-        `weights`: auto, dequantized (exact) or quantized (quantized matmuls, qmatmul.py)."""
+        `weights`: auto, blocks (GGUF blocks, float32 activations: exact, blocks.py), dequantized (exact) or
+        quantized (4-bit planes, bfloat16 activations, qmatmul.py)."""
         t0 = time.perf_counter()
         model = cls(*load_parts(model, device, dtype, progress, weights))
         model.warm_up()
