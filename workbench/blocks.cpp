@@ -431,7 +431,28 @@ template <class Z, int TT>
 void rows512(const uint8_t* w, int64_t row_bytes, int64_t n_in, const float* x, float* y, int64_t ys, int64_t r0, int64_t r1) {
   constexpr int G = Z::BS / 32;
   const int64_t n_blocks = n_in / Z::BS;
-  for (int64_t r = r0; r < r1; ++r) {
+  int64_t r = r0;
+  if constexpr (TT == 1 && !Scaled<Z>::value) {
+    for (; r + 2 <= r1; r += 2) {
+      const uint8_t* row0 = w + r * row_bytes;
+      const uint8_t* row1 = row0 + row_bytes;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+      for (int64_t bi = 0; bi < n_blocks; ++bi) {
+        for (int g = 0; g < G; ++g) {
+          __m512 u[2], v[2];
+          Z::group512(row0 + bi * Z::TS, g, u);
+          Z::group512(row1 + bi * Z::TS, g, v);
+          const float* xb = x + bi * Z::BS + 32 * g;
+          const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+          a0 = _mm512_fmadd_ps(u[0], x0, a0), a1 = _mm512_fmadd_ps(u[1], x1, a1);
+          b0 = _mm512_fmadd_ps(v[0], x0, b0), b1 = _mm512_fmadd_ps(v[1], x1, b1);
+        }
+      }
+      y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      y[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+    }
+  }
+  for (; r < r1; ++r) {
     const uint8_t* row = w + r * row_bytes;
     __m512 acc[TT][2];
     for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
