@@ -595,7 +595,82 @@ at::Tensor block_mm(const at::Tensor& x_in, at::TensorList parts, at::IntArrayRe
   return y;
 }
 
-// RMSNorm over the last dim of float32 x (rows of n values) times weight [n]: y = x / sqrt(mean(x²) + eps) · w.
+// ---- the small ops of a decode step, row by row (the ops below and decode_step share them) ----
+
+// y = x / sqrt(mean(x²) + eps) · w over n values (y may be x).
+inline void rms_row(const float* x, const float* w, float* y, int64_t n, float eps) {
+  v8 acc = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v8 v = loadf(x + i);
+    acc += v * v;
+  }
+  float ss = hsum(acc);
+  for (; i < n; ++i) ss += x[i] * x[i];
+  const float scale = 1.0f / std::sqrt(ss / (float)n + eps);
+  for (int64_t j = 0; j < n; ++j) y[j] = x[j] * scale * w[j];
+}
+
+// One head of d values turned by a RoPE row (cos, sin [rot], sin's sign folded in as model.rope_table lays it
+// out): o = x·cos + partner·sin, the partner of dim i being x[i ^ 1] (adjacent pairs) or x[(i + rot/2) mod rot]
+// (neox); dims past rot are copied. o must not be x.
+inline void rope_row(const float* x, const float* c, const float* s, float* o, int64_t d, int64_t rot, bool neox) {
+  const int64_t half = rot / 2;
+  if (neox) {
+    for (int64_t i = 0; i < half; ++i) o[i] = x[i] * c[i] + x[i + half] * s[i];
+    for (int64_t i = half; i < rot; ++i) o[i] = x[i] * c[i] + x[i - half] * s[i];
+  } else {
+    for (int64_t i = 0; i < rot; i += 2) {
+      o[i] = x[i] * c[i] + x[i + 1] * s[i];
+      o[i + 1] = x[i + 1] * c[i + 1] + x[i] * s[i + 1];
+    }
+  }
+  for (int64_t i = rot; i < d; ++i) o[i] = x[i];
+}
+
+// Softmax attention of one query row q [d] over S keys (rows ks1 apart) and values (rows vs1 apart, dv wide)
+// → o [dv]; p is scratch for S scores. float32 scores, softmax and sums.
+inline void attend_row(const float* q, const float* k, int64_t ks1, const float* v, int64_t vs1, int64_t S, int64_t d,
+                       int64_t dv, float scale, float* p, float* o) {
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    const float* kr = k + s * ks1;
+    v8 acc = {};
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8) acc += loadf(q + i) * loadf(kr + i);
+    float dot = hsum(acc);
+    for (; i < d; ++i) dot += q[i] * kr[i];
+    p[s] = dot * scale;
+    mx = std::max(mx, p[s]);
+  }
+  float sum = 0;
+  for (int64_t s = 0; s < S; ++s) sum += (p[s] = std::exp(p[s] - mx));
+  for (int64_t j = 0; j < dv; ++j) o[j] = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const float* vr = v + s * vs1;
+    const float ps = p[s];
+    for (int64_t j = 0; j < dv; ++j) o[j] += ps * vr[j];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t j = 0; j < dv; ++j) o[j] *= inv;
+}
+
+// Query heads [h0, h1) of q [H, d] over a cache's first S positions (keys [Hkv, ≥S, d], values [Hkv, ≥S, dv],
+// rows contiguous); query head h reads KV head h / (H / Hkv).
+void attend_heads(const float* q, int64_t H, int64_t d, const at::Tensor& keys, const at::Tensor& values, int64_t S,
+                  float scale, float* out) {
+  const int64_t Hkv = keys.size(0), dv = values.size(2), group = H / Hkv;
+  const float *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
+  const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), vs0 = values.stride(0), vs1 = values.stride(1);
+  auto body = [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(S);
+    for (int64_t h = h0; h < h1; ++h)
+      attend_row(q + h * d, kp + (h / group) * ks0, ks1, vp + (h / group) * vs0, vs1, S, d, dv, scale, p.data(), out + h * dv);
+  };
+  if (H * S * d < 32768) body(0, H); else at::parallel_for(0, H, 1, body);
+}
+
+// RMSNorm over the last dim of float32 x (rows of n values) times weight [n].
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "rms_norm takes float32 tensors on the CPU");
@@ -607,72 +682,80 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
   float* yp = y.data_ptr<float>();
   const int64_t rows = n ? x.numel() / n : 0;
   auto body = [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * n;
-      float* yr = yp + r * n;
-      v8 acc = {};
-      int64_t i = 0;
-      for (; i + 8 <= n; i += 8) {
-        v8 v = loadf(xr + i);
-        acc += v * v;
-      }
-      float ss = hsum(acc);
-      for (; i < n; ++i) ss += xr[i] * xr[i];
-      const float scale = 1.0f / std::sqrt(ss / (float)n + (float)eps);
-      for (int64_t j = 0; j < n; ++j) yr[j] = xr[j] * scale * wp[j];
-    }
+    for (int64_t r = r0; r < r1; ++r) rms_row(xp + r * n, wp, yp + r * n, n, (float)eps);
   };
   if (rows * n < 32768) body(0, rows); else at::parallel_for(0, rows, 1, body);
   return y;
 }
 
 // One query row's attention over a cache: q [H, d], keys [Hkv, S, d], values [Hkv, S, dv] (rows contiguous
-// in d) → [H, dv]; query head h reads KV head h / (H / Hkv). float32 scores, softmax and sums.
+// in d) → [H, dv].
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values, double scale) {
   TORCH_CHECK(q_in.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
               "decode_attention takes float32 tensors");
   TORCH_CHECK(q_in.dim() == 2 && keys.dim() == 3 && values.dim() == 3 && keys.stride(2) == 1 && values.stride(2) == 1,
               "decode_attention takes q [H, d], keys [Hkv, S, d], values [Hkv, S, dv] with contiguous rows");
   at::Tensor q = q_in.contiguous();
-  const int64_t H = q.size(0), d = q.size(1), Hkv = keys.size(0), S = keys.size(1), dv = values.size(2);
+  const int64_t H = q.size(0), d = q.size(1), Hkv = keys.size(0), S = keys.size(1);
   TORCH_CHECK(keys.size(2) == d && values.size(0) == Hkv && values.size(1) == S && Hkv > 0 && H % Hkv == 0,
               "decode_attention: shapes do not agree");
-  at::Tensor out = at::empty({H, dv}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
+  at::Tensor out = at::empty({H, values.size(2)}, q.options());
+  attend_heads(q.data_ptr<float>(), H, d, keys, values, S, (float)scale, out.data_ptr<float>());
+  return out;
+}
+
+// RoPE of x [T, H, d]: each head's first rot dims turn by rows cos, sin [T, rot] (see rope_row).
+at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, bool neox) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && cos_in.scalar_type() == at::kFloat && sin_in.scalar_type() == at::kFloat &&
+              x_in.dim() == 3 && cos_in.dim() == 2, "rope takes float32 x [T, H, d] and cos, sin [T, rot]");
+  at::Tensor x = x_in.contiguous(), c = cos_in.contiguous(), sn = sin_in.contiguous();
+  const int64_t T = x.size(0), H = x.size(1), d = x.size(2), rot = c.size(1);
+  TORCH_CHECK(c.size(0) == T && sn.sizes() == c.sizes() && rot <= d && rot % 2 == 0, "rope: shapes do not agree");
+  at::Tensor out = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = sn.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), vs0 = values.stride(0), vs1 = values.stride(1);
-  const int64_t group = H / Hkv;
-  auto body = [&](int64_t h0, int64_t h1) {
-    std::vector<float> p(S);
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* qh = qp + h * d;
-      const float* kg = kp + (h / group) * ks0;
-      const float* vg = vp + (h / group) * vs0;
-      float mx = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        const float* k = kg + s * ks1;
-        v8 acc = {};
-        int64_t i = 0;
-        for (; i + 8 <= d; i += 8) acc += loadf(qh + i) * loadf(k + i);
-        float dot = hsum(acc);
-        for (; i < d; ++i) dot += qh[i] * k[i];
-        p[s] = dot * (float)scale;
-        mx = std::max(mx, p[s]);
-      }
-      float sum = 0;
-      for (int64_t s = 0; s < S; ++s) sum += (p[s] = std::exp(p[s] - mx));
-      float* o = op + h * dv;
-      for (int64_t j = 0; j < dv; ++j) o[j] = 0;
-      for (int64_t s = 0; s < S; ++s) {
-        const float* v = vg + s * vs1;
-        const float ps = p[s];
-        for (int64_t j = 0; j < dv; ++j) o[j] += ps * v[j];
-      }
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j < dv; ++j) o[j] *= inv;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) rope_row(xp + (t * H + h) * d, cp + t * rot, sp + t * rot, op + (t * H + h) * d, d, rot, neox);
+  return out;
+}
+
+// A plain decode step's attention, from the fused projection to the heads' outputs, in one call: qkv [1,
+// (H + 2·Hkv)·d] → per-head QK-norm (when q_norm, k_norm are given) → RoPE (cos, sin [1, rot]) → K and V written
+// into the layer's cache (keys, values [Hkv, capacity, d]) at position n_keys − 1 → attention over its first
+// n_keys positions → [1, H·d]. The same arithmetic as model.attention's steps (rms_row, rope_row, attend_row),
+// without the ~20 torch ops between them.
+at::Tensor decode_step(const at::Tensor& qkv_in, const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
+                       double eps, const at::Tensor& cos_in, const at::Tensor& sin_in, bool neox, at::Tensor keys,
+                       at::Tensor values, int64_t n_keys, int64_t n_heads, double scale) {
+  TORCH_CHECK(qkv_in.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat &&
+              qkv_in.dim() == 2 && qkv_in.size(0) == 1 && keys.dim() == 3 && values.dim() == 3 && keys.stride(2) == 1 &&
+              values.stride(2) == 1, "decode_step takes float32 qkv [1, n] and a layer's K, V cache [Hkv, capacity, d]");
+  const int64_t Hkv = keys.size(0), d = keys.size(2), H = n_heads, rot = cos_in.size(-1);
+  TORCH_CHECK(H % Hkv == 0 && qkv_in.size(1) == (H + 2 * Hkv) * d && values.size(2) == d && values.size(0) == Hkv &&
+              0 < n_keys && n_keys <= keys.size(1) && n_keys <= values.size(1) && rot <= d && cos_in.numel() == rot &&
+              sin_in.numel() == rot, "decode_step: shapes do not agree");
+  at::Tensor qkv = qkv_in.contiguous(), c = cos_in.contiguous(), sn = sin_in.contiguous();
+  const float *x = qkv.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = sn.data_ptr<float>();
+  const float* qn = q_norm.has_value() ? q_norm->data_ptr<float>() : nullptr;
+  const float* kn = k_norm.has_value() ? k_norm->data_ptr<float>() : nullptr;
+  TORCH_CHECK((!qn || q_norm->numel() == d) && (!kn || k_norm->numel() == d), "decode_step: QK-norm weights are per head dim");
+  std::vector<float> q(H * d), normed(d);
+  auto turn = [&](const float* head, const float* w, float* o) {
+    if (w) {
+      rms_row(head, w, normed.data(), d, (float)eps);
+      head = normed.data();
     }
+    rope_row(head, cp, sp, o, d, rot, neox);
   };
-  if (H * S * d < 32768) body(0, H); else at::parallel_for(0, H, 1, body);
+  const int64_t pos = n_keys - 1;
+  float *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
+  for (int64_t h = 0; h < H; ++h) turn(x + h * d, qn, q.data() + h * d);
+  for (int64_t g = 0; g < Hkv; ++g) {
+    turn(x + (H + g) * d, kn, kp + g * keys.stride(0) + pos * keys.stride(1));
+    std::memcpy(vp + g * values.stride(0) + pos * values.stride(1), x + (H + Hkv + g) * d, d * sizeof(float));
+  }
+  at::Tensor out = at::empty({1, H * d}, qkv.options());
+  attend_heads(q.data(), H, d, keys, values, n_keys, (float)scale, out.data_ptr<float>());
   return out;
 }
 
@@ -682,39 +765,11 @@ at::Tensor block_mm_meta(const at::Tensor& x, at::TensorList parts, at::IntArray
   return at::empty({x.size(0), n}, x.options());
 }
 
-// RoPE of x [T, H, d] (contiguous): the first rot dims of each head turn by rows cos, sin [T, rot] (sin's sign
-// folded in per style, as model.rope_table lays them out): out = x·cos + partner·sin, the partner of dim i being
-// x[i ^ 1] (adjacent pairs) or x[(i + rot/2) mod rot] (neox, split halves); dims past rot are copied.
-at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, bool neox) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && cos_in.scalar_type() == at::kFloat && sin_in.scalar_type() == at::kFloat &&
-              x_in.dim() == 3 && cos_in.dim() == 2, "rope takes float32 x [T, H, d] and cos, sin [T, rot]");
-  at::Tensor x = x_in.contiguous(), c = cos_in.contiguous(), sn = sin_in.contiguous();
-  const int64_t T = x.size(0), H = x.size(1), d = x.size(2), rot = c.size(1), half = rot / 2;
-  TORCH_CHECK(c.size(0) == T && sn.sizes() == c.sizes() && rot <= d && rot % 2 == 0, "rope: shapes do not agree");
-  at::Tensor out = at::empty_like(x);
-  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = sn.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const float *ct = cp + t * rot, *st = sp + t * rot;
-    for (int64_t h = 0; h < H; ++h) {
-      const float* xr = xp + (t * H + h) * d;
-      float* o = op + (t * H + h) * d;
-      if (neox) {
-        for (int64_t i = 0; i < half; ++i) o[i] = xr[i] * ct[i] + xr[i + half] * st[i];
-        for (int64_t i = half; i < rot; ++i) o[i] = xr[i] * ct[i] + xr[i - half] * st[i];
-      } else {
-        for (int64_t i = 0; i < rot; i += 2) {
-          o[i] = xr[i] * ct[i] + xr[i + 1] * st[i];
-          o[i + 1] = xr[i + 1] * ct[i + 1] + xr[i] * st[i + 1];
-        }
-      }
-      for (int64_t i = rot; i < d; ++i) o[i] = xr[i];
-    }
-  }
-  return out;
-}
-
 at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) { return at::empty_like(x); }
+at::Tensor decode_step_meta(const at::Tensor& qkv, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double,
+                            const at::Tensor&, const at::Tensor&, bool, at::Tensor keys, at::Tensor, int64_t, int64_t n_heads, double) {
+  return at::empty({1, n_heads * keys.size(2)}, qkv.options());
+}
 at::Tensor rope_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, bool) {
   return at::empty(x.sizes(), x.options());
 }
@@ -729,16 +784,20 @@ TORCH_LIBRARY(workbench_blocks, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, float scale) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool neox) -> Tensor");
+  m.def("decode_step(Tensor qkv, Tensor? q_norm, Tensor? k_norm, float eps, Tensor cos, Tensor sin, bool neox, "
+        "Tensor(a!) keys, Tensor(b!) values, int n_keys, int n_heads, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(workbench_blocks, CPU, m) {
   m.impl("block_mm", block_mm);
   m.impl("rms_norm", rms_norm);
   m.impl("decode_attention", decode_attention);
   m.impl("rope", rope);
+  m.impl("decode_step", decode_step);
 }
 TORCH_LIBRARY_IMPL(workbench_blocks, Meta, m) {
   m.impl("block_mm", block_mm_meta);
   m.impl("rms_norm", rms_norm_meta);
   m.impl("decode_attention", decode_attention_meta);
   m.impl("rope", rope_meta);
+  m.impl("decode_step", decode_step_meta);
 }

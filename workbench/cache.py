@@ -62,6 +62,14 @@ class KVCache:
         self.lengths[layer] = n_keys
         return self.keys[layer][:, :n_keys], self.values[layer][:, :n_keys]
 
+    def reserve(self, layer: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole K, V [n_kv_heads, capacity, head_dim], its length set to n_keys, for a caller that
+        writes position n_keys − 1 itself (blocks.cpp's decode_step)."""
+        if n_keys > self.capacity:
+            raise context_full(n_keys - 1, self.capacity)
+        self.lengths[layer] = n_keys
+        return self.keys[layer], self.values[layer]
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [T, n_kv_heads, head_dim] at positions start..start+T; return the filled K, V views."""
         positions = torch.arange(start, start + k.shape[0], device=self.keys[layer].device)

@@ -248,6 +248,18 @@ def _with_sink(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | No
     return keys, values, torch.cat((additive.expand(n_heads, T, S), sink), dim=-1)
 
 
+def _fused_decode(span: Span, c: ModelConfig, i: int, layer: LayerWeights, qkv: torch.Tensor) -> bool:
+    """Whether layer i's attention this step may run as blocks.cpp's decode_step: one token, no probe, no break,
+    nothing masked, no sinks, float32 on the CPU, QK-norm (if any) per head, a cache of its own K and V."""
+    cache = span.cache
+    return (blocks.ops is not None and qkv.shape[0] == 1 and not span.static and not span.breaks
+            and qkv.device.type == "cpu" and qkv.dtype == torch.float32 and not cache.shared_values
+            and cache.keys[i].dtype == torch.float32 and not c.attn_sinks
+            and (not c.qk_norm or (not c.qk_norm_whole and layer.q_norm is not None and layer.q_norm.numel() == c.head_dim
+                                   and layer.q_norm.dtype == layer.k_norm.dtype == torch.float32))
+            and span.mask(c.layer_window(i)) is None)
+
+
 def seen(probe: Probe | None, name: str, x: torch.Tensor) -> torch.Tensor:
     """Show x to the probe at capture point `name`; the forward goes on with what the probe returns in its place
     (compare's teacher-forced run puts another engine's tensor there), or with x when it returns None."""
@@ -519,6 +531,16 @@ class Model:
         qkv = matmul(x, layer.wqkv)
         if layer.bqkv is not None:
             qkv = qkv + layer.bqkv
+        if probe is None and _fused_decode(span, c, i, layer, qkv):
+            # a plain one-token step on the CPU: QK-norm, RoPE, the cache write and attention in one blocks.cpp op
+            # (the same arithmetic as the lines below; tests/test_blocks.py holds the two to each other)
+            cos, sin = span.rope(c.layer_rope_base(i), c.layer_rope_scale(i), c.rope_style, c.rope_dim)
+            keys, values = span.cache.reserve(i, span.n_keys)
+            q_norm, k_norm = (layer.q_norm, layer.k_norm) if c.qk_norm else (None, None)
+            out = blocks.ops.decode_step(qkv, q_norm, k_norm, c.rms_eps, cos, sin, c.rope_style == "neox", keys, values,
+                                         span.n_keys, c.n_heads, c.attn_scale)
+            out = matmul(out, layer.wo)
+            return out if layer.bo is None else out + layer.bo
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         q = qkv[:, :q_dim].view(T, c.n_heads, c.head_dim)  # [T, n_heads, head_dim]
         k = qkv[:, q_dim : q_dim + kv_dim].view(T, c.n_kv_heads, c.head_dim)  # [T, n_kv_heads, head_dim]
