@@ -24,7 +24,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -40,21 +40,14 @@ struct W32 {
   v8 v[4];  // values 0-7, 8-15, 16-23, 24-31 of one 32-value group
 };
 
-// Every f16 bit pattern's float32 value (256 KiB, filled when the library loads): a scale read through it is a
-// plain load, which a broadcast takes straight from memory, where a convert instruction and a register broadcast
-// take the shuffle port that decoding the codes needs (measured: ~20 % of a Q4_1 matrix's time).
-struct F16Table {
-  float v[65536];
-  F16Table() {
-    for (uint32_t h = 0; h < 65536; ++h) v[h] = c10::detail::fp16_ieee_to_fp32_value((uint16_t)h);
-  }
-};
-const F16Table F16T;
-
 inline float f16(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
-  return F16T.v[h];
+#if defined(__F16C__)
+  return _cvtsh_ss(h);  // one instruction; the portable conversion below is a dozen
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
 }
 
 inline v8 splat(float f) { return v8{f, f, f, f, f, f, f, f}; }
@@ -440,23 +433,23 @@ void rows512(const uint8_t* w, int64_t row_bytes, int64_t n_in, const float* x, 
   const int64_t n_blocks = n_in / Z::BS;
   int64_t r = r0;
   if constexpr (TT == 1 && !Scaled<Z>::value) {
-    constexpr int R = 4;
-    for (; r + R <= r1; r += R) {
-      const uint8_t* row = w + r * row_bytes;
-      __m512 acc[R][2];
-      for (int k = 0; k < R; ++k) acc[k][0] = acc[k][1] = _mm512_setzero_ps();
+    for (; r + 2 <= r1; r += 2) {
+      const uint8_t* row0 = w + r * row_bytes;
+      const uint8_t* row1 = row0 + row_bytes;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
       for (int64_t bi = 0; bi < n_blocks; ++bi) {
         for (int g = 0; g < G; ++g) {
+          __m512 u[2], v[2];
+          Z::group512(row0 + bi * Z::TS, g, u);
+          Z::group512(row1 + bi * Z::TS, g, v);
           const float* xb = x + bi * Z::BS + 32 * g;
           const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
-          for (int k = 0; k < R; ++k) {
-            __m512 u[2];
-            Z::group512(row + k * row_bytes + bi * Z::TS, g, u);
-            acc[k][0] = _mm512_fmadd_ps(u[0], x0, acc[k][0]), acc[k][1] = _mm512_fmadd_ps(u[1], x1, acc[k][1]);
-          }
+          a0 = _mm512_fmadd_ps(u[0], x0, a0), a1 = _mm512_fmadd_ps(u[1], x1, a1);
+          b0 = _mm512_fmadd_ps(v[0], x0, b0), b1 = _mm512_fmadd_ps(v[1], x1, b1);
         }
       }
-      for (int k = 0; k < R; ++k) y[r + k] = _mm512_reduce_add_ps(_mm512_add_ps(acc[k][0], acc[k][1]));
+      y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      y[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
     }
   }
   for (; r < r1; ++r) {
