@@ -309,6 +309,14 @@ struct Q6_K {  // 128 bytes ql | 64 bytes qh | 16 int8 scales (per 16 values) | 
   }
 };
 
+// Ask for the bytes PREFETCH ahead of a block (n of them) now: a decode step streams every weight once from
+// DRAM, and the hardware prefetchers alone left the kernel waiting (measured in a real decode: +20 % on SmolLM2
+// with 8 KiB; 1 KiB gave +7 %, 16 KiB +19 %).
+constexpr int64_t PREFETCH = 8192;
+inline void prefetch_ahead(const uint8_t* p, int64_t n) {
+  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(p + PREFETCH + o, 0, 3);
+}
+
 inline float hsum(v8 v) {
   float s = 0;
   for (int i = 0; i < 8; ++i) s += v[i];
@@ -438,6 +446,8 @@ void rows512(const uint8_t* w, int64_t row_bytes, int64_t n_in, const float* x, 
       const uint8_t* row1 = row0 + row_bytes;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
       for (int64_t bi = 0; bi < n_blocks; ++bi) {
+        prefetch_ahead(row0 + bi * Z::TS, Z::TS);
+        prefetch_ahead(row1 + bi * Z::TS, Z::TS);
         for (int g = 0; g < G; ++g) {
           __m512 u[2], v[2];
           Z::group512(row0 + bi * Z::TS, g, u);
@@ -458,6 +468,7 @@ void rows512(const uint8_t* w, int64_t row_bytes, int64_t n_in, const float* x, 
     for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     for (int64_t bi = 0; bi < n_blocks; ++bi) {
       const uint8_t* blk = row + bi * Z::TS;
+      prefetch_ahead(blk, Z::TS);
       if constexpr (Scaled<Z>::value) {  // one 32-value group per block, its scale applied to the partial sum
         __m512 wv[2];
         Z::group512(blk, 0, wv);
@@ -495,6 +506,7 @@ void rows(const uint8_t* w, int64_t row_bytes, int64_t n_in, const float* x, flo
     v8 acc[TT][NA] = {};
     for (int64_t bi = 0; bi < n_blocks; ++bi) {
       const uint8_t* blk = row + bi * D::TS;
+      prefetch_ahead(blk, D::TS);
       for (int g = 0; g < G; ++g) {
         W32 q = D::group(blk, g);
         const float* xb = x + bi * D::BS + 32 * g;
