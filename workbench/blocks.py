@@ -7,7 +7,9 @@ as a PyTorch operator (`torch.ops.workbench_blocks.block_mm`): each 32-value gro
 registers to exactly the float32 values gguf-py's dequantize gives, and multiplied into float32 accumulators.
 So the product equals the dequantized float32 one up to the order of summation (the exact path's numbers, at
 about the file's bytes per token), for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and MXFP4.
-Other block types are dequantized at load (a dense float32 matrix, `BLOCK_TYPES` says which stay blocks).
+A matrix of another type is dequantized at load and held as a float32 part beside the others (`part`); F32,
+F16 and BF16 parts are read as stored. The same library holds the small ops of a decode step (rms_norm, rope,
+decode_attention, and decode_step, which runs a plain step's attention in one call), used by model.py.
 
 The compiled library is cached under the workbench cache (`kernels/`), keyed by the source, the compiler's
 flags, torch's version and this CPU's instruction sets, and written under a temporary name then renamed, so
@@ -40,7 +42,7 @@ FLOAT_PART_TYPES = frozenset((GGMLQuantizationType.F32, GGMLQuantizationType.F16
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
-ops = None  # torch.ops.workbench_blocks once the kernels are loaded: block_mm, rms_norm, decode_attention
+ops = None  # torch.ops.workbench_blocks once loaded: block_mm, rms_norm, rope, decode_attention, decode_step
 _block_mm = None
 _state: dict[str, object] = {}  # "ok": True once loaded, or "error": the sentence why not
 
@@ -136,18 +138,18 @@ def available() -> str | None:
     return None
 
 
+def part_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """The type a matrix stored as `qtype` is held in as a part: its own where the kernel reads it, else F32."""
+    return qtype if qtype in BLOCK_TYPES or qtype in FLOAT_PART_TYPES else GGMLQuantizationType.F32
+
+
 def part(raw: torch.Tensor, qtype: GGMLQuantizationType) -> tuple[torch.Tensor, GGMLQuantizationType]:
-    """One GGUF matrix's bytes [..., rows, bytes per row] as a part the kernel reads: as stored for a block or
-    float type it has, else dequantized (quants.dequantize, as gguf-py) and held as float32 bytes."""
-    if qtype in BLOCK_TYPES or qtype in FLOAT_PART_TYPES:
+    """One GGUF matrix's bytes [..., rows, bytes per row] as a part the kernel reads: as stored for a type it
+    reads, else dequantized (quants.dequantize, as gguf-py) and held as float32 bytes."""
+    if part_type(qtype) == qtype:
         return raw, qtype
     values = dequantize(raw, qtype)
     return values.view(torch.uint8).reshape(*values.shape[:-1], -1), GGMLQuantizationType.F32
-
-
-def part_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
-    """The type a matrix stored as `qtype` is held in as a part (see `part`)."""
-    return qtype if qtype in BLOCK_TYPES or qtype in FLOAT_PART_TYPES else GGMLQuantizationType.F32
 
 
 def kernel_reads(qtype: GGMLQuantizationType, n_in: int) -> bool:
@@ -168,7 +170,7 @@ class BlockMatrix:
     def of(cls, parts: list[tuple[torch.Tensor, GGMLQuantizationType]], n_in: int) -> BlockMatrix:
         """Parts (raw [rows, bytes], type), each a block or float type the kernel reads (see `part`)."""
         for raw, qtype in parts:
-            if qtype not in BLOCK_TYPES and qtype not in FLOAT_PART_TYPES:
+            if part_type(qtype) != qtype:
                 raise UnsupportedError(f"{qtype.name} has no block kernel")
             block, size = GGML_QUANT_SIZES[qtype]
             if raw.dim() != 2 or not kernel_reads(qtype, n_in) or raw.shape[1] != n_in // block * size:

@@ -49,14 +49,21 @@ handles by accident of implementation):
 from __future__ import annotations
 
 import codecs
+import hashlib
+import inspect
 import math
 import numbers
 import operator
+import os
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from workbench.errors import InputError, ModelError, UnsupportedError
+from workbench.models import cache_dir
 
 __all__ = ["IncrementalDecoder", "Tokenizer"]
 
@@ -304,15 +311,6 @@ def cached_spm_merges(tokens: Sequence[str], token_to_id: Mapping[str, int], sco
     """spm_merges, kept on disk: they are a pure function of the vocabulary and its scores (1.6 s for Gemma-3's
     262k tokens, most of its load), so the cache key is a sha256 of exactly those (and of spm_merges' own code);
     the file holds each merge as the ids of its two parts. A missing, unreadable or implausible file is rebuilt."""
-    import hashlib
-    import inspect
-    import os
-    import uuid
-
-    import numpy as np
-
-    from workbench.models import cache_dir
-
     h = hashlib.sha256(inspect.getsource(spm_merges).encode())
     h.update("\x00".join(tokens).encode("utf-8", "surrogatepass"))
     h.update(np.asarray(scores, dtype=np.float64).tobytes())

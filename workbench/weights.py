@@ -227,8 +227,9 @@ class _Loader:
 
     def matrix(self, names: list[str], shapes: list[tuple[int, ...]]) -> Matrix | QuantExperts:
         """GGUF matrices [..., out, in] stacked along the out rows (Q, K, V; gate, up) → one matrix used as
-        x @ W: dense [..., in, out] in the compute dtype, or (quantized mode, every part block-quantized in
-        the file) a QuantMatrix, or QuantExperts for a stack [E, out, in]."""
+        x @ W: dense [..., in, out] in the compute dtype; in blocks mode, where some part is block-quantized
+        in the file, a BlockMatrix (BlockExperts for a stack [E, out, in]) of every part; in quantized mode,
+        every part block-quantized in the file, a QuantMatrix (QuantExperts for a stack)."""
         types = [self.gguf.tensors[n].ggml_type if n in self.gguf.tensors else None for n in names]
         if self.mode == "blocks" and any(t is not None and t not in _FLOAT_FILE_TYPES for t in types) and all(
             t is not None and blocks.kernel_reads(blocks.part_type(t), s[-1]) for t, s in zip(types, shapes)
